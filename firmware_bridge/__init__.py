@@ -1,0 +1,36 @@
+"""The contract both ends share: frames, messages, MacroSpec, register map, the device-side bridge."""
+
+from firmware_bridge.errors import (
+    ArtifactError,
+    BackendUnavailable,
+    CimError,
+    CimTimeoutError,
+    ConfigError,
+    DeviceError,
+    FrameError,
+    LinkError,
+    PayloadError,
+    ProtocolError,
+    ShapeError,
+    VersionMismatch,
+)
+from firmware_bridge.frame import DEFAULT_MAX_PAYLOAD, PROTOCOL_VERSION
+from firmware_bridge.spec import MacroSpec
+
+__all__ = [
+    "ArtifactError",
+    "BackendUnavailable",
+    "CimError",
+    "CimTimeoutError",
+    "ConfigError",
+    "DEFAULT_MAX_PAYLOAD",
+    "DeviceError",
+    "FrameError",
+    "LinkError",
+    "MacroSpec",
+    "PROTOCOL_VERSION",
+    "PayloadError",
+    "ProtocolError",
+    "ShapeError",
+    "VersionMismatch",
+]

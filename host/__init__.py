@@ -1,0 +1,1 @@
+"""cimlab host side: CLI, driver, links, harness, instruments, training, deploy, bench."""
