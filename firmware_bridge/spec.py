@@ -22,6 +22,9 @@ Array layouts on the wire and in numpy (C order):
 - MAC outputs: ``[batch, cols]`` int32, in units of ``adc_lsb`` levels (equal to ``x @ W`` on an ideal macro
   whose ADC resolves every level);
 - MAC_RAW codes: ``[batch, n_planes, n_groups, n_slices, cols]``.
+
+Each (weight slice ``k``, output column ``c``) pair is one physical bit-line column with its own ADC; its index
+is ``j = k * cols + c`` (MAC_RAW's last two axes flattened). Error models are indexed by ``j``.
 """
 
 from __future__ import annotations
