@@ -10,7 +10,8 @@ sequence:
   does not parse BAD_PAYLOAD, arguments out of range BAD_ARGUMENT: each validated *before* the controller
   is called, so the device state is unchanged and the connection stays usable;
 - the last ``replay_depth`` replies are remembered by ``(seq, request CRC)``: a retried request is answered
-  again from memory, not executed twice. RESET clears the memory.
+  again from memory, not executed twice. RESET clears the memory. A reply with a retryable status (BUSY: the
+  request did not execute) is not remembered, so its retry executes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ from firmware_bridge.messages import Opcode, Status
 from firmware_bridge.registers import ERR_BAD_FRAME, ERR_BAD_REQUEST, REGMAP_VERSION
 
 log = logging.getLogger(__name__)
+
+_CONTROLLER_FAULTS = (
+    CimError, ArithmeticError, LookupError, ValueError, TypeError, AttributeError, RuntimeError, MemoryError
+)
+"""What a faulty controller may raise (NotImplementedError included): answered INTERNAL, the device serves on."""
 
 
 @dataclass
@@ -92,48 +98,61 @@ class Bridge:
                 out.append(cached)
                 continue
             self.stats.requests += 1
-            reply = self._dispatch(ev.opcode, ev.seq, ev.payload)
+            status, reply = self._dispatch(ev.opcode, ev.seq, ev.payload)
             if ev.opcode == Opcode.RESET:
                 self._replay.clear()
+            if status in m.RETRYABLE_STATUS:
+                out.append(reply)
+                continue
             self._replay[key] = reply
             if len(self._replay) > self._replay_depth:
                 self._replay.popitem(last=False)
             out.append(reply)
         return out
 
-    def idle(self) -> None:
-        """Inter-frame timeout: abandon a partial frame so a truncated request cannot wedge the link."""
-        self.framer.drop_partial()
+    def idle(self) -> list[bytes]:
+        """Inter-frame timeout: abandon a partial frame so a truncated request cannot wedge the link.
+
+        Complete requests that were held behind the abandoned bytes are decoded now; returns their replies,
+        to be sent like those of ``receive``.
+        """
+        if not self.framer.drop_partial():
+            return []
+        return self.receive(b"")
 
     # ---- dispatch ---------------------------------------------------------------------------------------
     def _error(self, opcode: int, seq: int, status: Status, text: str) -> bytes:
         self.stats.error_replies += 1
-        payload = text.encode("utf-8", "replace")[:1024]
+        payload = text.encode("utf-8", "replace")[: min(1024, self.max_payload)]
         return encode_frame((opcode | REPLY_FLAG) & 0xFF, seq, payload, status=int(status))
 
-    def _dispatch(self, opcode: int, seq: int, payload: bytes) -> bytes:
+    def _dispatch(self, opcode: int, seq: int, payload: bytes) -> tuple[Status, bytes]:
+        """Execute one request; returns the reply's status and the reply frame."""
         try:
             op = Opcode(opcode)
         except ValueError:
             self.controller.note_error(ERR_BAD_REQUEST)
-            return self._error(opcode, seq, Status.UNKNOWN_OPCODE, f"unknown opcode 0x{opcode:02x}")
+            status = Status.UNKNOWN_OPCODE
+            return status, self._error(opcode, seq, status, f"unknown opcode 0x{opcode:02x}")
         try:
             req = m.parse_request(op, payload)
             body = getattr(self, f"_do_{op.name.lower()}")(req)
         except PayloadError as err:
             self.controller.note_error(ERR_BAD_REQUEST)
-            return self._error(op, seq, Status.BAD_PAYLOAD, str(err))
+            return Status.BAD_PAYLOAD, self._error(op, seq, Status.BAD_PAYLOAD, str(err))
         except DeviceError as err:
             self.controller.note_error(ERR_BAD_REQUEST)
             status = err.status if isinstance(err.status, Status) else Status.INTERNAL
-            return self._error(op, seq, status, str(err))
-        except (CimError, ArithmeticError, ValueError, TypeError, IndexError, MemoryError) as err:
+            return status, self._error(op, seq, status, str(err))
+        except _CONTROLLER_FAULTS as err:
             # A controller bug must not take the device down: report it and keep serving.
             log.exception("controller failed on %s", op.name)
-            return self._error(op, seq, Status.INTERNAL, f"{type(err).__name__}: {err}")
+            status = Status.INTERNAL
+            return status, self._error(op, seq, status, f"{type(err).__name__}: {err}")
         if len(body) > self.max_payload:
-            return self._error(op, seq, Status.TOO_LARGE, f"reply of {len(body)} bytes exceeds {self.max_payload}")
-        return encode_frame(op | REPLY_FLAG, seq, body, status=int(Status.OK))
+            status = Status.TOO_LARGE
+            return status, self._error(op, seq, status, f"reply of {len(body)} bytes exceeds {self.max_payload}")
+        return Status.OK, encode_frame(op | REPLY_FLAG, seq, body, status=int(Status.OK))
 
     @property
     def spec(self) -> m.MacroSpec:
@@ -245,8 +264,11 @@ class Bridge:
     def _do_mac_raw(self, req: object) -> bytes:
         row_start, x = self._mac_inputs(req)
         spec = self.spec
-        self._reply_fits(x.shape[0] * spec.conversions_per_vector * spec.code_dtype.itemsize)
+        shape = (x.shape[0], *spec.raw_shape_for(row_start, x.shape[1]))
+        self._reply_fits(int(np.prod(shape)) * spec.code_dtype.itemsize)
         codes, cost = self.controller.mac_raw(row_start, x)
+        if codes.shape != shape:
+            raise DeviceError(f"controller returned codes of shape {codes.shape}, not {shape}", status=Status.INTERNAL)
         data = np.ascontiguousarray(codes, dtype=spec.code_dtype).tobytes()
         return m.build_reply(Opcode.MAC_RAW, batch=x.shape[0], cost=_cost(cost), data=data)
 

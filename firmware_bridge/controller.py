@@ -78,11 +78,17 @@ class Controller(ABC):
 
     @abstractmethod
     def mac(self, row_start: int, inputs: np.ndarray) -> tuple[np.ndarray, OpCost]:
-        """Recombined outputs [batch, cols] (int32, adc_lsb units) for inputs [batch, n_rows] at row_start."""
+        """Recombined outputs [batch, cols] (int32, adc_lsb units) for inputs [batch, n_rows] at row_start.
+
+        Only the row groups holding the driven rows are converted and recombined (``MacroSpec.group_span``).
+        """
 
     @abstractmethod
     def mac_raw(self, row_start: int, inputs: np.ndarray) -> tuple[np.ndarray, OpCost]:
-        """Raw codes [batch, planes, groups, slices, cols] for inputs [batch, n_rows] at row_start."""
+        """Raw codes [batch, planes, groups spanned, slices, cols] for inputs [batch, n_rows] at row_start.
+
+        The group axis holds only the groups ``MacroSpec.group_span(row_start, n_rows)``.
+        """
 
     @abstractmethod
     def counters(self) -> Counters:

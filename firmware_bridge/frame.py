@@ -128,6 +128,8 @@ def encode_frame(
         raise ConfigError(f"opcode {opcode} does not fit one byte")
     if not 0 <= status <= 0xFF:
         raise ConfigError(f"status {status} does not fit one byte")
+    if not 0 <= version <= 0xFF:
+        raise ConfigError(f"version {version} does not fit one byte")
     head = _header_bytes(version, opcode, status, seq & 0xFFFF, len(payload))
     crc = zlib.crc32(payload, zlib.crc32(head))
     return b"".join((head, payload, crc.to_bytes(4, "little")))

@@ -28,7 +28,7 @@ from typing import Any
 
 import construct as cs
 
-from firmware_bridge.errors import PayloadError
+from firmware_bridge.errors import ConfigError, PayloadError
 from firmware_bridge.spec import WEIGHT_STORAGES, MacroSpec
 
 
@@ -170,6 +170,8 @@ def build_request(opcode: Opcode, **fields: Any) -> bytes:
         return bytes(fields.get("payload", b""))
     try:
         return msg.request.build(fields)
+    except KeyError as err:
+        raise PayloadError(f"cannot encode {Opcode(opcode).name} request: missing field {err}") from err
     except (cs.ConstructError, TypeError, ValueError) as err:
         raise PayloadError(f"cannot encode {Opcode(opcode).name} request: {err}") from err
 
@@ -181,6 +183,8 @@ def build_reply(opcode: Opcode, **fields: Any) -> bytes:
         return bytes(fields.get("payload", b""))
     try:
         return msg.reply.build(fields)
+    except KeyError as err:
+        raise PayloadError(f"cannot encode {Opcode(opcode).name} reply: missing field {err}") from err
     except (cs.ConstructError, TypeError, ValueError) as err:
         raise PayloadError(f"cannot encode {Opcode(opcode).name} reply: {err}") from err
 
@@ -227,10 +231,13 @@ def spec_to_wire(spec: MacroSpec) -> dict[str, int]:
 
 
 def spec_from_wire(fields: Any) -> MacroSpec:
-    """The fields of ``MACRO_SPEC`` -> MacroSpec (validated)."""
+    """The fields of ``MACRO_SPEC`` -> MacroSpec; an invalid spec is a PayloadError naming the field."""
     d = {k: v for k, v in dict(fields).items() if not k.startswith("_")}
     storage = d.get("weight_storage", -1)
     if not 0 <= storage < len(WEIGHT_STORAGES):
         raise PayloadError(f"MacroSpec.weight_storage code {storage} is unknown")
     d["weight_storage"] = WEIGHT_STORAGES[storage]
-    return MacroSpec.from_dict(d)
+    try:
+        return MacroSpec.from_dict(d)
+    except ConfigError as err:
+        raise PayloadError(f"the peer reported an invalid MacroSpec: {err}") from err

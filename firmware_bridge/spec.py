@@ -21,7 +21,9 @@ Array layouts on the wire and in numpy (C order):
 - inputs: ``[batch, rows]`` unsigned codes;
 - MAC outputs: ``[batch, cols]`` int32, in units of ``adc_lsb`` levels (equal to ``x @ W`` on an ideal macro
   whose ADC resolves every level);
-- MAC_RAW codes: ``[batch, n_planes, n_groups, n_slices, cols]``.
+- MAC_RAW codes: ``[batch, n_planes, n_groups, n_slices, cols]`` for a request that drives every row; a request
+  for rows ``row_start .. row_start+n_rows-1`` converts only the row groups holding those rows
+  (``group_span``), as the macro's sequencer skips idle groups, and MAC recombines only those.
 
 Each (weight slice ``k``, output column ``c``) pair is one physical bit-line column with its own ADC; its index
 is ``j = k * cols + c`` (MAC_RAW's last two axes flattened). Error models are indexed by ``j``.
@@ -154,6 +156,16 @@ class MacroSpec:
         """Shape of one vector's MAC_RAW codes: (planes, groups, slices, cols)."""
         return (self.n_planes, self.n_groups, self.n_slices, self.cols)
 
+    def group_span(self, row_start: int, n_rows: int) -> tuple[int, int]:
+        """Row groups ``(first, end)`` (end exclusive) that hold rows ``row_start .. row_start+n_rows-1``."""
+        r = self.rows_per_conversion
+        return row_start // r, -(-(row_start + n_rows) // r)
+
+    def raw_shape_for(self, row_start: int, n_rows: int) -> tuple[int, int, int, int]:
+        """Shape of one vector's MAC_RAW codes for a row range: (planes, groups spanned, slices, cols)."""
+        g0, g1 = self.group_span(row_start, n_rows)
+        return (self.n_planes, g1 - g0, self.n_slices, self.cols)
+
     @property
     def input_streaming(self) -> str:
         """``"bit_serial"`` or ``"multi_bit"``."""
@@ -271,6 +283,38 @@ class MacroSpec:
         planes = (x[:, None, :].astype(np.int64) >> shifts) & self.slice_max
         return planes.astype(np.uint8 if self.slice_max < 256 else np.uint16)
 
+    def ideal_levels(self, inputs: np.ndarray, weights: np.ndarray, row_start: int = 0) -> np.ndarray:
+        """Ideal partial sums ``s`` [batch, planes, groups spanned, slices, cols] (int64): the reference definition.
+
+        ``inputs`` [batch, n_rows] drive rows ``row_start ..``; other rows see 0; only the row groups holding
+        driven rows are converted (``group_span``). ``weights`` [rows, cols].
+        """
+        x = np.asarray(inputs, dtype=np.int64)
+        batch, n_rows = x.shape
+        full = np.zeros((batch, self.n_groups * self.rows_per_conversion), dtype=np.int64)
+        full[:, row_start : row_start + n_rows] = x
+        planes = self.inputs_to_planes(full).astype(np.float64)
+        digits = np.zeros((self.n_groups * self.rows_per_conversion, self.n_slices, self.cols), dtype=np.float64)
+        digits[: self.rows] = self.weights_to_slices(weights)
+        g, r = self.n_groups, self.rows_per_conversion
+        # float64 sums of small integers are exact in any order
+        s = np.einsum(
+            "bpgr,grkc->bpgkc",
+            planes.reshape(batch, self.n_planes, g, r),
+            digits.reshape(g, r, self.n_slices, self.cols),
+            optimize=True,
+        )
+        g0, g1 = self.group_span(row_start, n_rows)
+        return s[:, :, g0:g1].astype(np.int64)
+
+    def ideal_codes(self, levels: np.ndarray) -> np.ndarray:
+        """The ideal ADC transfer: ``clip(round(s / adc_lsb), 0, adc_max)`` as int64."""
+        s = np.asarray(levels, dtype=np.int64)
+        if self.adc_full_scale == self.adc_max:
+            return np.clip(s, 0, self.adc_max)
+        # round half up in exact integer arithmetic: floor((2 s adc_max + fs) / (2 fs))
+        return np.clip((2 * s * self.adc_max + self.adc_full_scale) // (2 * self.adc_full_scale), 0, self.adc_max)
+
     def recombine(self, codes: np.ndarray, inputs: np.ndarray) -> np.ndarray:
         """Raw codes [batch, planes, groups, slices, cols] -> MAC outputs [batch, cols] int64.
 
@@ -279,9 +323,9 @@ class MacroSpec:
         """
         c = np.asarray(codes, dtype=np.int64)
         acc = np.einsum("bpgkc,p,k->bc", c, self.plane_weights(), self.slice_weights(), optimize=True)
-        out = acc * self.adc_full_scale
+        out = acc
         if self.adc_full_scale != self.adc_max:
-            out = np.rint(out / self.adc_max).astype(np.int64)
+            out = np.rint(acc * self.adc_full_scale / self.adc_max).astype(np.int64)
         if self.weight_offset:
             xsum = np.asarray(inputs, dtype=np.int64).sum(axis=1, keepdims=True)
             out = out - self.weight_offset * xsum

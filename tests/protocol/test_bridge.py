@@ -1,0 +1,550 @@
+"""The device-side bridge over a fake ideal controller: dispatch, error replies, replay cache, any byte stream."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from protocol_fakes import SMALL_SPEC
+
+from firmware_bridge import messages as m
+from firmware_bridge.frame import HEADER_SIZE, REPLY_FLAG, SYNC, Frame, Framer, encode_frame
+from firmware_bridge.messages import Opcode, Status
+from firmware_bridge.registers import BY_NAME, ERR_BAD_FRAME, ERR_BAD_REQUEST
+
+SCRATCH = BY_NAME["SCRATCH"].addr
+SPEC = SMALL_SPEC
+NO_HYPOTHESIS_FIXTURE_CHECK = [HealthCheck.function_scoped_fixture]
+
+
+def req(opcode: int, seq: int, version: int = 1, **fields: Any) -> bytes:
+    """One request frame; ``raw=`` gives the payload bytes directly."""
+    raw = fields.pop("raw", None)
+    payload = m.build_request(Opcode(opcode), **fields) if raw is None else raw
+    return encode_frame(opcode, seq, payload, version=version)
+
+
+def weights_frame(seq: int, row_start: int, w: np.ndarray) -> bytes:
+    data = np.ascontiguousarray(w, dtype=SPEC.weight_dtype).tobytes()
+    return req(Opcode.WRITE_WEIGHTS, seq, row_start=row_start, n_rows=w.shape[0], data=data)
+
+
+def mac_frame(seq: int, x: np.ndarray, row_start: int = 0, raw: bool = False) -> bytes:
+    data = np.ascontiguousarray(x, dtype=SPEC.input_dtype).tobytes()
+    op = Opcode.MAC_RAW if raw else Opcode.MAC
+    return req(op, seq, row_start=row_start, n_rows=x.shape[1], batch=x.shape[0], data=data)
+
+
+def one(bridge, data: bytes, decode) -> Frame:
+    """Feed ``data``; exactly one reply must come back."""
+    replies = decode(bridge.receive(data))
+    assert len(replies) == 1, replies
+    return replies[0]
+
+
+@pytest.fixture
+def programmed(make_bridge, decode):
+    """A bridge whose controller holds random weights and SCRATCH = 0x1234."""
+    bridge, ctl = make_bridge()
+    rng = np.random.default_rng(7)
+    w = rng.integers(SPEC.weight_min, SPEC.weight_max + 1, size=(SPEC.rows, SPEC.cols))
+    assert one(bridge, weights_frame(100, 0, w), decode).status == Status.OK
+    assert one(bridge, req(Opcode.WRITE_REG, 101, addr=SCRATCH, value=0x1234), decode).status == Status.OK
+    ctl.calls.clear()
+    ctl.noted.clear()
+    return bridge, ctl, w
+
+
+# ---- the happy paths -----------------------------------------------------------------------------------------
+def test_golden_ping_exchange(make_bridge) -> None:
+    bridge, ctl = make_bridge()
+    request = bytes.fromhex("a73c 01 02 00 3412 02000000 91a0 6869 61fcdbde".replace(" ", ""))
+    reply = bytes.fromhex("a73c 01 82 00 3412 02000000 105d 6869 5ca2e556".replace(" ", ""))
+    assert bridge.receive(request) == [reply]
+    assert ctl.calls == []
+
+
+def test_hello_reports_identity_limits_and_spec(make_bridge, decode) -> None:
+    bridge, _ = make_bridge(max_payload=4096)
+    r = one(bridge, req(Opcode.HELLO, 1), decode)
+    assert (r.opcode, r.status, r.seq) == (Opcode.HELLO | REPLY_FLAG, Status.OK, 1)
+    hello = m.parse_reply(Opcode.HELLO, r.payload)
+    assert (hello.protocol_version, hello.max_payload) == (1, 4096)
+    assert (hello.chip_id, hello.firmware_id, hello.bitstream_id) == ("fake-chip-0", "fw-test-1", "bs-test-2")
+    assert m.spec_from_wire(hello.spec) == SPEC
+
+
+def test_weights_mac_and_mac_raw_match_numpy(programmed, decode) -> None:
+    bridge, _, w = programmed
+    r = one(bridge, req(Opcode.READ_WEIGHTS, 1, row_start=3, n_rows=5), decode)
+    back = m.parse_reply(Opcode.READ_WEIGHTS, r.payload)
+    np.testing.assert_array_equal(np.frombuffer(back.data, SPEC.weight_dtype).reshape(5, SPEC.cols), w[3:8])
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, SPEC.input_max + 1, size=(6, SPEC.rows))
+    r = one(bridge, mac_frame(2, x[:, :20], row_start=4), decode)
+    mac = m.parse_reply(Opcode.MAC, r.payload)
+    y = np.frombuffer(mac.data, SPEC.output_dtype).reshape(6, SPEC.cols)
+    np.testing.assert_array_equal(y, x[:, :20] @ w[4:24])
+    assert (mac.batch, mac.cost.cycles, mac.cost.energy_fj) == (6, 42, 11 * 6 * 20)
+
+    # MAC_RAW converts only the row groups (16 rows each) that hold driven rows
+    for seq, (r0, n, groups) in enumerate([(4, 20, 2), (0, SPEC.rows, 2), (16, 16, 1), (3, 5, 1), (15, 2, 2)]):
+        xs = x[:, :n]
+        r = one(bridge, mac_frame(10 + seq, xs, row_start=r0, raw=True), decode)
+        raw = m.parse_reply(Opcode.MAC_RAW, r.payload)
+        shape = (6, SPEC.n_planes, groups, SPEC.n_slices, SPEC.cols)
+        assert len(raw.data) == np.prod(shape) * SPEC.code_dtype.itemsize
+        codes = np.frombuffer(raw.data, SPEC.code_dtype).reshape(shape)
+        full = np.zeros((6, SPEC.rows), dtype=np.int64)
+        full[:, r0 : r0 + n] = xs
+        np.testing.assert_array_equal(SPEC.recombine(codes, full), xs @ w[r0 : r0 + n])
+
+
+def test_write_weights_reply_carries_crc_of_stored_rows(make_bridge, decode) -> None:
+    bridge, ctl = make_bridge()
+    w = np.arange(-8, 8).repeat(SPEC.cols).reshape(-1, SPEC.cols)[:10]
+    r = one(bridge, weights_frame(5, 20, w), decode)
+    ack = m.parse_reply(Opcode.WRITE_WEIGHTS, r.payload)
+    assert (ack.row_start, ack.n_rows) == (20, 10)
+    assert ack.crc == zlib.crc32(w.astype(np.int8).tobytes())
+    np.testing.assert_array_equal(ctl.weights[20:30], w)
+
+
+def test_merged_requests_get_replies_in_order(make_bridge, decode) -> None:
+    bridge, _ = make_bridge()
+    stream = b"".join(req(Opcode.PING, s, payload=bytes([s])) for s in range(10))
+    replies = decode(bridge.receive(stream))
+    assert [(r.seq, r.payload) for r in replies] == [(s, bytes([s])) for s in range(10)]
+
+
+# ---- unknown opcodes, versions, bad frames -------------------------------------------------------------------
+@pytest.mark.parametrize("opcode", [0x00, 0x07, 0x12, 0x55, 0x7F])
+def test_unknown_opcode_gets_error_reply_and_link_stays_usable(make_bridge, decode, opcode: int) -> None:
+    bridge, ctl = make_bridge()
+    r = one(bridge, req(opcode, 0x0A0B, raw=b"\x01\x02"), decode)
+    assert (r.opcode, r.status, r.seq) == (opcode | REPLY_FLAG, Status.UNKNOWN_OPCODE, 0x0A0B)
+    assert f"0x{opcode:02x}" in r.payload.decode()
+    assert ctl.calls == [] and ctl.noted == [ERR_BAD_REQUEST]
+    assert one(bridge, req(Opcode.PING, 0x0A0C, payload=b"ok"), decode).payload == b"ok"
+
+
+@pytest.mark.parametrize("version", [0, 2, 255])
+def test_wrong_version_gets_bad_version_for_that_seq(make_bridge, decode, version: int) -> None:
+    bridge, ctl = make_bridge()
+    r = one(bridge, req(Opcode.WRITE_REG, 77, version=version, addr=SCRATCH, value=5), decode)
+    assert (r.opcode, r.status, r.seq, r.version) == (Opcode.WRITE_REG | REPLY_FLAG, Status.BAD_VERSION, 77, 1)
+    assert f"version {version}" in r.payload.decode()
+    assert ctl.calls == []
+    r = one(bridge, req(Opcode.WRITE_REG, 78, addr=SCRATCH, value=5), decode)
+    assert r.status == Status.OK and ctl.regs[SCRATCH] == 5
+
+
+def test_bad_crc_and_oversize_requests_get_attributed_error_replies(make_bridge, decode) -> None:
+    bridge, ctl = make_bridge(max_payload=512)
+    damaged = bytearray(req(Opcode.WRITE_REG, 31, addr=SCRATCH, value=9))
+    damaged[HEADER_SIZE + 2] ^= 0x10
+    r = one(bridge, bytes(damaged), decode)
+    assert (r.opcode, r.status, r.seq) == (Opcode.WRITE_REG | REPLY_FLAG, Status.BAD_CRC, 31)
+    r = one(bridge, req(Opcode.PING, 32, payload=bytes(513)), decode)
+    assert (r.status, r.seq) == (Status.TOO_LARGE, 32)
+    assert ctl.calls == [] and ctl.noted == [ERR_BAD_FRAME, ERR_BAD_FRAME]
+    assert Status.BAD_CRC in m.RETRYABLE_STATUS
+    # the retry of the damaged request executes
+    assert one(bridge, req(Opcode.WRITE_REG, 31, addr=SCRATCH, value=9), decode).status == Status.OK
+    assert ctl.regs[SCRATCH] == 9
+
+
+def test_reply_frames_are_never_acted_on(make_bridge) -> None:
+    bridge, ctl = make_bridge()
+    good_reply = encode_frame(Opcode.WRITE_REG | REPLY_FLAG, 3, m.build_reply(Opcode.WRITE_REG, addr=3, value=1))
+    bad_reply = bytearray(good_reply)
+    bad_reply[-1] ^= 1
+    assert bridge.receive(good_reply + bytes(bad_reply)) == []
+    assert ctl.calls == [] and bridge.stats.dropped == 2
+
+
+# ---- every error path leaves the controller's state unchanged ------------------------------------------------
+def _bad_requests() -> list[tuple[str, bytes, Status, dict]]:
+    cols, rows = SPEC.cols, SPEC.rows
+    wrong_crc = bytearray(req(Opcode.WRITE_REG, 50, addr=SCRATCH, value=1))
+    wrong_crc[-2] ^= 0xFF
+    x_ok = np.ones((2, 4), dtype=np.uint8).tobytes()
+    return [
+        ("bad crc", bytes(wrong_crc), Status.BAD_CRC, {}),
+        ("oversize", req(Opcode.PING, 50, raw=bytes(300)), Status.TOO_LARGE, {}),
+        ("version", req(Opcode.RESET, 50, version=9, flags=1), Status.BAD_VERSION, {}),
+        ("unknown opcode", req(0x33, 50, raw=b""), Status.UNKNOWN_OPCODE, {}),
+        ("hello with payload", req(Opcode.HELLO, 50, raw=b"\x00"), Status.BAD_PAYLOAD, {}),
+        ("reset without flags", req(Opcode.RESET, 50, raw=b""), Status.BAD_PAYLOAD, {}),
+        ("reset with extra byte", req(Opcode.RESET, 50, raw=b"\x01\x00"), Status.BAD_PAYLOAD, {}),
+        ("short write_reg", req(Opcode.WRITE_REG, 50, raw=b"\x03\x00\x01"), Status.BAD_PAYLOAD, {}),
+        ("short write_weights", req(Opcode.WRITE_WEIGHTS, 50, raw=b"\x00"), Status.BAD_PAYLOAD, {}),
+        ("short mac", req(Opcode.MAC, 50, raw=b"\x00\x00\x01\x00\x01"), Status.BAD_PAYLOAD, {}),
+        (
+            "weights past the end",
+            req(Opcode.WRITE_WEIGHTS, 50, row_start=rows - 2, n_rows=3, data=bytes(3 * cols)),
+            Status.BAD_ARGUMENT,
+            {},
+        ),
+        (
+            "zero weight rows",
+            req(Opcode.WRITE_WEIGHTS, 50, row_start=0, n_rows=0, data=b""),
+            Status.BAD_ARGUMENT,
+            {},
+        ),
+        (
+            "weights data short",
+            req(Opcode.WRITE_WEIGHTS, 50, row_start=0, n_rows=2, data=bytes(2 * cols - 1)),
+            Status.BAD_ARGUMENT,
+            {},
+        ),
+        (
+            "weight out of range",
+            req(
+                Opcode.WRITE_WEIGHTS,
+                50,
+                row_start=0,
+                n_rows=1,
+                data=bytes([SPEC.weight_max + 1]) + bytes(cols - 1),
+            ),
+            Status.BAD_ARGUMENT,
+            {},
+        ),
+        (
+            "read weights past the end",
+            req(Opcode.READ_WEIGHTS, 50, row_start=rows, n_rows=1),
+            Status.BAD_ARGUMENT,
+            {},
+        ),
+        ("mac batch 0", req(Opcode.MAC, 50, row_start=0, n_rows=4, batch=0, data=b""), Status.BAD_ARGUMENT, {}),
+        (
+            "mac input too big",
+            req(Opcode.MAC, 50, row_start=0, n_rows=4, batch=2, data=bytes([SPEC.input_max + 1]) + x_ok[1:]),
+            Status.BAD_ARGUMENT,
+            {},
+        ),
+        (
+            "mac data long",
+            req(Opcode.MAC_RAW, 50, row_start=0, n_rows=4, batch=2, data=x_ok + b"\x00"),
+            Status.BAD_ARGUMENT,
+            {},
+        ),
+        (
+            "mac rows past the end",
+            req(Opcode.MAC, 50, row_start=rows - 1, n_rows=4, batch=2, data=x_ok),
+            Status.BAD_ARGUMENT,
+            {},
+        ),
+        (
+            "mac reply too large",
+            req(Opcode.MAC, 50, row_start=0, n_rows=1, batch=8, data=bytes(8)),
+            Status.TOO_LARGE,
+            {},
+        ),
+        # register refusals are the controller's to make: it is called, and must change nothing
+        ("unknown register read", req(Opcode.READ_REG, 50, addr=0x99), Status.BAD_REGISTER, {"asks": True}),
+        (
+            "unknown register write",
+            req(Opcode.WRITE_REG, 50, addr=0x99, value=1),
+            Status.BAD_REGISTER,
+            {"asks": True},
+        ),
+        (
+            "read-only register",
+            req(Opcode.WRITE_REG, 50, addr=BY_NAME["ID"].addr, value=1),
+            Status.READ_ONLY,
+            {"asks": True},
+        ),
+        ("busy controller", mac_frame(50, np.ones((1, 4))), Status.BUSY, {"busy_next": 1, "asks": True}),
+    ]
+
+
+BAD = _bad_requests()
+
+
+@pytest.mark.parametrize(("frame", "status", "setup"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_error_path_leaves_state_unchanged(make_bridge, decode, frame: bytes, status: Status, setup: dict) -> None:
+    # max_payload 256: a 300-byte request is oversize, and an 8-vector MAC reply (274 bytes) does not fit
+    bridge, ctl = make_bridge(max_payload=256)
+    rng = np.random.default_rng(3)
+    w = rng.integers(SPEC.weight_min, SPEC.weight_max + 1, size=(SPEC.rows, SPEC.cols))
+    for r0 in range(0, SPEC.rows, 16):
+        assert one(bridge, weights_frame(r0, r0, w[r0 : r0 + 16]), decode).status == Status.OK
+    assert one(bridge, req(Opcode.WRITE_REG, 40, addr=SCRATCH, value=0xBEEF), decode).status == Status.OK
+    setup = dict(setup)
+    controller_asked = setup.pop("asks", False)
+    for key, value in setup.items():
+        setattr(ctl, key, value)
+    before = ctl.state()
+    n_calls = len(ctl.calls)
+
+    r = one(bridge, frame, decode)
+    assert (r.seq, Status(r.status)) == (50, status)
+    assert r.opcode & REPLY_FLAG and r.payload, "an error reply says what was wrong"
+    assert ctl.state() == before
+    if not controller_asked:  # refused by the bridge before the controller was called
+        assert len(ctl.calls) == n_calls, ctl.calls[n_calls:]
+
+    # the connection is still usable: the next valid requests work and see the old state
+    for r0 in range(0, SPEC.rows, 16):
+        r = one(bridge, req(Opcode.READ_WEIGHTS, 51 + r0, row_start=r0, n_rows=16), decode)
+        assert r.status == Status.OK
+        back = np.frombuffer(m.parse_reply(Opcode.READ_WEIGHTS, r.payload).data, SPEC.weight_dtype)
+        np.testing.assert_array_equal(back.reshape(16, SPEC.cols), w[r0 : r0 + 16])
+    r = one(bridge, req(Opcode.READ_REG, 99, addr=SCRATCH), decode)
+    assert m.parse_reply(Opcode.READ_REG, r.payload).value == 0xBEEF
+
+
+@pytest.mark.parametrize(
+    "error", [NotImplementedError("no MAC_RAW on this board"), KeyError(0x42), ZeroDivisionError()]
+)
+def test_controller_failure_is_an_internal_error_reply(make_bridge, decode, error: Exception) -> None:
+    bridge, ctl = make_bridge()
+
+    def broken(row_start: int, inputs: np.ndarray) -> None:
+        raise error
+
+    ctl.mac_raw = broken  # type: ignore[method-assign]
+    r = one(bridge, mac_frame(4, np.ones((1, 8))), decode)  # MAC_RAW below is the broken one; MAC works
+    assert r.status == Status.OK
+    r = one(bridge, mac_frame(5, np.ones((1, 8)), raw=True), decode)
+    assert (r.seq, r.status) == (5, Status.INTERNAL) and type(error).__name__ in r.payload.decode()
+    assert one(bridge, req(Opcode.PING, 6, payload=b"up"), decode).payload == b"up"
+
+
+def test_error_text_fits_the_payload_cap(make_bridge, decode) -> None:
+    bridge, _ = make_bridge(max_payload=16)
+    r = one(bridge, req(0x44, 1, raw=b""), decode)
+    assert r.status == Status.UNKNOWN_OPCODE and 0 < len(r.payload) <= 16
+
+
+# ---- replay cache --------------------------------------------------------------------------------------------
+def test_retried_request_is_answered_from_memory(programmed, decode) -> None:
+    bridge, ctl, _ = programmed
+    write = req(Opcode.WRITE_REG, 7, addr=SCRATCH, value=42)
+    first = bridge.receive(write)
+    assert bridge.receive(write) == first
+    assert ctl.count("write_reg") == 1 and bridge.stats.replays == 1
+
+    x = np.random.default_rng(5).integers(0, SPEC.input_max + 1, size=(3, SPEC.rows))
+    for raw in (False, True):
+        mac = mac_frame(8 + raw, x, raw=raw)
+        first = bridge.receive(mac)
+        assert bridge.receive(mac) == first == bridge.receive(mac)
+    assert ctl.count("mac") == 1 and ctl.count("mac_raw") == 1 and ctl.ops == 6
+
+
+def test_same_seq_with_different_bytes_executes(programmed, decode) -> None:
+    bridge, ctl, _ = programmed
+    one(bridge, req(Opcode.WRITE_REG, 7, addr=SCRATCH, value=1), decode)
+    r = one(bridge, req(Opcode.WRITE_REG, 7, addr=SCRATCH, value=2), decode)
+    assert m.parse_reply(Opcode.WRITE_REG, r.payload).value == 2
+    assert ctl.count("write_reg") == 2 and ctl.regs[SCRATCH] == 2
+    # same seq and payload but another opcode is another request too
+    one(bridge, req(Opcode.PING, 9, payload=b"\x03\x00"), decode)
+    r = one(bridge, req(Opcode.READ_REG, 9, addr=3), decode)
+    assert r.opcode == Opcode.READ_REG | REPLY_FLAG and ctl.count("read_reg") == 1
+
+
+def test_reset_clears_the_replay_memory(programmed, decode) -> None:
+    bridge, ctl, _ = programmed
+    write = req(Opcode.WRITE_REG, 1, addr=SCRATCH, value=11)
+    reset = req(Opcode.RESET, 2, flags=0)
+    one(bridge, write, decode)
+    one(bridge, reset, decode)
+    assert ctl.regs[SCRATCH] == 0
+    # after RESET the old request is new again ...
+    one(bridge, write, decode)
+    assert ctl.count("write_reg") == 2 and ctl.regs[SCRATCH] == 11
+    # ... while a retried RESET itself is answered from memory, not executed twice
+    one(bridge, reset, decode)
+    assert ctl.count("reset") == 1 and ctl.regs[SCRATCH] == 11
+
+
+def test_replay_memory_is_bounded(make_bridge, decode) -> None:
+    bridge, ctl = make_bridge(replay_depth=2)
+    frames = [req(Opcode.WRITE_REG, s, addr=SCRATCH, value=s) for s in (1, 2, 3)]
+    for f in frames:
+        one(bridge, f, decode)
+    one(bridge, frames[2], decode)
+    assert ctl.count("write_reg") == 3  # still remembered
+    one(bridge, frames[0], decode)
+    assert ctl.count("write_reg") == 4  # forgotten: executed again
+
+
+def test_busy_reply_is_not_remembered(programmed, decode) -> None:
+    bridge, ctl, w = programmed
+    x = np.full((2, SPEC.rows), 3)
+    mac = mac_frame(20, x)
+    ctl.busy_next = 1
+    r = one(bridge, mac, decode)
+    assert r.status == Status.BUSY and Status.BUSY in m.RETRYABLE_STATUS
+    r = one(bridge, mac, decode)  # the retry of a request that never executed must execute
+    assert r.status == Status.OK and ctl.count("mac") == 2 and ctl.ops == 2
+    y = np.frombuffer(m.parse_reply(Opcode.MAC, r.payload).data, SPEC.output_dtype).reshape(2, SPEC.cols)
+    np.testing.assert_array_equal(y, x @ w)
+    assert bridge.receive(mac) == [encode_frame(Opcode.MAC | REPLY_FLAG, 20, r.payload)]
+    assert ctl.count("mac") == 2
+
+
+# ---- truncated requests and the inter-frame timeout ----------------------------------------------------------
+def test_idle_answers_a_request_held_behind_a_truncated_one(make_bridge, decode) -> None:
+    bridge, ctl = make_bridge()
+    truncated = req(Opcode.PING, 1, payload=bytes(100))[:40]
+    good = req(Opcode.WRITE_REG, 2, addr=SCRATCH, value=3)
+    assert bridge.receive(truncated + good) == []  # the good frame sits inside the truncated one's length
+    replies = decode(bridge.idle())
+    assert [(r.seq, r.status) for r in replies] == [(2, Status.OK)]
+    assert ctl.regs[SCRATCH] == 3 and bridge.framer.pending == 0
+    assert bridge.idle() == []
+
+
+def test_repeated_idle_never_eats_a_complete_request(make_bridge, decode) -> None:
+    bridge, _ = make_bridge()
+    head = req(Opcode.PING, 1, payload=bytes(200))[:30]
+    good = req(Opcode.PING, 2, payload=b"still here")
+    replies = bridge.receive(head + head + good)
+    for _ in range(len(head) * 2 + 5):
+        replies += bridge.idle()
+    assert [(r.seq, r.payload) for r in decode(replies)] == [(2, b"still here")]
+
+
+# ---- any byte sequence ---------------------------------------------------------------------------------------
+@st.composite
+def request_frames(draw: st.DrawFn, seq: int) -> bytes:
+    kind = draw(
+        st.sampled_from(
+            [
+                "ping",
+                "hello",
+                "status",
+                "reset",
+                "read_reg",
+                "write_reg",
+                "write_w",
+                "read_w",
+                "mac",
+                "mac_raw",
+                "raw",
+            ]
+        )
+    )
+    rows, cols = SPEC.rows, SPEC.cols
+    if kind == "ping":
+        return req(Opcode.PING, seq, payload=draw(st.binary(max_size=64)))
+    if kind in ("hello", "status"):
+        return req(Opcode.HELLO if kind == "hello" else Opcode.STATUS, seq)
+    if kind == "reset":
+        return req(Opcode.RESET, seq, flags=draw(st.integers(0, 1)))
+    if kind == "read_reg":
+        return req(Opcode.READ_REG, seq, addr=draw(st.integers(0, 0x10)))
+    if kind == "write_reg":
+        return req(Opcode.WRITE_REG, seq, addr=draw(st.integers(0, 0x10)), value=draw(st.integers(0, 2**32 - 1)))
+    r0 = draw(st.integers(0, rows - 1))
+    n = draw(st.integers(1, rows - r0))
+    if kind == "write_w":
+        seed = draw(st.integers(0, 2**16))
+        w = np.random.default_rng(seed).integers(SPEC.weight_min, SPEC.weight_max + 1, size=(n, cols))
+        return weights_frame(seq, r0, w)
+    if kind == "read_w":
+        return req(Opcode.READ_WEIGHTS, seq, row_start=r0, n_rows=n)
+    if kind in ("mac", "mac_raw"):
+        x = np.random.default_rng(draw(st.integers(0, 2**16))).integers(0, SPEC.input_max + 1, size=(2, n))
+        return mac_frame(seq, x, row_start=r0, raw=kind == "mac_raw")
+    # a well-framed request whose opcode or payload may be anything
+    return req(draw(st.integers(0, 0x7F)), seq, raw=draw(st.binary(max_size=24)))
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> tuple[list[bytes], list[bool], list[bytes], int]:
+    n = draw(st.integers(1, 6))
+    base = draw(st.integers(0, 0xFFFF))
+    frames = [draw(request_frames((base + i) & 0xFFFF)) for i in range(n)]
+    damaged = [draw(st.booleans()) and draw(st.booleans()) for _ in range(n)]  # about one in four
+    junk_piece = st.binary(max_size=24) | st.sampled_from([SYNC, SYNC[:1], SYNC + b"\x01", b"\x3c"])
+    junk = [b"".join(draw(st.lists(junk_piece, max_size=3))) for _ in range(n + 1)]
+    return frames, damaged, junk, draw(st.integers(1, 97))
+
+
+def _normal(frame: Frame) -> Any:
+    """A reply for comparison; sticky error flags (STATUS, ERR_FLAGS reads and writes) depend on the garbage seen."""
+    if frame.opcode == Opcode.STATUS | REPLY_FLAG and frame.status == Status.OK:
+        fields = m.parse_reply(Opcode.STATUS, frame.payload)
+        return ("status", fields.busy, fields.cycles, fields.ops, fields.conversions, fields.energy_fj)
+    for op in (Opcode.READ_REG, Opcode.WRITE_REG):
+        if frame.opcode == op | REPLY_FLAG and frame.status == Status.OK:
+            fields = m.parse_reply(op, frame.payload)
+            if fields.addr == BY_NAME["ERR_FLAGS"].addr:
+                return ("err_flags", op)
+    return frame
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=NO_HYPOTHESIS_FIXTURE_CHECK)
+@given(stream=streams(), data=st.data())
+def test_bridge_survives_any_byte_stream(make_bridge, stream, data: st.DataObject) -> None:
+    frames, damaged, junk, chunk = stream
+    sent = bytearray(junk[0])
+    for frame, bad, tail in zip(frames, damaged, junk[1:], strict=True):
+        if bad:
+            frame = bytearray(frame)
+            frame[data.draw(st.integers(0, len(frame) - 1))] ^= data.draw(st.integers(1, 255))
+        sent += frame + tail
+
+    bridge, ctl = make_bridge()
+    replies: list[bytes] = []
+    for i in range(0, len(sent), chunk):
+        replies += bridge.receive(bytes(sent[i : i + chunk]))
+    for _ in range(len(sent)):  # end of stream: inter-frame timeouts until nothing is held
+        if not bridge.framer.pending:
+            break
+        replies += bridge.idle()
+    assert bridge.framer.pending == 0
+
+    # the same valid requests alone, on a fresh device
+    clean_bridge, clean_ctl = make_bridge()
+    intact = [f for f, bad in zip(frames, damaged, strict=True) if not bad]
+    clean = clean_bridge.receive(b"".join(intact))
+    assert all(f.status != Status.INTERNAL for f in Framer().feed(b"".join(clean))), "fake and bridge disagree"
+
+    assert ctl.calls == clean_ctl.calls  # nothing but the valid requests reached the controller
+    assert ctl.state() == clean_ctl.state()
+
+    got = Framer().feed(b"".join(replies))
+    assert all(isinstance(r, Frame) and r.is_reply for r in got)
+    want = Framer().feed(b"".join(clean))
+    seqs = [Framer().feed(f)[0].seq for f in frames]
+    for seq, bad in zip(seqs, damaged, strict=True):
+        mine = [r for r in got if r.seq == seq]
+        if bad:  # at most one reply, and only to say the frame arrived damaged
+            assert len(mine) <= 1 and all(r.status == Status.BAD_CRC for r in mine)
+        else:
+            ref = [r for r in want if r.seq == seq]
+            assert len(mine) == 1 and len(ref) == 1
+            assert _normal(mine[0]) == _normal(ref[0])
+    # replies to anything else can only be to forged headers in the garbage
+    others = [r for r in got if r.seq not in seqs]
+    assert all(r.status in (Status.BAD_CRC, Status.TOO_LARGE) for r in others)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=NO_HYPOTHESIS_FIXTURE_CHECK)
+@given(noise=st.binary(max_size=600), chunk=st.integers(1, 200))
+def test_random_bytes_never_raise_nor_reach_the_controller(make_bridge, noise: bytes, chunk: int) -> None:
+    bridge, ctl = make_bridge()
+    before = ctl.state()
+    replies = []
+    for i in range(0, len(noise), chunk):
+        replies += bridge.receive(noise[i : i + chunk])
+    replies += bridge.idle()
+    assert ctl.calls == [] and ctl.state() == before
+    for r in Framer().feed(b"".join(replies)):
+        assert isinstance(r, Frame) and r.status in (Status.BAD_CRC, Status.TOO_LARGE)
+    # and the link still works
+    tail = bridge.receive(req(Opcode.PING, 1, payload=b"alive"))
+    while bridge.framer.pending:
+        tail += bridge.idle()
+    assert any(f.seq == 1 and f.payload == b"alive" for f in Framer().feed(b"".join(tail)))
