@@ -1,0 +1,238 @@
+"""The ``cimlab`` command line. Every command that talks to a chip takes ``--link URL`` (default ``sim://``).
+
+Heavy dependencies (torch) are imported inside the commands that need them, never at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from firmware_bridge.errors import CimError, ConfigError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+console = Console()
+err_console = Console(stderr=True)
+
+LINK_HELP = (
+    "Where the chip is: sim://[?profile=P&seed=N&KEY=VALUE] (in-process twin), a serial device "
+    "(/dev/ttyUSB0?baud=3000000, /dev/pts/N), a pyserial URL (socket://, rfc2217://, spy://), tcp://HOST:PORT, "
+    "or pynq://OVERLAY; append #drop=P&flip=P... to inject faults."
+)
+
+
+def link_option(f: F) -> F:
+    """The ``--link`` and ``--timeout`` options every chip command shares."""
+    f = click.option("--timeout", type=click.FloatRange(min=0.001), default=1.0, show_default=True,
+                     help="Seconds without progress before a request is resent.")(f)
+    return click.option("--link", "link_url", default="sim://", show_default=True, help=LINK_HELP)(f)
+
+
+def json_option(f: F) -> F:
+    """``--json``: print one JSON object as the last line."""
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")(f)
+
+
+def cim_errors(f: F) -> F:
+    """Turn cimlab errors into a one-line message and a non-zero exit status."""
+
+    @wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except ConfigError as err:
+            raise click.UsageError(str(err)) from err
+        except CimError as err:
+            err_console.print(f"[bold red]error[/] ({err.code}): {err}", highlight=False)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def open_chip(url: str, timeout: float) -> Iterator[Any]:
+    """Open and identify a chip for one command."""
+    from host.driver import Chip
+
+    chip = Chip.open(url, timeout=timeout)
+    try:
+        yield chip
+    finally:
+        chip.close()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="cimlab")
+def cli() -> None:
+    """cimlab: characterize, train for, deploy to and benchmark an SRAM CIM macro, on a board or its twin."""
+
+
+# ---- info / check ---------------------------------------------------------------------------------------------
+@cli.command()
+@link_option
+@json_option
+@cim_errors
+def info(link_url: str, timeout: float, as_json: bool) -> None:
+    """Identity and MacroSpec of the chip at --link."""
+    with open_chip(link_url, timeout) as chip:
+        hello = chip.hello
+    if as_json:
+        click.echo(json.dumps(hello.as_dict()))
+        return
+    t = Table(title=f"chip at {link_url}", show_header=False)
+    for key in ("chip_id", "firmware_id", "bitstream_id", "protocol_version", "regmap_version", "max_payload"):
+        t.add_row(key, str(getattr(hello, key)))
+    spec = hello.spec
+    for key, value in spec.to_dict().items():
+        t.add_row(f"spec.{key}", str(value))
+    t.add_row("derived", f"{spec.n_planes} input slices x {spec.n_groups} row groups x {spec.n_slices} weight slices"
+              f" x {spec.cols} cols = {spec.conversions_per_vector} conversions/vector; adc_lsb {spec.adc_lsb:g}")
+    console.print(t)
+
+
+@cli.command()
+@link_option
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights and inputs.")
+@click.option("--batch", type=click.IntRange(1, 1_000_000), default=256, show_default=True, help="MAC vectors.")
+@json_option
+@cim_errors
+def check(link_url: str, timeout: float, seed: int, batch: int, as_json: bool) -> None:
+    """Bring-up self-test: ping, registers, weights write/read-back, MACs against the ideal, link figures.
+
+    Overwrites the chip's weights. Exits 1 if a step fails.
+    """
+    from host.selftest import run_check
+
+    with open_chip(link_url, timeout) as chip:
+        rep = run_check(chip, seed=seed, batch=batch)
+    t = Table(title=f"cimlab check: {link_url}")
+    t.add_column("step")
+    t.add_column("result")
+    t.add_column("detail", overflow="fold")
+    for s in rep.steps:
+        t.add_row(s.name, "[green]pass[/]" if s.ok else "[red]FAIL[/]", s.detail)
+    console.print(t)
+    f = rep.figures
+    link = rep.link
+    console.print(
+        f"link: {link['frames_out']} frames out, {link['frames_in']} in, {link['retries']} retries, "
+        f"{link['bad_frames']} damaged frames, {link['stale_replies']} stale replies, {link['timeouts']} timeouts; "
+        f"weights {f['weights_write_Bps'] / 1e3:.0f} kB/s write, {f['weights_read_Bps'] / 1e3:.0f} kB/s read; "
+        f"MAC {f['mac_vectors_per_s']:.0f} vectors/s",
+        highlight=False,
+    )
+    if as_json:
+        click.echo(json.dumps(rep.as_dict()))
+    if not rep.ok:
+        sys.exit(1)
+
+
+# ---- the twin ---------------------------------------------------------------------------------------------------
+@cli.group()
+def sim() -> None:
+    """The twin: serve it on a pty or TCP port, list and show its profiles."""
+
+
+def parse_sets(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``("k=v", ...)`` -> dict; ConfigError naming a pair without '='."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@sim.command("serve")
+@click.option("--pty", "use_pty", is_flag=True, help="Serve on a new pseudo-terminal; prints its path.")
+@click.option("--tcp", "tcp_addr", metavar="HOST:PORT", help="Serve on TCP (port 0 picks one); prints tcp://HOST:PORT.")
+@click.option("--profile", default="default", show_default=True, help="Profile name or TOML file.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the twin's mismatch and noise.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a profile parameter (repeatable).")
+@click.option("--baud", type=click.IntRange(min=1), default=None, help="Pace bytes at this UART line rate (10 bits/byte).")
+@click.option("--max-payload", type=click.IntRange(256, 16 * 1024 * 1024), default=64 * 1024, show_default=True,
+              help="Largest frame payload, bytes.")
+@cim_errors
+def sim_serve(use_pty: bool, tcp_addr: str | None, profile: str, seed: int, sets: tuple[str, ...],
+              baud: int | None, max_payload: int) -> None:
+    """Serve a twin until stopped (Ctrl-C or SIGTERM). The first line of stdout is where to connect."""
+    import chip_sim
+    from chip_sim.server import parse_hostport, serve_pty, serve_tcp
+    from firmware_bridge.bridge import Bridge
+
+    if use_pty == bool(tcp_addr):
+        raise ConfigError("choose exactly one of --pty or --tcp HOST:PORT")
+    bridge = Bridge(chip_sim.make_twin(profile, seed, parse_sets(sets)), max_payload=max_payload)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def ready(where: str) -> None:
+        click.echo(where)
+        sys.stdout.flush()
+        extra = f", paced at {baud} baud" if baud else ""
+        err_console.print(f"serving twin '{profile}' (seed {seed}){extra} on {where}; Ctrl-C stops", highlight=False)
+
+    if use_pty:
+        serve_pty(bridge, stop=stop, on_ready=ready, baud=baud)
+    else:
+        host, port = parse_hostport(tcp_addr or "")
+        serve_tcp(bridge, host, port, stop=stop, on_ready=ready, baud=baud)
+
+
+@sim.command("profiles")
+@json_option
+@cim_errors
+def sim_profiles(as_json: bool) -> None:
+    """List the bundled twin profiles."""
+    from chip_sim.profiles import list_profiles, load_profile
+
+    rows = []
+    for name, desc in list_profiles():
+        rows.append({"name": name, "description": desc, "spec": load_profile(name).spec.describe()})
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    t = Table(title="twin profiles")
+    t.add_column("name")
+    t.add_column("macro")
+    t.add_column("description", overflow="fold")
+    for r in rows:
+        t.add_row(r["name"], r["spec"], r["description"])
+    console.print(t)
+
+
+@sim.command("show")
+@click.argument("profile")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a parameter before showing.")
+@cim_errors
+def sim_show(profile: str, sets: tuple[str, ...]) -> None:
+    """Print a profile (name or file) as TOML that loads back."""
+    from chip_sim.profiles import load_profile
+
+    click.echo(load_profile(profile, parse_sets(sets) or None).to_toml(), nl=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="cimlab")
+
+
+if __name__ == "__main__":
+    main()
