@@ -1,0 +1,129 @@
+# URL format: sim://?profile=NAME&seed=N&max_payload=BYTES&KEY=VALUE...
+#
+#   sim://                                  the twin's default profile, seed 0
+#   sim://?profile=default&seed=3&rows=100  any other key overrides a profile parameter (passed as text)
+#   sim://?max_payload=262144#rate=3000000  append #rate=BAUD to pace it like a UART (see host.links.rate)
+#
+# Options:
+#   profile=NAME        twin profile (default "default")
+#   seed=N              twin random seed, 0..2**63-1 (default 0)
+#   max_payload=BYTES   largest frame payload the bridge accepts and sends, 256..16777216 (default 65536)
+"""The twin in-process, still through real frames.
+
+``write`` feeds the bytes to a ``firmware_bridge.bridge.Bridge`` in front of the twin's controller and queues
+the reply frames it returns; ``read`` hands the queued bytes out. A partial request that has waited longer than
+``IDLE_S`` is abandoned (the bridge's inter-frame timeout), so a truncated frame cannot wedge the link.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+from firmware_bridge.bridge import Bridge
+from firmware_bridge.controller import Controller
+from firmware_bridge.errors import BackendUnavailable, ConfigError
+from firmware_bridge.frame import DEFAULT_MAX_PAYLOAD, MAX_PAYLOAD_LIMIT
+from host.links.base import Link
+from host.links.url import int_param, parse_params
+
+ControllerFactory = Callable[[str, int, dict[str, str]], Controller]
+"""``(profile, seed, overrides) -> Controller``; overrides are the URL's other query keys, values as text."""
+
+IDLE_S = 0.05
+"""Inter-frame timeout, seconds: a partial request older than this is dropped by the bridge."""
+
+DEFAULT_PROFILE = "default"
+MIN_PAYLOAD = 256
+
+
+def twin_controller(profile: str, seed: int, overrides: dict[str, str]) -> Controller:
+    """The twin's controller from ``chip_sim.make_twin`` (imported only now, so host does not need chip_sim)."""
+    try:
+        import chip_sim
+    except ImportError as err:
+        raise BackendUnavailable(f"sim:// needs the chip_sim package, which did not import: {err}") from err
+    make_twin = getattr(chip_sim, "make_twin", None)
+    if make_twin is None:
+        raise BackendUnavailable("sim:// needs chip_sim.make_twin, which this chip_sim does not provide")
+    return make_twin(profile, seed, overrides)
+
+
+class SimLink(Link):
+    """The twin behind a Bridge, in this process.
+
+    Args:
+        url: ``sim://?...`` (see the module comment).
+        timeout: seconds (kept for the Link contract; writes here never wait on a line).
+        make_controller: builds the controller from (profile, seed, overrides); defaults to the twin.
+    """
+
+    def __init__(
+        self, url: str, *, timeout: float = 1.0, make_controller: ControllerFactory | None = None
+    ) -> None:
+        super().__init__(url, timeout=timeout)
+        where = f"sim link {url!r}"
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "sim":
+            raise ConfigError(f"{where}: scheme must be sim://")
+        if parts.netloc or parts.path not in ("", "/"):
+            raise ConfigError(
+                f"{where}: sim:// takes no host or path ({parts.netloc + parts.path!r});"
+                " use sim://?profile=NAME&seed=N"
+            )
+        params = parse_params(parts.query, where)
+        self.profile = params.pop("profile", DEFAULT_PROFILE)
+        self.seed = int_param(params, "seed", 0, 2**63 - 1, 0, where)
+        params.pop("seed", None)
+        max_payload = int_param(params, "max_payload", MIN_PAYLOAD, MAX_PAYLOAD_LIMIT, DEFAULT_MAX_PAYLOAD, where)
+        params.pop("max_payload", None)
+        self.overrides = params
+        factory = make_controller if make_controller is not None else twin_controller
+        self.controller = factory(self.profile, self.seed, dict(params))
+        self.bridge = Bridge(self.controller, max_payload=max_payload)
+        self._cond = threading.Condition()
+        self._rx = bytearray()
+        self._last_feed = time.monotonic()
+
+    def _write(self, data: memoryview) -> None:
+        with self._cond:
+            replies = self.bridge.receive(data)
+            self._last_feed = time.monotonic()
+            if replies:
+                self._rx += b"".join(replies)
+                self._cond.notify_all()
+
+    def _read(self, max_bytes: int, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._rx:
+                    out = bytes(self._rx[:max_bytes])
+                    del self._rx[:max_bytes]
+                    return out
+                now = time.monotonic()
+                pending = self.bridge.framer.pending > 0
+                if pending and now - self._last_feed >= IDLE_S:
+                    self._drop_partials()
+                    continue
+                left = deadline - now
+                if left <= 0:
+                    return b""
+                if pending:
+                    left = min(left, self._last_feed + IDLE_S - now)
+                self._cond.wait(max(left, 0.0))
+
+    def _drop_partials(self) -> None:
+        # Every buffered byte is older than IDLE_S: abandon partial frames until none is left, replying to any
+        # complete frame found behind one.
+        while self.bridge.framer.pending:
+            replies = self.bridge.idle()
+            if replies:
+                self._rx += b"".join(replies)
+
+    def _close(self) -> None:
+        with self._cond:
+            self._rx.clear()
+            self._cond.notify_all()

@@ -1,0 +1,83 @@
+"""sim:// with the real twin (chip_sim.make_twin), still only through frames."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from firmware_bridge import messages as m
+from firmware_bridge.errors import ConfigError
+from firmware_bridge.frame import encode_frame
+from firmware_bridge.messages import Opcode, Status
+from host.links import open_link
+from links_fakes import frames_in
+
+
+def _replies(link, want: int, timeout: float = 5.0):
+    data = bytearray()
+    deadline = time.monotonic() + timeout
+    while len(frames_in(bytes(data))) < want and time.monotonic() < deadline:
+        data += link.read(1 << 16, 0.2)
+    return frames_in(bytes(data))
+
+
+def test_hello_reports_the_overridden_spec():
+    with open_link("sim://?profile=ideal&seed=3&rows=100&cols=16") as link:
+        link.write(encode_frame(Opcode.HELLO, 1))
+        (reply,) = _replies(link, 1)
+        assert reply.status == Status.OK
+        spec = m.spec_from_wire(m.parse_reply(Opcode.HELLO, reply.payload).spec)
+        assert (spec.rows, spec.cols) == (100, 16)
+
+
+def test_weights_round_trip_and_an_ideal_mac():
+    with open_link("sim://?profile=ideal&rows=64&cols=8") as link:
+        link.write(encode_frame(Opcode.HELLO, 1))
+        (hello,) = _replies(link, 1)
+        spec = m.spec_from_wire(m.parse_reply(Opcode.HELLO, hello.payload).spec)
+        rng = np.random.default_rng(0)
+        w = rng.integers(spec.weight_min, spec.weight_max + 1, (spec.rows, spec.cols))
+        x = rng.integers(0, spec.input_max + 1, (4, spec.rows))
+        frames = [
+            encode_frame(
+                Opcode.WRITE_WEIGHTS,
+                2,
+                m.build_request(
+                    Opcode.WRITE_WEIGHTS, row_start=0, n_rows=spec.rows, data=w.astype(spec.weight_dtype).tobytes()
+                ),
+            ),
+            encode_frame(
+                Opcode.READ_WEIGHTS, 3, m.build_request(Opcode.READ_WEIGHTS, row_start=0, n_rows=spec.rows)
+            ),
+            encode_frame(
+                Opcode.MAC,
+                4,
+                m.build_request(
+                    Opcode.MAC, row_start=0, n_rows=spec.rows, batch=4, data=x.astype(spec.input_dtype).tobytes()
+                ),
+            ),
+        ]
+        for f in frames:  # a window of three requests in flight
+            link.write(f)
+        replies = _replies(link, 3)
+        assert [(r.seq, r.status) for r in replies] == [(2, Status.OK), (3, Status.OK), (4, Status.OK)]
+        back = np.frombuffer(m.parse_reply(Opcode.READ_WEIGHTS, replies[1].payload).data, dtype=spec.weight_dtype)
+        np.testing.assert_array_equal(back.reshape(spec.rows, spec.cols), w)
+        y = np.frombuffer(m.parse_reply(Opcode.MAC, replies[2].payload).data, dtype="<i4").reshape(4, spec.cols)
+        np.testing.assert_array_equal(y, x @ w)
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("sim://?profile=no-such-profile", ["no-such-profile"]),
+        ("sim://?bogus_param=1", ["bogus_param"]),
+    ],
+)
+def test_twin_rejects_bad_profiles_and_parameters(url, words):
+    with pytest.raises(ConfigError) as info:
+        open_link(url)
+    for word in words:
+        assert word in str(info.value)
