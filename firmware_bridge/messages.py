@@ -15,9 +15,10 @@ shape follow from the MacroSpec (see ``firmware_bridge.spec``); the fixed fields
 | WRITE_WEIGHTS | row_start, n_rows, weights [n_rows,cols] | row_start, n_rows, CRC-32 of the rows stored    |
 | READ_WEIGHTS  | row_start, n_rows                        | row_start, n_rows, weights [n_rows, cols]       |
 | MAC           | row_start, n_rows, batch, x [batch,n_rows]| batch, cost, y [batch, cols] int32             |
-| MAC_RAW       | row_start, n_rows, batch, x [batch,n_rows]| batch, cost, codes [batch, P, G, K, cols]      |
+| MAC_RAW       | row_start, n_rows, batch, x [batch,n_rows]| batch, cost, codes [batch, P, G', K, cols]     |
 
-Rows outside ``row_start .. row_start+n_rows-1`` see input 0 in MAC and MAC_RAW.
+Rows outside ``row_start .. row_start+n_rows-1`` see input 0 in MAC and MAC_RAW, and only the row groups G' that
+hold driven rows are converted (``MacroSpec.group_span``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,408 @@
+"""The twin's controller: register file, weight SRAM, input buffer, output FIFO and a cycle-counting FSM.
+
+Two execution paths give identical codes, cycle counts and energy for the same seed and operations:
+
+- ``fast`` (default): whole batches at once, in chunks of vectors that keep temporaries around
+  ``CHUNK_CONVERSIONS`` conversions (see ``chunk_vectors``); partial sums by float32 BLAS (exact integers),
+  then the converter.
+- ``reference``: ``chip_sim.fsm.ReferenceFSM`` advances the controller one clock at a time and computes each
+  conversion on its own with integer sums (slow; for tests on small macros).
+
+Cost of one operation (clock cycles at ``spec.clock_hz``), with ``T = profile.timing``::
+
+    MAC / MAC_RAW  op_overhead + batch * (load + n_planes * (wl_pulse + groups * adc_cycles) + readout)
+                   groups = the row groups spanned by the request (``MacroSpec.group_span``);
+                   load = ceil(n_rows * input_bits / bus_bits); readout = ceil(out_bits / bus_bits), out_bits
+                   = cols * 32 for MAC, n_planes * groups * physical_cols * 8 * code bytes for MAC_RAW
+    WRITE_WEIGHTS  op_overhead + n_rows * (ceil(cols * weight_bits / bus_bits) + write_row_cycles)
+
+Energy (fJ) scales with (VDD / vdd_nominal)**2 and counts ADC conversions, the sum of the partial sums
+(bit-line discharge), word-line pulses of rows with a nonzero input slice, vectors, and written cell bits.
+
+Only the row groups holding the requested rows are converted (the sequencer skips idle groups); rows of those
+groups outside the request see input 0. The per-conversion random stream is indexed by a global vector counter
+that RESET does not rewind, so noise stays fresh across resets while a given sequence of operations always gives
+the same codes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from importlib import metadata
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from chip_sim.analog import AnalyticConverter, Converter, DataDrivenConverter
+from chip_sim.config import Profile
+from chip_sim.rng import check_seed
+from firmware_bridge.controller import Controller, Counters, Identity, OpCost
+from firmware_bridge.errmodel import ErrorModel
+from firmware_bridge.errors import DeviceError, ShapeError
+from firmware_bridge.messages import Status
+from firmware_bridge.registers import BY_ADDR, BY_NAME, REGISTERS
+
+if TYPE_CHECKING:
+    from chip_sim.fsm import ReferenceFSM
+
+CHUNK_CONVERSIONS = 1 << 19
+"""Conversions per chunk of the fast path (bounds its temporaries to a few MiB)."""
+MIN_GEMM_ROWS = 64
+"""Fewest input-slice rows per BLAS call in the fast path."""
+RECOMBINE_ELEMENTS = 1 << 21
+"""Per-plane code sums gathered before one ``MacroSpec.recombine`` call (its overhead is per call)."""
+_ID_MAX = 255  # HELLO's identity strings are Pascal strings with a one-byte length
+
+
+def _firmware_version() -> str:
+    try:
+        return metadata.version("cimlab")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass
+class Tally:
+    """Integer event counts of one operation, from which its cost follows."""
+
+    cycles: int = 0
+    conversions: int = 0
+    level_sum: int = 0
+    wordline_pulses: int = 0
+    vectors: int = 0
+    bits_written: int = 0
+
+
+class TwinController(Controller):
+    """The twin's controller (see the module docstring).
+
+    Args:
+        profile: the twin's configuration.
+        seed: seeds the static mismatch and the per-conversion randomness, 0..2**64-1.
+    """
+
+    def __init__(self, profile: Profile, seed: int = 0) -> None:
+        self.profile = profile
+        self.spec = profile.spec
+        self.seed = check_seed(seed)
+        spec = self.spec
+        self.converter: Converter
+        if profile.error_model:
+            self.converter = DataDrivenConverter(spec, ErrorModel.load(profile.error_model))
+        else:
+            self.converter = AnalyticConverter(spec, profile.analog, self.seed)
+        self._stream = self.converter.stream(self.seed)
+        self._rows_pad = spec.n_groups * spec.rows_per_conversion
+        J = spec.physical_cols
+        self._digits = np.zeros((self._rows_pad, J), dtype=np.uint8)  # what the SRAM stores
+        self._compute = np.zeros((self._rows_pad, J), dtype=np.int64)  # what the array computes with
+        self._w32 = np.zeros((spec.n_groups, spec.rows_per_conversion, J), dtype=np.float32)
+        self._level_digits = np.zeros((self._rows_pad, J), dtype=np.int64)  # digits with stuck cells applied
+        self._rowsum = np.zeros(self._rows_pad, dtype=np.int64)  # their sum over columns
+        self.vector_counter = 0
+        self._fsm: ReferenceFSM | None = None
+        self._regs: dict[int, int] = {}
+        self._reset_state()
+        self._store_rows(0, spec.weights_to_slices(np.zeros((spec.rows, spec.cols), dtype=np.int64)))
+
+    # ---- identity and state -----------------------------------------------------------------------------
+    def identity(self) -> Identity:
+        suffix = f"-s{self.seed}"
+        room = _ID_MAX - len("twin-") - len(suffix)
+        name = self.profile.name.encode("utf-8")[:room].decode("utf-8", "ignore")  # HELLO counts bytes
+        return Identity(f"twin-{name}{suffix}", f"cimlab-twin {_firmware_version()}", "twin")
+
+    def _reset_state(self) -> None:
+        a = self.profile.analog
+        self._regs = {r.addr: r.reset for r in REGISTERS}
+        self._regs[BY_NAME["VDD_MV"].addr] = a.vdd_nominal_mv
+        self._regs[BY_NAME["TEMP_CC"].addr] = round(a.temp_nominal_c * 100) & 0xFFFFFFFF
+        self.converter.set_conditions(a.vdd_nominal_mv, a.temp_nominal_c)
+        self._clear_counters()
+
+    def _clear_counters(self) -> None:
+        self._cycles = 0
+        self._ops = 0
+        self._conversions = 0
+        self._energy = 0
+        self._last = OpCost(0, 0)
+
+    def reset(self, clear_weights: bool) -> None:
+        """Registers to their reset values (VDD_MV and TEMP_CC to the profile's nominal conditions), error flags
+        and counters cleared; weights zeroed (logical 0) when asked. The noise stream is not rewound."""
+        self._reset_state()
+        if clear_weights:
+            self._store_rows(0, self.spec.weights_to_slices(np.zeros((self.spec.rows, self.spec.cols), np.int64)))
+
+    def counters(self) -> Counters:
+        return Counters(
+            busy=False,
+            error_flags=self._regs[BY_NAME["ERR_FLAGS"].addr],
+            cycles=self._cycles,
+            ops=self._ops,
+            conversions=self._conversions,
+            energy_fj=self._energy,
+            last=self._last,
+        )
+
+    def note_error(self, flags: int) -> None:
+        self._regs[BY_NAME["ERR_FLAGS"].addr] |= flags & 0xFFFFFFFF
+
+    @property
+    def vdd_mv(self) -> int:
+        """The supply setpoint, mV."""
+        return self._regs[BY_NAME["VDD_MV"].addr]
+
+    @property
+    def temp_c(self) -> float:
+        """The die temperature, degC (TEMP_CC is signed centi-degrees)."""
+        raw = self._regs[BY_NAME["TEMP_CC"].addr]
+        return (raw - (1 << 32) if raw & 0x8000_0000 else raw) / 100.0
+
+    def latency_s(self, cost: OpCost) -> float:
+        """Seconds an operation of ``cost`` takes at the profile's clock."""
+        return cost.cycles / self.spec.clock_hz
+
+    # ---- registers --------------------------------------------------------------------------------------
+    def read_reg(self, addr: int) -> int:
+        reg = BY_ADDR.get(addr)
+        if reg is None:
+            raise DeviceError(f"no register at address 0x{addr:02x}", status=Status.BAD_REGISTER)
+        if reg.name == "CYCLES_LO":
+            return self._cycles & 0xFFFFFFFF
+        if reg.name == "CYCLES_HI":
+            return (self._cycles >> 32) & 0xFFFFFFFF
+        if reg.name == "OPS":
+            return self._ops & 0xFFFFFFFF
+        return self._regs[addr]
+
+    def write_reg(self, addr: int, value: int) -> int:
+        reg = BY_ADDR.get(addr)
+        if reg is None:
+            raise DeviceError(f"no register at address 0x{addr:02x}", status=Status.BAD_REGISTER)
+        if reg.access == "ro":
+            raise DeviceError(f"register {reg.name} (0x{addr:02x}) is read-only", status=Status.READ_ONLY)
+        if not 0 <= value <= 0xFFFFFFFF:
+            raise DeviceError(f"{reg.name}: value {value} is not a 32-bit word", status=Status.BAD_ARGUMENT)
+        a = self.profile.analog
+        if reg.access == "w1c":
+            self._regs[addr] &= ~value & 0xFFFFFFFF
+        elif reg.name == "CTRL":
+            if value & 1:
+                self._clear_counters()
+            self._regs[addr] = value & ~1
+        elif reg.name == "VDD_MV":
+            if not a.vdd_min_mv <= value <= a.vdd_max_mv:
+                raise DeviceError(
+                    f"VDD_MV={value} is outside the operating range {a.vdd_min_mv}..{a.vdd_max_mv} mV",
+                    status=Status.BAD_ARGUMENT,
+                )
+            self._regs[addr] = value
+            self.converter.set_conditions(value, self.temp_c)
+        elif reg.name == "TEMP_CC":
+            signed = value - (1 << 32) if value & 0x8000_0000 else value
+            if not a.temp_min_c * 100 <= signed <= a.temp_max_c * 100:
+                raise DeviceError(
+                    f"TEMP_CC={signed} is outside {round(a.temp_min_c * 100)}..{round(a.temp_max_c * 100)}"
+                    " centi-degC", status=Status.BAD_ARGUMENT,
+                )
+            self._regs[addr] = value
+            self.converter.set_conditions(self.vdd_mv, self.temp_c)
+        else:
+            self._regs[addr] = value
+        return self.read_reg(addr)
+
+    # ---- weights ----------------------------------------------------------------------------------------
+    def _check_rows(self, row_start: int, n_rows: int) -> None:
+        if n_rows < 1 or row_start < 0 or row_start + n_rows > self.spec.rows:
+            raise ShapeError(
+                f"rows {row_start}..{row_start + n_rows - 1} are outside the array (0..{self.spec.rows - 1})"
+            )
+
+    def _store_rows(self, row0: int, slices: np.ndarray) -> None:
+        """Stored digits [n, n_slices, cols] at rows row0.. -> SRAM, compute weights and their float32 copy."""
+        n = slices.shape[0]
+        digits = slices.reshape(n, self.spec.physical_cols)
+        self._digits[row0 : row0 + n] = digits
+        compute = self.converter.compute_digits(digits, row0)
+        self._compute[row0 : row0 + n] = compute
+        level_digits = self._effective_digits(digits, row0)
+        self._level_digits[row0 : row0 + n] = level_digits
+        self._rowsum[row0 : row0 + n] = level_digits.sum(axis=1, dtype=np.int64)
+        self._w32.reshape(self._rows_pad, -1)[row0 : row0 + n] = compute
+
+    def _effective_digits(self, digits: np.ndarray, row0: int) -> np.ndarray:
+        """The digits the cells compute with (stuck cells applied), int64 [n, J]: the ideal levels' weights."""
+        conv = self.converter
+        d = digits.astype(np.int64)
+        if isinstance(conv, AnalyticConverter):
+            rows = slice(row0, row0 + digits.shape[0])
+            d = np.where(conv.stuck0[rows], 0, np.where(conv.stuck1[rows], self.spec.cell_max, d))
+        return d
+
+    def write_weights(self, row_start: int, weights: np.ndarray) -> None:
+        spec = self.spec
+        w = np.asarray(weights)
+        if w.ndim != 2 or w.shape[1] != spec.cols:
+            raise ShapeError(f"weights have shape {w.shape}; expected [n_rows, cols={spec.cols}]")
+        self._check_rows(row_start, w.shape[0])
+        _check_range(w, spec.weight_min, spec.weight_max, "weights")
+        n = w.shape[0]
+        if self.profile.mode == "reference":
+            tally = self._reference().write_weights(row_start, spec.weights_to_slices(w))
+        else:
+            self._store_rows(row_start, spec.weights_to_slices(w))
+            t = self.profile.timing
+            per_row = math.ceil(spec.cols * spec.weight_bits / t.bus_bits) + t.write_row_cycles
+            bits = n * spec.physical_cols * spec.cell_bits
+            tally = Tally(cycles=t.op_overhead_cycles + n * per_row, bits_written=bits)
+        self._account(tally, vectors=0)
+
+    def read_weights(self, row_start: int, n_rows: int) -> np.ndarray:
+        self._check_rows(row_start, n_rows)
+        d = self._digits[row_start : row_start + n_rows].reshape(n_rows, self.spec.n_slices, self.spec.cols)
+        return self.spec.slices_to_weights(d)
+
+    # ---- MAC --------------------------------------------------------------------------------------------
+    def mac(self, row_start: int, inputs: np.ndarray) -> tuple[np.ndarray, OpCost]:
+        x = self._check_inputs(row_start, inputs)
+        codes, cost = self._run(row_start, x, raw=False)
+        return codes, cost
+
+    def mac_raw(self, row_start: int, inputs: np.ndarray) -> tuple[np.ndarray, OpCost]:
+        x = self._check_inputs(row_start, inputs)
+        return self._run(row_start, x, raw=True)
+
+    def _check_inputs(self, row_start: int, inputs: np.ndarray) -> np.ndarray:
+        spec = self.spec
+        x = np.asarray(inputs)
+        if x.ndim != 2 or x.shape[0] < 1:
+            raise ShapeError(f"inputs have shape {x.shape}; expected [batch >= 1, n_rows]")
+        self._check_rows(row_start, x.shape[1])
+        _check_range(x, 0, spec.input_max, "inputs")
+        return x
+
+    def _run(self, row_start: int, x: np.ndarray, *, raw: bool) -> tuple[np.ndarray, OpCost]:
+        if self.profile.mode == "reference":
+            codes, tally = self._reference().run(row_start, x, raw=raw)
+            out = codes if raw else self._recombine(codes, x)
+        else:
+            out, tally = self._fast(row_start, x, raw=raw)
+        cost = self._account(tally, vectors=x.shape[0])
+        return out, cost
+
+    def _recombine(self, codes: np.ndarray, x: np.ndarray) -> np.ndarray:
+        return self.spec.recombine(codes, x).astype(np.int32)
+
+    def vector_cycles(self, row_start: int, n_rows: int, *, raw: bool) -> int:
+        """Cycles one MAC vector over rows ``row_start .. +n_rows`` takes (see the module docstring)."""
+        spec, t = self.spec, self.profile.timing
+        g0, g1 = spec.group_span(row_start, n_rows)
+        load = math.ceil(n_rows * spec.input_bits / t.bus_bits)
+        conversions = spec.n_planes * (g1 - g0) * spec.physical_cols
+        out_bits = conversions * 8 * spec.code_dtype.itemsize if raw else spec.cols * 32
+        compute = spec.n_planes * (t.wl_pulse_cycles + (g1 - g0) * t.adc_cycles)
+        return load + compute + math.ceil(out_bits / t.bus_bits)
+
+    @property
+    def chunk_vectors(self) -> int:
+        """Vectors the fast path processes at a time: ``CHUNK_CONVERSIONS`` conversions, but enough vectors to
+        give each BLAS call at least ``MIN_GEMM_ROWS`` rows (small matrix products waste the BLAS)."""
+        spec = self.spec
+        return max(1, CHUNK_CONVERSIONS // spec.conversions_per_vector, math.ceil(MIN_GEMM_ROWS / spec.n_planes))
+
+    def _planes(self, row_start: int, x: np.ndarray, g0: int, g1: int) -> np.ndarray:
+        """Inputs [n, n_rows] -> input slices of the rows of groups g0..g1-1 [n, P, (g1-g0) * R] (uint8/16)."""
+        R = self.spec.rows_per_conversion
+        full = np.zeros((x.shape[0], (g1 - g0) * R), dtype=x.dtype)
+        first = row_start - g0 * R
+        full[:, first : first + x.shape[1]] = x
+        return self.spec.inputs_to_planes(full)
+
+    def _fast(self, row_start: int, x: np.ndarray, *, raw: bool) -> tuple[np.ndarray, Tally]:
+        spec = self.spec
+        batch, n_rows = x.shape
+        P, G, R = spec.n_planes, spec.n_groups, spec.rows_per_conversion
+        K, C, J = spec.n_slices, spec.cols, spec.physical_cols
+        g0, g1 = spec.group_span(row_start, n_rows)
+        Gs = g1 - g0
+        w32 = self._w32[g0:g1]
+        rowsum = self._rowsum[g0 * R : g1 * R]
+        if raw:
+            out = np.empty((batch, *spec.raw_shape_for(row_start, n_rows)), dtype=spec.code_dtype)
+        else:
+            out = np.empty((batch, C), np.int32)
+        chunk = self.chunk_vectors
+        flush = max(chunk, RECOMBINE_ELEMENTS // (P * K * C))
+        pending: list[np.ndarray] = []
+        level_sum = 0
+        pulses = 0
+        for b0 in range(0, batch, chunk):
+            xb = x[b0 : b0 + chunk]
+            n = xb.shape[0]
+            planes = self._planes(row_start, xb, g0, g1)  # [n, P, Gs * R]
+            level_sum += int((planes.astype(np.int64) @ rowsum).sum())
+            pulses += int(np.count_nonzero(planes))
+            xg = planes.reshape(n * P, Gs, R).transpose(1, 0, 2).astype(np.float32)  # [Gs, n*P, R]
+            sums = np.matmul(xg, w32)  # [Gs, n*P, J], exact integers
+            items = None
+            if self._stream is not None:
+                # a vector's items cover every group; the spanned groups use theirs
+                items = self._stream.draw(self.vector_counter, n).reshape(n, P, G, J)[:, :, g0:g1]
+            self.vector_counter += n
+            codes = self.converter.convert(sums.reshape(Gs, n, P, J), items)  # [Gs, n, P, J]
+            if raw:
+                out[b0 : b0 + n] = codes.reshape(Gs, n, P, K, C).transpose(1, 2, 0, 3, 4)
+            else:
+                # summing the row groups first is exact; recombine() then weights slices and planes
+                pending.append(codes.sum(axis=0, dtype=np.int32).reshape(n, P, 1, K, C))
+                if sum(a.shape[0] for a in pending) >= flush or b0 + n >= batch:
+                    per_plane = np.concatenate(pending)
+                    first = b0 + n - per_plane.shape[0]
+                    out[first : b0 + n] = self._recombine(per_plane, x[first : b0 + n])
+                    pending = []
+        t = self.profile.timing
+        tally = Tally(
+            cycles=t.op_overhead_cycles + batch * self.vector_cycles(row_start, n_rows, raw=raw),
+            conversions=batch * P * Gs * J,
+            level_sum=level_sum,
+            wordline_pulses=pulses,
+            vectors=batch,
+        )
+        return out, tally
+
+    def _reference(self) -> ReferenceFSM:
+        if self._fsm is None:  # imported lazily: the fast path never needs it
+            from chip_sim.fsm import ReferenceFSM
+
+            self._fsm = ReferenceFSM(self)
+        return self._fsm
+
+    # ---- accounting -------------------------------------------------------------------------------------
+    def _account(self, tally: Tally, *, vectors: int) -> OpCost:
+        e = self.profile.energy
+        vscale = (self.vdd_mv / self.profile.analog.vdd_nominal_mv) ** 2
+        energy = vscale * (
+            e.adc_fj * tally.conversions
+            + e.bitline_fj_per_level * tally.level_sum
+            + e.wordline_fj * tally.wordline_pulses
+            + e.digital_fj_per_vector * tally.vectors
+            + e.write_fj_per_bit * tally.bits_written
+        )
+        cost = OpCost(cycles=tally.cycles, energy_fj=round(energy))
+        self._cycles += cost.cycles
+        self._energy += cost.energy_fj
+        self._ops += vectors
+        self._conversions += tally.conversions
+        self._last = cost
+        return cost
+
+
+def _check_range(a: np.ndarray, lo: int, hi: int, what: str) -> None:
+    if a.dtype.kind not in "iu":
+        raise ShapeError(f"{what} must be integers, got dtype {a.dtype}")
+    if a.size:
+        amin, amax = int(a.min()), int(a.max())
+        if amin < lo or amax > hi:
+            raise ShapeError(f"{what} span {amin}..{amax}, outside the allowed {lo}..{hi}")
