@@ -25,9 +25,14 @@ case " $have " in
   *) installed=0 ;;
 esac
 if [ "$installed" = 0 ]; then
-  echo "installing cimlab[$EXTRAS] into $VENV ..." >&2
-  "$PY" -m pip install -q --disable-pip-version-check --upgrade pip >&2
-  "$PY" -m pip install -q --disable-pip-version-check -c "$ROOT/scripts/constraints.txt" -e "$ROOT[$EXTRAS]" >&2
+  echo "installing cimlab[$EXTRAS] into $VENV (log: $VENV/install.log) ..." >&2
+  if ! { "$PY" -m pip install --disable-pip-version-check --upgrade pip &&
+         "$PY" -m pip install --disable-pip-version-check -c "$ROOT/scripts/constraints.txt" -e "$ROOT[$EXTRAS]"; \
+       } > "$VENV/install.log" 2>&1; then
+    tail -n 40 "$VENV/install.log" >&2
+    echo "install failed; full log in $VENV/install.log" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -69,16 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold]twin '{profile}'[/]: serving on a pty, driving it as a board ...")
         rows.append(run_one(profile, args.seed, args.batch))
     t = Table(title="cimlab demo: host <-> twin over a pseudo-terminal")
-    columns = [
-        ("profile", "profile"), ("link", "link"), ("macro", "macro"), ("readback", "weights read back"),
-        ("exact", "MAC = numpy"), ("rms_err", "RMS err (levels)"), ("corr", "corr"),
-        ("weights_kBps", "weights kB/s"), ("mac_per_s", "MAC vec/s"), ("frames", "frames out/in"),
-        ("retries", "retries"), ("chip_cycles", "chip cycles"), ("chip_energy_nJ", "chip nJ"),
-    ]
-    for _, title in columns:
-        t.add_column(title, overflow="fold")
+    t.add_column("")
     for r in rows:
-        t.add_row(*(str(r[key]) for key, _ in columns))
+        t.add_column(str(r["profile"]), overflow="fold")
+    labels = [
+        ("link", "link"), ("chip", "chip id"), ("macro", "macro"), ("readback", "weights read back"),
+        ("exact", "MAC outputs = numpy"), ("rms_err", "RMS error (levels)"), ("corr", "correlation with numpy"),
+        ("weights_kBps", "weights write+read kB/s"), ("mac_per_s", "MAC vectors/s (host)"),
+        ("frames", "frames out/in"), ("retries", "retries"), ("chip_cycles", "chip cycles (STATUS)"),
+        ("chip_energy_nJ", "chip energy nJ (STATUS)"),
+    ]
+    for key, title in labels:
+        t.add_row(title, *(str(r[key]) for r in rows))
     console.print(t)
     ideal = [r for r in rows if r["profile"] == "ideal"]
     if ideal and ideal[0]["exact"] != "100.0%":
