@@ -293,19 +293,16 @@ class MacroSpec:
         batch, n_rows = x.shape
         full = np.zeros((batch, self.n_groups * self.rows_per_conversion), dtype=np.int64)
         full[:, row_start : row_start + n_rows] = x
-        planes = self.inputs_to_planes(full).astype(np.float64)
-        digits = np.zeros((self.n_groups * self.rows_per_conversion, self.n_slices, self.cols), dtype=np.float64)
-        digits[: self.rows] = self.weights_to_slices(weights)
-        g, r = self.n_groups, self.rows_per_conversion
-        # float64 sums of small integers are exact in any order
-        s = np.einsum(
-            "bpgr,grkc->bpgkc",
-            planes.reshape(batch, self.n_planes, g, r),
-            digits.reshape(g, r, self.n_slices, self.cols),
-            optimize=True,
-        )
         g0, g1 = self.group_span(row_start, n_rows)
-        return s[:, :, g0:g1].astype(np.int64)
+        g, r = g1 - g0, self.rows_per_conversion
+        planes = self.inputs_to_planes(full[:, g0 * r : g1 * r]).astype(np.float64)
+        digits = np.zeros((self.n_groups * r, self.n_slices, self.cols), dtype=np.float64)
+        digits[: self.rows] = self.weights_to_slices(weights)
+        # one matmul per row group: [G, batch*P, R] @ [G, R, K*C]; float64 sums of small integers are exact
+        xg = planes.reshape(batch * self.n_planes, g, r).transpose(1, 0, 2)
+        wg = digits[g0 * r : g1 * r].reshape(g, r, self.n_slices * self.cols)
+        s = np.matmul(xg, wg).reshape(g, batch, self.n_planes, self.n_slices, self.cols)
+        return s.transpose(1, 2, 0, 3, 4).astype(np.int64)
 
     def ideal_codes(self, levels: np.ndarray) -> np.ndarray:
         """The ideal ADC transfer: ``clip(round(s / adc_lsb), 0, adc_max)`` as int64."""

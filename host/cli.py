@@ -9,68 +9,20 @@ import json
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from functools import wraps
-from typing import Any, TypeVar
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from firmware_bridge.errors import CimError, ConfigError
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-console = Console()
-err_console = Console(stderr=True)
-
-LINK_HELP = (
-    "Where the chip is: sim://[?profile=P&seed=N&KEY=VALUE] (in-process twin), a serial device "
-    "(/dev/ttyUSB0?baud=3000000, /dev/pts/N), a pyserial URL (socket://, rfc2217://, spy://), tcp://HOST:PORT, "
-    "or pynq://OVERLAY; append #drop=P&flip=P... to inject faults."
+from firmware_bridge.errors import ConfigError
+from host.cli_common import (
+    cim_errors,
+    console,
+    err_console,
+    json_option,
+    link_option,
+    open_chip,
+    parse_sets,
 )
-
-
-def link_option(f: F) -> F:
-    """The ``--link`` and ``--timeout`` options every chip command shares."""
-    f = click.option("--timeout", type=click.FloatRange(min=0.001), default=1.0, show_default=True,
-                     help="Seconds without progress before a request is resent.")(f)
-    return click.option("--link", "link_url", default="sim://", show_default=True, help=LINK_HELP)(f)
-
-
-def json_option(f: F) -> F:
-    """``--json``: print one JSON object as the last line."""
-    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")(f)
-
-
-def cim_errors(f: F) -> F:
-    """Turn cimlab errors into a one-line message and a non-zero exit status."""
-
-    @wraps(f)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return f(*args, **kwargs)
-        except ConfigError as err:
-            raise click.UsageError(str(err)) from err
-        except CimError as err:
-            err_console.print(f"[bold red]error[/] ({err.code}): {err}", highlight=False)
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]
-
-
-@contextmanager
-def open_chip(url: str, timeout: float) -> Iterator[Any]:
-    """Open and identify a chip for one command."""
-    from host.driver import Chip
-
-    chip = Chip.open(url, timeout=timeout)
-    try:
-        yield chip
-    finally:
-        chip.close()
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="cimlab")
@@ -142,17 +94,6 @@ def check(link_url: str, timeout: float, seed: int, batch: int, as_json: bool) -
 @cli.group()
 def sim() -> None:
     """The twin: serve it on a pty or TCP port, list and show its profiles."""
-
-
-def parse_sets(pairs: tuple[str, ...]) -> dict[str, str]:
-    """``("k=v", ...)`` -> dict; ConfigError naming a pair without '='."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
-        out[key.strip()] = value.strip()
-    return out
 
 
 @sim.command("serve")
@@ -227,6 +168,20 @@ def sim_show(profile: str, sets: tuple[str, ...]) -> None:
     from chip_sim.profiles import load_profile
 
     click.echo(load_profile(profile, parse_sets(sets) or None).to_toml(), nl=False)
+
+
+from host.cli_characterize import register as _register_characterize  # noqa: E402
+
+_register_characterize(cli)
+
+from host.cli_deploy import register as _register_deploy
+
+_register_deploy(cli)
+
+from host.cli_train import evaluate as _evaluate_cmd, train as _train_cmd  # noqa: E402
+
+cli.add_command(_train_cmd)
+cli.add_command(_evaluate_cmd)
 
 
 def main() -> None:

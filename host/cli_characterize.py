@@ -1,0 +1,294 @@
+"""``cimlab characterize``, ``cimlab fit`` and ``cimlab report``: measure the macro and build its error model.
+
+Registered into the ``cimlab`` group by ``host.cli`` (``register(cli)``). Numpy-heavy parts are imported inside
+the commands only.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from firmware_bridge.errors import ConfigError
+from host.cli_common import cim_errors, console, err_console, json_option, link_option
+
+SUPPLY_MODELS = ("auto", "keithley2400", "keithley2450", "e36xx")
+"""``--smu-model`` choices (``host.instruments.supplies.SUPPLIES`` plus auto-detection by ``*IDN?``)."""
+
+
+def _parse_volts(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    out = []
+    for part in text.split(","):
+        try:
+            out.append(float(part))
+        except ValueError:
+            raise ConfigError(f"--vdd: {part!r} is not a voltage in volts (e.g. 0.7,0.8,0.9)") from None
+    return out
+
+
+@contextmanager
+def _stop_on_sigint(message: str) -> Iterator[Callable[[], bool]]:
+    """First Ctrl-C asks the sweep to stop after the current batch; a second one interrupts at once."""
+    stop = {"asked": False}
+
+    def handler(signum: int, frame: object) -> None:
+        if stop["asked"]:
+            raise KeyboardInterrupt
+        stop["asked"] = True
+        err_console.print(f"\n[yellow]Ctrl-C: {message}[/] (press again to abort the batch)", highlight=False)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: stop["asked"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@click.command("characterize")
+@link_option
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the store, the models and the report (must be new or empty unless --resume).")
+@click.option("--repeats", type=click.IntRange(1, 10**9), default=64, show_default=True,
+              help="Targeted conversions per physical column and level, at least.")
+@click.option("--levels", default=None, help="Levels to target: N, A-B, A:B[:STEP], comma-separated "
+              "(default: every reachable level).")
+@click.option("--columns", default=None, help="Physical columns j = slice * cols + col to count, same syntax "
+              "(default: all; every column still converts).")
+@click.option("--rows", "row_mode", type=click.Choice(["random", "fixed"]), default="random", show_default=True,
+              help="random: vary the active rows (average per-cell mismatch); fixed: same rows per level.")
+@click.option("--batch-vectors", type=click.IntRange(1, 65535), default=None,
+              help="MAC vectors per batch (default: about 2**20 conversions).")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Plan seed.")
+@click.option("--resume", is_flag=True, help="Continue the store in --out with its own plan.")
+@click.option("--vdd", "vdd_text", default=None, metavar="V[,V...]",
+              help="Supply conditions in volts, e.g. 0.7,0.8,0.9: writes the chip's VDD_MV and, with --smu, "
+                   "sets the supply.")
+@click.option("--smu", "smu_resource", default=None, metavar="RESOURCE",
+              help="VISA resource of the supply powering the macro (records its current during MACs).")
+@click.option("--visa-library", default="", metavar="LIB",
+              help="pyvisa backend: '' (system VISA), '@py', or 'FILE.yaml@sim' (pyvisa-sim).")
+@click.option("--smu-model", type=click.Choice(SUPPLY_MODELS), default="auto", show_default=True,
+              help="Supply driver (auto: by *IDN?).")
+@click.option("--smu-channel", default=None, help="Output of a multi-output E36xx (P6V, CH1 ...).")
+@click.option("--compliance", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+              help="Supply current limit, A (set before the output turns on).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@json_option
+@cim_errors
+def characterize(link_url: str, timeout: float, out_dir: Path, repeats: int, levels: str | None,
+                 columns: str | None, row_mode: str, batch_vectors: int | None, seed: int, resume: bool,
+                 vdd_text: str | None, smu_resource: str | None, visa_library: str, smu_model: str,
+                 smu_channel: str | None, compliance: float, progress: bool, as_json: bool) -> None:
+    """Sweep the chip at --link: every column, every reachable level, into a resumable store in --out.
+
+    Writes OUT/measurements.sqlite (appended batch by batch) and, when the plan is complete, OUT/dmacem.npz.
+    Ctrl-C stops after the current batch; run the same command with --resume to finish.
+    """
+    from host.characterize import (
+        MeasurementStore,
+        Plan,
+        PlanOptions,
+        SupplySetup,
+        SweepRunner,
+        check_resume,
+        conditions_from_vdd,
+        parse_index_list,
+        store_meta,
+    )
+    from host.driver import Chip
+
+    ctx = click.get_current_context()
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+    volts = _parse_volts(vdd_text)
+    if smu_resource and not volts:
+        raise ConfigError("--smu needs --vdd: the supply voltage of each condition")
+    with ExitStack() as stack:
+        chip = stack.enter_context(Chip.open(link_url, timeout=timeout))
+        spec = chip.spec
+        opts: dict[str, Any] = {"repeats": repeats, "row_mode": row_mode, "batch_vectors": batch_vectors,
+                                "seed": seed}
+        opts["levels"] = list(parse_index_list(levels, 0, spec.s_max, "--levels")) if levels else None
+        opts["columns"] = (list(parse_index_list(columns, 0, spec.physical_cols - 1, "--columns"))
+                           if columns else None)
+        if resume:
+            store = stack.enter_context(MeasurementStore.open(out_dir))
+            requested = {k: v for k, v in opts.items() if given(k)}
+            conds_req = conditions_from_vdd(volts) if given("vdd_text") else None
+            options, conds = check_resume(store, chip, requested, conds_req)
+            plan = Plan(spec, options)
+        else:
+            options = PlanOptions.from_dict(opts)
+            plan = Plan(spec, options)
+            conds = conditions_from_vdd(volts)
+            instrument = None
+            if smu_resource:
+                instrument = {"resource": smu_resource, "visa_library": visa_library, "model": smu_model,
+                              "compliance_a": compliance}
+            store = stack.enter_context(
+                MeasurementStore.create(out_dir, store_meta(chip, plan, conds, link_url, instrument), conds)
+            )
+        if any(c.vdd_mv is None for c in conds) and smu_resource:
+            raise ConfigError("this store's conditions have no supply voltage; --smu cannot be used with it")
+        supply = None
+        if smu_resource:
+            from host.instruments.supplies import open_supply
+
+            smu = open_supply(smu_resource, visa_library, model=smu_model, channel=smu_channel)
+            stack.callback(smu.close)
+            supply = SupplySetup(smu, compliance)
+        err_console.print(f"[bold]characterize[/] {chip.hello.chip_id} ({spec.describe()})", highlight=False)
+        err_console.print(f"plan: {plan.describe()}; conditions: {', '.join(c.label for c in conds)}",
+                          highlight=False)
+        if plan.unplanned_levels:
+            err_console.print(f"[yellow]levels no digit profile reaches (not targeted): {plan.unplanned_levels}")
+        resume_cmd = f"cimlab characterize --link '{link_url}' --out '{out_dir}' --resume"
+        stop_msg = "stopping after the current batch; the store stays consistent"
+        with _stop_on_sigint(stop_msg) as should_stop:
+            runner = SweepRunner(chip, store, plan, supply=supply, should_stop=should_stop,
+                                 console=err_console if progress else None)
+            result = runner.run()
+    summary: dict[str, Any] = {
+        "out": str(out_dir),
+        "complete": result.complete,
+        "interrupted": result.interrupted,
+        "batches_done": result.batches_done,
+        "batches_total": result.batches_total,
+        "conversions_run": result.conversions_run,
+        "wall_s": round(result.wall_s, 3),
+        "conversions_per_s": result.conversions_run / result.wall_s if result.wall_s > 0 else None,
+        "models": [str(p) for p in result.models],
+    }
+    if result.interrupted:
+        err_console.print(
+            f"[yellow]stopped[/] after {result.batches_done} of {result.batches_total} batches; the store is "
+            f"consistent. Resume with:\n  {resume_cmd}", highlight=False, soft_wrap=True,
+        )
+    else:
+        rate = summary["conversions_per_s"]
+        console.print(
+            f"{result.batches_done}/{result.batches_total} batches, {result.conversions_run:,} conversions in "
+            f"{result.wall_s:.2f} s" + (f" ({rate / 1e6:.2f} Mconv/s)" if rate else ""), highlight=False,
+        )
+        for p in result.models:
+            console.print(f"model: {p}", highlight=False)
+    if as_json:
+        click.echo(json.dumps(summary))
+    if result.interrupted:
+        sys.exit(130)
+
+
+def _load_source(path: Path, condition: str | None) -> Any:
+    """A model from a characterize folder (its store, one condition) or from a .npz file."""
+    from host.characterize import STORE_NAME, MeasurementStore, model_for_condition
+    from host.errmodel import MacErrorModel
+
+    if path.is_dir():
+        if not (path / STORE_NAME).is_file() and (path / "dmacem.npz").is_file() and condition is None:
+            return MacErrorModel.load(path / "dmacem.npz")
+        with MeasurementStore.open(path) as store:
+            labels = [c.label for c in store.conditions()]
+            if condition is None:
+                index = 0
+            elif condition in labels:
+                index = labels.index(condition)
+            else:
+                raise ConfigError(f"{path} has no condition {condition!r}; it has {', '.join(labels)}")
+            plan = store.meta.get("plan") or {}
+            done = len(store.done_batches(index))
+            if done < int(plan.get("n_batches", 0)):
+                err_console.print(f"[yellow]{path}: only {done} of {plan.get('n_batches')} batches measured",
+                                  highlight=False)
+            return model_for_condition(store, index)
+    return MacErrorModel.load(path)
+
+
+@click.command("fit")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The error model to write (.npz).")
+@click.option("--condition", default=None, help="Condition label to take from each store (default: the first).")
+@json_option
+@cim_errors
+def fit(sources: tuple[Path, ...], out_file: Path, condition: str | None, as_json: bool) -> None:
+    """Build one error model from characterize folders and/or .npz models (counts add; one MacroSpec only)."""
+    import numpy as np
+
+    from host.errmodel import MacErrorModel
+
+    models = [_load_source(p, condition) for p in sources]
+    merged = MacErrorModel.merge(models) if len(models) > 1 else models[0]
+    path = merged.save(out_file)
+    summary = merged.summary()
+    analog = merged.fit_analog()
+    r = analog.resolved
+    summary.update({
+        "out": str(path),
+        "sources": [str(p) for p in sources],
+        "analog_resolved_columns": int(r.sum()),
+        "analog_gain_mean": float(np.mean(analog.gain[r])) if r.any() else None,
+        "analog_gain_std": float(np.std(analog.gain[r])) if r.any() else None,
+        "analog_offset_std_lsb": float(np.std(analog.offset[r])) if r.any() else None,
+        "analog_noise_median_lsb": float(np.median(analog.noise[r])) if r.any() else None,
+    })
+    console.print(
+        f"{path}: {summary['conversions']:,} conversions, {summary['columns_observed']} columns x "
+        f"{summary['levels_observed']} levels, {summary['exact_code_rate'] * 100:.2f} % exact codes; "
+        f"analog fit resolved in {summary['analog_resolved_columns']} columns", highlight=False,
+    )
+    if as_json:
+        click.echo(json.dumps(summary))
+
+
+@click.command("report")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--model", "model_file", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Model to report on (default: FOLDER/dmacem.npz).")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Where the PNGs and summary.md go (default: FOLDER/report).")
+@json_option
+@cim_errors
+def report(folder: Path, model_file: Path | None, out_dir: Path | None, as_json: bool) -> None:
+    """Plots (transfer curve, P(code|s) heat map, error histograms, per-column fits) and summary.md."""
+    from host.characterize import STORE_NAME, MeasurementStore
+    from host.errmodel import MacErrorModel
+    from host.report import write_report
+
+    model_path = model_file or folder / "dmacem.npz"
+    if not model_path.is_file():
+        raise ConfigError(f"{model_path} not found: finish the sweep (--resume) or run `cimlab fit` first")
+    model = MacErrorModel.load(model_path)
+    target = out_dir or folder / "report"
+    with ExitStack() as stack:
+        store = None
+        if (folder / STORE_NAME).is_file():
+            store = stack.enter_context(MeasurementStore.open(folder))
+        files = write_report(model, target, store=store, title=f"cimlab characterization: {folder.name}")
+    for f in files:
+        console.print(f"wrote {f}", highlight=False)
+    if as_json:
+        click.echo(json.dumps({"out": str(target), "files": [str(f) for f in files]}))
+
+
+COMMANDS = (characterize, fit, report)
+
+
+def register(group: click.Group) -> None:
+    """Add ``characterize``, ``fit`` and ``report`` to a click group."""
+    for cmd in COMMANDS:
+        group.add_command(cmd)
+
+
+__all__ = ["COMMANDS", "characterize", "fit", "register", "report"]
