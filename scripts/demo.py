@@ -8,8 +8,11 @@ Run through ``./scripts/demo`` (which sets up .venv first).
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
@@ -19,6 +22,28 @@ from host.driver import Chip
 from host.twinproc import TwinProcess
 
 console = Console()
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs" / "demo"
+SIM_BENCH = ROOT / "host" / "instruments" / "sim" / "bench.yaml"
+
+
+def cimlab(*args: str) -> None:
+    """Run one ``cimlab`` command as a user would; stop the demo if it fails."""
+    console.print(f"[dim]$ cimlab {' '.join(args)}[/]", highlight=False)
+    proc = subprocess.run([sys.executable, "-m", "host.cli", *args], timeout=600)
+    if proc.returncode != 0:
+        raise SystemExit(f"cimlab {args[0]} failed with exit status {proc.returncode}")
+
+
+def characterize(seed: int, repeats: int) -> Path:
+    """Characterize the default twin over a pty at two supply voltages (a simulated SMU); write the report."""
+    out = RUNS / "characterize"
+    console.print("[bold]characterization[/]: sweeping the 'default' twin over a pty, SMU simulated by pyvisa-sim ...")
+    with TwinProcess(pty=True, profile="default", seed=seed) as url:
+        cimlab("characterize", "--link", url, "--out", str(out), "--repeats", str(repeats), "--vdd", "0.8,0.6",
+               "--smu", "GPIB0::24::INSTR", "--visa-library", f"{SIM_BENCH}@sim", "--no-progress")
+    cimlab("report", str(out))
+    return out
 
 
 def run_one(profile: str, seed: int, batch: int) -> dict[str, object]:
@@ -63,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profiles", default="ideal,default", help="comma-separated twin profiles")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--batch", type=int, default=1024, help="MAC vectors per profile")
+    ap.add_argument("--repeats", type=int, default=200, help="characterization: conversions per column and level")
     args = ap.parse_args(argv)
+    if RUNS.exists():
+        shutil.rmtree(RUNS)  # the demo's own outputs from an earlier run
     rows = []
     for profile in args.profiles.split(","):
         console.print(f"[bold]twin '{profile}'[/]: serving on a pty, driving it as a board ...")
@@ -82,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, title in labels:
         t.add_row(title, *(str(r[key]) for r in rows))
     console.print(t)
+    char = characterize(args.seed, args.repeats)
+    console.print(f"error model: {char / 'dmacem.npz'}; plots and summary: {char / 'report'}/", highlight=False)
     ideal = [r for r in rows if r["profile"] == "ideal"]
     if ideal and ideal[0]["exact"] != "100.0%":
         console.print("[red]the ideal twin did not match numpy exactly[/]")
