@@ -436,7 +436,8 @@ class Chip:
         next_i = 0
         total_bytes = sum(len(p) + r + 2 * OVERHEAD for _, p, r in requests)
         start = time.monotonic()
-        call_deadline = start + (self.retries + 1) * self.timeout * max(1, n) + 2 * self._wire_s(total_bytes)
+        # a backstop past the per-request schedule (which reports first, naming the request)
+        call_deadline = start + ((self.retries + 1) * max(1, n) + 1) * self.timeout + 2 * self._wire_s(total_bytes)
         partial = 0
         while done < n:
             now = time.monotonic()
@@ -473,10 +474,13 @@ class Chip:
                 partial = self._framer.pending
                 for ev in events:
                     done += self._on_event(ev, pending, results, now)
-            elif now >= oldest.deadline:
-                self._framer.drop_partial()
-                partial = 0
-                self._resend(oldest, now, 0, "no reply before the deadline")
+            # checked whether or not bytes came: a peer sending only garbage must not postpone resends
+            if pending:
+                oldest = min(pending.values(), key=lambda q: q.order)
+                if now >= oldest.deadline:
+                    if self._framer.drop_partial():
+                        partial = 0
+                    self._resend(oldest, now, 0, "no reply before the deadline")
         return results
 
     def _on_event(self, ev: Frame | BadFrame, pending: dict[int, _Pending], results: list[Any], now: float) -> int:

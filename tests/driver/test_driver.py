@@ -211,3 +211,29 @@ class TestFaults:
         chip.close()
         assert elapsed < 1.0
         assert "HELLO" in str(info.value) and "-> HELLO" in str(info.value)
+
+
+class _GarbageLink:
+    """A link whose peer never answers, only streams bytes that are not frames."""
+
+    url = "garbage://"
+    rate_hint = None
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def read(self, max_bytes: int, timeout: float) -> bytes:
+        time.sleep(min(timeout, 0.005))
+        return b"\x00\x55" * 32
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_peer_streaming_garbage_still_times_out_on_schedule() -> None:
+    chip = Chip(_GarbageLink(), timeout=0.05, retries=2)  # type: ignore[arg-type]
+    t0 = time.monotonic()
+    with pytest.raises(CimTimeoutError, match="3 attempts"):
+        chip.identify()
+    assert time.monotonic() - t0 < 0.5  # resends on schedule, not at the call's far deadline
+    assert chip.stats.retries == 2
