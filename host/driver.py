@@ -57,6 +57,8 @@ if TYPE_CHECKING:
     from host.links.base import Link
 
 READ_CHUNK = 256 * 1024
+MIN_FRAME_BYTES = 4096
+"""Bulk calls split into frames no smaller than this (bytes) when spreading a call over the window."""
 
 
 @dataclass(frozen=True)
@@ -337,6 +339,10 @@ class Chip:
             raise ConfigError(
                 f"one vector's {op.name} needs {max(in_per_vec, out_per_vec)} bytes, over the {cap}-byte payload cap"
             )
+        # Inputs stream one way and outputs the other: with at least two windows of frames per call, a frame's
+        # reply travels while later frames' inputs do, and only one small frame's time is spent filling the pipe.
+        min_vectors = max(1, MIN_FRAME_BYTES // max(in_per_vec, out_per_vec))
+        per_frame = min(per_frame, max(min_vectors, -(-x.shape[0] // (2 * self.window))))
         reqs = []
         for b0 in range(0, x.shape[0], per_frame):
             chunk = np.ascontiguousarray(x[b0 : b0 + per_frame], dtype=spec.input_dtype)
