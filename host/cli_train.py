@@ -1,0 +1,138 @@
+"""``cimlab train`` and ``cimlab evaluate``: D-NAT training through the measured MAC error model.
+
+Registered into the ``cimlab`` group by ``host.cli``; shares options and error reporting through
+``host.cli_common``. torch is imported inside the commands only, so ``cimlab info`` never loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+from rich.table import Table
+
+from host.cli_common import LINK_HELP, cim_errors, console, json_option
+
+TASK_CHOICES = ("digits", "har", "cifar10")
+MODE_CHOICES = ("float", "quant", "dnat")
+LEARN_CHOICES = ("epact", "pact", "fixed")
+MODEL_CHOICES = ("digits_mlp", "digits_cnn", "har_cnn", "resnet20", "vgg8")
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{100.0 * v:.2f} %"
+
+
+@click.command("train")
+@click.option("--task", type=click.Choice(TASK_CHOICES), required=True, help="What to learn.")
+@click.option("--mode", type=click.Choice(MODE_CHOICES), required=True,
+              help="float: plain model; quant: ideal quantized macro (upper bound); dnat: through the error "
+                   "model.")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write.")
+@click.option("--error-model", type=click.Path(exists=True, dir_okay=False),
+              help="Measured error model (dmacem.npz); gives the MacroSpec; needed for dnat.")
+@click.option("--link", "link_url", help="Take the MacroSpec from the chip at this link. " + LINK_HELP)
+@click.option("--profile", help="Take the MacroSpec from this twin profile (name or TOML file).")
+@click.option("--model", "model_name", type=click.Choice(MODEL_CHOICES), help="Model (default: the task's).")
+@click.option("--init", "init", type=click.Path(exists=True, dir_okay=False),
+              help="Start from this checkpoint (float -> quant, quant -> dnat).")
+@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False),
+              help="Dataset folder (har: UCI HAR Dataset; cifar10: cifar-10-batches-bin).")
+@click.option("--epochs", type=click.IntRange(1, 100_000), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 1_000_000), default=64, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="Peak learning rate (cosine decay).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--optimizer", type=click.Choice(("adam", "sgd")), default="adam", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds model, batches and sampled codes.")
+@click.option("--quantizer", "learn", type=click.Choice(LEARN_CHOICES), default="epact", show_default=True,
+              help="Input bounds: epact learns lower and upper, pact the upper only, fixed neither.")
+@click.option("--pooled/--per-column", default=True, show_default=True,
+              help="Error model pooled over columns, or one per physical column.")
+@click.option("--draws", type=click.IntRange(1, 1000), default=3, show_default=True,
+              help="Draws of the error model for the final accuracy.")
+@click.option("--injection", type=click.Choice(("measured", "gaussian")), default="measured", show_default=True,
+              help="Codes drawn from the measured table, or a Gaussian with its mean and sigma (comparison).")
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N training and test samples.")
+@click.option("--max-steps", type=click.IntRange(min=1), help="Stop after N optimizer steps.")
+@click.option("--timeout", type=click.FloatRange(min=0.001), default=1.0, show_default=True,
+              help="Link timeout with --link, s.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@json_option
+@cim_errors
+def train(task: str, mode: str, out: str, error_model: str | None, link_url: str | None, profile: str | None,
+          model_name: str | None, init: str | None, data_dir: str | None, epochs: int, batch_size: int, lr: float,
+          weight_decay: float, optimizer: str, seed: int, learn: str, pooled: bool, draws: int, injection: str,
+          limit: int | None, max_steps: int | None, timeout: float, progress: bool, as_json: bool) -> None:
+    """Train a model for the macro: float, quant (ideal quantized) or dnat (through the measured error model).
+
+    The MacroSpec comes from --error-model, --link, --profile or --init (they must agree), never from constants.
+    """
+    from host.training.api import train_run
+    from host.training.loop import TrainConfig
+
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
+                      seed=seed, max_steps=max_steps)
+    res = train_run(task, mode, out, model_name=model_name, error_model=error_model, link=link_url,
+                    profile=profile, init=init, data_dir=data_dir, cfg=cfg, learn=learn, pooled=pooled,
+                    draws=draws, limit=limit,
+                    transfer_kind=injection, progress=progress and sys.stderr.isatty(), timeout=timeout)
+    t = Table(title=f"cimlab train: {task} / {res['model']} / {mode}", show_header=False)
+    t.add_row("checkpoint", res["checkpoint"])
+    t.add_row("macro", str(res["spec"] or "- (float)"))
+    if res.get("spec_source"):
+        t.add_row("spec from", res["spec_source"])
+    t.add_row("steps", f"{res['steps']} in {res['seconds']:.1f} s ({1e3 * res['step_time_s']:.1f} ms/step)")
+    if "accuracy_float" in res:
+        t.add_row("test accuracy (float)", _pct(res["accuracy_float"]))
+    if "accuracy_ideal" in res:
+        t.add_row("test accuracy (ideal MACs)", _pct(res["accuracy_ideal"]))
+    if "accuracy_errors_mean" in res:
+        t.add_row(f"test accuracy (error model, {res['draws']} draws)",
+                  f"{_pct(res['accuracy_errors_mean'])} +- {100 * res['accuracy_errors_std']:.2f}")
+    console.print(t)
+    if as_json:
+        click.echo(json.dumps(res))
+
+
+@click.command("evaluate")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--error-model", type=click.Path(exists=True, dir_okay=False),
+              help="Also evaluate with codes drawn from this error model (dmacem.npz).")
+@click.option("--draws", type=click.IntRange(1, 1000), default=5, show_default=True,
+              help="Independent draws of the error model (mean and std reported).")
+@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False), help="Dataset folder.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first draw.")
+@click.option("--pooled/--per-column", default=None,
+              help="Error model pooled or per column (default: as trained).")
+@click.option("--injection", type=click.Choice(("measured", "gaussian")), default="measured", show_default=True,
+              help="Codes drawn from the measured table, or a Gaussian with its mean and sigma (comparison).")
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N test samples.")
+@json_option
+@cim_errors
+def evaluate(checkpoint: str, error_model: str | None, draws: int, data_dir: str | None, seed: int,
+             pooled: bool | None, injection: str, limit: int | None, as_json: bool) -> None:
+    """Test accuracy of CHECKPOINT with ideal MACs and under an error model (a quant checkpoint there: "naive")."""
+    from host.training.api import evaluate_run
+
+    res = evaluate_run(checkpoint, error_model=error_model, draws=draws, data_dir=data_dir, seed=seed,
+                       pooled=pooled, limit=limit, transfer_kind=injection)
+    t = Table(title=f"cimlab evaluate: {checkpoint}", show_header=False)
+    t.add_row("task / model / mode", f"{res['task']} / {res['model']} / {res['mode']}")
+    t.add_row("macro", str(res["spec"] or "- (float)"))
+    if "accuracy_float" in res:
+        t.add_row("test accuracy (float)", _pct(res["accuracy_float"]))
+    if "accuracy_ideal" in res:
+        t.add_row("test accuracy (ideal MACs)", _pct(res["accuracy_ideal"]))
+    if "accuracy_errors_mean" in res:
+        label = "naive" if res.get("naive") else res["mode"]
+        t.add_row(f"test accuracy under errors ({label}, {draws} draws)",
+                  f"{_pct(res['accuracy_errors_mean'])} +- {100 * res['accuracy_errors_std']:.2f}")
+    console.print(t)
+    if as_json:
+        click.echo(json.dumps(res))
+
+
+__all__ = ["evaluate", "train"]

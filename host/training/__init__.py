@@ -1,0 +1,50 @@
+"""D-NAT: training networks through the measured MAC error model of a CIM macro (imports torch).
+
+::
+
+    transfer.py    Transfer: ideal / measured (per column or pooled) / gaussian ADC transfer as torch tables
+    macro.py       LayerMacro, macro_matmul: conversions in chunks, codes drawn, recombined; statistical gradient
+    quant.py       InputQuantizer (E-PACT), quantize_weights
+    layers.py      CIMLinear, CIMConv1d, CIMConv2d, convert, calibrate, set_transfer, reseed
+    models.py      digits_mlp, digits_cnn, har_cnn, resnet20, vgg8; build_model
+    tasks.py       load_task: digits, har, cifar10 (offline)
+    loop.py        fit, accuracy, accuracy_draws, time_steps
+    checkpoint.py  save_checkpoint, load_checkpoint (safetensors + JSON manifest)
+    api.py         train_run, evaluate_run (behind ``cimlab train`` / ``cimlab evaluate``)
+
+How layers are cut into macro tiles is ``host.mapping`` (shared with deploy). Import this package only where torch
+is wanted; ``cimlab info`` never does.
+"""
+
+from host.training.layers import (
+    CIMConv1d,
+    CIMConv2d,
+    CIMLayer,
+    CIMLinear,
+    calibrate,
+    cim_layers,
+    convert,
+    reseed,
+    set_learn,
+    set_transfer,
+)
+from host.training.macro import LayerMacro, macro_matmul
+from host.training.quant import InputQuantizer
+from host.training.transfer import Transfer
+
+__all__ = [
+    "CIMConv1d",
+    "CIMConv2d",
+    "CIMLayer",
+    "CIMLinear",
+    "InputQuantizer",
+    "LayerMacro",
+    "Transfer",
+    "calibrate",
+    "cim_layers",
+    "convert",
+    "macro_matmul",
+    "reseed",
+    "set_learn",
+    "set_transfer",
+]

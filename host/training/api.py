@@ -1,0 +1,273 @@
+"""The train and evaluate workflows behind ``cimlab train`` / ``cimlab evaluate`` and the D-NAT study.
+
+- ``float``: the plain torch model.
+- ``quant``: the model on the macro with the *ideal* ADC transfer (the ideal quantized model, the paper's upper
+  bound); started from a float checkpoint when one is given (``init``), with the E-PACT bounds calibrated.
+- ``dnat``: the model on the macro with codes drawn from the measured error model and the statistical gradient;
+  normally fine-tuned from a ``quant`` checkpoint.
+
+The MacroSpec comes from the error model's meta, a chip (``link``), a twin profile, or the ``init`` checkpoint;
+never from constants, and all given sources must agree.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from firmware_bridge.errors import ArtifactError, ConfigError
+from firmware_bridge.spec import MacroSpec
+from host.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from host.training.layers import calibrate, cim_layers, convert, model_spec, set_learn, set_transfer
+from host.training.loop import TrainConfig, accuracy, accuracy_draws, fit
+from host.training.models import DEFAULT_MODEL, build_model
+from host.training.quant import LEARN
+from host.training.tasks import TaskData, load_task
+from host.training.transfer import Transfer, check_spec
+
+MODES = ("float", "quant", "dnat")
+CALIBRATION_SAMPLES = 512
+"""Training samples used to calibrate the E-PACT bounds when a model is first put on the macro."""
+
+
+def task_model_kwargs(data: TaskData) -> dict[str, Any]:
+    """Model arguments that follow from the task's data (classes, input channels)."""
+    kwargs: dict[str, Any] = {"n_classes": data.n_classes}
+    shape = data.input_shape
+    if data.name == "digits":
+        return kwargs
+    kwargs["in_channels"] = int(shape[0])
+    return kwargs
+
+
+@dataclass
+class SpecSource:
+    """A MacroSpec and where it came from."""
+
+    spec: MacroSpec
+    source: str
+
+
+def resolve_spec(*, error_model: str | os.PathLike | None = None, link: str | None = None,
+                 profile: str | None = None, init: Checkpoint | None = None,
+                 timeout: float = 1.0) -> SpecSource | None:
+    """The MacroSpec from every source given (error model meta, chip at ``link``, twin ``profile``, checkpoint);
+    ArtifactError when two disagree, None when none is given."""
+    found: list[SpecSource] = []
+    if error_model is not None:
+        from firmware_bridge.errmodel import ErrorModel
+
+        found.append(SpecSource(ErrorModel.load(error_model).spec, f"error model {str(error_model)!r}"))
+    if link is not None:
+        from host.driver import Chip
+
+        with Chip.open(link, timeout=timeout) as chip:
+            found.append(SpecSource(chip.spec, f"the chip at {link}"))
+    if profile is not None:
+        # through the sim:// link, the one way host reaches the twin
+        from urllib.parse import quote
+
+        from host.driver import Chip
+
+        with Chip.open(f"sim://?profile={quote(str(profile), safe='')}", timeout=timeout) as chip:
+            found.append(SpecSource(chip.spec, f"twin profile {profile!r}"))
+    if init is not None and init.spec is not None:
+        found.append(SpecSource(init.spec, f"checkpoint {str(init.path)!r}"))
+    if not found:
+        return None
+    first = found[0]
+    for other in found[1:]:
+        check_spec(first.spec, other.spec, f"{other.source} (vs {first.source})")
+    return first
+
+
+def model_from_checkpoint(ck: Checkpoint, transfer: Transfer | None = None) -> nn.Module:
+    """Rebuild the checkpoint's model (on the macro for quant/dnat, with ``transfer`` or the ideal one)."""
+    info = ck.manifest["model"]
+    if not isinstance(info, dict) or "name" not in info:
+        raise ArtifactError(f"checkpoint {str(ck.path)!r}: manifest 'model' must name the model")
+    model = build_model(info["name"], **info.get("kwargs", {}))
+    spec = ck.spec
+    if spec is not None:
+        if transfer is not None:
+            check_spec(spec, transfer.spec, "the error model")
+        convert(model, spec, transfer, learn=ck.manifest.get("quantizer") or "epact")
+    try:
+        model.load_state_dict(ck.tensors, strict=True)
+    except RuntimeError as err:
+        raise ArtifactError(f"checkpoint {str(ck.path)!r} does not fit model {info['name']!r}: {err}") from err
+    model.eval()
+    return model
+
+
+def _calibration_batches(data: TaskData, batch: int = 128) -> list[torch.Tensor]:
+    x = data.x_train[:CALIBRATION_SAMPLES]
+    return [x[i : i + batch] for i in range(0, x.shape[0], batch)]
+
+
+def prepare_model(data: TaskData, mode: str, *, model_name: str | None = None, spec: MacroSpec | None = None,
+                  transfer: Transfer | None = None, learn: str = "epact", init: Checkpoint | None = None,
+                  seed: int = 0, model_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The model to train in ``mode``: built fresh (seeded) or from ``init``, put on the macro for quant/dnat.
+
+    ``model_kwargs`` add to the task's model arguments (e.g. ``{"width": 8}``) for a fresh model.
+    Returns (model, {"name", "kwargs"}) for the manifest.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if learn not in LEARN:
+        raise ConfigError(f"quantizer {learn!r} is not one of {', '.join(LEARN)}")
+    if mode != "float" and spec is None:
+        raise ConfigError(f"mode {mode!r} needs the macro's MacroSpec: give --error-model, --link or --profile")
+    if mode == "dnat" and (transfer is None or transfer.kind == "ideal"):
+        raise ConfigError("mode 'dnat' needs a measured error model (--error-model FILE)")
+    if init is not None:
+        if init.task != data.name:
+            raise ConfigError(f"checkpoint {str(init.path)!r} is for task {init.task!r}, not {data.name!r}")
+        if model_name is not None and model_name != init.manifest["model"]["name"]:
+            raise ConfigError(f"checkpoint {str(init.path)!r} holds model {init.manifest['model']['name']!r}, "
+                              f"not {model_name!r}")
+        if mode == "float" and init.spec is not None:
+            raise ConfigError("a float model cannot start from a quant or dnat checkpoint")
+        info = dict(init.manifest["model"])
+        if init.spec is None:
+            model = model_from_checkpoint(init)
+            if mode != "float":
+                assert spec is not None
+                convert(model, spec, transfer, learn=learn, seed=seed)
+                calibrate(model, _calibration_batches(data))
+        else:
+            model = model_from_checkpoint(init, transfer)
+            set_learn(model, learn)
+        return model, info
+    name = model_name or DEFAULT_MODEL[data.name]
+    kwargs = {**task_model_kwargs(data), **(model_kwargs or {})}
+    torch.manual_seed(seed)
+    model = build_model(name, **kwargs)
+    if mode != "float":
+        assert spec is not None
+        convert(model, spec, transfer, learn=learn, seed=seed)
+        calibrate(model, _calibration_batches(data))
+    return model, {"name": name, "kwargs": kwargs}
+
+
+def error_model_info(transfer: Transfer | None) -> dict[str, Any] | None:
+    """The manifest's ``error_model`` entry."""
+    if transfer is None or transfer.kind == "ideal":
+        return None
+    i = transfer.info
+    return {"sha256": i.sha256, "source": i.source, "pooled": i.pooled, "kind": i.kind, "chip_id": i.chip_id}
+
+
+def evaluate_model(model: nn.Module, data: TaskData, *, transfer: Transfer | None, draws: int,
+                   seed: int = 0) -> dict[str, Any]:
+    """Accuracy with ideal MACs and, given a measured transfer, under it (mean and std over ``draws``)."""
+    spec = model_spec(model)
+    out: dict[str, Any] = {}
+    if spec is None:
+        out["accuracy_float"] = accuracy(model, data.x_test, data.y_test, seed=seed)
+        return out
+    original = next(layer.transfer for _, layer in cim_layers(model))
+    try:
+        set_transfer(model, Transfer.ideal(spec))
+        out["accuracy_ideal"] = accuracy(model, data.x_test, data.y_test, seed=seed)
+        if transfer is not None and transfer.kind != "ideal":
+            set_transfer(model, transfer)
+            accs = accuracy_draws(model, data.x_test, data.y_test, draws, seed=seed)
+            out["accuracy_errors"] = accs
+            out["accuracy_errors_mean"] = statistics.fmean(accs)
+            out["accuracy_errors_std"] = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            out["draws"] = draws
+    finally:
+        set_transfer(model, original)
+    return out
+
+
+def train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str | None = None,
+              error_model: str | os.PathLike | None = None, link: str | None = None, profile: str | None = None,
+              init: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
+              cfg: TrainConfig | None = None, learn: str = "epact", pooled: bool = True, draws: int = 3,
+              limit: int | None = None, transfer_kind: str = "measured", progress: bool = False,
+              timeout: float = 1.0) -> dict[str, Any]:
+    """Train and save a checkpoint; returns the results (JSON-friendly)."""
+    cfg = cfg or TrainConfig()
+    if mode not in MODES:
+        raise ConfigError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if draws < 1:
+        raise ConfigError(f"draws must be >= 1, got {draws}")
+    init_ck = load_checkpoint(init) if init is not None else None
+    src = resolve_spec(error_model=error_model, link=link, profile=profile, init=init_ck, timeout=timeout)
+    spec = src.spec if src is not None else None
+    if mode == "float" and (error_model or link or profile):
+        raise ConfigError("mode 'float' takes no --error-model, --link or --profile")
+    transfer = None
+    if mode == "dnat":
+        if error_model is None:
+            raise ConfigError("mode 'dnat' needs --error-model FILE (the measured D-MAC-EM)")
+        transfer = Transfer.load(error_model, pooled=pooled, kind=transfer_kind)  # type: ignore[arg-type]
+    data = load_task(task, data_dir, limit=limit)
+    model, info = prepare_model(data, mode, model_name=model_name, spec=spec, transfer=transfer, learn=learn,
+                                init=init_ck, seed=cfg.seed)
+    result = fit(model, data, cfg, progress=progress, description=f"{mode} {task}")
+    metrics = evaluate_model(model, data, transfer=transfer, draws=draws, seed=cfg.seed)
+    manifest = {
+        "task": task, "model": info, "mode": mode, "spec": spec.to_dict() if spec else None,
+        "quantizer": learn if mode != "float" else None, "error_model": error_model_info(transfer),
+        "train": {**cfg.as_dict(), "init": str(init) if init else None, "limit": limit, "steps": result.steps},
+        "metrics": metrics,
+    }
+    path = save_checkpoint(out, model, manifest)
+    acc = metrics.get("accuracy_errors_mean", metrics.get("accuracy_ideal", metrics.get("accuracy_float")))
+    return {
+        "checkpoint": str(path), "task": task, "model": info["name"], "mode": mode,
+        "spec": spec.describe() if spec else None, "spec_source": src.source if src else None,
+        "quantizer": manifest["quantizer"], "error_model": manifest["error_model"],
+        "epochs": cfg.epochs, "steps": result.steps, "seconds": result.seconds, "step_time_s": result.step_time_s,
+        "accuracy": acc, **metrics, "history": result.history,
+    }
+
+
+def evaluate_run(checkpoint: str | os.PathLike, *, error_model: str | os.PathLike | None = None, draws: int = 5,
+                 data_dir: str | os.PathLike | None = None, seed: int = 0, pooled: bool | None = None,
+                 limit: int | None = None, transfer_kind: str = "measured") -> dict[str, Any]:
+    """Accuracy of a checkpoint with ideal MACs and under an error model (mean +- std over ``draws``)."""
+    if draws < 1:
+        raise ConfigError(f"draws must be >= 1, got {draws}")
+    ck = load_checkpoint(checkpoint)
+    transfer = None
+    if error_model is not None:
+        if ck.spec is None:
+            raise ConfigError(f"checkpoint {str(checkpoint)!r} is a float model: it has no quantizers to run on "
+                              "the macro; train it with --mode quant first")
+        if pooled is None:
+            em = ck.manifest.get("error_model") or {}
+            pooled = bool(em.get("pooled", True))
+        transfer = Transfer.load(error_model, pooled=pooled, kind=transfer_kind)  # type: ignore[arg-type]
+        check_spec(ck.spec, transfer.spec, f"error model {str(error_model)!r}")
+    data = load_task(ck.task, data_dir, limit=limit)
+    model = model_from_checkpoint(ck)
+    metrics = evaluate_model(model, data, transfer=transfer, draws=draws, seed=seed)
+    out = {"checkpoint": str(checkpoint), "task": ck.task, "model": ck.manifest["model"]["name"], "mode": ck.mode,
+           "spec": ck.spec.describe() if ck.spec else None, "test_samples": int(data.y_test.shape[0]), **metrics}
+    if transfer is not None:
+        out["error_model"] = str(error_model)
+        out["naive"] = ck.mode == "quant"
+    return out
+
+
+def recovery(naive: float, dnat: float, quant: float) -> float | None:
+    """``(dnat - naive) / (quant - naive)``; None when the error model costs the quant model nothing."""
+    gap = quant - naive
+    if not math.isfinite(gap) or gap <= 0:
+        return None
+    return (dnat - naive) / gap
+
+
+__all__ = ["MODES", "SpecSource", "evaluate_model", "evaluate_run", "model_from_checkpoint", "prepare_model",
+           "recovery", "resolve_spec", "train_run"]

@@ -1,0 +1,174 @@
+"""Checkpoints: one safetensors file (no pickle) whose metadata holds a JSON manifest.
+
+Tensors: the model's ``state_dict`` (weights, batch-norm statistics, the E-PACT bounds ``*.act.lo`` and
+``*.act.hi``).
+Manifest (metadata key ``cimlab.manifest``, a JSON object)::
+
+    {"format": "cimlab.checkpoint", "version": 1,
+     "task": "digits", "model": {"name": "digits_cnn", "kwargs": {...}},
+     "mode": "float" | "quant" | "dnat",
+     "spec": {MacroSpec fields} | null,             null for a float model
+     "quantizer": "epact" | "pact" | "fixed" | null,
+     "error_model": {"sha256": ..., "source": ..., "pooled": bool, "kind": ..., "chip_id": ...} | null,
+     "tensors_sha256": "...",                        over names, dtypes, shapes and bytes, sorted by name
+     "train": {...}, "metrics": {...}, "created_by": "cimlab X.Y"}
+
+``load_checkpoint`` checks the format, the tensor hash (a corrupt file is refused) and, when given one, the
+MacroSpec the caller runs on (a checkpoint for another macro is refused, naming the differing fields).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from firmware_bridge.errors import ArtifactError, ConfigError
+from firmware_bridge.spec import MacroSpec
+
+FORMAT = "cimlab.checkpoint"
+VERSION = 1
+MANIFEST_KEY = "cimlab.manifest"
+MODES = ("float", "quant", "dnat")
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _version() -> str:
+    try:
+        return metadata.version("cimlab")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint.
+
+    Attributes:
+        tensors: the state dict.
+        manifest: the manifest (see the module docstring).
+        path: where it was read from.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    manifest: dict[str, Any]
+    path: Path
+
+    @property
+    def spec(self) -> MacroSpec | None:
+        """The macro it was trained for (None for a float model)."""
+        spec = self.manifest.get("spec")
+        return None if spec is None else MacroSpec.from_dict(spec)
+
+    @property
+    def mode(self) -> str:
+        """``float``, ``quant`` or ``dnat``."""
+        return str(self.manifest["mode"])
+
+    @property
+    def task(self) -> str:
+        """The task name."""
+        return str(self.manifest["task"])
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, manifest: dict[str, Any]) -> Path:
+    """Write the model's state dict and ``manifest`` (fields of the module docstring; format, version, tensor hash
+    and creator are filled in) atomically; returns the path."""
+    for key in ("task", "model", "mode"):
+        if key not in manifest:
+            raise ConfigError(f"checkpoint manifest needs {key!r}")
+    if manifest["mode"] not in MODES:
+        raise ConfigError(f"checkpoint mode {manifest['mode']!r} is not one of {', '.join(MODES)}")
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()}
+    full = {"format": FORMAT, "version": VERSION, "spec": None, "quantizer": None, "error_model": None,
+            **manifest, "tensors_sha256": tensors_sha256(tensors), "created_by": f"cimlab {_version()}"}
+    text = json.dumps(full, sort_keys=True)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={MANIFEST_KEY: text})
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def load_checkpoint(path: str | os.PathLike, *, spec: MacroSpec | None = None,
+                    spec_source: str = "the macro") -> Checkpoint:
+    """Read and verify a checkpoint (see the module docstring).
+
+    Args:
+        spec: the MacroSpec the caller will run on; a checkpoint for another one is refused.
+        spec_source: how to name ``spec``'s origin in the error message.
+
+    Raises:
+        ArtifactError: unreadable, corrupt, not a cimlab checkpoint, or for another MacroSpec.
+    """
+    p = Path(path)
+    where = f"checkpoint {str(p)!r}"
+    if not p.is_file():
+        raise ArtifactError(f"{where}: no such file")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+    except Exception as err:  # safetensors raises its own error types (and OSError, ValueError) for bad files
+        raise ArtifactError(f"{where}: not a readable safetensors file: {err}") from err
+    if MANIFEST_KEY not in meta:
+        raise ArtifactError(f"{where}: no cimlab manifest in its metadata (not a cimlab checkpoint)")
+    try:
+        manifest = json.loads(meta[MANIFEST_KEY])
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{where}: the manifest is not JSON: {err}") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{where}: manifest format is not {FORMAT!r}")
+    if manifest.get("version") != VERSION:
+        raise ArtifactError(f"{where}: manifest version {manifest.get('version')!r} is not supported ({VERSION})")
+    for key in ("task", "model", "mode", "tensors_sha256"):
+        if key not in manifest:
+            raise ArtifactError(f"{where}: manifest lacks {key!r}")
+    if manifest["mode"] not in MODES:
+        raise ArtifactError(f"{where}: mode {manifest['mode']!r} is not one of {', '.join(MODES)}")
+    digest = tensors_sha256(tensors)
+    if digest != manifest["tensors_sha256"]:
+        raise ArtifactError(f"{where}: tensor data do not match the manifest's hash (corrupt or edited file)")
+    ck = Checkpoint(tensors, manifest, p)
+    try:
+        ck_spec = ck.spec
+    except ConfigError as err:
+        raise ArtifactError(f"{where}: manifest spec is not a valid MacroSpec: {err}") from err
+    if spec is not None:
+        if ck_spec is None:
+            raise ArtifactError(f"{where} is a float model with no MacroSpec; train it with --mode quant first")
+        if ck_spec != spec:
+            from host.errmodel import spec_differences
+
+            diff = spec_differences(ck_spec, spec, "checkpoint", spec_source)
+            raise ArtifactError(f"{where} was trained for another MacroSpec than {spec_source}: {diff}")
+    return ck
+
+
+__all__ = ["Checkpoint", "FORMAT", "MODES", "VERSION", "load_checkpoint", "save_checkpoint", "tensors_sha256"]

@@ -1,0 +1,431 @@
+"""CIM layers: ``CIMLinear``, ``CIMConv1d``, ``CIMConv2d``, and ``convert`` that swaps torch layers for them.
+
+A CIM layer computes what the macro and its host compute together:
+
+1. the input is clipped to the layer's E-PACT bounds and quantized to unsigned codes (``quant.InputQuantizer``);
+   a convolution pads with zeros *before* quantizing, as the host pads its activations;
+2. the weights are quantized per output channel to the macro's signed integers (``quant.quantize_weights``);
+3. the product of codes and integer weights runs on the macro (``macro.macro_matmul``): tiles
+   (``host.mapping``), conversions, codes from the layer's ``Transfer`` (ideal / measured / gaussian), recombined;
+4. digitally: ``y = scale_w * (delta * MAC + lo * sum_r q[r, m]) + bias`` (minus the weight zero point times the
+   code sums for ``unsigned`` storage).
+
+Under the ideal transfer of a macro whose ADC resolves every level, step 3 is exactly ``codes @ q`` and the layer
+takes that shortcut (a plain matmul / convolution); otherwise it decomposes into conversions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from firmware_bridge.errors import ConfigError, ShapeError
+from firmware_bridge.spec import MacroSpec
+from host.mapping import LayerMap, map_layer
+from host.training.macro import DEFAULT_CHUNK_CONVERSIONS, EXACT_F32, LayerMacro, macro_matmul
+from host.training.quant import InputQuantizer, quantize_weights, weight_qmax, weight_zero_point
+from host.training.transfer import Transfer
+
+
+@dataclass
+class MacroOperands:
+    """What the host sends to and gets from the macro for one forward pass of a layer (numpy, int64).
+
+    Attributes:
+        inputs: input codes [N, K] (for a convolution, one row per output position).
+        weights: logical weights as programmed [K, M].
+        mac: the layer's MAC outputs [N, M], tiles of a column range added (``adc_lsb`` level units).
+        layer_map: the tiling.
+    """
+
+    inputs: np.ndarray
+    weights: np.ndarray
+    mac: np.ndarray
+    layer_map: LayerMap
+
+
+class CIMLayer(nn.Module):
+    """Common part of the CIM layers (weights, quantizers, macro). Not used directly."""
+
+    def __init__(self, spec: MacroSpec, in_rows: int, out_cols: int, *, transfer: Transfer | None = None,
+                 learn: str = "epact", chunk_conversions: int = DEFAULT_CHUNK_CONVERSIONS) -> None:
+        super().__init__()
+        if not isinstance(spec, MacroSpec):
+            raise ConfigError(f"spec must be a MacroSpec, got {type(spec).__name__}")
+        self.spec = spec
+        self.qmax = weight_qmax(spec)
+        self.zero_point = weight_zero_point(spec)
+        self.act = InputQuantizer(spec.input_max, learn)
+        transfer = transfer or Transfer.ideal(spec)
+        self.macro = LayerMacro(map_layer(spec, in_rows, out_cols), transfer, chunk_conversions=chunk_conversions)
+
+    # subclasses set: weight (Parameter [M, ...]), bias (Parameter [M] or None)
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    @property
+    def transfer(self) -> Transfer:
+        """The ADC transfer the layer's conversions follow."""
+        return self.macro.transfer
+
+    def set_transfer(self, transfer: Transfer) -> None:
+        """Switch the transfer (ConfigError for another MacroSpec)."""
+        self.macro.set_transfer(transfer)
+
+    def quantized_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(signed integer weights [M, K], straight-through; per-channel scale [M])."""
+        return quantize_weights(self.weight.reshape(self.weight.shape[0], -1), self.qmax)
+
+    def _mac(self, codes: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """MAC outputs [N, M] of codes [N, K] and signed weights q [M, K], zero point removed."""
+        acc = macro_matmul(codes, (q + self.zero_point).T, self.macro)
+        if self.zero_point:
+            acc = acc - self.zero_point * codes.sum(dim=1, keepdim=True)
+        return acc
+
+    def _finish(self, acc: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, delta: torch.Tensor,
+                lo: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        shape = [1] * acc.ndim
+        shape[channel_dim] = -1
+        y = (acc * delta + lo * q.sum(dim=1).reshape(shape)) * scale.reshape(shape)
+        if self.bias is not None:
+            y = y + self.bias.reshape(shape)
+        return y
+
+    def macro_matrix_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Input codes [N, K] this layer drives the macro with for input x (no autograd); each layer type
+        implements it."""
+        raise NotImplementedError(f"{type(self).__name__} does not define its macro inputs")
+
+    @torch.no_grad()
+    def macro_operands(self, x: torch.Tensor) -> MacroOperands:
+        """Input codes, programmed weights and MAC outputs of one forward pass (for deploy and for tests)."""
+        codes = self.macro_matrix_inputs(x)
+        q, _ = self.quantized_weights()
+        weights = (q + self.zero_point).T
+        mac = self.macro.forward_values(codes, weights)
+        return MacroOperands(codes.to(torch.int64).numpy(), weights.to(torch.int64).numpy(),
+                             mac.to(torch.int64).numpy(), self.macro.layer_map)
+
+
+class CIMLinear(CIMLayer):
+    """``nn.Linear`` on the macro. Input [..., in_features] -> [..., out_features]."""
+
+    def __init__(self, in_features: int, out_features: int, spec: MacroSpec, bias: bool = True,
+                 **kwargs: object) -> None:
+        super().__init__(spec, in_features, out_features, **kwargs)  # type: ignore[arg-type]
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ShapeError(f"{type(self).__name__} expects inputs [..., {self.in_features}], "
+                             f"got {list(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        lead = x.shape[:-1]
+        codes, delta, lo = self.act(x.reshape(-1, self.in_features))
+        q, scale = self.quantized_weights()
+        y = self._finish(self._mac(codes, q), q, scale, delta, lo, 1)
+        return y.reshape(*lead, self.out_features)
+
+    @torch.no_grad()
+    def macro_matrix_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        codes, _, _ = self.act(x.reshape(-1, self.in_features))
+        return torch.round(codes)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _pair(v: int | tuple[int, ...], n: int, what: str) -> tuple[int, ...]:
+    t = (v,) * n if isinstance(v, int) else tuple(v)
+    if len(t) != n or not all(isinstance(i, int) and i >= 0 for i in t):
+        raise ConfigError(f"{what} must be {n} non-negative integer(s), got {v!r}")
+    return t
+
+
+class _CIMConv(CIMLayer):
+    """Convolution on the macro through im2col; 1-D convolutions run as 2-D ones of height 1."""
+
+    dims = 2
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, ...], spec: MacroSpec,
+                 stride: int | tuple[int, ...] = 1, padding: int | str | tuple[int, ...] = 0,
+                 dilation: int | tuple[int, ...] = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", **kwargs: object) -> None:
+        if groups != 1:
+            raise ConfigError(f"CIM convolutions support groups=1 only, got groups={groups}")
+        if padding_mode != "zeros":
+            raise ConfigError(f"CIM convolutions pad with zeros only, got padding_mode={padding_mode!r}")
+        n = self.dims
+        k = _pair(kernel_size, n, "kernel_size")
+        s = _pair(stride, n, "stride")
+        d = _pair(dilation, n, "dilation")
+        if isinstance(padding, str):
+            if padding == "valid":
+                pads = [(0, 0)] * n
+            elif padding == "same":
+                if any(v != 1 for v in s):
+                    raise ConfigError("padding='same' needs stride 1")
+                spans = [di * (ki - 1) for ki, di in zip(k, d, strict=True)]
+                pads = [(span // 2, span - span // 2) for span in spans]
+            else:
+                raise ConfigError(f"padding must be 'valid', 'same' or integers, got {padding!r}")
+        else:
+            pads = [(p, p) for p in _pair(padding, n, "padding")]
+        super().__init__(spec, in_channels * int(np.prod(k)), out_channels, **kwargs)  # type: ignore[arg-type]
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = k
+        self.stride = s
+        self.dilation = d
+        self.pads = tuple(pads)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *k))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    # 2-D views of everything
+    def _k2(self) -> tuple[int, int]:
+        return (1, self.kernel_size[0]) if self.dims == 1 else (self.kernel_size[0], self.kernel_size[1])
+
+    def _s2(self) -> tuple[int, int]:
+        return (1, self.stride[0]) if self.dims == 1 else (self.stride[0], self.stride[1])
+
+    def _d2(self) -> tuple[int, int]:
+        return (1, self.dilation[0]) if self.dims == 1 else (self.dilation[0], self.dilation[1])
+
+    def _pad2(self) -> tuple[int, int, int, int]:
+        if self.dims == 1:
+            (l0, r0), = self.pads
+            return (l0, r0, 0, 0)
+        (t0, b0), (l0, r0) = self.pads
+        return (l0, r0, t0, b0)
+
+    def _as2d(self, x: torch.Tensor) -> torch.Tensor:
+        want = self.dims + 2
+        if x.ndim != want or x.shape[1] != self.in_channels:
+            dims = "[batch, channels, length]" if self.dims == 1 else "[batch, channels, height, width]"
+            raise ShapeError(f"{type(self).__name__} expects inputs {dims} with {self.in_channels} channels, "
+                             f"got {list(x.shape)}")
+        x2 = x.unsqueeze(2) if self.dims == 1 else x
+        x2 = F.pad(x2, self._pad2())
+        kh, kw = self._k2()
+        dh, dw = self._d2()
+        if x2.shape[2] < dh * (kh - 1) + 1 or x2.shape[3] < dw * (kw - 1) + 1:
+            raise ShapeError(f"{type(self).__name__}: input {list(x.shape)} is smaller than the kernel "
+                             f"{self.kernel_size}")
+        return x2
+
+    def _unfold(self, codes: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        cols = F.unfold(codes, self._k2(), dilation=self._d2(), stride=self._s2())  # [B, K, L]
+        kh, kw = self._k2()
+        dh, dw = self._d2()
+        sh, sw = self._s2()
+        ho = (codes.shape[2] - dh * (kh - 1) - 1) // sh + 1
+        wo = (codes.shape[3] - dw * (kw - 1) - 1) // sw + 1
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1]), (ho, wo)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = self._as2d(x)
+        codes, delta, lo = self.act(x2)
+        q, scale = self.quantized_weights()
+        M = self.out_channels
+        if self.macro.fast_exact and self._conv_exact():
+            w = (q + self.zero_point).reshape(M, self.in_channels, *self._k2())
+            acc = F.conv2d(codes, w, stride=self._s2(), dilation=self._d2())
+            if self.zero_point:
+                ones = torch.ones(1, self.in_channels, *self._k2())
+                acc = acc - self.zero_point * F.conv2d(codes, ones, stride=self._s2(), dilation=self._d2())
+        else:
+            B = codes.shape[0]
+            mat, (ho, wo) = self._unfold(codes)
+            acc = self._mac(mat, q).reshape(B, ho * wo, M).transpose(1, 2).reshape(B, M, ho, wo)
+        y = self._finish(acc, q, scale, delta, lo, 1)
+        return y.squeeze(2) if self.dims == 1 else y
+
+    def _conv_exact(self) -> bool:
+        spec = self.spec
+        bound = self.macro.layer_map.n_rows * spec.input_max * max(abs(spec.weight_min), abs(spec.weight_max))
+        return bound < EXACT_F32
+
+    @torch.no_grad()
+    def macro_matrix_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        codes, _, _ = self.act(self._as2d(x))
+        return torch.round(self._unfold(codes)[0])
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"pads={self.pads}, dilation={self.dilation}, bias={self.bias is not None}")
+
+
+class CIMConv1d(_CIMConv):
+    """``nn.Conv1d`` on the macro. Input [batch, channels, length]."""
+
+    dims = 1
+
+
+class CIMConv2d(_CIMConv):
+    """``nn.Conv2d`` on the macro. Input [batch, channels, height, width]."""
+
+    dims = 2
+
+
+# ---- conversion of a torch model -------------------------------------------------------------------------------
+def _layer_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([int(seed) & (2**63 - 1), index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def convert(model: nn.Module, spec: MacroSpec, transfer: Transfer | None = None, *, learn: str = "epact",
+            exclude: Iterable[str] = (), seed: int = 0,
+            chunk_conversions: int = DEFAULT_CHUNK_CONVERSIONS) -> nn.Module:
+    """Swap every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` of ``model`` (in place) for its CIM layer,
+    keeping weights and biases; returns the model.
+
+    Args:
+        spec: the macro.
+        transfer: the ADC transfer (default: ideal).
+        learn: E-PACT variant of the input quantizers (``epact``, ``pact``, ``fixed``).
+        exclude: qualified module names to leave digital.
+        seed: seeds each layer's random stream (layer ``i`` gets a seed derived from ``(seed, i)``).
+        chunk_conversions: most conversions per chunk.
+
+    Call ``calibrate`` before training or evaluating so the input bounds fit the data.
+    """
+    if transfer is not None and transfer.spec != spec:
+        raise ConfigError("the transfer's MacroSpec differs from spec")
+    excluded = set(exclude)
+    names = {name for name, _ in model.named_modules()}
+    unknown = excluded - names
+    if unknown:
+        raise ConfigError(f"exclude names modules the model does not have: {', '.join(sorted(unknown))}")
+    common = {"transfer": transfer, "learn": learn, "chunk_conversions": chunk_conversions}
+    index = 0
+
+    def swap(parent: nn.Module, prefix: str) -> None:
+        nonlocal index
+        for name, child in list(parent.named_children()):
+            full = f"{prefix}{name}"
+            if full in excluded:
+                continue
+            new: CIMLayer | None = None
+            if isinstance(child, CIMLayer):
+                new = None
+            elif isinstance(child, nn.Linear):
+                new = CIMLinear(child.in_features, child.out_features, spec, bias=child.bias is not None, **common)
+            elif isinstance(child, nn.Conv1d | nn.Conv2d):
+                cls = CIMConv1d if isinstance(child, nn.Conv1d) else CIMConv2d
+                new = cls(child.in_channels, child.out_channels, child.kernel_size, spec, stride=child.stride,
+                          padding=child.padding, dilation=child.dilation, groups=child.groups,
+                          bias=child.bias is not None, padding_mode=child.padding_mode, **common)
+            if new is not None:
+                with torch.no_grad():
+                    new.weight.copy_(child.weight)
+                    if child.bias is not None and new.bias is not None:
+                        new.bias.copy_(child.bias)
+                new.macro.reseed(_layer_seed(seed, index))
+                index += 1
+                setattr(parent, name, new)
+            else:
+                swap(child, f"{full}.")
+
+    swap(model, "")
+    return model
+
+
+def cim_layers(model: nn.Module) -> Iterator[tuple[str, CIMLayer]]:
+    """The model's CIM layers with their qualified names, in module order."""
+    for name, m in model.named_modules():
+        if isinstance(m, CIMLayer):
+            yield name, m
+
+
+def set_transfer(model: nn.Module, transfer: Transfer) -> None:
+    """Give every CIM layer of the model this ADC transfer."""
+    for _, layer in cim_layers(model):
+        layer.set_transfer(transfer)
+
+
+def reseed(model: nn.Module, seed: int) -> None:
+    """Restart every CIM layer's random stream from ``seed`` (layer ``i`` from ``(seed, i)``)."""
+    for i, (_, layer) in enumerate(cim_layers(model)):
+        layer.macro.reseed(_layer_seed(seed, i))
+
+
+def set_learn(model: nn.Module, learn: str) -> None:
+    """Which input bounds learn in every CIM layer: ``epact``, ``pact`` or ``fixed``."""
+    for _, layer in cim_layers(model):
+        layer.act.set_learn(learn)
+
+
+def model_spec(model: nn.Module) -> MacroSpec | None:
+    """The MacroSpec of the model's CIM layers (None for a model without any)."""
+    specs = {layer.spec for _, layer in cim_layers(model)}
+    if len(specs) > 1:
+        raise ConfigError("the model's CIM layers are for different MacroSpecs")
+    return next(iter(specs), None)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], *, quantile: float = 0.999,
+              max_samples: int = 1 << 20) -> dict[str, tuple[float, float]]:
+    """Set each CIM layer's input bounds from data: ``hi`` at the ``quantile`` of its inputs, ``lo`` at the
+    ``1 - quantile`` quantile when inputs go negative, else 0. Runs the model (in eval mode) on ``batches``.
+
+    Returns {layer name: (lo, hi)}.
+    """
+    if not 0.5 < quantile <= 1.0:
+        raise ConfigError(f"quantile must be in (0.5, 1], got {quantile}")
+    layers = dict(cim_layers(model))
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    gen = torch.Generator().manual_seed(0)
+
+    def hook(name: str):  # noqa: ANN202
+        def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            flat = args[0].detach().reshape(-1).float()
+            if flat.numel() > max_samples:
+                flat = flat[torch.randint(flat.numel(), (max_samples,), generator=gen)]
+            seen[name].append(flat)
+        return record
+
+    handles = [layer.act.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for xb in batches:
+            model(xb)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    bounds = {}
+    for name, layer in layers.items():
+        if not seen[name]:
+            raise ConfigError(f"calibration saw no inputs for layer {name!r}")
+        v = torch.cat(seen[name])
+        if v.numel() > max_samples:
+            v = v[torch.randint(v.numel(), (max_samples,), generator=gen)]
+        hi = float(torch.quantile(v, quantile))
+        vmin = float(v.min())
+        lo = float(torch.quantile(v, 1.0 - quantile)) if vmin < 0 else 0.0
+        if hi <= lo:
+            hi = lo + max(abs(lo), 1.0) * 1e-2
+        layer.act.lo.fill_(lo)
+        layer.act.hi.fill_(hi)
+        layer.act.calibrated.fill_(True)
+        bounds[name] = (lo, hi)
+    return bounds
+
+
+__all__ = ["CIMConv1d", "CIMConv2d", "CIMLayer", "CIMLinear", "MacroOperands", "calibrate", "cim_layers",
+           "convert", "model_spec", "reseed", "set_learn", "set_transfer"]

@@ -1,0 +1,310 @@
+"""The macro's arithmetic in torch: a layer's product decomposed into conversions, codes drawn, recombined.
+
+For each tile of the layer (``host.mapping``) and each input vector, exactly as ``firmware_bridge.spec`` defines
+it: input codes split into slices ``x_p``, stored weights into digits ``d_k``, the ideal partial sum of every
+conversion ``s[p, g, k, c] = sum_{r in group g} x_p[r] d_k[r, c]`` (one float32 batched matmul per chunk; exact,
+as the sums are small integers), a code per conversion from the ``Transfer`` (ideal, measured or gaussian), and
+the digital recombination ``rint(adc_lsb * sum code * plane_weight[p] * slice_weight[k]) - weight_offset * sum x``
+(``MacroSpec.recombine``). Tiles of one column range add up. With the ideal transfer this is bit-exact with the
+twin's ideal MAC (tests/training/test_exact.py).
+
+Memory stays bounded: vectors go through in chunks of at most ``chunk_conversions`` conversions, and nothing of
+size "conversions" is kept for the backward pass (the levels are recomputed there, chunk by chunk); only the input
+codes (as uint8 when they fit) and the weights are saved.
+
+The statistical gradient (backward):
+
+- Paper (D-NAT, JETCAS 2022): the measured D-MAC-EM is discrete, so its sampled codes carry no gradient; they
+  propose a "statistical training mechanism" that estimates the gradient of the discrete model from its
+  statistics instead of from the sampled code.
+- Our reading: the forward pass uses the sampled code; the backward pass differentiates the *expected* code
+  ``m~(s) = E[code | s]``, smoothed (``host.training.transfer``), at the conversion's ideal level: the upstream
+  gradient of a conversion is ``dL/dcode * m~'(s) * adc_lsb * plane_weight[p] * slice_weight[k]``, and
+  ``ds/dx_p[r] = d_k[r, c]``, ``ds/dd_k[r, c] = x_p[r]``.
+- Input slices and weight digits are bits of integers, so they need a straight-through rule too. Ours: a change
+  ``e`` of an input code is spread evenly over its slices (each slice moves by ``e / sum(plane_weights)``, which
+  moves the code by exactly ``e``), so ``dL/dx = sum_p dL/dx_p / sum_p plane_weight[p]``; likewise a weight
+  change is spread over its digits with the sign of their place value: ``dL/dw = sum_k sign(sw_k) dL/dd_k /
+  sum_k |sw_k|``. With an ideal, unclipped ADC this gives exactly ``dL/dx = dL/dy W^T`` and ``dL/dW = x^T dL/dy``
+  (ordinary STE training); with a measured model each bit position is weighted by the slope its conversions see.
+- The final rounding to ``adc_lsb`` units is passed straight through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from firmware_bridge.errors import ConfigError, ShapeError
+from firmware_bridge.spec import MacroSpec
+from host.mapping import LayerMap, Tile
+from host.training.transfer import Transfer
+
+DEFAULT_CHUNK_CONVERSIONS = 1 << 19
+"""Conversions per chunk: a chunk's temporaries (a few tensors of this many 4-byte elements) stay in cache."""
+EXACT_F32 = 1 << 24
+"""Integers below this are exact in float32."""
+
+
+@dataclass
+class _TilePlan:
+    tile: Tile
+    groups: int
+    offset: int  # row offset of the tile's first row inside its first group
+    tables: torch.Tensor  # [n_slices * n_cols] int32, transfer table index per (k, c)
+    vectors_per_chunk: int
+
+
+@dataclass
+class MacroStats:
+    """What the last forward/backward did (for tests and reports)."""
+
+    conversions: int = 0
+    max_chunk_conversions: int = 0
+    chunks: int = 0
+
+
+@dataclass
+class LayerMacro:
+    """A layer on the macro: its tiling, the transfer its conversions follow, and its random stream.
+
+    Attributes:
+        layer_map: the tiles (``host.mapping.map_layer``).
+        transfer: the ADC transfer (``Transfer.ideal`` for the ideal quantized model).
+        rng: random stream of the sampled codes (numpy PCG64; restart it with ``reseed``).
+        chunk_conversions: most conversions per chunk.
+    """
+
+    layer_map: LayerMap
+    transfer: Transfer
+    rng: np.random.Generator = field(default_factory=lambda: np.random.Generator(np.random.PCG64(0)))
+    chunk_conversions: int = DEFAULT_CHUNK_CONVERSIONS
+    stats: MacroStats = field(default_factory=MacroStats)
+
+    def __post_init__(self) -> None:
+        spec = self.spec
+        if self.transfer.spec != spec:
+            raise ConfigError("the transfer's MacroSpec differs from the layer map's")
+        if self.chunk_conversions < 1:
+            raise ConfigError(f"chunk_conversions must be >= 1, got {self.chunk_conversions}")
+        pw_sw = np.outer(spec.plane_weights(), spec.slice_weights()).astype(np.float64)  # [P, S]
+        self.pw_sw = torch.from_numpy(pw_sw)
+        # bound of |sum code * pw * sw| over one tile, to choose float32 or float64 for the recombination
+        self._acc_bound = float(spec.n_groups * spec.adc_max * np.abs(pw_sw).sum())
+        codes = np.arange(spec.input_max + 1, dtype=np.int64)[:, None]
+        self._plane_lut = torch.from_numpy(spec.inputs_to_planes(codes)[:, :, 0].astype(np.float32))  # [V, P]
+        self._plans = self._make_plans()
+
+    @property
+    def spec(self) -> MacroSpec:
+        """The macro."""
+        return self.layer_map.spec
+
+    def reseed(self, seed: int) -> None:
+        """Restart the random stream of sampled codes at ``seed``."""
+        self.rng = np.random.Generator(np.random.PCG64(int(seed)))
+
+    def set_transfer(self, transfer: Transfer) -> None:
+        """Switch the ADC transfer (same MacroSpec)."""
+        if transfer.spec != self.spec:
+            raise ConfigError("the transfer's MacroSpec differs from the layer's")
+        self.transfer = transfer
+        self._plans = self._make_plans()
+
+    def _make_plans(self) -> list[_TilePlan]:
+        spec = self.spec
+        plans = []
+        for t in self.layer_map.tiles:
+            per_vector = t.conversions_per_vector(spec)
+            plans.append(_TilePlan(
+                tile=t,
+                groups=t.n_groups(spec),
+                offset=t.row_offset(spec),
+                tables=self.transfer.table_index(t.physical_columns(spec)),
+                vectors_per_chunk=max(1, self.chunk_conversions // per_vector),
+            ))
+        return plans
+
+    @property
+    def fast_exact(self) -> bool:
+        """The ideal transfer of a macro whose ADC resolves every level: the MAC is exactly ``x @ W``."""
+        tr = self.transfer
+        return tr.kind == "ideal" and tr.lossless and tr.shortcut
+
+    def chunk_bound(self) -> int:
+        """The most conversions one chunk holds for this layer (a vector is never split)."""
+        spec = self.spec
+        return max(p.vectors_per_chunk * p.tile.conversions_per_vector(spec) for p in self._plans)
+
+    # ---- the pieces -----------------------------------------------------------------------------------------
+    def _digits(self, q: torch.Tensor, plan: _TilePlan) -> torch.Tensor:
+        """Stored digits of a tile's logical weights q [K, M] as [groups, rows_per_conversion, S * n_cols]."""
+        spec = self.spec
+        t = plan.tile
+        w = q[t.row0 : t.row1, t.col0 : t.col1].to(torch.float64) + spec.weight_offset
+        modulus = float(2 ** (spec.n_slices * spec.cell_bits))
+        stored = torch.remainder(w, modulus)  # two's complement for negative weights
+        place = torch.tensor([2.0 ** (spec.cell_bits * k) for k in range(spec.n_slices)], dtype=torch.float64)
+        digits = torch.remainder(torch.floor(stored[:, None, :] / place[None, :, None]), float(spec.cell_max + 1))
+        rows = plan.groups * spec.rows_per_conversion
+        out = torch.zeros(rows, spec.n_slices, t.n_cols, dtype=torch.float32)
+        out[plan.offset : plan.offset + t.n_rows] = digits.to(torch.float32)
+        return out.reshape(plan.groups, spec.rows_per_conversion, spec.n_slices * t.n_cols)
+
+    def _planes(self, x: torch.Tensor, plan: _TilePlan) -> torch.Tensor:
+        """Input slices of a chunk of codes x [n, K] as [groups, n * n_planes, rows_per_conversion] float32."""
+        spec = self.spec
+        t = plan.tile
+        n = x.shape[0]
+        R = spec.rows_per_conversion
+        codes = x[:, t.row0 : t.row1].to(torch.int32)
+        pad_after = plan.groups * R - plan.offset - t.n_rows
+        if plan.offset or pad_after:
+            codes = torch.nn.functional.pad(codes, (plan.offset, pad_after))  # idle rows of the groups: input 0
+        planes = self._plane_lut.index_select(0, codes.reshape(-1))  # [n * G * R, P]
+        planes = planes.reshape(n, plan.groups, R, spec.n_planes).permute(1, 0, 3, 2)
+        return planes.reshape(plan.groups, n * spec.n_planes, R)
+
+    def _recombine(self, codes: torch.Tensor, x: torch.Tensor, plan: _TilePlan) -> torch.Tensor:
+        """Codes [groups, n * P, S * M] -> the tile's MAC outputs [n, M] (float64, integer valued)."""
+        spec = self.spec
+        t = plan.tile
+        n = x.shape[0]
+        # float32 is exact while |sum code * pw * sw| stays below 2**24 (true for most macros); else float64
+        dtype = torch.float32 if self._acc_bound < EXACT_F32 else torch.float64
+        total = codes.sum(dim=0, dtype=dtype) if plan.groups > 1 else codes[0].to(dtype)
+        per_plane = total.reshape(n, spec.n_planes * spec.n_slices, t.n_cols)
+        acc = torch.einsum("nqm,q->nm", per_plane, self.pw_sw.reshape(-1).to(dtype)).to(torch.float64)
+        if spec.adc_full_scale != spec.adc_max:
+            acc = torch.round(acc * spec.adc_full_scale / spec.adc_max)
+        if spec.weight_offset:
+            acc = acc - spec.weight_offset * x[:, t.row0 : t.row1].to(torch.float64).sum(dim=1, keepdim=True)
+        return acc
+
+    # ---- forward / backward ---------------------------------------------------------------------------------
+    def forward_values(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """MAC outputs [N, M] (float64, in ``adc_lsb`` level units, integer valued: exact) for input codes x [N, K]
+        and logical weights q [K, M]; no autograd."""
+        lm = self.layer_map
+        N = x.shape[0]
+        out = torch.zeros(N, lm.n_cols, dtype=torch.float64)
+        self.stats = MacroStats()
+        if self.fast_exact:
+            dtype = self._matmul_dtype()
+            if dtype is not None:
+                self.stats.conversions = N * lm.conversions_per_vector()
+                return (x.to(dtype) @ q.to(dtype)).to(torch.float64)
+        for plan in self._plans:
+            t = plan.tile
+            digits = self._digits(q, plan)
+            per_vec = t.conversions_per_vector(self.spec)
+            for n0 in range(0, N, plan.vectors_per_chunk):
+                xc = x[n0 : n0 + plan.vectors_per_chunk]
+                levels = torch.bmm(self._planes(xc, plan), digits)
+                codes = self.transfer.codes(levels, plan.tables, self.rng)
+                out[n0 : n0 + xc.shape[0], t.col0 : t.col1] += self._recombine(codes, xc, plan)
+                self._count(xc.shape[0] * per_vec)
+        return out
+
+    def _matmul_dtype(self) -> torch.dtype | None:
+        """The float type in which ``x @ q`` is exact for this layer (None: neither float32 nor float64)."""
+        spec = self.spec
+        wmax = max(abs(spec.weight_min), abs(spec.weight_max))
+        bound = self.layer_map.n_rows * spec.input_max * wmax
+        if bound < EXACT_F32:
+            return torch.float32
+        return torch.float64 if bound < (1 << 53) else None
+
+    def _count(self, conversions: int) -> None:
+        self.stats.conversions += conversions
+        self.stats.chunks += 1
+        self.stats.max_chunk_conversions = max(self.stats.max_chunk_conversions, conversions)
+
+    def backward_values(self, x: torch.Tensor, q: torch.Tensor,
+                        grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Statistical gradients (see the module docstring) of the MAC outputs w.r.t. the input codes [N, K] and
+        the logical weights [K, M], given the upstream gradient [N, M]."""
+        spec = self.spec
+        lm = self.layer_map
+        N = x.shape[0]
+        if self.fast_exact:
+            g = grad.to(torch.float32)
+            return g @ q.to(torch.float32).T, x.to(torch.float32).T @ g
+        gx = torch.zeros(N, lm.n_rows, dtype=torch.float32)
+        gq = torch.zeros(lm.n_rows, lm.n_cols, dtype=torch.float32)
+        lsb = float(spec.adc_lsb)
+        pw_sw = self.pw_sw.to(torch.float32) * lsb  # [P, S]
+        plane_norm = float(spec.plane_weights().sum())
+        sw = spec.slice_weights()
+        slice_mix = torch.tensor(np.sign(sw) / np.abs(sw).sum(), dtype=torch.float32)  # [S]
+        R = spec.rows_per_conversion
+        for plan in self._plans:
+            t = plan.tile
+            digits = self._digits(q, plan)  # [G, R, S*M]
+            gd = torch.zeros_like(digits)
+            for n0 in range(0, N, plan.vectors_per_chunk):
+                xc = x[n0 : n0 + plan.vectors_per_chunk]
+                n = xc.shape[0]
+                planes = self._planes(xc, plan)  # [G, n*P, R]
+                levels = torch.bmm(planes, digits)  # [G, n*P, S*M]
+                slope = self.transfer.slope(levels, plan.tables)
+                del levels
+                gc = grad[n0 : n0 + n, t.col0 : t.col1].to(torch.float32)  # [n, M]
+                g_conv = (gc[:, None, None, :] * pw_sw[None, :, :, None]).reshape(n * spec.n_planes, -1)
+                slope.mul_(g_conv)  # dL/ds per conversion, [G, n*P, S*M]
+                g_planes = torch.bmm(slope, digits.transpose(1, 2))  # [G, n*P, R]
+                gd += torch.bmm(planes.transpose(1, 2), slope)
+                g_planes = g_planes.reshape(plan.groups, n, spec.n_planes, R).sum(dim=2)  # [G, n, R]
+                g_rows = g_planes.permute(1, 0, 2).reshape(n, plan.groups * R)
+                g_rows = g_rows[:, plan.offset : plan.offset + t.n_rows]
+                g_rows = g_rows / plane_norm
+                if spec.weight_offset:
+                    g_rows = g_rows - spec.weight_offset * gc.sum(dim=1, keepdim=True)
+                gx[n0 : n0 + n, t.row0 : t.row1] += g_rows
+            gd = gd.reshape(plan.groups * R, spec.n_slices, t.n_cols)[plan.offset : plan.offset + t.n_rows]
+            gq[t.row0 : t.row1, t.col0 : t.col1] += torch.einsum("rkm,k->rm", gd, slice_mix)
+        return gx, gq
+
+
+class _MacroMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, q: torch.Tensor, macro: LayerMacro
+    ) -> torch.Tensor:
+        xd = x.detach()
+        codes = torch.round(xd)
+        spec = macro.spec
+        compact = codes.to(torch.uint8) if spec.input_max < 256 else codes.to(torch.int32)
+        qd = torch.round(q.detach())
+        ctx.macro = macro
+        ctx.save_for_backward(compact, qd)
+        return macro.forward_values(codes, qd).to(x.dtype)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        compact, qd = ctx.saved_tensors
+        gx, gq = ctx.macro.backward_values(compact, qd, grad.contiguous())
+        return (gx if ctx.needs_input_grad[0] else None), (gq if ctx.needs_input_grad[1] else None), None
+
+
+def macro_matmul(x: torch.Tensor, q: torch.Tensor, macro: LayerMacro) -> torch.Tensor:
+    """MAC outputs [N, M] of input codes x [N, K] on logical weights q [K, M] (both integer valued float tensors,
+    autograd through the statistical gradient). See the module docstring.
+
+    Raises:
+        ShapeError: shapes that do not match the layer map.
+    """
+    lm = macro.layer_map
+    if x.ndim != 2 or x.shape[1] != lm.n_rows:
+        raise ShapeError(f"input codes must have shape [N, {lm.n_rows}], got {list(x.shape)}")
+    if q.shape != (lm.n_rows, lm.n_cols):
+        raise ShapeError(f"weights must have shape {[lm.n_rows, lm.n_cols]}, got {list(q.shape)}")
+    return _MacroMatmul.apply(x, q, macro)
+
+
+__all__ = ["DEFAULT_CHUNK_CONVERSIONS", "LayerMacro", "MacroStats", "macro_matmul"]

@@ -1,0 +1,141 @@
+"""Error injection: codes follow the error model's distribution, per column or pooled; deterministic by seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from training_helpers import SMALL_ODD, SMALL_TWOS, noisy_model
+
+from host.mapping import map_layer
+from host.training.layers import CIMLinear, convert, reseed
+from host.training.loop import TrainConfig, fit
+from host.training.macro import LayerMacro, macro_matmul
+from host.training.models import digits_mlp
+from host.training.tasks import load_task
+from host.training.transfer import Transfer
+
+N_DRAWS = 40_000
+
+
+def draw(tr: Transfer, level: int, column: int, n: int = N_DRAWS, seed: int = 0) -> np.ndarray:
+    levels = torch.full((n, 1), float(level))
+    tables = tr.table_index(np.array([column]))
+    return tr.codes(levels, tables, np.random.Generator(np.random.PCG64(seed))).to(torch.int64).numpy()[:, 0]
+
+
+@pytest.mark.parametrize("spec", [SMALL_TWOS, SMALL_ODD], ids=["twos", "unsigned-odd"])
+def test_per_column_codes_follow_the_measured_distribution(spec) -> None:  # noqa: ANN001
+    model = noisy_model(spec, seed=1, observed=0.7)
+    tr = Transfer.from_model(model, pooled=False)
+    probs = model.probabilities()  # the file's fallback rule for unmeasured rows
+    rng = np.random.default_rng(2)
+    for _ in range(4):
+        j, s = int(rng.integers(spec.physical_cols)), int(rng.integers(spec.n_levels))
+        freq = np.bincount(draw(tr, s, j), minlength=spec.n_codes) / N_DRAWS
+        sd = np.sqrt(probs[j, s] * (1 - probs[j, s]) / N_DRAWS)
+        assert np.all(np.abs(freq - probs[j, s]) <= 5 * sd + 2**-15), (j, s)
+
+
+def test_pooled_codes_follow_the_pooled_distribution_and_ignore_the_column() -> None:
+    spec = SMALL_TWOS
+    model = noisy_model(spec, seed=3)
+    tr = Transfer.from_model(model, pooled=True)
+    assert tr.guide_steps == 0  # small pooled tables are one look-up
+    pooled = model.counts.sum(axis=0).astype(float)
+    pooled /= pooled.sum(axis=1, keepdims=True)
+    for s in (0, spec.n_levels // 2, spec.s_max):
+        a, b = draw(tr, s, 0), draw(tr, s, spec.physical_cols - 1)
+        assert np.array_equal(a, b)
+        freq = np.bincount(a, minlength=spec.n_codes) / N_DRAWS
+        sd = np.sqrt(pooled[s] * (1 - pooled[s]) / N_DRAWS)
+        assert np.all(np.abs(freq - pooled[s]) <= 5 * sd + 2**-15)
+
+
+def test_gaussian_transfer_matches_mean_and_sigma() -> None:
+    spec = SMALL_TWOS
+    model = noisy_model(spec, seed=4, noise=0.8, offset=0.0, gain=0.0)
+    tr = Transfer.from_model(model, pooled=True, kind="gaussian")
+    s = spec.n_levels // 2  # far from the clipping ends
+    codes = draw(tr, s, 0).astype(float)
+    c = model.counts.sum(axis=0)[s].astype(float)
+    mean = (c * np.arange(spec.n_codes)).sum() / c.sum()
+    assert codes.mean() == pytest.approx(mean, abs=0.05)
+    assert 0.6 < codes.std() < 1.2
+
+
+def test_sampled_layer_output_is_deterministic_given_the_seed() -> None:
+    spec = SMALL_TWOS
+    tr = Transfer.from_model(noisy_model(spec, seed=5), pooled=False)
+    layer = CIMLinear(50, 9, spec, transfer=tr)
+    x = torch.randn(7, 50, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for seed in (11, 11, 12):
+        layer.macro.reseed(seed)
+        with torch.no_grad():
+            outs.append(layer(x))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], outs[2])
+
+
+def test_chunking_does_not_change_the_ideal_result_and_bounds_the_chunk() -> None:
+    spec = SMALL_TWOS
+    tr = Transfer.from_model(noisy_model(spec, seed=6, noise=0.0, offset=0.0, gain=0.0))  # deterministic codes
+    lm = map_layer(spec, 70, 13)
+    x = torch.randint(0, spec.input_max + 1, (33, 70)).float()
+    q = torch.randint(-8, 8, (70, 13)).float()
+    big = LayerMacro(lm, tr)
+    small = LayerMacro(lm, tr, chunk_conversions=1000)
+    assert torch.equal(macro_matmul(x, q, big), macro_matmul(x, q, small))
+    assert max(t.conversions_per_vector(spec) for t in lm.tiles) <= 1000  # a vector fits a chunk here
+    assert small.stats.max_chunk_conversions <= small.chunk_bound() <= 1000
+    assert small.stats.chunks > big.stats.chunks
+    assert small.stats.conversions == 33 * lm.conversions_per_vector()
+
+
+def test_training_through_the_error_model_is_deterministic_given_the_seed() -> None:
+    data = load_task("digits", limit=64)
+    tr = Transfer.from_model(noisy_model(SMALL_TWOS, seed=7))
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = convert(digits_mlp(hidden=8), SMALL_TWOS, tr, seed=0)
+        reseed(model, 0)
+        fit(model, data, TrainConfig(epochs=1, batch_size=16, seed=3), evaluate_each_epoch=False)
+        states.append(model.state_dict())
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_the_three_table_layouts_draw_identical_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """direct, packed and search layouts all compute #{m : cum[m] <= u}: the same uniforms give the same codes."""
+    import host.training.transfer as transfer_mod
+
+    spec = SMALL_ODD
+    model = noisy_model(spec, seed=8, noise=1.5)
+    layouts = {}
+    for name, direct, guide in (("direct", 1 << 30, 1 << 30), ("packed", 0, 1 << 30), ("search", 0, 64)):
+        monkeypatch.setattr(transfer_mod, "DIRECT_ENTRIES", direct)
+        monkeypatch.setattr(transfer_mod, "GUIDE_ENTRIES", guide)
+        tr = Transfer.from_model(model, pooled=False)
+        assert tr.layout == name
+        gen = torch.Generator().manual_seed(1)
+        levels = torch.randint(0, spec.n_levels, (500, spec.physical_cols), generator=gen)
+        tables = tr.table_index(np.arange(spec.physical_cols))
+        layouts[name] = tr.codes(levels.float(), tables, np.random.Generator(np.random.PCG64(9))).to(torch.int64)
+    assert layouts["search"].max() > 0
+    assert torch.equal(layouts["direct"], layouts["packed"]) and torch.equal(layouts["direct"], layouts["search"])
+
+
+def test_evaluation_leaves_the_training_streams_where_they_were() -> None:
+    from host.training.loop import accuracy
+
+    spec = SMALL_TWOS
+    model = convert(digits_mlp(hidden=8), spec, Transfer.from_model(noisy_model(spec, seed=9)), seed=1)
+    data = load_task("digits", limit=32)
+    layer = model[1]
+    layer.macro.reseed(5)
+    expected = np.random.Generator(np.random.PCG64(5)).bit_generator.random_raw(4)
+    a = accuracy(model, data.x_test, data.y_test, seed=0)
+    assert a == accuracy(model, data.x_test, data.y_test, seed=0)  # evaluation itself is reproducible
+    assert np.array_equal(layer.macro.rng.bit_generator.random_raw(4), expected)
