@@ -1,13 +1,25 @@
-"""The demo: a twin served on a real pseudo-terminal, driven by the host exactly as a board would be.
+"""The demo: the whole loop on twins served on real pseudo-terminals, driven by the host as boards would be.
 
-For each twin profile: start ``cimlab sim serve --pty``, identify it, program random weights, read them back, run a
-batch of MACs, compare them with numpy, and print a table with what the link and the chip reported.
-Run through ``./scripts/demo`` (which sets up .venv first).
+1. For each twin profile: start ``cimlab sim serve --pty``, identify it, program random weights, read them back,
+   run a batch of MACs, compare them with numpy; one table of what the link and the chip reported.
+2. Characterize the ``default`` twin at 0.8 V and 0.6 V (a simulated SMU sets the supply), write the report's
+   plots, and fit the error model of the 0.6 V condition (``cimlab characterize``, ``report``, ``fit``).
+3. Train on digits: ``float``, then ``quant`` (the ideal quantized model) from it, then ``dnat`` from that through
+   the 0.6 V error model (``cimlab train``).
+4. "The chip": the twin's data-driven mode with that error model, served on a pty. Compile the quant and the D-NAT
+   checkpoints for it, deploy, and bench both on it (``cimlab compile``, ``deploy``, ``bench``).
+5. One table: float, ideal quantized, naive on the chip, D-NAT on the chip, each chip figure next to what the host
+   predicted (mean ± std over draws of the error model), and where the plots are.
+
+Every step runs the ``cimlab`` command a user would type. Run through ``./scripts/demo`` (which sets up .venv).
+Exits 1 when the ideal twin does not match numpy or a chip accuracy lands outside its prediction's spread.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -27,23 +39,129 @@ RUNS = ROOT / "runs" / "demo"
 SIM_BENCH = ROOT / "host" / "instruments" / "sim" / "bench.yaml"
 
 
+def _env() -> dict[str, str]:
+    # one OpenMP thread per torch process: the served twin runs beside it on 2 cores, and two spinning OpenMP
+    # threads competing with it slow small tensor operations down many times
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
 def cimlab(*args: str) -> None:
     """Run one ``cimlab`` command as a user would; stop the demo if it fails."""
     console.print(f"[dim]$ cimlab {' '.join(args)}[/]", highlight=False)
-    proc = subprocess.run([sys.executable, "-m", "host.cli", *args], timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "host.cli", *args], timeout=600, env=_env())
     if proc.returncode != 0:
         raise SystemExit(f"cimlab {args[0]} failed with exit status {proc.returncode}")
+
+
+def cimlab_json(*args: str) -> dict:
+    """Run one ``cimlab`` command with ``--json``; echo what it printed but the JSON line, return that object."""
+    console.print(f"[dim]$ cimlab {' '.join(args)} --json[/]", highlight=False)
+    proc = subprocess.run([sys.executable, "-m", "host.cli", *args, "--json"], timeout=600, env=_env(),
+                          stdout=subprocess.PIPE, text=True)
+    lines = proc.stdout.rstrip("\n").splitlines()
+    if proc.returncode != 0 or not lines:
+        sys.stdout.write(proc.stdout)
+        raise SystemExit(f"cimlab {args[0]} failed with exit status {proc.returncode}")
+    if len(lines) > 1:
+        sys.stdout.write("\n".join(lines[:-1]) + "\n")
+    return json.loads(lines[-1])
 
 
 def characterize(seed: int, repeats: int) -> Path:
     """Characterize the default twin over a pty at two supply voltages (a simulated SMU); write the report."""
     out = RUNS / "characterize"
-    console.print("[bold]characterization[/]: sweeping the 'default' twin over a pty, SMU simulated by pyvisa-sim ...")
+    console.print("[bold]characterization[/]: sweeping the 'default' twin over a pty, SMU simulated by pyvisa-sim "
+                  "...")
     with TwinProcess(pty=True, profile="default", seed=seed) as url:
         cimlab("characterize", "--link", url, "--out", str(out), "--repeats", str(repeats), "--vdd", "0.8,0.6",
                "--smu", "GPIB0::24::INSTR", "--visa-library", f"{SIM_BENCH}@sim", "--no-progress")
     cimlab("report", str(out))
     return out
+
+
+def fit_condition(char: Path, condition: str) -> Path:
+    """Fit the error model of one measured condition from the characterization store."""
+    out = RUNS / f"dmacem_{condition}.npz"
+    fit = cimlab_json("fit", str(char), "--condition", condition, "--out", str(out))
+    console.print(f"error model {out.name}: {fit['conversions']:,} conversions, "
+                  f"{fit['exact_code_rate'] * 100:.1f} % of the codes exact", highlight=False)
+    return out
+
+
+def train_all(error_model: Path, epochs: tuple[int, int, int], seed: int) -> dict[str, dict]:
+    """float -> quant (ideal quantized) -> dnat (through the error model, one table per physical column)."""
+    ck = RUNS / "checkpoints"
+    ck.mkdir(parents=True, exist_ok=True)
+    common = ["--task", "digits", "--seed", str(seed)]
+    out = {"float": cimlab_json("train", *common, "--mode", "float", "--out", str(ck / "float.safetensors"),
+                                "--epochs", str(epochs[0]))}
+    out["quant"] = cimlab_json("train", *common, "--mode", "quant", "--profile", "default",
+                               "--init", str(ck / "float.safetensors"), "--out", str(ck / "quant.safetensors"),
+                               "--epochs", str(epochs[1]))
+    out["naive"] = cimlab_json("evaluate", str(ck / "quant.safetensors"), "--error-model", str(error_model),
+                               "--per-column", "--draws", "5")
+    out["dnat"] = cimlab_json("train", *common, "--mode", "dnat", "--error-model", str(error_model),
+                              "--per-column", "--init", str(ck / "quant.safetensors"),
+                              "--out", str(ck / "dnat.safetensors"),
+                              "--epochs", str(epochs[2]))
+    return out
+
+
+def on_chip(error_model: Path, seed: int, draws: int) -> dict[str, dict]:
+    """Serve the data-driven twin of the measured chip on a pty; compile, deploy and bench quant and dnat on it."""
+    ck = RUNS / "checkpoints"
+    out = {}
+    console.print(f"[bold]the chip[/]: the twin's data-driven mode with {error_model.name}, served on a pty ...")
+    with TwinProcess(pty=True, profile="default", seed=seed, sets=[f"error_model={error_model}"]) as url:
+        for mode in ("quant", "dnat"):
+            pkg = RUNS / f"{mode}.npz"
+            cimlab_json("compile", str(ck / f"{mode}.safetensors"), "--link", url, "--out", str(pkg))
+            cimlab_json("deploy", str(pkg), "--link", url)
+            out[mode] = cimlab_json("bench", str(pkg), "--link", url, "--error-model", str(error_model),
+                                    "--draws", str(draws), "--seed", str(seed))
+    return out
+
+
+def pct(v: float | None) -> str:
+    """A fraction as a percentage."""
+    return "-" if v is None else f"{v * 100:.1f} %"
+
+
+def final_table(trained: dict[str, dict], chip: dict[str, dict], error_model: Path) -> Table:
+    """float, ideal quantized, naive on the chip, D-NAT on the chip: accuracy and what the host predicted."""
+    t = Table(title=f"cimlab demo: digits on the chip at 0.6 V\n"
+                    f"(data-driven twin of {error_model.name}, over a pty)")
+    for col in ("network", "accuracy", "host prediction", "gap"):
+        t.add_column(col)
+    f, q = trained["float"], trained["quant"]
+    t.add_row("float (host)", pct(f.get("accuracy_float", f.get("accuracy"))), "", "")
+    t.add_row("ideal quantized (host)", pct(q["accuracy_ideal"]), "", "")
+    for label, mode in (("naive on the chip", "quant"), ("D-NAT on the chip", "dnat")):
+        r = chip[mode]
+        p = r["prediction"]
+        pred = "-" if p["mean"] is None else f"{p['mean'] * 100:.1f} ± {p['std'] * 100:.1f} %"
+        gap = "-" if r["gap_sigma"] is None else f"{r['gap_sigma']:+.2f} σ"
+        t.add_row(label, pct(r["accuracy_chip"]), pred, gap)
+    return t
+
+
+def chip_figures(chip: dict[str, dict], char: Path) -> str:
+    """What the chip's counters and the link said, for both networks, and where the plots are."""
+    lines = []
+    for label, mode in (("naive", "quant"), ("D-NAT", "dnat")):
+        r = chip[mode]
+        b, c, ls = r["bounds"], r["chip"], r["link_stats"]
+        lines.append(
+            f"{label} on the chip: {r['images_per_s']:.0f} images/s, {ls['bytes_per_image']:,.0f} link bytes, "
+            f"{c['latency_us_per_image']:.0f} µs and {c['energy_nj_per_image']:.1f} nJ per image (STATUS); "
+            f"{b['efficiency']:.3f} of the {b['holds']} bound (link {b['link_images_per_s']:,.0f}/s, macro "
+            f"{b['macro_images_per_s']:,.0f}/s)"
+        )
+    draws = len(chip["dnat"]["prediction"]["draws"])
+    lines.append(f"host prediction: the same network on the host under the error model, mean ± std over {draws} "
+                 "draws; gap = (chip - mean) / std")
+    lines.append(f"the report's plots: {char / 'report'}/")
+    return "\n".join(lines)
 
 
 def run_one(profile: str, seed: int, batch: int) -> dict[str, object]:
@@ -61,7 +179,7 @@ def run_one(profile: str, seed: int, batch: int) -> dict[str, object]:
         y = chip.mac(x)
         t_mac = time.perf_counter() - t0
         expected = x @ w  # numpy's integer product: what an ideal macro computes
-        err = (y * spec.adc_lsb - expected).astype(np.float64)
+        err = (y - expected).astype(np.float64)  # MAC outputs are in levels (MacroSpec.recombine)
         st = chip.status()
         stats = chip.stats
         return {
@@ -89,9 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--batch", type=int, default=1024, help="MAC vectors per profile")
     ap.add_argument("--repeats", type=int, default=200, help="characterization: conversions per column and level")
+    ap.add_argument("--epochs", default="10,5,3", help="training epochs of float, quant and dnat")
+    ap.add_argument("--draws", type=int, default=5, help="draws of the error model for each bench prediction")
     args = ap.parse_args(argv)
+    epochs = tuple(int(e) for e in args.epochs.split(","))
+    if len(epochs) != 3:
+        ap.error("--epochs takes three numbers: float,quant,dnat")
+    t_start = time.perf_counter()
     if RUNS.exists():
         shutil.rmtree(RUNS)  # the demo's own outputs from an earlier run
+    RUNS.mkdir(parents=True)
     rows = []
     for profile in args.profiles.split(","):
         console.print(f"[bold]twin '{profile}'[/]: serving on a pty, driving it as a board ...")
@@ -110,11 +235,27 @@ def main(argv: list[str] | None = None) -> int:
     for key, title in labels:
         t.add_row(title, *(str(r[key]) for r in rows))
     console.print(t)
-    char = characterize(args.seed, args.repeats)
-    console.print(f"error model: {char / 'dmacem.npz'}; plots and summary: {char / 'report'}/", highlight=False)
     ideal = [r for r in rows if r["profile"] == "ideal"]
     if ideal and ideal[0]["exact"] != "100.0%":
         console.print("[red]the ideal twin did not match numpy exactly[/]")
+        return 1
+    char = characterize(args.seed, args.repeats)
+    console.print(f"error models: {char}/dmacem*.npz; plots and summary: {char / 'report'}/", highlight=False)
+    error_model = fit_condition(char, "vdd600mV")
+    console.print("[bold]training[/] on digits: float, quant (ideal quantized), D-NAT through the 0.6 V error "
+                  "model")
+    trained = train_all(error_model, epochs, args.seed)
+    chip = on_chip(error_model, args.seed, args.draws)
+    console.print(final_table(trained, chip, error_model))
+    console.print(chip_figures(chip, char), highlight=False)
+    naive, dnat = trained["naive"], trained["dnat"]
+    console.print(f"training's own figures under the error model: naive {pct(naive['accuracy_errors_mean'])}, "
+                  f"D-NAT {pct(dnat.get('accuracy_errors_mean'))}; "
+                  f"demo took {time.perf_counter() - t_start:.0f} s",
+                  highlight=False)
+    outside = [m for m in ("quant", "dnat") if chip[m]["within_spread"] is False]
+    if outside:
+        console.print(f"[red]on-chip accuracy outside the prediction's spread: {', '.join(outside)}[/]")
         return 1
     return 0
 

@@ -1,0 +1,239 @@
+"""``cimlab bench``: inference on the chip, compared with what training predicts, and how close it runs to its
+bounds (imports torch).
+
+Steps (``bench_package``):
+
+1. the chip's HELLO is checked against the package; the first page is verified by read-back and programmed where it
+   differs (``host.deploy.program.deploy_package``);
+2. the test images go through the network in batches of ``batch_size`` with every CIM layer's MACs on the chip
+   (``host.deploy.runner``), pages switched as the schedule says; the chip's STATUS counters and the driver's link
+   counters are read before and after;
+3. the prediction: the same network on the host at the package's placement, with ideal MACs, and under the error
+   model (mean and standard deviation of the accuracy over ``draws`` draws of the sampled codes, draw ``i`` seeded
+   ``seed + i`` as ``cimlab evaluate`` does). The gap is ``(chip - mean) / std``; the chip is *within the
+   prediction's spread* when ``|chip - mean| <= SPREAD_SIGMAS * std + 1 / images`` (one image of slack, as
+   accuracies move in steps of ``1 / images``).
+
+Bounds, in images/s:
+
+- macro bound: ``clock_hz / (chip cycles per image)``, the cycles the chip reported (STATUS) for the inference
+  phase, page switches included: what the macro could do if nothing else limited it;
+- link bound: ``rate / (bytes per image in the busier direction)``; the link carries both directions at once (UART,
+  TCP, DMA). ``rate`` is the link's ``rate_hint`` (a UART's baud/10) or, when the link does not know it, measured
+  here with PING echoes of growing size on the same link: ``2 * frame bytes / round trip`` (out and back do not
+  overlap in one echo, so this is a lower bound on the line rate);
+- efficiency: images/s ÷ min(link bound, macro bound); the target is >= 0.8.
+
+Determinism: the same package, twin seed and operations give the same result over ``sim://``, TCP and a pty. Over
+a lossy link with several frames in flight, a lost request is executed after later ones (the device runs requests
+as they arrive), and a noisy twin draws its noise in execution order, so the codes change (not their statistics);
+one frame in flight (``Chip(window=1)``) keeps every result exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from firmware_bridge.errors import ConfigError
+from firmware_bridge.frame import OVERHEAD
+from host.deploy.package import DeployPackage
+from host.deploy.program import DEFAULT_MAX_REWRITES, PageLoader
+from host.deploy.runner import attach_chip, build_model, predict
+from host.driver import Chip
+from host.training.layers import set_transfer
+from host.training.loop import accuracy_draws, progress_bar
+from host.training.transfer import Transfer, check_spec, file_sha256
+
+SPREAD_SIGMAS = 3.0
+"""Standard deviations of the prediction within which the chip's accuracy counts as predicted."""
+RATE_PROBE_S = 0.5
+"""Seconds spent measuring the link's rate with PING when it does not report one."""
+
+
+def measure_link_rate(chip: Chip, *, budget_s: float = RATE_PROBE_S) -> float:
+    """Line rate of the chip's link, bytes/s per direction, from PING echoes of growing size (see the module
+    docstring); the best of the echoes within ``budget_s`` seconds (at least one echo of each size tried)."""
+    cap = chip.payload_cap
+    size = min(cap, 4096)
+    pattern = bytes(range(256)) * (cap // 256 + 1)
+    best = 0.0
+    deadline = time.monotonic() + budget_s
+    while True:
+        dt = chip.ping(pattern[:size])
+        best = max(best, 2.0 * (size + OVERHEAD) / max(dt, 1e-9))
+        if time.monotonic() >= deadline:
+            return best
+        if size < cap and dt < budget_s / 8:
+            size = min(cap, size * 4)
+
+
+def resolve_error_model(pkg: DeployPackage, path: str | os.PathLike | None) -> tuple[str | None, str]:
+    """The error model file for the prediction, and a note saying where it came from.
+
+    ``path`` when given; else the file the checkpoint was trained with, when it still exists with the same SHA-256;
+    else None (the prediction is then the ideal MACs only).
+    """
+    if path is not None:
+        return str(path), "given"
+    em = pkg.manifest.get("error_model") or {}
+    src = em.get("source")
+    if not src:
+        return None, "no error model given and the checkpoint was not trained with one"
+    if not os.path.isfile(src):
+        return None, f"the training error model {src!r} is not there; give --error-model"
+    if em.get("sha256") and file_sha256(src) != em["sha256"]:
+        return None, f"the file at {src!r} is not the training error model (SHA-256 differs); give --error-model"
+    return str(src), "the error model the checkpoint was trained with"
+
+
+def _gap(chip_acc: float, mean: float | None, std: float | None, n: int) -> tuple[float | None, bool | None]:
+    if mean is None or std is None:
+        return None, None
+    within = abs(chip_acc - mean) <= SPREAD_SIGMAS * std + 1.0 / n + 1e-12
+    if std > 0:
+        return (chip_acc - mean) / std, within
+    return (0.0 if chip_acc == mean else None), within
+
+
+def bench_package(pkg: DeployPackage, chip: Chip, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512,
+                  draws: int = 5, error_model: str | os.PathLike | None = None, pooled: bool = False,
+                  seed: int = 0, progress: bool = False, max_rewrites: int = DEFAULT_MAX_REWRITES,
+                  link_rate: float | None = None) -> dict[str, Any]:
+    """Benchmark the package on the chip with test inputs ``x`` and labels ``y`` (see the module docstring).
+
+    Args:
+        batch_size: images per inference batch (each page is loaded once per batch).
+        draws: draws of the error model for the prediction (0: ideal prediction only).
+        error_model: the error model file (default: the training one, when still present).
+        pooled: one error table for all columns (as most training runs) instead of one per physical column (as
+            the chip and the data-driven twin draw).
+        seed: first seed of the prediction's draws.
+        progress: show a progress bar on stderr.
+        link_rate: the link's rate, bytes/s (default: its ``rate_hint``, else measured with PING).
+
+    Returns:
+        The figures (JSON-friendly), plus ``"_chip_logits"`` and ``"_ideal_logits"`` (torch tensors, dropped by
+        ``public``).
+
+    Raises:
+        VersionMismatch, ArtifactError: the chip is not the package's macro, or the package is inconsistent.
+        ConfigError: bad arguments (shapes, batch size, draws).
+    """
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ConfigError(f"need as many labels as images (>= 1), got {x.shape[0]} images and {y.shape[0]} labels")
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    if draws < 0:
+        raise ConfigError(f"draws must be >= 0, got {draws}")
+    n = int(x.shape[0])
+    spec = pkg.spec
+    hello = chip.hello
+    pkg.check_hello(hello, f"the chip at {chip.link.url}")
+
+    # the chip path
+    model = build_model(pkg)
+    loader = PageLoader(chip, pkg, max_rewrites=max_rewrites)
+    first_page = min(t.page for lm in (lm for _, lm in pkg.schedule.layers) for t in lm.tiles)
+    deploy_rep = loader.verify(first_page)
+    runner = attach_chip(model, pkg, chip, loader)
+    st0 = chip.status()
+    s0 = chip.stats.as_dict()
+    t0 = time.perf_counter()
+    with progress_bar(progress, n, f"bench on {hello.chip_id}") as advance:
+        chip_logits = predict(model, x, batch_size=batch_size, advance=advance)
+    seconds = time.perf_counter() - t0
+    s1 = chip.stats.as_dict()
+    st1 = chip.status()
+    chip_pred = chip_logits.argmax(1)
+    acc_chip = int((chip_pred == y).sum()) / n
+
+    # the prediction: the same network on the host
+    host = build_model(pkg)
+    ideal_logits = predict(host, x, batch_size=batch_size)
+    ideal_pred = ideal_logits.argmax(1)
+    acc_ideal = int((ideal_pred == y).sum()) / n
+    em_path, em_note = resolve_error_model(pkg, error_model)
+    prediction: dict[str, Any] = {"ideal": acc_ideal, "error_model": em_path, "note": em_note, "pooled": None,
+                                  "draws": [], "mean": None, "std": None}
+    if em_path is not None and draws > 0:
+        transfer = Transfer.load(em_path, pooled=pooled)
+        check_spec(spec, transfer.spec, f"error model {em_path!r}")
+        set_transfer(host, transfer)
+        accs = accuracy_draws(host, x, y, draws, seed=seed, batch_size=batch_size)
+        prediction.update(pooled=pooled, sha256=transfer.info.sha256, draws=accs, mean=statistics.fmean(accs),
+                          std=statistics.stdev(accs) if len(accs) > 1 else 0.0)
+    gap, within = _gap(acc_chip, prediction["mean"], prediction["std"], n)
+
+    # figures
+    d = {k: s1[k] - s0[k] for k in s1}
+    cycles = st1.cycles - st0.cycles
+    energy_fj = st1.energy_fj - st0.energy_fj
+    rate = link_rate if link_rate is not None else chip.link.rate_hint
+    rate_source = "given" if link_rate is not None else "rate_hint"
+    if not rate:
+        rate = measure_link_rate(chip)
+        rate_source = "measured (PING)"
+    busier = max(d["bytes_out"], d["bytes_in"]) / n
+    link_bound = rate / busier if busier > 0 else math.inf
+    macro_bound = spec.clock_hz * n / cycles if cycles > 0 else math.inf
+    images_per_s = n / seconds
+    limit = min(link_bound, macro_bound)
+    result: dict[str, Any] = {
+        "package": str(pkg.path) if pkg.path else None,
+        "model": pkg.manifest["model"]["name"], "mode": pkg.manifest["mode"], "task": pkg.task,
+        "link": chip.link.url, "chip_id": hello.chip_id, "images": n, "batch": batch_size,
+        "accuracy_chip": acc_chip, "accuracy_ideal": acc_ideal,
+        "agreement_ideal": int((chip_pred == ideal_pred).sum()) / n,
+        "prediction": prediction, "gap_sigma": gap, "within_spread": within,
+        "predictions_sha256": hashlib.sha256(chip_pred.to(torch.int64).numpy().tobytes()).hexdigest(),
+        "seconds": seconds, "images_per_s": images_per_s,
+        "link_stats": {
+            "bytes_out": d["bytes_out"], "bytes_in": d["bytes_in"],
+            "bytes_per_image": (d["bytes_out"] + d["bytes_in"]) / n, "frames_out": d["frames_out"],
+            "frames_in": d["frames_in"], "retries": d["retries"], "bad_frames": d["bad_frames"],
+            "timeouts": d["timeouts"], "rate_Bps": rate, "rate_source": rate_source,
+        },
+        "chip": {
+            "cycles": cycles, "cycles_per_image": cycles / n,
+            "latency_us_per_image": cycles / n / spec.clock_hz * 1e6,
+            "energy_nj": energy_fj / 1e6, "energy_nj_per_image": energy_fj / n / 1e6,
+            "conversions": st1.conversions - st0.conversions, "mac_vectors": runner.vectors,
+            "mac_calls": runner.calls, "clock_hz": spec.clock_hz,
+        },
+        "bounds": {
+            "link_images_per_s": _finite(link_bound), "macro_images_per_s": _finite(macro_bound),
+            "holds": "link" if link_bound <= macro_bound else "macro",
+            "efficiency": images_per_s / limit if math.isfinite(limit) else None,
+        },
+        "schedule": {**pkg.schedule.summary(), "page_loads": loader.loads, "rows_written": loader.rows_written},
+        "deploy": deploy_rep.as_dict(max_cells=20),
+        "weight_mismatches": len(loader.mismatches),
+        "_chip_logits": chip_logits, "_ideal_logits": ideal_logits,
+    }
+    return result
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def public(result: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-friendly part of a bench result (without the ``_``-prefixed tensors)."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def chip_ideal_equal(result: dict[str, Any]) -> bool:
+    """Whether the chip's logits equal the host's ideal-MAC logits bit for bit."""
+    a, b = result["_chip_logits"], result["_ideal_logits"]
+    return bool(torch.equal(a, b))
+
+
+__all__ = ["RATE_PROBE_S", "SPREAD_SIGMAS", "bench_package", "chip_ideal_equal", "measure_link_rate", "public",
+           "resolve_error_model"]

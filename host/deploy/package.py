@@ -1,0 +1,327 @@
+"""The deployment package: what ``cimlab compile`` writes and ``cimlab deploy`` / ``cimlab bench`` read.
+
+One ``.npz`` file (plain numpy, no pickle: ``numpy.load(path, allow_pickle=False)`` reads it), written atomically::
+
+    manifest                0-d unicode array: a JSON object (below)
+    page.<p>                [rows, cols] logical weights of macro load p, the chip's wire dtype (what WRITE_WEIGHTS
+                            sends; cells outside every tile are 0)
+    layer.<name>.weights    [K, M] int: the layer's logical weights as programmed (quantized, zero point added)
+    layer.<name>.scale      [M] float32: per-output-channel weight scale
+    layer.<name>.bias       [M] float32: bias added digitally (zeros for a layer without bias)
+    layer.<name>.qsum       [M] int64: sum over rows of the signed quantized weights (the E-PACT offset term)
+    state.<key>             the checkpoint's tensors (batch norm and every other host-side parameter)
+
+Manifest::
+
+    {"format": "cimlab.deploy", "version": 1,
+     "spec": {MacroSpec fields}, "protocol_version": int, "regmap_version": int,
+     "target": {"source": "...", "chip_id": "..."},
+     "task": "digits", "model": {"name", "kwargs"}, "mode": "quant" | "dnat", "quantizer": "epact" | ...,
+     "checkpoint": {"path", "sha256" (file bytes), "tensors_sha256", "manifest": {the checkpoint's manifest}},
+     "error_model": {"sha256", ...} | null,          the error model the checkpoint was trained with
+     "schedule": {Schedule.to_dict()},
+     "rows_written_per_pass": [int per page],         rows that differ from the previous page's image
+     "layers": [{"name", "kind", "n_rows", "n_cols", "lo", "hi", "delta", "zero_point", "geometry"}],
+     "digital": "...",                                the host's arithmetic around the macro, in words
+     "arrays_sha256": "...",                          over every array but the manifest (names, dtypes, shapes,
+                                                      bytes, sorted by name)
+     "created_by": "cimlab X.Y"}
+
+The host computes, per CIM layer and output channel ``m`` (``MAC`` from the macro, tiles of one column range
+added): ``y = scale[m] * (delta * MAC[m] + lo * qsum[m]) + bias[m]``, minus ``scale[m] * delta * zero_point *
+sum(codes)`` for ``unsigned`` storage; its inputs are ``codes = round((clip(x, lo, hi) - lo) / delta)``.
+
+A package is for one MacroSpec and one protocol and register-map version: ``check_hello`` refuses a chip that
+reports anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from firmware_bridge.errors import ArtifactError, ConfigError, ShapeError, VersionMismatch
+from firmware_bridge.spec import MacroSpec
+from host.deploy.schedule import Schedule
+
+FORMAT = "cimlab.deploy"
+VERSION = 1
+DIGITAL = (
+    "codes = round((clip(x, lo, hi) - lo) / delta); MAC = sum over tiles of the macro's outputs; "
+    "y[m] = scale[m] * (delta * MAC[m] + lo * qsum[m]) + bias[m] "
+    "(- scale[m] * delta * zero_point * sum(codes) for unsigned storage)"
+)
+
+
+def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the arrays' names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _version() -> str:
+    try:
+        return metadata.version("cimlab")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass
+class LayerParams:
+    """The host-side numbers of one CIM layer (see the module docstring).
+
+    Attributes:
+        name: the layer's qualified module name.
+        kind: ``linear``, ``conv1d`` or ``conv2d``.
+        weights: logical weights as programmed [K, M] (int64).
+        scale: per-channel weight scale [M] (float32).
+        bias: per-channel bias [M] (float32).
+        qsum: per-channel sum of the signed quantized weights [M] (int64).
+        lo, hi: E-PACT bounds of the layer's input.
+        delta: input value of one code step, ``(hi - lo) / input_max``.
+        zero_point: added to signed weights before programming (``unsigned`` storage), else 0.
+        geometry: the layer's shape parameters (features, channels, kernel, stride, padding, dilation).
+    """
+
+    name: str
+    kind: str
+    weights: np.ndarray
+    scale: np.ndarray
+    bias: np.ndarray
+    qsum: np.ndarray
+    lo: float
+    hi: float
+    delta: float
+    zero_point: int
+    geometry: dict[str, Any] = field(default_factory=dict)
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """The manifest's entry (arrays are stored separately)."""
+        k, m = self.weights.shape
+        return {"name": self.name, "kind": self.kind, "n_rows": int(k), "n_cols": int(m), "lo": self.lo,
+                "hi": self.hi, "delta": self.delta, "zero_point": self.zero_point, "geometry": self.geometry}
+
+
+@dataclass
+class DeployPackage:
+    """A compiled network for one macro (see the module docstring).
+
+    Attributes:
+        manifest: the JSON manifest.
+        spec: the macro it is compiled for.
+        schedule: tile placement and pages.
+        layers: the CIM layers' host-side numbers, in execution order.
+        pages: the weight image of each macro load, [rows, cols] int64.
+        state: the checkpoint's tensors as numpy arrays.
+        path: where it was read from or written to.
+    """
+
+    manifest: dict[str, Any]
+    spec: MacroSpec
+    schedule: Schedule
+    layers: dict[str, LayerParams]
+    pages: list[np.ndarray]
+    state: dict[str, np.ndarray]
+    path: Path | None = None
+
+    # ---- what the package says -----------------------------------------------------------------------------
+    @property
+    def task(self) -> str:
+        """The task the network was trained on."""
+        return str(self.manifest["task"])
+
+    @property
+    def n_pages(self) -> int:
+        """Macro loads one inference needs."""
+        return len(self.pages)
+
+    def page_image(self, page: int) -> np.ndarray:
+        """Weights [rows, cols] (int64) of macro load ``page``."""
+        if not 0 <= page < self.n_pages:
+            raise ConfigError(f"page {page} is outside 0..{self.n_pages - 1} (the package has {self.n_pages})")
+        return self.pages[page]
+
+    def rows_written_per_pass(self) -> list[int]:
+        """Rows that differ between each page's image and the previous one's (page 0 follows the last page)."""
+        if self.n_pages <= 1:
+            return [0] * self.n_pages
+        return [int(np.count_nonzero((self.pages[p] != self.pages[p - 1]).any(axis=1)))
+                for p in range(self.n_pages)]
+
+    def describe(self) -> str:
+        """One line for humans."""
+        s = self.schedule
+        tiles = sum(len(lm.tiles) for _, lm in s.layers)
+        m = self.manifest
+        return (f"{m['model']['name']} ({m['mode']}, task {self.task}): {len(self.layers)} CIM "
+                f"layers in {tiles} tiles on {self.n_pages} page(s), {s.programming_passes_per_batch} programming "
+                f"pass(es) per batch; {self.spec.describe()}")
+
+    def check_hello(self, hello: Any, where: str = "the chip") -> None:
+        """Refuse a chip (its ``host.driver.Hello``) of another protocol, register map or MacroSpec.
+
+        Raises:
+            VersionMismatch: another protocol or register-map version.
+            ArtifactError: another MacroSpec (the differing fields named).
+        """
+        name = f"package {str(self.path)!r}" if self.path else "the package"
+        for key, label in (("protocol_version", "protocol"), ("regmap_version", "register map")):
+            want, got = int(self.manifest[key]), int(getattr(hello, key))
+            if want != got:
+                raise VersionMismatch(f"{name} was compiled for {label} v{want}, but {where} speaks v{got}; "
+                                      "compile it again for this chip")
+        if hello.spec != self.spec:
+            from host.errmodel import spec_differences
+
+            diff = spec_differences(self.spec, hello.spec, "package", where)
+            raise ArtifactError(f"{name} was compiled for another MacroSpec than {where}: {diff}")
+
+    # ---- files ---------------------------------------------------------------------------------------------
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array of the file but the manifest."""
+        dt = self.spec.weight_dtype
+        out: dict[str, np.ndarray] = {f"page.{p}": img.astype(dt) for p, img in enumerate(self.pages)}
+        for name, lp in self.layers.items():
+            out[f"layer.{name}.weights"] = lp.weights.astype(np.int64)
+            out[f"layer.{name}.scale"] = lp.scale.astype(np.float32)
+            out[f"layer.{name}.bias"] = lp.bias.astype(np.float32)
+            out[f"layer.{name}.qsum"] = lp.qsum.astype(np.int64)
+        for key, a in self.state.items():
+            out[f"state.{key}"] = a
+        return out
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the package atomically (a temporary file renamed over ``path``); returns the path."""
+        arrays = self.arrays()
+        manifest = {**self.manifest, "format": FORMAT, "version": VERSION, "spec": self.spec.to_dict(),
+                    "schedule": self.schedule.to_dict(), "rows_written_per_pass": self.rows_written_per_pass(),
+                    "layers": [lp.manifest_entry() for lp in self.layers.values()], "digital": DIGITAL,
+                    "arrays_sha256": arrays_sha256(arrays), "created_by": f"cimlab {_version()}"}
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, manifest=np.array(json.dumps(manifest, sort_keys=True)), **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.manifest = manifest
+        self.path = target
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> DeployPackage:
+        """Read and verify a package: format, version, array hash, and that the page images are what the
+        schedule makes of the layers' weights.
+
+        Raises:
+            ArtifactError: missing, unreadable, corrupt, or not a cimlab deployment package.
+        """
+        p = Path(path)
+        where = f"package {str(p)!r}"
+        if not p.is_file():
+            raise ArtifactError(f"{where}: no such file")
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                files = {k: z[k] for k in z.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+            raise ArtifactError(f"{where}: not a readable .npz file: {err}") from err
+        raw = files.pop("manifest", None)
+        if raw is None or raw.ndim != 0 or raw.dtype.kind != "U":
+            raise ArtifactError(f"{where}: no manifest (a 0-d text array named 'manifest'); not a cimlab package")
+        try:
+            manifest = json.loads(str(raw))
+        except json.JSONDecodeError as err:
+            raise ArtifactError(f"{where}: the manifest is not JSON: {err}") from err
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise ArtifactError(f"{where}: manifest format is not {FORMAT!r}")
+        if manifest.get("version") != VERSION:
+            raise ArtifactError(f"{where}: package version {manifest.get('version')!r} is not supported "
+                                f"({VERSION})")
+        for key in ("spec", "protocol_version", "regmap_version", "task", "model", "mode", "checkpoint",
+                    "schedule", "layers", "arrays_sha256"):
+            if key not in manifest:
+                raise ArtifactError(f"{where}: manifest lacks {key!r}")
+        if arrays_sha256(files) != manifest["arrays_sha256"]:
+            raise ArtifactError(f"{where}: array data do not match the manifest's hash (corrupt or edited file)")
+        try:
+            spec = MacroSpec.from_dict(manifest["spec"])
+        except ConfigError as err:
+            raise ArtifactError(f"{where}: manifest spec is not a valid MacroSpec: {err}") from err
+        schedule = Schedule.from_dict(spec, manifest["schedule"])
+        layers: dict[str, LayerParams] = {}
+        try:
+            for entry in manifest["layers"]:
+                name = entry["name"]
+                layers[name] = LayerParams(
+                    name=name, kind=str(entry["kind"]),
+                    weights=files[f"layer.{name}.weights"].astype(np.int64),
+                    scale=files[f"layer.{name}.scale"], bias=files[f"layer.{name}.bias"],
+                    qsum=files[f"layer.{name}.qsum"].astype(np.int64), lo=float(entry["lo"]),
+                    hi=float(entry["hi"]),
+                    delta=float(entry["delta"]), zero_point=int(entry["zero_point"]),
+                    geometry=dict(entry.get("geometry", {})),
+                )
+        except KeyError as err:
+            raise ArtifactError(f"{where}: missing array or manifest field {err}") from err
+        if [n for n, _ in schedule.layers] != list(layers):
+            raise ArtifactError(f"{where}: the schedule's layers {[n for n, _ in schedule.layers]} are not the "
+                                f"manifest's {list(layers)}")
+        n_pages = max(schedule.n_pages, 1)
+        try:
+            pages = [files[f"page.{q}"].astype(np.int64) for q in range(n_pages)]
+        except KeyError as err:
+            raise ArtifactError(f"{where}: missing page image {err}") from err
+        state = {k[len("state."):]: v for k, v in files.items() if k.startswith("state.")}
+        pkg = cls(manifest, spec, schedule, layers, pages, state, p)
+        try:
+            expected = build_pages(spec, schedule, {n: lp.weights for n, lp in layers.items()})
+        except ShapeError as err:
+            raise ArtifactError(f"{where}: {err}") from err
+        for q, (img, want) in enumerate(zip(pages, expected, strict=True)):
+            if img.shape != want.shape or not np.array_equal(img, want):
+                raise ArtifactError(f"{where}: page {q}'s image is not what the schedule makes of the layers' "
+                                    "weights")
+        return pkg
+
+
+def build_pages(spec: MacroSpec, schedule: Schedule, weights: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The weight image [rows, cols] (int64) of every page: each tile's block of its layer's weights [K, M] at its
+    place, 0 elsewhere.
+
+    Raises:
+        ShapeError: a layer's weights of the wrong shape or outside the spec's weight range.
+    """
+    pages = [np.zeros((spec.rows, spec.cols), dtype=np.int64) for _ in range(max(schedule.n_pages, 1))]
+    for name, lm in schedule.layers:
+        w = np.asarray(weights[name])
+        if w.shape != (lm.n_rows, lm.n_cols):
+            raise ShapeError(f"layer {name!r}: weights have shape {list(w.shape)}, expected "
+                             f"{[lm.n_rows, lm.n_cols]}")
+        if w.size and (int(w.min()) < spec.weight_min or int(w.max()) > spec.weight_max):
+            raise ShapeError(f"layer {name!r}: weights span {int(w.min())}..{int(w.max())}, outside "
+                             f"{spec.weight_min}..{spec.weight_max}")
+        for t in lm.tiles:
+            rows = slice(t.macro_row, t.macro_row + t.n_rows)
+            pages[t.page][rows, t.macro_col : t.macro_col + t.n_cols] = t.weights(w)
+    return pages
+
+
+__all__ = ["DIGITAL", "FORMAT", "VERSION", "DeployPackage", "LayerParams", "arrays_sha256", "build_pages"]

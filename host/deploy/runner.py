@@ -1,0 +1,159 @@
+"""The network of a package on the chip, and the same network on the host (imports torch).
+
+``build_model`` rebuilds the network from a package as ``cimlab evaluate`` rebuilds it from its checkpoint
+(``host.training.api.model_from_checkpoint``), checks that every CIM layer quantizes to the package's weights, and
+gives each CIM layer the package's tile placement (``host.training.macro.LayerMacro`` honours ``macro_row`` /
+``macro_col``, so an error model with per-column tables sees the columns the chip uses).
+
+``attach_chip`` then swaps each CIM layer's macro for a ``ChipMacro``: the layer runs its own forward pass (E-PACT
+input quantization, im2col for convolutions, the digital recombination with scales, bounds and offsets, bias),
+and only the integer MACs go to the chip, tile by tile, each tile's input codes in one windowed stream
+(``Chip.mac``), pages switched by a ``host.deploy.program.PageLoader``. Batch norm, activations and pooling are the
+model's own torch modules on the host. So the chip path computes exactly what the host's ideal path computes, with
+the chip's MAC outputs in place of the ideal ones: on an ideal macro the two agree bit for bit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from firmware_bridge.errors import ArtifactError, ConfigError
+from host.deploy.package import DeployPackage
+from host.deploy.program import PageLoader
+from host.driver import Chip
+from host.mapping import LayerMap
+from host.training.api import model_from_checkpoint
+from host.training.checkpoint import Checkpoint
+from host.training.layers import CIMLayer, cim_layers, reseed
+from host.training.macro import LayerMacro
+from host.training.transfer import Transfer
+
+
+def build_model(pkg: DeployPackage, transfer: Transfer | None = None) -> nn.Module:
+    """The package's network on the host (eval mode), CIM layers at the package's placement with ``transfer``
+    (default: the ideal ADC).
+
+    Raises:
+        ArtifactError: the package's tensors do not rebuild its model, or a layer quantizes to other weights than
+            the package holds.
+    """
+    ck_manifest = pkg.manifest["checkpoint"]["manifest"]
+    tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in pkg.state.items()}
+    ck = Checkpoint(tensors, ck_manifest, pkg.path if pkg.path is not None else Path("<package in memory>"))
+    model = model_from_checkpoint(ck)
+    layers = list(cim_layers(model))
+    names = [n for n, _ in layers]
+    if names != list(pkg.layers):
+        raise ArtifactError(f"the package's model has CIM layers {names}, its manifest lists {list(pkg.layers)}")
+    spec = pkg.spec
+    transfer = transfer or Transfer.ideal(spec)
+    for name, layer in layers:
+        if layer.spec != spec:
+            raise ArtifactError(f"layer {name!r} is built for another MacroSpec than the package's")
+        want = pkg.layers[name].weights
+        got = programmed_weights(layer)
+        if got.shape != want.shape or not np.array_equal(got, want):
+            raise ArtifactError(f"layer {name!r} quantizes to other weights than package {str(pkg.path)!r} holds "
+                                "(the package's tensors and weights disagree)")
+        layer.macro = LayerMacro(pkg.schedule.layer_map(name), transfer,
+                                 chunk_conversions=layer.macro.chunk_conversions)
+    reseed(model, 0)
+    model.eval()
+    return model
+
+
+def programmed_weights(layer: CIMLayer) -> np.ndarray:
+    """The logical weights [K, M] (int64) a CIM layer programs: its quantized weights plus the zero point."""
+    with torch.no_grad():
+        q, _ = layer.quantized_weights()
+        return (torch.round(q) + layer.zero_point).T.to(torch.int64).numpy()
+
+
+class ChipMacro(LayerMacro):
+    """A layer's macro whose MACs run on the chip (inference only; see the module docstring)."""
+
+    def __init__(self, layer_map: LayerMap, runner: ChipRunner, name: str, weights: np.ndarray) -> None:
+        super().__init__(layer_map, Transfer.ideal(layer_map.spec))
+        self.runner = runner
+        self.name = name
+        self.weights = torch.from_numpy(np.asarray(weights, dtype=np.int64))
+
+    @property
+    def fast_exact(self) -> bool:
+        """Never: every MAC goes to the chip."""
+        return False
+
+    def forward_values(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """MAC outputs [N, M] from the chip for input codes x [N, K]; q must be the weights the chip holds."""
+        if q.shape != self.weights.shape or not torch.equal(torch.round(q).to(torch.int64), self.weights):
+            raise ArtifactError(f"layer {self.name!r} asks for other weights than the chip was programmed with")
+        return self.runner.layer_mac(self.name, self.layer_map, x)
+
+    def backward_values(self, x: torch.Tensor, q: torch.Tensor,
+                        grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Not available: the chip path is for inference."""
+        raise ConfigError("the chip path has no gradients: train on the host (cimlab train)")
+
+
+class ChipRunner:
+    """Runs the MACs of the package's layers on a chip and counts what it sent.
+
+    Attributes:
+        chip: the chip.
+        loader: switches pages.
+        vectors: MAC vectors sent.
+        calls: ``Chip.mac`` calls (one per tile per layer call).
+    """
+
+    def __init__(self, chip: Chip, pkg: DeployPackage, loader: PageLoader) -> None:
+        self.chip = chip
+        self.pkg = pkg
+        self.loader = loader
+        self.vectors = 0
+        self.calls = 0
+
+    def layer_mac(self, name: str, lm: LayerMap, x: torch.Tensor) -> torch.Tensor:
+        """The layer's MAC outputs [N, M] (float64, integer valued): each tile's rows driven on the chip, its
+        columns read, tiles of one column range added."""
+        codes = torch.round(x).to(torch.int64).numpy()
+        out = np.zeros((codes.shape[0], lm.n_cols), dtype=np.int64)
+        for t in sorted(lm.tiles, key=lambda t: t.page):
+            self.loader.ensure(t.page)
+            y = self.chip.mac(codes[:, t.row0 : t.row1], row_start=t.macro_row)
+            out[:, t.col0 : t.col1] += y[:, t.macro_col : t.macro_col + t.n_cols]
+            self.vectors += codes.shape[0]
+            self.calls += 1
+        return torch.from_numpy(out).to(torch.float64)
+
+
+def attach_chip(model: nn.Module, pkg: DeployPackage, chip: Chip, loader: PageLoader) -> ChipRunner:
+    """Give every CIM layer of ``model`` (from ``build_model``) a ``ChipMacro``; returns the runner."""
+    runner = ChipRunner(chip, pkg, loader)
+    for name, layer in cim_layers(model):
+        layer.macro = ChipMacro(pkg.schedule.layer_map(name), runner, name, pkg.layers[name].weights)
+    return runner
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256,
+            advance: Any = None) -> torch.Tensor:
+    """Logits of ``model`` (eval mode) for inputs ``x``, ``batch_size`` samples at a time; ``advance(n)`` after
+    each batch (a progress bar)."""
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    model.eval()
+    outs = []
+    for b0 in range(0, x.shape[0], batch_size):
+        xb = x[b0 : b0 + batch_size]
+        outs.append(model(xb))
+        if advance is not None:
+            advance(xb.shape[0])
+    return torch.cat(outs)
+
+
+__all__ = ["ChipMacro", "ChipRunner", "attach_chip", "build_model", "predict", "programmed_weights"]
