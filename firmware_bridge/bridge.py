@@ -10,13 +10,28 @@ sequence:
   does not parse BAD_PAYLOAD, arguments out of range BAD_ARGUMENT: each validated *before* the controller
   is called, so the device state is unchanged and the connection stays usable;
 - the last ``replay_depth`` replies are remembered by ``(seq, request CRC)``: a retried request is answered
-  again from memory, not executed twice. RESET clears the memory. A reply with a retryable status (BUSY: the
-  request did not execute) is not remembered, so its retry executes.
+  again from memory, not executed twice. RESET and HELLO (a new session) clear the memory. A reply with a
+  retryable status (BUSY: the request did not execute) is not remembered, so its retry executes;
+- requests execute in ``seq`` order, exactly once. A request that arrives ahead of a missing one (lost or damaged
+  on the way, with several in flight) is held, and the device answers MISSING for the gap once, so the host resends
+  it at once; the held requests then execute in order (a further gap gets its own MISSING). This keeps results
+  independent of link faults (a noisy macro's draws follow execution order). A hold gives up ``hold_s`` after it
+  began or after the last byte arrived, whichever is later, and the held requests execute. A request up to the
+  window behind the order (a straggler resent after its hold gave up) executes at once and leaves the order where
+  it is. HELLO starts a session: it executes at once and the order restarts after it; so does any request
+  farther away (a new host). A restart gives up
+  the hold first: held requests that precede it execute before it, in order, never inside the new order. A request
+  refused BUSY keeps its place (the ones after it wait for its retry); one refused TOO_LARGE or BAD_VERSION is
+  answered for good, and the order moves past it.
+
+Time-based duties (the inter-frame timeout, expiring holds) happen in ``poll(now)``; a serving loop calls it when
+``wake_at()`` comes.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -32,6 +47,13 @@ from firmware_bridge.registers import ERR_BAD_FRAME, ERR_BAD_REQUEST, REGMAP_VER
 
 log = logging.getLogger(__name__)
 
+IDLE_S = 0.05
+"""Inter-frame timeout, seconds: a partial frame with no byte for this long is abandoned."""
+HOLD_S = 2.0
+"""Seconds a request waits for a missing earlier one before it executes anyway."""
+REORDER_WINDOW = 64
+"""How far ahead of the next expected seq a request is held rather than taken as a new order."""
+
 _CONTROLLER_FAULTS = (
     CimError, ArithmeticError, LookupError, ValueError, TypeError, AttributeError, RuntimeError, MemoryError
 )
@@ -46,6 +68,8 @@ class BridgeStats:
     replays: int = 0
     error_replies: int = 0
     dropped: int = 0
+    held: int = 0
+    holds_expired: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """Plain dict for reports."""
@@ -59,21 +83,38 @@ class Bridge:
         controller: what executes the requests.
         max_payload: largest payload accepted and sent, bytes (reported in HELLO).
         replay_depth: replies remembered for retried requests.
+        idle_s: inter-frame timeout, seconds.
+        hold_s: how long requests held behind a missing one wait before executing, seconds.
     """
 
     def __init__(
-        self, controller: Controller, *, max_payload: int = DEFAULT_MAX_PAYLOAD, replay_depth: int = 64
+        self,
+        controller: Controller,
+        *,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        replay_depth: int = 64,
+        idle_s: float = IDLE_S,
+        hold_s: float = HOLD_S,
     ) -> None:
         self.controller = controller
         self.max_payload = max_payload
         self.framer = Framer(max_payload)
         self.stats = BridgeStats()
+        self.idle_s = idle_s
+        self.hold_s = hold_s
         self._replay: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._replay_depth = replay_depth
+        self._last_rx = time.monotonic()
+        self._next: int | None = None
+        self._held: dict[int, tuple[int, bytes]] = {}
+        self._hold_since = 0.0
+        self._nacked: int | None = None
 
     def receive(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Feed received bytes; return the reply frames to send, in order."""
         out: list[bytes] = []
+        if data:
+            self._last_rx = time.monotonic()
         for ev in self.framer.feed(data):
             if isinstance(ev, BadFrame):
                 self.controller.note_error(ERR_BAD_FRAME)
@@ -83,6 +124,8 @@ class Bridge:
                 status = Status.BAD_CRC if ev.reason == "crc" else Status.TOO_LARGE
                 text = f"{ev.reason}: {ev.length}-byte payload (cap {self.max_payload})"
                 out.append(self._error(ev.opcode, ev.seq, status, text))
+                if status not in m.RETRYABLE_STATUS:
+                    out += self._refused(ev.seq)
                 continue
             if ev.is_reply:
                 self.stats.dropped += 1  # a device never acts on replies (e.g. our own echo on a loop)
@@ -90,24 +133,132 @@ class Bridge:
             if ev.version != PROTOCOL_VERSION:
                 text = f"protocol version {ev.version} is not {PROTOCOL_VERSION}"
                 out.append(self._error(ev.opcode, ev.seq, Status.BAD_VERSION, text))
+                out += self._refused(ev.seq)
                 continue
-            key = (ev.seq, zlib.crc32(ev.payload, ev.opcode))
-            cached = self._replay.get(key)
-            if cached is not None:
-                self.stats.replays += 1
-                out.append(cached)
-                continue
-            self.stats.requests += 1
-            status, reply = self._dispatch(ev.opcode, ev.seq, ev.payload)
-            if ev.opcode == Opcode.RESET:
-                self._replay.clear()
-            if status in m.RETRYABLE_STATUS:
-                out.append(reply)
-                continue
-            self._replay[key] = reply
+            out += self._accept(ev.opcode, ev.seq, ev.payload)
+        return out
+
+    def _accept(self, opcode: int, seq: int, payload: bytes) -> list[bytes]:
+        """Execute a request in seq order, hold it behind a missing one, or answer it from the replay cache."""
+        cached = None if opcode == Opcode.HELLO else self._replay.get((seq, zlib.crc32(payload, opcode)))
+        if cached is not None:  # HELLO always runs: it starts a session, even when a host reuses seqs
+            self.stats.replays += 1
+            return [cached]
+        ahead = None if self._next is None else (seq - self._next) & 0xFFFF
+        if ahead and opcode != Opcode.HELLO and 0x10000 - ahead <= REORDER_WINDOW:
+            # a straggler just behind the order (resent after its hold gave up, or after a BUSY): it runs now and
+            # the order stays where it is, so the requests after it are not held for a gap that will not fill
+            return [self._execute(opcode, seq, payload)[0]]
+        if ahead is None or ahead == 0 or opcode == Opcode.HELLO or ahead >= REORDER_WINDOW:
+            # a new order gives up waiting: what is held ahead of the old one and before this seq executes first
+            out = self._give_up(ahead) if ahead else []
+            out.append(self._in_order(opcode, seq, payload))
+            return out + self._drain()
+        if seq not in self._held:
+            self.stats.held += 1
+            if not self._held:
+                self._hold_since = time.monotonic()
+            self._held[seq] = (opcode, payload)
+        if self._nacked == self._next:
+            return []
+        return [self._nack()]
+
+    def _in_order(self, opcode: int, seq: int, payload: bytes) -> bytes:
+        """Execute the request the order is at; the order moves past it unless it did not execute (BUSY)."""
+        reply, executed = self._execute(opcode, seq, payload)
+        if executed:
+            self._set_next((seq + 1) & 0xFFFF)
+        else:  # its retry comes next, and the retryable reply has already asked for it
+            self._next, self._nacked = seq, seq
+        return reply
+
+    def _set_next(self, seq: int) -> None:
+        self._next, self._nacked = seq, None
+
+    def _nack(self) -> bytes:
+        """MISSING for the next expected seq, which held requests wait for."""
+        assert self._next is not None
+        self._nacked = self._next
+        text = f"request seq {self._next} has not arrived; {len(self._held)} later request(s) wait for it"
+        return self._error(0, self._next, Status.MISSING, text)
+
+    def _refused(self, seq: int) -> list[bytes]:
+        """A final refusal before execution (TOO_LARGE, BAD_VERSION) answers ``seq``: the order moves past it."""
+        if seq != self._next:
+            return []
+        self._set_next((seq + 1) & 0xFFFF)
+        return self._drain()
+
+    def _give_up(self, limit: int) -> list[bytes]:
+        """Execute, in order, the held requests fewer than ``limit`` seqs ahead of the next expected one."""
+        nxt = self._next
+        assert nxt is not None
+        out = []
+        for seq in sorted(self._held, key=lambda s: (s - nxt) & 0xFFFF):
+            if (seq - nxt) & 0xFFFF >= limit:
+                break
+            opcode, payload = self._held.pop(seq)
+            out.append(self._execute(opcode, seq, payload)[0])
+        if out:
+            self.stats.holds_expired += 1
+        return out
+
+    def _drain(self) -> list[bytes]:
+        out = []
+        while self._next in self._held:
+            seq = self._next
+            opcode, payload = self._held.pop(seq)
+            out.append(self._in_order(opcode, seq, payload))
+            if self._next == seq:
+                break  # BUSY: it did not execute; the requests after it wait for its retry
+        if self._held:
+            self._hold_since = time.monotonic()
+            if self._nacked != self._next:  # another gap: what is behind it waits, and the host is told at once
+                out.append(self._nack())
+        return out
+
+    def _execute(self, opcode: int, seq: int, payload: bytes) -> tuple[bytes, bool]:
+        """Dispatch one request; returns its reply and whether it executed (False: a retryable refusal)."""
+        self.stats.requests += 1
+        status, reply = self._dispatch(opcode, seq, payload)
+        if opcode in (Opcode.RESET, Opcode.HELLO):  # a new session: nothing before it may be answered from memory
+            self._replay.clear()
+        if status not in m.RETRYABLE_STATUS:
+            self._replay[(seq, zlib.crc32(payload, opcode))] = reply
             if len(self._replay) > self._replay_depth:
                 self._replay.popitem(last=False)
-            out.append(reply)
+        return reply, status not in m.RETRYABLE_STATUS
+
+    def wake_at(self) -> float | None:
+        """Monotonic time at which ``poll`` next has something to do (None: nothing pending)."""
+        times = []
+        if self.framer.pending:
+            times.append(self._last_rx + self.idle_s)
+        if self._held:
+            times.append(self._hold_expiry())
+        return min(times) if times else None
+
+    def _hold_expiry(self) -> float:
+        # a hold lasts hold_s past its start or the last byte received, whichever is later: on a slow line the
+        # missing request may still be on its way
+        return max(self._hold_since, self._last_rx) + self.hold_s
+
+    def poll(self, now: float | None = None) -> list[bytes]:
+        """Do the time-based duties that are due; return reply frames to send.
+
+        A partial frame with no byte for ``idle_s`` is abandoned (requests behind it are decoded); requests held
+        for ``hold_s`` behind a missing one give up waiting and execute in order.
+        """
+        now = time.monotonic() if now is None else now
+        out: list[bytes] = []
+        if self.framer.pending and now >= self._last_rx + self.idle_s:  # the same sums as wake_at
+            while self.framer.pending:
+                out += self.idle()
+        if self._held and now >= self._hold_expiry():
+            self.stats.holds_expired += 1
+            assert self._next is not None
+            self._set_next(min(self._held, key=lambda s: (s - self._next) & 0xFFFF))  # type: ignore[operator]
+            out += self._drain()
         return out
 
     def idle(self) -> list[bytes]:

@@ -62,9 +62,12 @@ class Status(IntEnum):
     BAD_REGISTER = 8
     READ_ONLY = 9
     INTERNAL = 10
+    MISSING = 11
+    """The request with this seq never arrived and later ones wait for it: send it again. The reply's opcode is
+    0 (the device cannot know the missing request's opcode)."""
 
 
-RETRYABLE_STATUS = frozenset({Status.BAD_CRC, Status.BUSY})
+RETRYABLE_STATUS = frozenset({Status.BAD_CRC, Status.BUSY, Status.MISSING})
 """Statuses that mean "send it again": the request never executed."""
 
 MACRO_SPEC = cs.Struct(

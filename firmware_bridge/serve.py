@@ -18,13 +18,10 @@ import select
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from firmware_bridge.bridge import Bridge
 from firmware_bridge.errors import ConfigError
 
-IDLE_TIMEOUT_S = 0.05
-"""Inter-frame timeout: a partial frame idle this long is abandoned (seconds)."""
 FIFO_BYTES = 16 * 1024
 """Default UART DMA FIFO per direction, bytes: the line runs on this long while the controller is busy."""
 CHUNK = 64 * 1024
@@ -58,15 +55,6 @@ class _Bucket:
         return max(0.0, (1.0 - self.tokens) / self.rate)
 
 
-@dataclass
-class ServeStats:
-    """What one serve call moved."""
-
-    bytes_in: int = 0
-    bytes_out: int = 0
-    idle_drops: int = 0
-
-
 def serve_fd(
     bridge: Bridge,
     fd_in: int,
@@ -75,7 +63,6 @@ def serve_fd(
     stop: threading.Event | Callable[[], bool] | None = None,
     baud: int | None = None,
     poll_s: float = 0.1,
-    idle_timeout_s: float = IDLE_TIMEOUT_S,
     fifo_bytes: int = FIFO_BYTES,
 ) -> str:
     """Serve the bridge on ``fd_in``/``fd_out`` (the same descriptor when ``fd_out`` is None).
@@ -102,14 +89,13 @@ def serve_fd(
     rx = _Bucket(rate, burst) if rate else None
     tx = _Bucket(rate, burst) if rate else None
     outq = bytearray()
-    last_rx = time.monotonic()
-    stats = ServeStats()
     while not stopped():
         rx_ok = rx is None or rx.available() >= 1
         tx_ok = bool(outq) and (tx is None or tx.available() >= 1)
         timeout = poll_s
-        if bridge.framer.pending:
-            timeout = min(timeout, max(0.0, last_rx + idle_timeout_s - time.monotonic()))
+        wake = bridge.wake_at()
+        if wake is not None:
+            timeout = min(timeout, max(0.0, wake - time.monotonic()))
         if rx is not None and not rx_ok:
             timeout = min(timeout, rx.wait_s())
         if tx is not None and outq and not tx_ok:
@@ -141,14 +127,11 @@ def serve_fd(
             if data:
                 if rx is not None:
                     rx.take(len(data))
-                stats.bytes_in += len(data)
-                last_rx = time.monotonic()
                 for reply in bridge.receive(data):
                     outq += reply
-        elif bridge.framer.pending and time.monotonic() - last_rx >= idle_timeout_s:
-            outq += b"".join(bridge.idle())
-            stats.idle_drops += 1
-            last_rx = time.monotonic()
+        wake = bridge.wake_at()
+        if wake is not None and time.monotonic() >= wake:
+            outq += b"".join(bridge.poll())
         if writable and outq:
             n = len(outq) if tx is None else min(len(outq), tx.available())
             try:
@@ -159,6 +142,5 @@ def serve_fd(
                 return "eof"
             if tx is not None:
                 tx.take(sent)
-            stats.bytes_out += sent
             del outq[:sent]
     return "stopped"

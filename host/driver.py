@@ -7,10 +7,11 @@ Transactions (the transaction layer of pymodbus, in spirit):
 - every request gets a fresh ``seq``; bulk calls keep up to ``window`` frames in flight, so the line rate, not
   round trips, sets the pace;
 - a reply is matched by ``seq``; stale or duplicate replies are counted and ignored;
-- the device executes requests in the order it receives them, so a reply for a later request means an earlier one
-  (or its reply) was lost: that request is sent again at once (fast retransmit). A BAD_CRC reply (the device saw a
-  damaged frame) is also resent at once. The device's replay cache answers a resent request from memory, so nothing
-  executes twice;
+- the device executes requests in seq order, exactly once: it holds a request that arrives ahead of a missing
+  one and answers MISSING for the gap, and the missing request is sent again at once; a BAD_CRC reply (the device
+  saw a damaged frame) is resent at once too. Replies come in seq order, so a reply for a later request means an
+  earlier reply was lost: that request is resent (fast retransmit) and the device's replay cache answers it from
+  memory. Link faults therefore change neither what executes nor in which order;
 - a request with no progress for ``timeout`` seconds (no reply, no partial reply growing) is resent; after
   ``retries`` resends ``CimTimeoutError`` reports what was outstanding and the last frames on the wire. Each call
   also has an overall deadline, so no call waits forever whatever arrives;
@@ -473,13 +474,16 @@ class Chip:
             if data:
                 self.stats.bytes_in += len(data)
                 events = self._framer.feed(data)
-                if self._framer.pending > partial:
-                    # a reply is arriving: that is progress for whatever is outstanding
-                    for q in pending.values():
-                        q.deadline = max(q.deadline, now + self.timeout)
+                growing = self._framer.pending > partial
                 partial = self._framer.pending
+                before = done
                 for ev in events:
                     done += self._on_event(ev, pending, results, now)
+                if growing or done > before:
+                    # a reply arrived or is arriving: the device is working through the window, so whatever is
+                    # still outstanding gets another timeout from now
+                    for q in pending.values():
+                        q.deadline = max(q.deadline, now + self.timeout)
             # checked whether or not bytes came: a peer sending only garbage must not postpone resends
             if pending:
                 oldest = min(pending.values(), key=lambda q: q.order)
@@ -500,6 +504,11 @@ class Chip:
         self.stats.frames_in += 1
         self.wire.add(f"<- {m.opcode_name(ev.opcode)} seq={ev.seq} status={_status_name(ev.status)} len={len(ev.payload)}")
         p = pending.get(ev.seq)
+        if ev.status == Status.MISSING and ev.is_reply and p is not None:
+            # the device holds later requests until this one arrives (it cannot know its opcode)
+            self.stats.nacks += 1
+            self._resend(p, now, 0, "the device never received it")
+            return 0
         if not ev.is_reply or p is None or ev.opcode != (p.opcode | REPLY_FLAG):
             self.stats.stale_replies += 1
             return 0

@@ -12,7 +12,7 @@
 
 ``write`` feeds the bytes to a ``firmware_bridge.bridge.Bridge`` in front of the twin's controller and queues
 the reply frames it returns; ``read`` hands the queued bytes out. A partial request that has waited longer than
-``IDLE_S`` is abandoned (the bridge's inter-frame timeout), so a truncated frame cannot wedge the link.
+the bridge's inter-frame timeout is abandoned (``Bridge.poll``), so a truncated frame cannot wedge the link.
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from host.links.url import int_param, parse_params
 ControllerFactory = Callable[[str, int, dict[str, str]], Controller]
 """``(profile, seed, overrides) -> Controller``; overrides are the URL's other query keys, values as text."""
 
-IDLE_S = 0.05
-"""Inter-frame timeout, seconds: a partial request older than this is dropped by the bridge."""
 
 DEFAULT_PROFILE = "default"
 MIN_PAYLOAD = 256
@@ -85,12 +83,10 @@ class SimLink(Link):
         self.bridge = Bridge(self.controller, max_payload=max_payload)
         self._cond = threading.Condition()
         self._rx = bytearray()
-        self._last_feed = time.monotonic()
 
     def _write(self, data: memoryview) -> None:
         with self._cond:
             replies = self.bridge.receive(data)
-            self._last_feed = time.monotonic()
             if replies:
                 self._rx += b"".join(replies)
                 self._cond.notify_all()
@@ -104,24 +100,17 @@ class SimLink(Link):
                     del self._rx[:max_bytes]
                     return out
                 now = time.monotonic()
-                pending = self.bridge.framer.pending > 0
-                if pending and now - self._last_feed >= IDLE_S:
-                    self._drop_partials()
+                wake = self.bridge.wake_at()
+                if wake is not None and now >= wake:
+                    # the bridge's inter-frame timeout or a hold expired: replies may come of it
+                    self._rx += b"".join(self.bridge.poll(now))
                     continue
                 left = deadline - now
                 if left <= 0:
                     return b""
-                if pending:
-                    left = min(left, self._last_feed + IDLE_S - now)
+                if wake is not None:
+                    left = min(left, wake - now)
                 self._cond.wait(max(left, 0.0))
-
-    def _drop_partials(self) -> None:
-        # Every buffered byte is older than IDLE_S: abandon partial frames until none is left, replying to any
-        # complete frame found behind one.
-        while self.bridge.framer.pending:
-            replies = self.bridge.idle()
-            if replies:
-                self._rx += b"".join(replies)
 
     def _close(self) -> None:
         with self._cond:

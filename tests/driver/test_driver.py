@@ -237,3 +237,51 @@ def test_a_peer_streaming_garbage_still_times_out_on_schedule() -> None:
         chip.identify()
     assert time.monotonic() - t0 < 0.5  # resends on schedule, not at the call's far deadline
     assert chip.stats.retries == 2
+
+
+class _SlowDeviceLink:
+    """The ideal twin behind a bridge that finishes one request every ``per_request_s`` seconds, in order."""
+
+    url = "slow://"
+    rate_hint = None
+
+    def __init__(self, per_request_s: float) -> None:
+        import chip_sim
+        from firmware_bridge.bridge import Bridge
+
+        self.bridge = Bridge(chip_sim.make_twin("ideal", 0, {}))
+        self.per_request_s = per_request_s
+        self.queue: list[tuple[float, bytes]] = []
+        self.busy_until = time.monotonic()
+
+    def write(self, data: bytes) -> None:
+        for reply in self.bridge.receive(data):
+            self.busy_until = max(self.busy_until, time.monotonic()) + self.per_request_s
+            self.queue.append((self.busy_until, reply))
+
+    def read(self, max_bytes: int, timeout: float) -> bytes:
+        end = time.monotonic() + timeout
+        while True:
+            now = time.monotonic()
+            if self.queue and self.queue[0][0] <= now:
+                return self.queue.pop(0)[1]
+            nxt = self.queue[0][0] if self.queue else end
+            if now >= end:
+                return b""
+            time.sleep(max(0.0, min(nxt, end) - now))
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_device_working_through_a_full_window_is_not_retried() -> None:
+    """8 requests in flight, each taking 0.15 s: the last answers 1.2 s after it was sent, past a 0.5 s timeout,
+    but replies keep coming, so nothing is resent."""
+    chip = Chip(_SlowDeviceLink(0.15), timeout=0.5, window=8)  # type: ignore[arg-type]
+    spec = chip.spec
+    x = np.random.default_rng(0).integers(0, spec.input_max + 1, size=(16 * 8, spec.rows))
+    w = np.zeros((spec.rows, spec.cols), dtype=np.int64)
+    chip.mac(x)
+    assert chip.stats.frames_out >= 8
+    assert chip.stats.retries == 0
+    np.testing.assert_array_equal(chip.mac(x[:1]), (x[:1] @ w))

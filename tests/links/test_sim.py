@@ -12,7 +12,8 @@ from firmware_bridge.errors import ConfigError
 from firmware_bridge.frame import DEFAULT_MAX_PAYLOAD, REPLY_FLAG, encode_frame
 from firmware_bridge.messages import Opcode, Status
 from host.links import open_link
-from host.links.sim import IDLE_S, SimLink
+from firmware_bridge.bridge import IDLE_S
+from host.links.sim import SimLink
 from links_fakes import SMALL_SPEC, FakeController, fake_factory, frames_in, ping_traffic, read_exactly
 
 

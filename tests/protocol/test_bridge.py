@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
 import zlib
 from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from protocol_fakes import SMALL_SPEC
 
@@ -48,12 +50,15 @@ def one(bridge, data: bytes, decode) -> Frame:
 
 @pytest.fixture
 def programmed(make_bridge, decode):
-    """A bridge whose controller holds random weights and SCRATCH = 0x1234."""
+    """A bridge whose controller holds random weights and SCRATCH = 0x1234; the next request in order is seq 1.
+
+    The set-up requests are seqs 0xFFFF and 0: the device's order wraps from 65535 to 0.
+    """
     bridge, ctl = make_bridge()
     rng = np.random.default_rng(7)
     w = rng.integers(SPEC.weight_min, SPEC.weight_max + 1, size=(SPEC.rows, SPEC.cols))
-    assert one(bridge, weights_frame(100, 0, w), decode).status == Status.OK
-    assert one(bridge, req(Opcode.WRITE_REG, 101, addr=SCRATCH, value=0x1234), decode).status == Status.OK
+    assert one(bridge, weights_frame(0xFFFF, 0, w), decode).status == Status.OK
+    assert one(bridge, req(Opcode.WRITE_REG, 0, addr=SCRATCH, value=0x1234), decode).status == Status.OK
     ctl.calls.clear()
     ctl.noted.clear()
     return bridge, ctl, w
@@ -95,7 +100,7 @@ def test_weights_mac_and_mac_raw_match_numpy(programmed, decode) -> None:
     # MAC_RAW converts only the row groups (16 rows each) that hold driven rows
     for seq, (r0, n, groups) in enumerate([(4, 20, 2), (0, SPEC.rows, 2), (16, 16, 1), (3, 5, 1), (15, 2, 2)]):
         xs = x[:, :n]
-        r = one(bridge, mac_frame(10 + seq, xs, row_start=r0, raw=True), decode)
+        r = one(bridge, mac_frame(3 + seq, xs, row_start=r0, raw=True), decode)
         raw = m.parse_reply(Opcode.MAC_RAW, r.payload)
         shape = (6, SPEC.n_planes, groups, SPEC.n_slices, SPEC.cols)
         assert len(raw.data) == np.prod(shape) * SPEC.code_dtype.itemsize
@@ -273,9 +278,10 @@ def test_error_path_leaves_state_unchanged(make_bridge, decode, frame: bytes, st
     bridge, ctl = make_bridge(max_payload=256)
     rng = np.random.default_rng(3)
     w = rng.integers(SPEC.weight_min, SPEC.weight_max + 1, size=(SPEC.rows, SPEC.cols))
-    for r0 in range(0, SPEC.rows, 16):
-        assert one(bridge, weights_frame(r0, r0, w[r0 : r0 + 16]), decode).status == Status.OK
-    assert one(bridge, req(Opcode.WRITE_REG, 40, addr=SCRATCH, value=0xBEEF), decode).status == Status.OK
+    # seqs 47, 48, 49: the bad request (seq 50) is the one the device's order is at
+    for i, r0 in enumerate(range(0, SPEC.rows, 16)):
+        assert one(bridge, weights_frame(47 + i, r0, w[r0 : r0 + 16]), decode).status == Status.OK
+    assert one(bridge, req(Opcode.WRITE_REG, 49, addr=SCRATCH, value=0xBEEF), decode).status == Status.OK
     setup = dict(setup)
     controller_asked = setup.pop("asks", False)
     for key, value in setup.items():
@@ -290,14 +296,19 @@ def test_error_path_leaves_state_unchanged(make_bridge, decode, frame: bytes, st
     if not controller_asked:  # refused by the bridge before the controller was called
         assert len(ctl.calls) == n_calls, ctl.calls[n_calls:]
 
-    # the connection is still usable: the next valid requests work and see the old state
+    # the connection is still usable: the next valid requests work and see the old state. A retryable refusal
+    # (BAD_CRC, BUSY) keeps seq 50 expected, so the host's next request there is 50; any other answers it for good.
+    seq = 50 if status in m.RETRYABLE_STATUS else 51
     for r0 in range(0, SPEC.rows, 16):
-        r = one(bridge, req(Opcode.READ_WEIGHTS, 51 + r0, row_start=r0, n_rows=16), decode)
-        assert r.status == Status.OK
+        r = one(bridge, req(Opcode.READ_WEIGHTS, seq, row_start=r0, n_rows=16), decode)
+        assert (r.seq, r.status) == (seq, Status.OK)
         back = np.frombuffer(m.parse_reply(Opcode.READ_WEIGHTS, r.payload).data, SPEC.weight_dtype)
         np.testing.assert_array_equal(back.reshape(16, SPEC.cols), w[r0 : r0 + 16])
-    r = one(bridge, req(Opcode.READ_REG, 99, addr=SCRATCH), decode)
+        seq += 1
+    r = one(bridge, req(Opcode.READ_REG, seq, addr=SCRATCH), decode)
+    assert (r.seq, r.status) == (seq, Status.OK)
     assert m.parse_reply(Opcode.READ_REG, r.payload).value == 0xBEEF
+    assert bridge.wake_at() is None, "nothing is left waiting"
 
 
 @pytest.mark.parametrize(
@@ -326,14 +337,14 @@ def test_error_text_fits_the_payload_cap(make_bridge, decode) -> None:
 # ---- replay cache --------------------------------------------------------------------------------------------
 def test_retried_request_is_answered_from_memory(programmed, decode) -> None:
     bridge, ctl, _ = programmed
-    write = req(Opcode.WRITE_REG, 7, addr=SCRATCH, value=42)
+    write = req(Opcode.WRITE_REG, 1, addr=SCRATCH, value=42)
     first = bridge.receive(write)
     assert bridge.receive(write) == first
     assert ctl.count("write_reg") == 1 and bridge.stats.replays == 1
 
     x = np.random.default_rng(5).integers(0, SPEC.input_max + 1, size=(3, SPEC.rows))
     for raw in (False, True):
-        mac = mac_frame(8 + raw, x, raw=raw)
+        mac = mac_frame(2 + raw, x, raw=raw)
         first = bridge.receive(mac)
         assert bridge.receive(mac) == first == bridge.receive(mac)
     assert ctl.count("mac") == 1 and ctl.count("mac_raw") == 1 and ctl.ops == 6
@@ -341,13 +352,13 @@ def test_retried_request_is_answered_from_memory(programmed, decode) -> None:
 
 def test_same_seq_with_different_bytes_executes(programmed, decode) -> None:
     bridge, ctl, _ = programmed
-    one(bridge, req(Opcode.WRITE_REG, 7, addr=SCRATCH, value=1), decode)
-    r = one(bridge, req(Opcode.WRITE_REG, 7, addr=SCRATCH, value=2), decode)
+    one(bridge, req(Opcode.WRITE_REG, 1, addr=SCRATCH, value=1), decode)
+    r = one(bridge, req(Opcode.WRITE_REG, 1, addr=SCRATCH, value=2), decode)
     assert m.parse_reply(Opcode.WRITE_REG, r.payload).value == 2
     assert ctl.count("write_reg") == 2 and ctl.regs[SCRATCH] == 2
     # same seq and payload but another opcode is another request too
-    one(bridge, req(Opcode.PING, 9, payload=b"\x03\x00"), decode)
-    r = one(bridge, req(Opcode.READ_REG, 9, addr=3), decode)
+    one(bridge, req(Opcode.PING, 2, payload=b"\x03\x00"), decode)
+    r = one(bridge, req(Opcode.READ_REG, 2, addr=3), decode)
     assert r.opcode == Opcode.READ_REG | REPLY_FLAG and ctl.count("read_reg") == 1
 
 
@@ -380,7 +391,7 @@ def test_replay_memory_is_bounded(make_bridge, decode) -> None:
 def test_busy_reply_is_not_remembered(programmed, decode) -> None:
     bridge, ctl, w = programmed
     x = np.full((2, SPEC.rows), 3)
-    mac = mac_frame(20, x)
+    mac = mac_frame(1, x)
     ctl.busy_next = 1
     r = one(bridge, mac, decode)
     assert r.status == Status.BUSY and Status.BUSY in m.RETRYABLE_STATUS
@@ -388,7 +399,7 @@ def test_busy_reply_is_not_remembered(programmed, decode) -> None:
     assert r.status == Status.OK and ctl.count("mac") == 2 and ctl.ops == 2
     y = np.frombuffer(m.parse_reply(Opcode.MAC, r.payload).data, SPEC.output_dtype).reshape(2, SPEC.cols)
     np.testing.assert_array_equal(y, x @ w)
-    assert bridge.receive(mac) == [encode_frame(Opcode.MAC | REPLY_FLAG, 20, r.payload)]
+    assert bridge.receive(mac) == [encode_frame(Opcode.MAC | REPLY_FLAG, 1, r.payload)]
     assert ctl.count("mac") == 2
 
 
@@ -461,14 +472,35 @@ def request_frames(draw: st.DrawFn, seq: int) -> bytes:
 
 
 @st.composite
-def streams(draw: st.DrawFn) -> tuple[list[bytes], list[bool], list[bytes], int]:
+def streams(draw: st.DrawFn) -> tuple[list[bytes], list[tuple[int, int] | None], list[bytes], int]:
+    """Requests at consecutive seqs; for each, None or the (byte index, XOR mask) that damages it; the garbage
+    before, between and after them; the size of the reads."""
     n = draw(st.integers(1, 6))
     base = draw(st.integers(0, 0xFFFF))
     frames = [draw(request_frames((base + i) & 0xFFFF)) for i in range(n)]
-    damaged = [draw(st.booleans()) and draw(st.booleans()) for _ in range(n)]  # about one in four
+    damage = [
+        (draw(st.integers(0, len(f) - 1)), draw(st.integers(1, 255)))
+        if draw(st.booleans()) and draw(st.booleans())  # about one in four
+        else None
+        for f in frames
+    ]
     junk_piece = st.binary(max_size=24) | st.sampled_from([SYNC, SYNC[:1], SYNC + b"\x01", b"\x3c"])
     junk = [b"".join(draw(st.lists(junk_piece, max_size=3))) for _ in range(n + 1)]
-    return frames, damaged, junk, draw(st.integers(1, 97))
+    return frames, damage, junk, draw(st.integers(1, 97))
+
+
+def _written(seqs: range, hello_at: int | None = None) -> list[bytes]:
+    """WRITE_REG SCRATCH = i at consecutive seqs (HELLO at index ``hello_at``), for explicit stream examples."""
+    return [
+        req(Opcode.HELLO, s & 0xFFFF)
+        if i == hello_at
+        else req(Opcode.WRITE_REG, s & 0xFFFF, addr=SCRATCH, value=i)
+        for i, s in enumerate(seqs)
+    ]
+
+
+_IN_PAYLOAD = (HEADER_SIZE + 1, 0x40)  # damage that keeps the header: the device answers BAD_CRC
+_IN_HEADER = (5, 0x01)  # damage to the seq: the header CRC fails, the frame is never seen
 
 
 def _normal(frame: Frame) -> Any:
@@ -484,48 +516,87 @@ def _normal(frame: Frame) -> Any:
     return frame
 
 
+def _renumbered(frame: bytes, seq: int) -> bytes:
+    """The same request at another seq."""
+    (f,) = Framer().feed(frame)
+    return encode_frame(f.opcode, seq, f.payload, version=f.version)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=NO_HYPOTHESIS_FIXTURE_CHECK)
-@given(stream=streams(), data=st.data())
-def test_bridge_survives_any_byte_stream(make_bridge, stream, data: st.DataObject) -> None:
-    frames, damaged, junk, chunk = stream
+@given(stream=streams())
+# a HELLO after a request held behind a lost one; two gaps, the second reported when the first expires (and the
+# order wraps); a run of two lost requests
+@example(stream=(_written(range(7, 12), hello_at=3), [None, _IN_PAYLOAD, None, None, None], [b""] * 6, 13))
+@example(stream=(_written(range(0xFFFD, 0x10002)), [None, _IN_HEADER, None, _IN_PAYLOAD, None], [b""] * 6, 64))
+@example(stream=(_written(range(3, 8)), [None, _IN_HEADER, _IN_PAYLOAD, None, None], [b"\xa7"] * 6, 1))
+def test_bridge_survives_any_byte_stream(make_bridge, stream) -> None:
+    """Requests at consecutive seqs, some damaged, garbage between them, cut into reads of any size.
+
+    A damaged request never arrives, so the valid ones after it wait (held) until their hold expires. After that,
+    every valid request has executed exactly once and in seq order: the controller sees exactly the calls of a
+    clean run of the valid requests alone, and each has exactly one reply (besides MISSING), equal to the clean
+    run's. A damaged request gets at most a BAD_CRC (if its header survived) and at most one MISSING, which only
+    ever names the first of a run of lost seqs.
+    """
+    frames, damage, junk, chunk = stream
+    damaged = [d is not None for d in damage]
     sent = bytearray(junk[0])
-    for frame, bad, tail in zip(frames, damaged, junk[1:], strict=True):
-        if bad:
+    for frame, hit, tail in zip(frames, damage, junk[1:], strict=True):
+        if hit is not None:
             frame = bytearray(frame)
-            frame[data.draw(st.integers(0, len(frame) - 1))] ^= data.draw(st.integers(1, 255))
+            frame[hit[0]] ^= hit[1]
         sent += frame + tail
 
     bridge, ctl = make_bridge()
     replies: list[bytes] = []
     for i in range(0, len(sent), chunk):
         replies += bridge.receive(bytes(sent[i : i + chunk]))
-    for _ in range(len(sent)):  # end of stream: inter-frame timeouts until nothing is held
+    for _ in range(len(sent)):  # end of stream: inter-frame timeouts until no partial frame is left
         if not bridge.framer.pending:
             break
         replies += bridge.idle()
     assert bridge.framer.pending == 0
+    for _ in range(len(frames)):  # then the holds expire, one gap at a time
+        if bridge.wake_at() is None:
+            break
+        replies += bridge.poll(now=time.monotonic() + bridge.hold_s + 1)
+    assert bridge.wake_at() is None, "a request is still held"
 
-    # the same valid requests alone, on a fresh device
+    # the reference: the valid requests alone, renumbered to consecutive seqs, on a fresh device
+    seqs = [Framer().feed(f)[0].seq for f in frames]
+    intact = [(seq, f) for seq, f, bad in zip(seqs, frames, damaged, strict=True) if not bad]
+    lost = {seq for seq, bad in zip(seqs, damaged, strict=True) if bad}
     clean_bridge, clean_ctl = make_bridge()
-    intact = [f for f, bad in zip(frames, damaged, strict=True) if not bad]
-    clean = clean_bridge.receive(b"".join(intact))
-    assert all(f.status != Status.INTERNAL for f in Framer().feed(b"".join(clean))), "fake and bridge disagree"
+    renumbered = b"".join(_renumbered(f, i) for i, (_, f) in enumerate(intact))
+    clean = Framer().feed(b"".join(clean_bridge.receive(renumbered)))
+    assert clean_bridge.wake_at() is None and all(f.status != Status.MISSING for f in clean)
+    assert all(f.status != Status.INTERNAL for f in clean), "fake and bridge disagree"
+    assert [f.seq for f in clean] == list(range(len(intact)))
 
-    assert ctl.calls == clean_ctl.calls  # nothing but the valid requests reached the controller
+    assert ctl.calls == clean_ctl.calls  # exactly the valid requests reached the controller, in seq order
     assert ctl.state() == clean_ctl.state()
+    assert bridge.stats.requests == clean_bridge.stats.requests == len(intact)  # each executed once
 
     got = Framer().feed(b"".join(replies))
     assert all(isinstance(r, Frame) and r.is_reply for r in got)
-    want = Framer().feed(b"".join(clean))
-    seqs = [Framer().feed(f)[0].seq for f in frames]
-    for seq, bad in zip(seqs, damaged, strict=True):
-        mine = [r for r in got if r.seq == seq]
-        if bad:  # at most one reply, and only to say the frame arrived damaged
-            assert len(mine) <= 1 and all(r.status == Status.BAD_CRC for r in mine)
-        else:
-            ref = [r for r in want if r.seq == seq]
-            assert len(mine) == 1 and len(ref) == 1
-            assert _normal(mine[0]) == _normal(ref[0])
+    answers = [r for r in got if r.seq in dict(intact) and r.status != Status.MISSING]
+    assert [r.seq for r in answers] == [seq for seq, _ in intact]  # one reply each, in seq order
+    for r, ref in zip(answers, clean, strict=True):
+        assert _normal(r) == _normal(dataclasses.replace(ref, seq=r.seq))
+    for seq in lost:  # at most a BAD_CRC and one MISSING
+        statuses = sorted(r.status for r in got if r.seq == seq)
+        assert statuses in ([], [Status.BAD_CRC], [Status.MISSING], [Status.BAD_CRC, Status.MISSING]), statuses
+    for r in got:
+        if r.status == Status.MISSING:  # names where the order stopped: a lost seq right after an executed one
+            assert r.seq in lost and (r.seq - 1) & 0xFFFF in dict(intact), (r.seq, seqs, damaged)
+            assert (r.opcode, r.payload.decode().startswith(f"request seq {r.seq} ")) == (REPLY_FLAG, True)
+    # the first gap after the order began is reported at once when a valid request other than HELLO follows it
+    first = next((i for i, bad in enumerate(damaged) if not bad), len(frames))
+    gap = next((i for i in range(first, len(frames)) if damaged[i]), None)
+    if gap is not None:
+        after = next((i for i in range(gap, len(frames)) if not damaged[i]), None)
+        if after is not None and frames[after][3] != Opcode.HELLO:
+            assert any(r.seq == seqs[gap] and r.status == Status.MISSING for r in got)
     # replies to anything else can only be to forged headers in the garbage
     others = [r for r in got if r.seq not in seqs]
     assert all(r.status in (Status.BAD_CRC, Status.TOO_LARGE) for r in others)
