@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from importlib import metadata
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,6 +39,7 @@ from chip_sim.rng import check_seed
 from firmware_bridge.controller import Controller, Counters, Identity, OpCost
 from firmware_bridge.errmodel import ErrorModel
 from firmware_bridge.errors import DeviceError, ShapeError
+from firmware_bridge.files import package_version
 from firmware_bridge.messages import Status
 from firmware_bridge.registers import BY_ADDR, BY_NAME, REGISTERS
 
@@ -53,13 +53,6 @@ MIN_GEMM_ROWS = 64
 RECOMBINE_ELEMENTS = 1 << 21
 """Per-plane code sums gathered before one ``MacroSpec.recombine`` call (its overhead is per call)."""
 _ID_MAX = 255  # HELLO's identity strings are Pascal strings with a one-byte length
-
-
-def _firmware_version() -> str:
-    try:
-        return metadata.version("cimlab")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 @dataclass
@@ -111,7 +104,7 @@ class TwinController(Controller):
         suffix = f"-s{self.seed}"
         room = _ID_MAX - len("twin-") - len(suffix)
         name = self.profile.name.encode("utf-8")[:room].decode("utf-8", "ignore")  # HELLO counts bytes
-        return Identity(f"twin-{name}{suffix}", f"cimlab-twin {_firmware_version()}", "twin")
+        return Identity(f"twin-{name}{suffix}", f"cimlab-twin {package_version()}", "twin")
 
     def _reset_state(self) -> None:
         a = self.profile.analog

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from firmware_bridge.errors import ArtifactError, ConfigError, ShapeError
+from firmware_bridge.files import atomic_path
 from firmware_bridge.spec import MacroSpec
 
 FORMAT = "cimlab.errmodel"
@@ -170,16 +170,8 @@ class ErrorModel:
         """Write the ``.npz`` atomically (temporary file in the same folder, then ``os.replace``)."""
         target = Path(path)
         meta = np.array(json.dumps(self.meta(), sort_keys=True))
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, counts=self.counts, meta=meta)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(target) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, counts=self.counts, meta=meta)
         return target
 
     @classmethod

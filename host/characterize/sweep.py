@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from firmware_bridge.errmodel import count_conversions
 from firmware_bridge.errors import ArtifactError, ConfigError, DeviceError
+from firmware_bridge.files import package_version
 from firmware_bridge.spec import MacroSpec
 from host.characterize.plan import Plan, PlanOptions
 from host.characterize.store import BatchRecord, Condition, MeasurementStore
@@ -41,14 +41,6 @@ if TYPE_CHECKING:
 MODEL_NAME = "dmacem.npz"
 SAMPLE_PERIOD_S = 0.05
 """Shortest interval between two supply-current readings during a batch, seconds."""
-
-
-def software_version() -> str:
-    """The installed cimlab version."""
-    try:
-        return metadata.version("cimlab")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 def conditions_from_vdd(vdd_volts: list[float] | None) -> list[Condition]:
@@ -104,7 +96,7 @@ def store_meta(chip: Chip, plan: Plan, conditions: list[Condition], link_url: st
                instrument: dict[str, Any] | None) -> dict[str, Any]:
     """The run metadata written when a store is created."""
     return {
-        "software_version": software_version(),
+        "software_version": package_version(),
         "hello": chip.hello.as_dict(),
         "spec": chip.spec.to_dict(),
         "plan": plan.to_dict(),
@@ -213,7 +205,7 @@ class SweepRunner:
         total = len(self.conditions) * plan.n_batches
         result = SweepResult(batches_total=total, batches_done=total - len(todo))
         self.store.log("resume" if result.batches_done else "start",
-                       f"{len(todo)} of {total} batches to run; software {software_version()}")
+                       f"{len(todo)} of {total} batches to run; software {package_version()}")
         t_start = time.perf_counter()
         with ExitStack() as stack:
             progress = stack.enter_context(self._progress(total, result.batches_done))
@@ -425,7 +417,6 @@ __all__ = [
     "conditions_from_vdd",
     "energy_summary",
     "model_for_condition",
-    "software_version",
     "store_meta",
     "write_models",
 ]

@@ -40,16 +40,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from firmware_bridge.errors import ArtifactError, ConfigError, ShapeError, VersionMismatch
+from firmware_bridge.files import atomic_path, package_version
 from firmware_bridge.spec import MacroSpec
 from host.deploy.schedule import Schedule
 
@@ -70,13 +69,6 @@ def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
         h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
         h.update(a.tobytes())
     return h.hexdigest()
-
-
-def _version() -> str:
-    try:
-        return metadata.version("cimlab")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 @dataclass
@@ -209,19 +201,10 @@ class DeployPackage:
         manifest = {**self.manifest, "format": FORMAT, "version": VERSION, "spec": self.spec.to_dict(),
                     "schedule": self.schedule.to_dict(), "rows_written_per_pass": self.rows_written_per_pass(),
                     "layers": [lp.manifest_entry() for lp in self.layers.values()], "digital": DIGITAL,
-                    "arrays_sha256": arrays_sha256(arrays), "created_by": f"cimlab {_version()}"}
+                    "arrays_sha256": arrays_sha256(arrays), "created_by": f"cimlab {package_version()}"}
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, manifest=np.array(json.dumps(manifest, sort_keys=True)), **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(target) as tmp, open(tmp, "wb") as f:
+            np.savez(f, manifest=np.array(json.dumps(manifest, sort_keys=True)), **arrays)
         self.manifest = manifest
         self.path = target
         return target

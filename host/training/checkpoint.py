@@ -22,15 +22,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from firmware_bridge.errors import ArtifactError, ConfigError
+from firmware_bridge.files import atomic_path, package_version
 from firmware_bridge.spec import MacroSpec
 
 FORMAT = "cimlab.checkpoint"
@@ -47,13 +46,6 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
         h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def _version() -> str:
-    try:
-        return metadata.version("cimlab")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 @dataclass
@@ -99,18 +91,11 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, manifest: d
 
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()}
     full = {"format": FORMAT, "version": VERSION, "spec": None, "quantizer": None, "error_model": None,
-            **manifest, "tensors_sha256": tensors_sha256(tensors), "created_by": f"cimlab {_version()}"}
+            **manifest, "tensors_sha256": tensors_sha256(tensors), "created_by": f"cimlab {package_version()}"}
     text = json.dumps(full, sort_keys=True)
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={MANIFEST_KEY: text})
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp), metadata={MANIFEST_KEY: text})
     return target
 
 
