@@ -49,8 +49,9 @@ def _pct(v: Any) -> str:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds model, batches and sampled codes.")
 @click.option("--quantizer", "learn", type=click.Choice(LEARN_CHOICES), default="epact", show_default=True,
               help="Input bounds: epact learns lower and upper, pact the upper only, fixed neither.")
-@click.option("--pooled/--per-column", default=True, show_default=True,
-              help="Error model pooled over columns, or one per physical column.")
+@click.option("--pooled/--per-column", default=False, show_default=True,
+              help="Error model pooled over columns, or one per physical column (a chip's gain and offset errors "
+                   "are per column; a pooled model cannot learn them).")
 @click.option("--draws", type=click.IntRange(1, 1000), default=3, show_default=True,
               help="Draws of the error model for the final accuracy.")
 @click.option("--injection", type=click.Choice(("measured", "gaussian")), default="measured", show_default=True,

@@ -192,7 +192,7 @@ def evaluate_model(model: nn.Module, data: TaskData, *, transfer: Transfer | Non
 def train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str | None = None,
               error_model: str | os.PathLike | None = None, link: str | None = None, profile: str | None = None,
               init: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
-              cfg: TrainConfig | None = None, learn: str = "epact", pooled: bool = True, draws: int = 3,
+              cfg: TrainConfig | None = None, learn: str = "epact", pooled: bool = False, draws: int = 3,
               limit: int | None = None, transfer_kind: str = "measured", progress: bool = False,
               timeout: float = 1.0) -> dict[str, Any]:
     """Train and save a checkpoint; returns the results (JSON-friendly)."""
@@ -247,7 +247,7 @@ def evaluate_run(checkpoint: str | os.PathLike, *, error_model: str | os.PathLik
                               "the macro; train it with --mode quant first")
         if pooled is None:
             em = ck.manifest.get("error_model") or {}
-            pooled = bool(em.get("pooled", True))
+            pooled = bool(em.get("pooled", False))
         transfer = Transfer.load(error_model, pooled=pooled, kind=transfer_kind)  # type: ignore[arg-type]
         check_spec(ck.spec, transfer.spec, f"error model {str(error_model)!r}")
     data = load_task(ck.task, data_dir, limit=limit)

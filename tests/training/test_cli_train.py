@@ -39,7 +39,7 @@ def test_float_quant_dnat_and_evaluate_chain(tmp_path: Path, error_model: Path) 
     assert q["spec_source"] == "twin profile 'default'" and "accuracy_ideal" in q
     d = run(["train", "--task", "digits", "--mode", "dnat", "--error-model", str(error_model), "--init",
              q["checkpoint"], "--out", str(tmp_path / "d.ckpt"), "--draws", "2", *QUICK, "--json"])
-    assert d["error_model"]["pooled"] is True and len(d["accuracy_errors"]) == 2
+    assert d["error_model"]["pooled"] is False and len(d["accuracy_errors"]) == 2
     e = run(["evaluate", q["checkpoint"], "--error-model", str(error_model), "--draws", "2", "--limit", "48",
              "--json"])
     assert e["naive"] is True and e["draws"] == 2 and e["test_samples"] == 48
