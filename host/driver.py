@@ -99,6 +99,7 @@ class DriverStats:
     stale_replies: int = 0
     bad_frames: int = 0
     error_replies: int = 0
+    write_stalls: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """Plain dict for reports."""
@@ -114,6 +115,7 @@ class _Pending:
     attempts: int = 0
     order: int = 0
     deadline: float = 0.0
+    first_sent: float = 0.0
 
 
 class Chip:
@@ -154,6 +156,9 @@ class Chip:
         self._seq = int.from_bytes(os.urandom(2), "little")
         self._order = 0
         self._hello: Hello | None = None
+        self._service_s = 0.0  # smoothed seconds between replies while requests are queued (the device's pace)
+        self._last_reply_t: float | None = None
+        self._pending_count = 0  # requests in flight in the current call (a resend's reply comes after theirs)
 
     # ---- life cycle -------------------------------------------------------------------------------------
     @classmethod
@@ -413,15 +418,27 @@ class Chip:
         rate = getattr(self.link, "rate_hint", None)
         return nbytes / rate if rate else 0.0
 
-    def _send(self, p: _Pending, now: float, ahead_bytes: int) -> None:
+    def _send(self, p: _Pending, now: float, ahead_bytes: int, ahead_frames: int = 0) -> None:
         self._order += 1
         p.order = self._order
         p.attempts += 1
-        p.deadline = now + self.timeout + self._wire_s(ahead_bytes + len(p.frame) + p.reply_bytes + OVERHEAD)
-        self.link.write(p.frame)
+        if p.attempts == 1:
+            p.first_sent = now
+        # the device answers in order: this request waits for the frames ahead of it, at the pace it has shown
+        queued = (ahead_frames + 1) * 2.0 * self._service_s
+        backoff = self.timeout * 2 ** min(p.attempts - 1, 6)  # each resend waits twice as long as the last
+        p.deadline = now + backoff + queued + self._wire_s(ahead_bytes + len(p.frame) + p.reply_bytes + OVERHEAD)
+        line = f"-> {m.opcode_name(p.opcode)} seq={_seq_of(p.frame)} len={len(p.frame) - OVERHEAD}"
+        try:
+            self.link.write(p.frame)
+        except CimTimeoutError:
+            # a busy device stopped reading (a pty or socket pushes back): the frame may be cut short, so this
+            # attempt counts as lost and the transaction layer resends it on schedule
+            self.stats.write_stalls += 1
+            line += " (write stalled)"
         self.stats.frames_out += 1
         self.stats.bytes_out += len(p.frame)
-        self.wire.add(f"-> {m.opcode_name(p.opcode)} seq={_seq_of(p.frame)} len={len(p.frame) - OVERHEAD}")
+        self.wire.add(line)
 
     def _resend(self, p: _Pending, now: float, ahead_bytes: int, why: str) -> None:
         if p.attempts > self.retries:
@@ -432,7 +449,7 @@ class Chip:
                 wire=self.wire.lines,
             )
         self.stats.retries += 1
-        self._send(p, now, ahead_bytes)
+        self._send(p, now, ahead_bytes, self._pending_count - 1)
 
     def _run(self, requests: list[tuple[Opcode, bytes, int]]) -> list[Any]:
         """Send requests (opcode, payload, expected reply payload bytes) with a window; return parsed replies."""
@@ -444,7 +461,8 @@ class Chip:
         total_bytes = sum(len(p) + r + 2 * OVERHEAD for _, p, r in requests)
         start = time.monotonic()
         # a backstop past the per-request schedule (which reports first, naming the request)
-        call_deadline = start + ((self.retries + 1) * max(1, n) + 1) * self.timeout + 2 * self._wire_s(total_bytes)
+        attempts_s = self.timeout * sum(2 ** min(i, 6) for i in range(self.retries + 1))  # backed-off attempts
+        call_deadline = start + attempts_s * max(1, n) + self.timeout + 2 * self._wire_s(total_bytes)
         partial = 0
         while done < n:
             now = time.monotonic()
@@ -455,10 +473,11 @@ class Chip:
                     seq = self._next_seq()
                 p = _Pending(next_i, op, encode_frame(op, seq, payload), reply_bytes)
                 ahead = sum(len(q.frame) + q.reply_bytes for q in pending.values())
+                ahead_frames = len(pending)
                 pending[seq] = p
                 self.stats.requests += 1
                 self.stats.payload_out += len(payload)
-                self._send(p, now, ahead)
+                self._send(p, now, ahead, ahead_frames)
                 next_i += 1
             if now > call_deadline:
                 self.stats.timeouts += 1
@@ -467,6 +486,7 @@ class Chip:
                     f"({call_deadline - start:.1f} s; {done} done) on {self.link.url}",
                     wire=self.wire.lines,
                 )
+            self._pending_count = len(pending)
             oldest = min(pending.values(), key=lambda q: q.order)
             wait = max(0.0, min(oldest.deadline, call_deadline) - now)
             data = self.link.read(READ_CHUNK, wait)
@@ -482,8 +502,8 @@ class Chip:
                 if growing or done > before:
                     # a reply arrived or is arriving: the device is working through the window, so whatever is
                     # still outstanding gets another timeout from now
-                    for q in pending.values():
-                        q.deadline = max(q.deadline, now + self.timeout)
+                    for rank, q in enumerate(sorted(pending.values(), key=lambda q: q.order)):
+                        q.deadline = max(q.deadline, now + self.timeout + 2.0 * self._service_s * (rank + 1))
             # checked whether or not bytes came: a peer sending only garbage must not postpone resends
             if pending:
                 oldest = min(pending.values(), key=lambda q: q.order)
@@ -491,6 +511,9 @@ class Chip:
                     if self._framer.drop_partial():
                         partial = 0
                     self._resend(oldest, now, 0, "no reply before the deadline")
+                    # nothing was heard: the others wait as long as the resent one before they are resent too
+                    for q in pending.values():
+                        q.deadline = max(q.deadline, oldest.deadline)
         return results
 
     def _on_event(self, ev: Frame | BadFrame, pending: dict[int, _Pending], results: list[Any], now: float) -> int:
@@ -517,6 +540,10 @@ class Chip:
             self._resend(p, now, 0, f"device answered {_status_name(ev.status)}")
             return 0
         del pending[ev.seq]
+        # the first reply of a busy spell gives its round trip (an overestimate of the pace, which is safe)
+        interval = now - (self._last_reply_t if self._last_reply_t is not None else p.first_sent)
+        self._service_s = interval if self._service_s == 0.0 else 0.8 * self._service_s + 0.2 * interval
+        self._last_reply_t = now if pending else None  # an idle gap is not the device's pace
         # the device answers in order: anything sent before this request and still pending was lost
         for q in sorted(pending.values(), key=lambda q: q.order):
             if q.order < p.order:
