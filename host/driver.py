@@ -544,9 +544,10 @@ class Chip:
         interval = now - (self._last_reply_t if self._last_reply_t is not None else p.first_sent)
         self._service_s = interval if self._service_s == 0.0 else 0.8 * self._service_s + 0.2 * interval
         self._last_reply_t = now if pending else None  # an idle gap is not the device's pace
-        # the device answers in order: anything sent before this request and still pending was lost
-        for q in sorted(pending.values(), key=lambda q: q.order):
-            if q.order < p.order:
+        # the device answers in seq order: a pending request with an earlier seq had its reply lost (a resend
+        # bumps the send order, so only the seq says what came before)
+        for q_seq, q in sorted(pending.items(), key=lambda item: item[1].order):
+            if 0 < ((ev.seq - q_seq) & 0xFFFF) < 0x8000:
                 self.stats.fast_retransmits += 1
                 self._resend(q, now, 0, "a later request was answered first")
         if ev.status != Status.OK:
