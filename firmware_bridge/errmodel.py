@@ -120,7 +120,9 @@ class ErrorModel:
     def merge(self, other: ErrorModel) -> ErrorModel:
         """A model with both models' counts (same MacroSpec required)."""
         if other.spec != self.spec:
-            raise ConfigError("cannot merge error models of different MacroSpecs")
+            raise ArtifactError(
+                f"cannot merge error models of different MacroSpecs: {self.spec.describe()} vs {other.spec.describe()}"
+            )
         return ErrorModel(self.spec, self.counts + other.counts, self.chip_id, dict(self.conditions),
                           {"merged": [self.provenance, other.provenance]})
 
@@ -256,12 +258,21 @@ class CodeSampler:
 
     def __init__(self, spec: MacroSpec, counts: np.ndarray) -> None:
         self.spec = spec
+        if counts.shape != (spec.physical_cols, spec.n_levels, spec.n_codes):
+            raise ShapeError(
+                f"counts have shape {list(counts.shape)}, expected [columns {spec.physical_cols}, levels "
+                f"{spec.n_levels}, codes {spec.n_codes}] for {spec.describe()}"
+            )
         J, L, C = counts.shape
         # rows ordered (level, column) so a row index is s * J + j
         rows = np.ascontiguousarray(counts.astype(np.int64).transpose(1, 0, 2)).reshape(L * J, C)
         totals = rows.sum(axis=1)
         if (totals == 0).any():
-            raise ValueError("every (column, level) row needs counts; use ErrorModel.effective_counts()")
+            j, level = int(np.argmax(totals == 0) % J), int(np.argmax(totals == 0) // J)
+            raise ShapeError(
+                f"column {j}, level {level} has no counts (every row needs some); sample from "
+                "ErrorModel.effective_counts(), which fills empty rows"
+            )
         big = totals > _ROW_TOTAL_CAP
         if big.any():
             scaled = rows[big].astype(object) * _ROW_TOTAL_CAP // totals[big][:, None]

@@ -127,6 +127,21 @@ def test_merge_adds_counts() -> None:
     np.testing.assert_array_equal(a.merge(b).counts, a.counts + b.counts)
 
 
+def test_merge_refuses_another_macro() -> None:
+    other = ErrorModel.empty(SPEC.replace(cols=4))
+    with pytest.raises(ArtifactError, match="different MacroSpecs"):
+        _model(1).merge(other)
+
+
+def test_sampler_names_a_bad_table() -> None:
+    with pytest.raises(ShapeError, match=r"expected \[columns 12"):
+        CodeSampler(SPEC, np.ones((3, SPEC.n_levels, SPEC.n_codes), dtype=np.int64))
+    counts = np.ones((SPEC.physical_cols, SPEC.n_levels, SPEC.n_codes), dtype=np.int64)
+    counts[5, 2] = 0
+    with pytest.raises(ShapeError, match="column 5, level 2 has no counts"):
+        CodeSampler(SPEC, counts)
+
+
 def test_sampler_scalar_equals_vectorised_and_matches_probabilities() -> None:
     model = _model(3, n=20000)
     sampler = model.sampler()
