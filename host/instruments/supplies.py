@@ -93,55 +93,51 @@ class SourceSupply(Instrument):
         self.shutdown()
 
 
-class Keithley2400(SourceSupply):
+class _KeithleySourceMeter(SourceSupply):
+    """What the Keithley 24xx SourceMeters share: ranges, source voltage, output, current measurement."""
+
+    v_min, v_max = -210.0, 210.0
+    i_min, i_max = 1e-9, 1.05
+
+    source_voltage = Instrument.control(
+        ":SOUR:VOLT?", ":SOUR:VOLT %E", "Control the source voltage (V).", validator=Range("v_min", "v_max", "V")
+    )
+    output_enabled = Instrument.control(
+        ":OUTP?", ":OUTP %d", "Control whether the output is on (bool).", validator=boolean, parse=scpi_bool
+    )
+    current = Instrument.measurement(":MEAS:CURR?", "Measure the output current (A); one triggered reading.")
+
+    def configure(self) -> None:
+        self.write(":SOUR:FUNC VOLT")
+        self.write(':SENS:FUNC "CURR"')
+
+
+class Keithley2400(_KeithleySourceMeter):
     """Keithley 2400-series SourceMeter (2400/2401/2410/2420/2425/2430/2440), SCPI mode, front terminals."""
 
     model = "keithley2400"
     idn_pattern = r"KEITHLEY.*MODEL 24[0-4]\d\b"
-    v_min, v_max = -210.0, 210.0
-    i_min, i_max = 1e-9, 1.05
 
-    source_voltage = Instrument.control(
-        ":SOUR:VOLT?", ":SOUR:VOLT %E", "Control the source voltage (V).", validator=Range("v_min", "v_max", "V")
-    )
     current_limit = Instrument.control(
         ":SENS:CURR:PROT?", ":SENS:CURR:PROT %E", "Control the current compliance (A).",
         validator=Range("i_min", "i_max", "A"),
     )
-    output_enabled = Instrument.control(
-        ":OUTP?", ":OUTP %d", "Control whether the output is on (bool).", validator=boolean, parse=scpi_bool
-    )
-    current = Instrument.measurement(":MEAS:CURR?", "Measure the output current (A); one triggered reading.")
 
     def configure(self) -> None:
-        self.write(":SOUR:FUNC VOLT")
-        self.write(':SENS:FUNC "CURR"')
+        super().configure()
         self.write(":FORM:ELEM CURR")
 
 
-class Keithley2450(SourceSupply):
+class Keithley2450(_KeithleySourceMeter):
     """Keithley 2450/2460/2461/2470 SourceMeter in its SCPI command set."""
 
     model = "keithley2450"
     idn_pattern = r"KEITHLEY.*MODEL 24[5-7]\d\b"
-    v_min, v_max = -210.0, 210.0
-    i_min, i_max = 1e-9, 1.05
 
-    source_voltage = Instrument.control(
-        ":SOUR:VOLT?", ":SOUR:VOLT %E", "Control the source voltage (V).", validator=Range("v_min", "v_max", "V")
-    )
     current_limit = Instrument.control(
         ":SOUR:VOLT:ILIM?", ":SOUR:VOLT:ILIM %E", "Control the current limit while sourcing voltage (A).",
         validator=Range("i_min", "i_max", "A"),
     )
-    output_enabled = Instrument.control(
-        ":OUTP?", ":OUTP %d", "Control whether the output is on (bool).", validator=boolean, parse=scpi_bool
-    )
-    current = Instrument.measurement(":MEAS:CURR?", "Measure the output current (A); one triggered reading.")
-
-    def configure(self) -> None:
-        self.write(":SOUR:FUNC VOLT")
-        self.write(':SENS:FUNC "CURR"')
 
 
 class KeysightE36xx(SourceSupply):
