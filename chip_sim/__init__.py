@@ -1,7 +1,7 @@
 """The twin: a cycle-level model of the CIM macro and its controller, served over a pty or TCP.
 
-``make_twin(profile, seed, overrides)`` builds the controller that ``firmware_bridge.bridge.Bridge`` drives;
-profiles are in ``chip_sim.profiles`` (``list_profiles``, ``load_profile``).
+``make_twin(profile, seed, overrides)`` builds the controller that ``cimlab.firmware_bridge.bridge.Bridge`` drives;
+profiles are in ``cimlab.chip_sim.profiles`` (``list_profiles``, ``load_profile``).
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from chip_sim.config import Profile
-from chip_sim.controller import TwinController
-from chip_sim.profiles import list_profiles, load_profile
+from cimlab.chip_sim.config import Profile
+from cimlab.chip_sim.controller import TwinController
+from cimlab.chip_sim.profiles import list_profiles, load_profile
 
 __all__ = ["Profile", "TwinController", "list_profiles", "load_profile", "make_twin"]
 

@@ -8,7 +8,7 @@ mode). Both give bit-identical codes because:
   exact in float32 whatever the summation order, as long as they stay below 2**24 (checked);
 - after that, each conversion is the same short sequence of correctly rounded float32 operations
   (multiply, add, add), then truncation and table look-ups: no transcendental function per conversion;
-- the random items of a vector come from ``chip_sim.rng.VectorStream`` keyed by its global index.
+- the random items of a vector come from ``cimlab.chip_sim.rng.VectorStream`` keyed by its global index.
 
 ``AnalyticConverter``: per-column gain and offset, per-cell variation, stuck compute cells, read noise, and an ADC
 transfer with INL/DNL and clipping shared by all columns (one reference ladder), all depending on VDD and
@@ -18,7 +18,7 @@ of the 65536 quantiles of a normal (a Gaussian truncated at +-4.32 sigma): cheap
 identical scalar or vectorised.
 
 ``DataDrivenConverter``: each code is drawn from the measured P(code | s, column) of a
-``firmware_bridge.errmodel.ErrorModel`` (one 32-bit uniform per conversion).
+``cimlab.firmware_bridge.errmodel.ErrorModel`` (one 32-bit uniform per conversion).
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from chip_sim.config import AnalogParams
-from chip_sim.rng import VectorStream, static_generator
-from firmware_bridge.errmodel import ErrorModel
-from firmware_bridge.errors import ConfigError
-from firmware_bridge.spec import MacroSpec
+from cimlab.chip_sim.config import AnalogParams
+from cimlab.chip_sim.rng import VectorStream, static_generator
+from cimlab.firmware_bridge.errmodel import ErrorModel
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.spec import MacroSpec
 
 SUB_LEVEL = 128
 """Bins per ideal level in the ADC look-up table (threshold resolution 1/128 level)."""

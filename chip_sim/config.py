@@ -8,7 +8,7 @@ Every parameter is a dataclass field whose metadata gives its unit, its allowed 
     mode = "fast"                     # "fast" (vectorised) or "reference" (one clock at a time)
     error_model = ""                  # "" = analytic model; a .npz path = data-driven twin of one measured chip
     base = "ideal"                    # optional: start from another profile (bundled name or path)
-    [spec]    ...                     # firmware_bridge.spec.MacroSpec fields
+    [spec]    ...                     # cimlab.firmware_bridge.spec.MacroSpec fields
     [analog]  ...                     # AnalogParams
     [timing]  ...                     # TimingParams
     [energy]  ...                     # EnergyParams
@@ -31,8 +31,8 @@ from typing import Any
 
 import tomli_w
 
-from firmware_bridge.errors import ConfigError
-from firmware_bridge.spec import MacroSpec
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.spec import MacroSpec
 
 MODES = ("fast", "reference")
 """``fast``: the vectorised path. ``reference``: the controller FSM advanced one clock at a time."""

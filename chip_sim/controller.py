@@ -5,7 +5,7 @@ Two execution paths give identical codes, cycle counts and energy for the same s
 - ``fast`` (default): whole batches at once, in chunks of vectors that keep temporaries around
   ``CHUNK_CONVERSIONS`` conversions (see ``chunk_vectors``); partial sums by float32 BLAS (exact integers),
   then the converter.
-- ``reference``: ``chip_sim.fsm.ReferenceFSM`` advances the controller one clock at a time and computes each
+- ``reference``: ``cimlab.chip_sim.fsm.ReferenceFSM`` advances the controller one clock at a time and computes each
   conversion on its own with integer sums (slow; for tests on small macros).
 
 Cost of one operation (clock cycles at ``spec.clock_hz``), with ``T = profile.timing``::
@@ -33,18 +33,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from chip_sim.analog import AnalyticConverter, Converter, DataDrivenConverter
-from chip_sim.config import Profile
-from chip_sim.rng import check_seed
-from firmware_bridge.controller import Controller, Counters, Identity, OpCost
-from firmware_bridge.errmodel import ErrorModel
-from firmware_bridge.errors import DeviceError, ShapeError
-from firmware_bridge.files import package_version
-from firmware_bridge.messages import Status
-from firmware_bridge.registers import BY_ADDR, BY_NAME, REGISTERS
+from cimlab.chip_sim.analog import AnalyticConverter, Converter, DataDrivenConverter
+from cimlab.chip_sim.config import Profile
+from cimlab.chip_sim.rng import check_seed
+from cimlab.firmware_bridge.controller import Controller, Counters, Identity, OpCost
+from cimlab.firmware_bridge.errmodel import ErrorModel
+from cimlab.firmware_bridge.errors import DeviceError, ShapeError
+from cimlab.firmware_bridge.files import package_version
+from cimlab.firmware_bridge.messages import Status
+from cimlab.firmware_bridge.registers import BY_ADDR, BY_NAME, REGISTERS
 
 if TYPE_CHECKING:
-    from chip_sim.fsm import ReferenceFSM
+    from cimlab.chip_sim.fsm import ReferenceFSM
 
 CHUNK_CONVERSIONS = 1 << 19
 """Conversions per chunk of the fast path (bounds its temporaries to a few MiB)."""
@@ -367,7 +367,7 @@ class TwinController(Controller):
 
     def _reference(self) -> ReferenceFSM:
         if self._fsm is None:  # imported lazily: the fast path never needs it
-            from chip_sim.fsm import ReferenceFSM
+            from cimlab.chip_sim.fsm import ReferenceFSM
 
             self._fsm = ReferenceFSM(self)
         return self._fsm

@@ -1,6 +1,6 @@
 """Reference mode: the controller FSM advanced one clock at a time, each conversion computed on its own.
 
-States and their durations (clock cycles, from ``profile.timing``; see ``chip_sim.controller``)::
+States and their durations (clock cycles, from ``profile.timing``; see ``cimlab.chip_sim.controller``)::
 
     MAC:    DECODE(op_overhead) -> per vector: LOAD(input words) -> per input slice p: PULSE(wl_pulse)
             -> per spanned row group g: CONVERT(adc_cycles) -> ... -> READOUT(output words) -> next vector | DONE
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from chip_sim.controller import Tally, TwinController
+    from cimlab.chip_sim.controller import Tally, TwinController
 
 
 class ReferenceFSM:
@@ -66,7 +66,7 @@ class ReferenceFSM:
     # ---- WRITE_WEIGHTS ----------------------------------------------------------------------------------
     def write_weights(self, row_start: int, slices: np.ndarray) -> Tally:
         """Store digit rows [n, n_slices, cols] one row at a time."""
-        from chip_sim.controller import Tally
+        from cimlab.chip_sim.controller import Tally
 
         twin = self.twin
         spec, t = twin.spec, twin.profile.timing
@@ -94,7 +94,7 @@ class ReferenceFSM:
     # ---- MAC / MAC_RAW ----------------------------------------------------------------------------------
     def run(self, row_start: int, x: np.ndarray, *, raw: bool) -> tuple[np.ndarray, Tally]:
         """Codes [batch, P, groups spanned, K, C] of inputs [batch, n_rows] at ``row_start``, and the tally."""
-        from chip_sim.controller import Tally
+        from cimlab.chip_sim.controller import Tally
 
         twin = self.twin
         spec, t = twin.spec, twin.profile.timing

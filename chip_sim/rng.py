@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.errors import ConfigError
 
 DOMAIN_STATIC = 1
 """Static mismatch drawn once per twin (gains, offsets, cells, ADC thresholds)."""

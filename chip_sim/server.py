@@ -17,9 +17,9 @@ import threading
 import tty
 from collections.abc import Callable
 
-from firmware_bridge.bridge import Bridge
-from firmware_bridge.errors import ConfigError, LinkError
-from firmware_bridge.serve import serve_fd
+from cimlab.firmware_bridge.bridge import Bridge
+from cimlab.firmware_bridge.errors import ConfigError, LinkError
+from cimlab.firmware_bridge.serve import serve_fd
 
 Ready = Callable[[str], None]
 

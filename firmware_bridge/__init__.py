@@ -1,6 +1,6 @@
 """The contract both ends share: frames, messages, MacroSpec, register map, the device-side bridge."""
 
-from firmware_bridge.errors import (
+from cimlab.firmware_bridge.errors import (
     ArtifactError,
     BackendUnavailable,
     CimError,
@@ -14,8 +14,8 @@ from firmware_bridge.errors import (
     ShapeError,
     VersionMismatch,
 )
-from firmware_bridge.frame import DEFAULT_MAX_PAYLOAD, PROTOCOL_VERSION
-from firmware_bridge.spec import MacroSpec
+from cimlab.firmware_bridge.frame import DEFAULT_MAX_PAYLOAD, PROTOCOL_VERSION
+from cimlab.firmware_bridge.spec import MacroSpec
 
 __all__ = [
     "ArtifactError",

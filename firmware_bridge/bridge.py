@@ -1,6 +1,6 @@
 """The device-side bridge: byte stream in, frames decoded, requests validated and dispatched, replies out.
 
-``Bridge.receive(bytes) -> [reply frame bytes]`` is the whole contract; ``firmware_bridge.serve`` puts it on a
+``Bridge.receive(bytes) -> [reply frame bytes]`` is the whole contract; ``cimlab.firmware_bridge.serve`` puts it on a
 file descriptor (pty, socket, UART) and the host's ``sim://`` link calls it in-process. It survives any byte
 sequence:
 
@@ -38,12 +38,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from firmware_bridge import messages as m
-from firmware_bridge.controller import Controller
-from firmware_bridge.errors import CimError, DeviceError, PayloadError
-from firmware_bridge.frame import DEFAULT_MAX_PAYLOAD, PROTOCOL_VERSION, REPLY_FLAG, BadFrame, Framer, encode_frame
-from firmware_bridge.messages import Opcode, Status
-from firmware_bridge.registers import ERR_BAD_FRAME, ERR_BAD_REQUEST, REGMAP_VERSION
+from cimlab.firmware_bridge import messages as m
+from cimlab.firmware_bridge.controller import Controller
+from cimlab.firmware_bridge.errors import CimError, DeviceError, PayloadError
+from cimlab.firmware_bridge.frame import DEFAULT_MAX_PAYLOAD, PROTOCOL_VERSION, REPLY_FLAG, BadFrame, Framer, encode_frame
+from cimlab.firmware_bridge.messages import Opcode, Status
+from cimlab.firmware_bridge.registers import ERR_BAD_FRAME, ERR_BAD_REQUEST, REGMAP_VERSION
 
 log = logging.getLogger(__name__)
 

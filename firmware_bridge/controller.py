@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from firmware_bridge.spec import MacroSpec
+from cimlab.firmware_bridge.spec import MacroSpec
 
 
 @dataclass(frozen=True)

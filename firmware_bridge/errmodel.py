@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from firmware_bridge.errors import ArtifactError, ConfigError, ShapeError
-from firmware_bridge.files import atomic_path
-from firmware_bridge.spec import MacroSpec
+from cimlab.firmware_bridge.errors import ArtifactError, ConfigError, ShapeError
+from cimlab.firmware_bridge.files import atomic_path
+from cimlab.firmware_bridge.spec import MacroSpec
 
 FORMAT = "cimlab.errmodel"
 VERSION = 1

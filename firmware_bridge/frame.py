@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import construct as cs
 
-from firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.errors import ConfigError
 
 SYNC = b"\xa7\x3c"
 PROTOCOL_VERSION = 1

@@ -2,7 +2,7 @@
 
 A reply has the request's opcode with ``REPLY_FLAG`` set, the request's ``seq`` and a status. A non-OK reply's
 payload is a UTF-8 message saying what was wrong. Bulk arrays travel as raw little-endian bytes whose dtype and
-shape follow from the MacroSpec (see ``firmware_bridge.spec``); the fixed fields before them are below.
+shape follow from the MacroSpec (see ``cimlab.firmware_bridge.spec``); the fixed fields before them are below.
 
 | opcode        | request                                  | OK reply                                        |
 |---------------|------------------------------------------|-------------------------------------------------|
@@ -29,8 +29,8 @@ from typing import Any
 
 import construct as cs
 
-from firmware_bridge.errors import ConfigError, PayloadError
-from firmware_bridge.spec import WEIGHT_STORAGES, MacroSpec
+from cimlab.firmware_bridge.errors import ConfigError, PayloadError
+from cimlab.firmware_bridge.spec import WEIGHT_STORAGES, MacroSpec
 
 
 class Opcode(IntEnum):
@@ -221,7 +221,7 @@ def _name(opcode: int) -> str:
 
 def opcode_name(opcode: int) -> str:
     """Readable name of a request or reply opcode."""
-    from firmware_bridge.frame import REPLY_FLAG
+    from cimlab.firmware_bridge.frame import REPLY_FLAG
 
     base = _name(opcode & ~REPLY_FLAG)
     return base + ("<" if opcode & REPLY_FLAG else ">")

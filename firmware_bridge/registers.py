@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.errors import ConfigError
 
 REGMAP_VERSION = 1
 ID_MAGIC = 0xC1A0_5A3D

@@ -19,8 +19,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from firmware_bridge.bridge import Bridge
-from firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.bridge import Bridge
+from cimlab.firmware_bridge.errors import ConfigError
 
 FIFO_BYTES = 16 * 1024
 """Default UART DMA FIFO per direction, bytes: the line runs on this long while the controller is busy."""

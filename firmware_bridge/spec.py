@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.errors import ConfigError
 
 WEIGHT_STORAGES = ("twos", "offset", "unsigned")
 """How a signed weight becomes stored digits.

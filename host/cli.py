@@ -13,8 +13,8 @@ import threading
 import click
 from rich.table import Table
 
-from firmware_bridge.errors import ConfigError
-from host.cli_common import (
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.cli_common import (
     cim_errors,
     console,
     err_console,
@@ -64,7 +64,7 @@ def check(link_url: str, timeout: float, seed: int, batch: int, as_json: bool) -
 
     Overwrites the chip's weights. Exits 1 if a step fails.
     """
-    from host.selftest import run_check
+    from cimlab.selftest import run_check
 
     with open_chip(link_url, timeout) as chip:
         rep = run_check(chip, seed=seed, batch=batch)
@@ -109,9 +109,9 @@ def sim() -> None:
 def sim_serve(use_pty: bool, tcp_addr: str | None, profile: str, seed: int, sets: tuple[str, ...],
               baud: int | None, max_payload: int) -> None:
     """Serve a twin until stopped (Ctrl-C or SIGTERM). The first line of stdout is where to connect."""
-    import chip_sim
-    from chip_sim.server import parse_hostport, serve_pty, serve_tcp
-    from firmware_bridge.bridge import Bridge
+    from cimlab import chip_sim
+    from cimlab.chip_sim.server import parse_hostport, serve_pty, serve_tcp
+    from cimlab.firmware_bridge.bridge import Bridge
 
     if use_pty == bool(tcp_addr):
         raise ConfigError("choose exactly one of --pty or --tcp HOST:PORT")
@@ -142,7 +142,7 @@ def sim_serve(use_pty: bool, tcp_addr: str | None, profile: str, seed: int, sets
 @cim_errors
 def sim_profiles(as_json: bool) -> None:
     """List the bundled twin profiles."""
-    from chip_sim.profiles import list_profiles, load_profile
+    from cimlab.chip_sim.profiles import list_profiles, load_profile
 
     rows = []
     for name, desc in list_profiles():
@@ -165,20 +165,20 @@ def sim_profiles(as_json: bool) -> None:
 @cim_errors
 def sim_show(profile: str, sets: tuple[str, ...]) -> None:
     """Print a profile (name or file) as TOML that loads back."""
-    from chip_sim.profiles import load_profile
+    from cimlab.chip_sim.profiles import load_profile
 
     click.echo(load_profile(profile, parse_sets(sets) or None).to_toml(), nl=False)
 
 
-from host.cli_characterize import register as _register_characterize  # noqa: E402
+from cimlab.cli_characterize import register as _register_characterize  # noqa: E402
 
 _register_characterize(cli)
 
-from host.cli_deploy import register as _register_deploy
+from cimlab.cli_deploy import register as _register_deploy
 
 _register_deploy(cli)
 
-from host.cli_train import evaluate as _evaluate_cmd, train as _train_cmd  # noqa: E402
+from cimlab.cli_train import evaluate as _evaluate_cmd, train as _train_cmd  # noqa: E402
 
 cli.add_command(_train_cmd)
 cli.add_command(_evaluate_cmd)

@@ -1,6 +1,6 @@
 """``cimlab characterize``, ``cimlab fit`` and ``cimlab report``: measure the macro and build its error model.
 
-Registered into the ``cimlab`` group by ``host.cli`` (``register(cli)``). Numpy-heavy parts are imported inside
+Registered into the ``cimlab`` group by ``cimlab.cli`` (``register(cli)``). Numpy-heavy parts are imported inside
 the commands only.
 """
 
@@ -17,11 +17,11 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from firmware_bridge.errors import ConfigError
-from host.cli_common import cim_errors, console, err_console, json_option, link_option
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.cli_common import cim_errors, console, err_console, json_option, link_option
 
 SUPPLY_MODELS = ("auto", "keithley2400", "keithley2450", "e36xx")
-"""``--smu-model`` choices (``host.instruments.supplies.SUPPLIES`` plus auto-detection by ``*IDN?``)."""
+"""``--smu-model`` choices (``cimlab.instruments.supplies.SUPPLIES`` plus auto-detection by ``*IDN?``)."""
 
 
 def _parse_volts(text: str | None) -> list[float] | None:
@@ -94,7 +94,7 @@ def characterize(link_url: str, timeout: float, out_dir: Path, repeats: int, lev
     Writes OUT/measurements.sqlite (appended batch by batch) and, when the plan is complete, OUT/dmacem.npz.
     Ctrl-C stops after the current batch; run the same command with --resume to finish.
     """
-    from host.characterize import (
+    from cimlab.characterize import (
         MeasurementStore,
         Plan,
         PlanOptions,
@@ -105,7 +105,7 @@ def characterize(link_url: str, timeout: float, out_dir: Path, repeats: int, lev
         parse_index_list,
         store_meta,
     )
-    from host.driver import Chip
+    from cimlab.driver import Chip
 
     ctx = click.get_current_context()
 
@@ -144,7 +144,7 @@ def characterize(link_url: str, timeout: float, out_dir: Path, repeats: int, lev
             raise ConfigError("this store's conditions have no supply voltage; --smu cannot be used with it")
         supply = None
         if smu_resource:
-            from host.instruments.supplies import open_supply
+            from cimlab.instruments.supplies import open_supply
 
             smu = open_supply(smu_resource, visa_library, model=smu_model, channel=smu_channel)
             stack.callback(smu.close)
@@ -192,8 +192,8 @@ def characterize(link_url: str, timeout: float, out_dir: Path, repeats: int, lev
 
 def _load_source(path: Path, condition: str | None) -> Any:
     """A model from a characterize folder (its store, one condition) or from a .npz file."""
-    from host.characterize import STORE_NAME, MeasurementStore, model_for_condition
-    from host.errmodel import MacErrorModel
+    from cimlab.characterize import STORE_NAME, MeasurementStore, model_for_condition
+    from cimlab.errmodel import MacErrorModel
 
     if path.is_dir():
         if not (path / STORE_NAME).is_file() and (path / "dmacem.npz").is_file() and condition is None:
@@ -226,7 +226,7 @@ def fit(sources: tuple[Path, ...], out_file: Path, condition: str | None, as_jso
     """Build one error model from characterize folders and/or .npz models (counts add; one MacroSpec only)."""
     import numpy as np
 
-    from host.errmodel import MacErrorModel
+    from cimlab.errmodel import MacErrorModel
 
     models = [_load_source(p, condition) for p in sources]
     merged = MacErrorModel.merge(models) if len(models) > 1 else models[0]
@@ -262,9 +262,9 @@ def fit(sources: tuple[Path, ...], out_file: Path, condition: str | None, as_jso
 @cim_errors
 def report(folder: Path, model_file: Path | None, out_dir: Path | None, as_json: bool) -> None:
     """Plots (transfer curve, P(code|s) heat map, error histograms, per-column fits) and summary.md."""
-    from host.characterize import STORE_NAME, MeasurementStore
-    from host.errmodel import MacErrorModel
-    from host.report import write_report
+    from cimlab.characterize import STORE_NAME, MeasurementStore
+    from cimlab.errmodel import MacErrorModel
+    from cimlab.report import write_report
 
     model_path = model_file or folder / "dmacem.npz"
     if not model_path.is_file():

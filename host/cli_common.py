@@ -1,7 +1,7 @@
 """What every cimlab command shares: the --link/--timeout/--json options, error reporting, chip opening.
 
-Command modules (``host.cli``, ``host.cli_characterize``, ``host.cli_train``, ``host.cli_deploy``) import these;
-``host.cli`` imports the command modules to register them, so nothing here imports ``host.cli``.
+Command modules (``cimlab.cli``, ``cimlab.cli_characterize``, ``cimlab.cli_train``, ``cimlab.cli_deploy``) import these;
+``cimlab.cli`` imports the command modules to register them, so nothing here imports ``cimlab.cli``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
-from firmware_bridge.errors import CimError, ConfigError
+from cimlab.firmware_bridge.errors import CimError, ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -60,7 +60,7 @@ def cim_errors(f: F) -> F:
 @contextmanager
 def open_chip(url: str, timeout: float) -> Iterator[Any]:
     """Open and identify a chip for one command."""
-    from host.driver import Chip
+    from cimlab.driver import Chip
 
     chip = Chip.open(url, timeout=timeout)
     try:

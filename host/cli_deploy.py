@@ -1,7 +1,7 @@
 """``cimlab compile``, ``cimlab deploy`` and ``cimlab bench``: a trained network onto the chip, and its numbers
 there.
 
-Registered into the ``cimlab`` group by ``host.cli`` (``register(cli)``). This module imports neither ``host.cli``
+Registered into the ``cimlab`` group by ``cimlab.cli`` (``register(cli)``). This module imports neither ``cimlab.cli``
 nor torch: the commands that need torch (compile, bench) import it when they run, so ``cimlab info`` never does.
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 import click
 from rich.table import Table
 
-from firmware_bridge.errors import ConfigError
-from host.deploy.schedule import PACK_MODES
-from host.cli_common import LINK_HELP, cim_errors, console, err_console, json_option, link_option
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.deploy.schedule import PACK_MODES
+from cimlab.cli_common import LINK_HELP, cim_errors, console, err_console, json_option, link_option
 
 TIMEOUT_HELP = "Seconds without progress before a request is resent."
 
@@ -47,20 +47,20 @@ def compile_cmd(checkpoint: Path, link_url: str | None, timeout: float, profile:
     Every CIM layer becomes tiles that fit the macro, with its scales, E-PACT bounds and digital offsets; small
     tiles share a load of the macro; a network that does not fit one load gets a weight-stationary schedule.
     """
-    from host.deploy.compile import compile_checkpoint
+    from cimlab.deploy.compile import compile_checkpoint
 
     if link_url and profile:
         raise ConfigError("choose one of --link (a chip) or --profile (a twin profile), not both")
     spec = hello = None
     source = ""
     if link_url:
-        from host.driver import Chip
+        from cimlab.driver import Chip
 
         with Chip.open(link_url, timeout=timeout) as chip:
             hello = chip.hello
         spec, source = hello.spec, f"the chip at {link_url}"
     elif profile:
-        from chip_sim.profiles import load_profile
+        from cimlab.chip_sim.profiles import load_profile
 
         spec, source = load_profile(profile).spec, f"twin profile {profile!r}"
     pkg = compile_checkpoint(checkpoint, spec=spec, spec_source=source, hello=hello, pack=pack)
@@ -119,9 +119,9 @@ def deploy_cmd(package: Path, link_url: str, timeout: float, page: int | None, m
 
     Exits 1 when cells still differ. (With sim:// the twin lives in this command only.)
     """
-    from host.deploy.package import DeployPackage
-    from host.deploy.program import deploy_package
-    from host.driver import Chip
+    from cimlab.deploy.package import DeployPackage
+    from cimlab.deploy.program import deploy_package
+    from cimlab.driver import Chip
 
     pkg = DeployPackage.load(package)
     first = min(t.page for _, lm in pkg.schedule.layers for t in lm.tiles)
@@ -215,10 +215,10 @@ def bench_cmd(package: Path, link_url: str, timeout: float, task: str | None, da
     """Run PACKAGE's network on the chip at --link over the task's test set: accuracy on the chip against the
     host's prediction (ideal MACs, and the error model: mean ± std over draws), images/s, link bytes, chip cycles,
     latency and energy, and which bound holds."""
-    from host.deploy.bench import bench_package, public
-    from host.deploy.package import DeployPackage
-    from host.driver import Chip
-    from host.training.tasks import load_task
+    from cimlab.deploy.bench import bench_package, public
+    from cimlab.deploy.package import DeployPackage
+    from cimlab.driver import Chip
+    from cimlab.training.tasks import load_task
 
     pkg = DeployPackage.load(package)
     if task is not None and task != pkg.task:

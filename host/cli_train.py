@@ -1,7 +1,7 @@
 """``cimlab train`` and ``cimlab evaluate``: D-NAT training through the measured MAC error model.
 
-Registered into the ``cimlab`` group by ``host.cli``; shares options and error reporting through
-``host.cli_common``. torch is imported inside the commands only, so ``cimlab info`` never loads it.
+Registered into the ``cimlab`` group by ``cimlab.cli``; shares options and error reporting through
+``cimlab.cli_common``. torch is imported inside the commands only, so ``cimlab info`` never loads it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from host.cli_common import LINK_HELP, cim_errors, console, json_option
+from cimlab.cli_common import LINK_HELP, cim_errors, console, json_option
 
 TASK_CHOICES = ("digits", "har", "cifar10")
 MODE_CHOICES = ("float", "quant", "dnat")
@@ -71,8 +71,8 @@ def train(task: str, mode: str, out: str, error_model: str | None, link_url: str
 
     The MacroSpec comes from --error-model, --link, --profile or --init (they must agree), never from constants.
     """
-    from host.training.api import train_run
-    from host.training.loop import TrainConfig
+    from cimlab.training.api import train_run
+    from cimlab.training.loop import TrainConfig
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                       seed=seed, max_steps=max_steps)
@@ -116,7 +116,7 @@ def train(task: str, mode: str, out: str, error_model: str | None, link_url: str
 def evaluate(checkpoint: str, error_model: str | None, draws: int, data_dir: str | None, seed: int,
              pooled: bool | None, injection: str, limit: int | None, as_json: bool) -> None:
     """Test accuracy of CHECKPOINT with ideal MACs and under an error model (a quant checkpoint there: "naive")."""
-    from host.training.api import evaluate_run
+    from cimlab.training.api import evaluate_run
 
     res = evaluate_run(checkpoint, error_model=error_model, draws=draws, data_dir=data_dir, seed=seed,
                        pooled=pooled, limit=limit, transfer_kind=injection)

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from firmware_bridge import messages as m
-from firmware_bridge.controller import Counters, OpCost
-from firmware_bridge.errors import (
+from cimlab.firmware_bridge import messages as m
+from cimlab.firmware_bridge.controller import Counters, OpCost
+from cimlab.firmware_bridge.errors import (
     CimTimeoutError,
     ConfigError,
     DeviceError,
@@ -39,7 +39,7 @@ from firmware_bridge.errors import (
     ShapeError,
     VersionMismatch,
 )
-from firmware_bridge.frame import (
+from cimlab.firmware_bridge.frame import (
     DEFAULT_MAX_PAYLOAD,
     OVERHEAD,
     PROTOCOL_VERSION,
@@ -50,12 +50,12 @@ from firmware_bridge.frame import (
     WireLog,
     encode_frame,
 )
-from firmware_bridge.messages import Opcode, Status
-from firmware_bridge.registers import REGMAP_VERSION, resolve
-from firmware_bridge.spec import MacroSpec
+from cimlab.firmware_bridge.messages import Opcode, Status
+from cimlab.firmware_bridge.registers import REGMAP_VERSION, resolve
+from cimlab.firmware_bridge.spec import MacroSpec
 
 if TYPE_CHECKING:
-    from host.links.base import Link
+    from cimlab.links.base import Link
 
 READ_CHUNK = 256 * 1024
 MIN_FRAME_BYTES = 4096
@@ -122,7 +122,7 @@ class Chip:
     """A CIM macro behind a link.
 
     Args:
-        link: an open link (``host.links.open_link``).
+        link: an open link (``cimlab.links.open_link``).
         timeout: seconds without progress before a request is resent.
         retries: resends per request before ``CimTimeoutError``.
         window: frames in flight in bulk calls.
@@ -164,7 +164,7 @@ class Chip:
     @classmethod
     def open(cls, url: str, **kwargs: Any) -> Chip:
         """Open a link by URL, identify the chip, and return a ready Chip (close it, or use ``with``)."""
-        from host.links import open_link
+        from cimlab.links import open_link
 
         link = open_link(url, timeout=kwargs.get("timeout", 1.0))
         chip = cls(link, **kwargs)

@@ -1,6 +1,6 @@
-"""Analysis of a measured MAC error model (D-MAC-EM): the host's view of ``firmware_bridge.errmodel``.
+"""Analysis of a measured MAC error model (D-MAC-EM): the host's view of ``cimlab.firmware_bridge.errmodel``.
 
-``MacErrorModel`` wraps ``firmware_bridge.errmodel.ErrorModel`` (the ``.npz`` format, loading, saving and the
+``MacErrorModel`` wraps ``cimlab.firmware_bridge.errmodel.ErrorModel`` (the ``.npz`` format, loading, saving and the
 vectorised code sampler live there) and derives what characterization, training and reports need:
 
 - conditional probabilities P(code | s) with additive smoothing, per column [J, L, C] or pooled [L, C];
@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from firmware_bridge.errmodel import CodeSampler, ErrorModel
-from firmware_bridge.errors import ArtifactError, ConfigError, ShapeError
-from firmware_bridge.spec import MacroSpec
+from cimlab.firmware_bridge.errmodel import CodeSampler, ErrorModel
+from cimlab.firmware_bridge.errors import ArtifactError, ConfigError, ShapeError
+from cimlab.firmware_bridge.spec import MacroSpec
 
 RAIL_FRACTION = 0.0
 """A level whose codes reach the bottom or top code more often than this is left out of the line fits (clipped)."""
@@ -78,7 +78,7 @@ class MacErrorModel:
     """A measured error model with its analysis views.
 
     Args:
-        model: the underlying ``firmware_bridge.errmodel.ErrorModel`` (counts and meta).
+        model: the underlying ``cimlab.firmware_bridge.errmodel.ErrorModel`` (counts and meta).
     """
 
     def __init__(self, model: ErrorModel) -> None:
@@ -178,7 +178,7 @@ class MacErrorModel:
         """P(code | s) per column [J, L, C] (or pooled [L, C]) with additive smoothing ``alpha`` per code.
 
         ``alpha=0`` gives the measured frequencies; ``alpha=0.5`` is the Jeffreys prior. Rows without counts
-        are NaN (the sampler's fallback rule lives in ``firmware_bridge.errmodel``).
+        are NaN (the sampler's fallback rule lives in ``cimlab.firmware_bridge.errmodel``).
         """
         if not (alpha >= 0 and np.isfinite(alpha)):
             raise ConfigError(f"smoothing alpha must be a finite number >= 0, got {alpha}")
@@ -424,7 +424,7 @@ class MacErrorModel:
 
     # ---- sampling -----------------------------------------------------------------------------------------------
     def sampler(self) -> CodeSampler:
-        """The vectorised sampler of ``firmware_bridge.errmodel`` (its fallback rule for unobserved rows), built
+        """The vectorised sampler of ``cimlab.firmware_bridge.errmodel`` (its fallback rule for unobserved rows), built
         once: a MacErrorModel treats its counts as fixed (merge or re-load to get new ones)."""
         if self._sampler is None:
             self._sampler = self.model.sampler()

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from firmware_bridge.errors import ShapeError
-from firmware_bridge.spec import MacroSpec
+from cimlab.firmware_bridge.errors import ShapeError
+from cimlab.firmware_bridge.spec import MacroSpec
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from host.errmodel import AnalogFit, MacErrorModel
+from cimlab.errmodel import AnalogFit, MacErrorModel
 
 if TYPE_CHECKING:
-    from host.characterize.store import MeasurementStore
+    from cimlab.characterize.store import MeasurementStore
 
 DPI = 110
 
@@ -239,7 +239,7 @@ def summary_markdown(model: MacErrorModel, fit: AnalogFit, plots: list[Path], *,
             "often enough to separate gain, offset and noise (the line fit still applies)."
         )]
     if store is not None and len(store.conditions()) > 1:
-        from host.characterize.sweep import model_for_condition
+        from cimlab.characterize.sweep import model_for_condition
 
         lines += ["", "## Conditions", ""]
         lines += ["| condition | VDD (mV) | exact codes | gain (analog fit) | noise (LSB) |"]

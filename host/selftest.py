@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from firmware_bridge.registers import ERR_BAD_REQUEST
-from host.driver import Chip
+from cimlab.firmware_bridge.registers import ERR_BAD_REQUEST
+from cimlab.driver import Chip
 
 MIN_CORRELATION = 0.95
 """Below this, MAC outputs are not the macro's computation (wrong bit order, dead columns, noise)."""

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from types import TracebackType
 
-from firmware_bridge.errors import CimTimeoutError, LinkError
+from cimlab.firmware_bridge.errors import CimTimeoutError, LinkError
 
 
 class TwinProcess:
@@ -37,7 +37,7 @@ class TwinProcess:
         max_payload: int | None = None,
         start_timeout: float = 30.0,
     ) -> None:
-        self.args = [sys.executable, "-m", "host.cli", "sim", "serve", "--profile", profile, "--seed", str(seed)]
+        self.args = [sys.executable, "-m", "cimlab.cli", "sim", "serve", "--profile", profile, "--seed", str(seed)]
         self.args += ["--pty"] if pty else ["--tcp", "127.0.0.1:0"]
         for s in sets:
             self.args += ["--set", s]

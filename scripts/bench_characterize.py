@@ -31,10 +31,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from host.characterize import MeasurementStore, Plan, PlanOptions, SweepRunner, conditions_from_vdd, store_meta
-from host.characterize.store import BatchRecord, Condition
-from host.driver import Chip
-from host.twinproc import TwinProcess
+from cimlab.characterize import MeasurementStore, Plan, PlanOptions, SweepRunner, conditions_from_vdd, store_meta
+from cimlab.characterize.store import BatchRecord, Condition
+from cimlab.driver import Chip
+from cimlab.twinproc import TwinProcess
 
 console = Console()
 

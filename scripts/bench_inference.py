@@ -25,15 +25,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from chip_sim import load_profile
-from host.deploy.bench import bench_package
-from host.deploy.compile import compile_checkpoint
-from host.deploy.package import DeployPackage
-from host.driver import Chip
-from host.training.api import train_run
-from host.training.loop import TrainConfig
-from host.training.tasks import load_task
-from host.twinproc import TwinProcess
+from cimlab.chip_sim import load_profile
+from cimlab.deploy.bench import bench_package
+from cimlab.deploy.compile import compile_checkpoint
+from cimlab.deploy.package import DeployPackage
+from cimlab.driver import Chip
+from cimlab.training.api import train_run
+from cimlab.training.loop import TrainConfig
+from cimlab.training.tasks import load_task
+from cimlab.twinproc import TwinProcess
 
 console = Console()
 

@@ -23,9 +23,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from host.driver import Chip
-from host.links import open_link
-from host.twinproc import TwinProcess
+from cimlab.driver import Chip
+from cimlab.links import open_link
+from cimlab.twinproc import TwinProcess
 
 ROWS = 4096  # a tall array, so one bulk write is 256 KiB of weights
 COLS = 64

@@ -26,17 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import chip_sim  # noqa: E402
-import chip_sim.controller as twin_controller  # noqa: E402
-from firmware_bridge.errmodel import ErrorModel  # noqa: E402
+import cimlab.chip_sim.controller as twin_controller
+from cimlab import chip_sim
+from cimlab.firmware_bridge.errmodel import ErrorModel
 
 
 def _best(fn, repeat: int) -> float:  # noqa: ANN001

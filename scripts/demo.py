@@ -30,8 +30,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from host.driver import Chip
-from host.twinproc import TwinProcess
+from cimlab.driver import Chip
+from cimlab.twinproc import TwinProcess
 
 console = Console()
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +48,7 @@ def _env() -> dict[str, str]:
 def cimlab(*args: str) -> None:
     """Run one ``cimlab`` command as a user would; stop the demo if it fails."""
     console.print(f"[dim]$ cimlab {' '.join(args)}[/]", highlight=False)
-    proc = subprocess.run([sys.executable, "-m", "host.cli", *args], timeout=600, env=_env())
+    proc = subprocess.run([sys.executable, "-m", "cimlab.cli", *args], timeout=600, env=_env())
     if proc.returncode != 0:
         raise SystemExit(f"cimlab {args[0]} failed with exit status {proc.returncode}")
 
@@ -56,7 +56,7 @@ def cimlab(*args: str) -> None:
 def cimlab_json(*args: str) -> dict:
     """Run one ``cimlab`` command with ``--json``; echo what it printed but the JSON line, return that object."""
     console.print(f"[dim]$ cimlab {' '.join(args)} --json[/]", highlight=False)
-    proc = subprocess.run([sys.executable, "-m", "host.cli", *args, "--json"], timeout=600, env=_env(),
+    proc = subprocess.run([sys.executable, "-m", "cimlab.cli", *args, "--json"], timeout=600, env=_env(),
                           stdout=subprocess.PIPE, text=True)
     lines = proc.stdout.rstrip("\n").splitlines()
     if proc.returncode != 0 or not lines:

@@ -61,7 +61,7 @@ class TaskPlan:
 
 def characterize(url: str, out: Path, repeats: int) -> Path:
     """Run the characterization harness on the twin at ``url``; returns the error model file."""
-    cmd = [sys.executable, "-m", "host.cli", "characterize", "--link", url, "--out", str(out),
+    cmd = [sys.executable, "-m", "cimlab.cli", "characterize", "--link", url, "--out", str(out),
            "--repeats", str(repeats), "--no-progress", "--json"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     if res.returncode != 0:
@@ -88,12 +88,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from host.training.api import error_model_info, evaluate_model, prepare_model, recovery
-    from host.training.checkpoint import load_checkpoint, save_checkpoint
-    from host.training.layers import set_transfer
-    from host.training.loop import TrainConfig, accuracy_draws, fit, time_steps
-    from host.training.tasks import load_task
-    from host.training.transfer import Transfer
+    from cimlab.training.api import error_model_info, evaluate_model, prepare_model, recovery
+    from cimlab.training.checkpoint import load_checkpoint, save_checkpoint
+    from cimlab.training.layers import set_transfer
+    from cimlab.training.loop import TrainConfig, accuracy_draws, fit, time_steps
+    from cimlab.training.tasks import load_task
+    from cimlab.training.transfer import Transfer
 
     torch.set_num_threads(args.threads)
     bars = sys.stderr.isatty()

@@ -13,8 +13,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from chip_sim.config import Profile, apply_overrides, profile_from_dict, read_toml
-from firmware_bridge.errors import ConfigError
+from cimlab.chip_sim.config import Profile, apply_overrides, profile_from_dict, read_toml
+from cimlab.firmware_bridge.errors import ConfigError
 
 __all__ = ["Profile", "list_profiles", "load_profile", "profile_from_toml"]
 

@@ -6,12 +6,12 @@
     store.py   MeasurementStore: SQLite in DIR, one transaction per batch; Condition, BatchRecord
     sweep.py   SweepRunner: run a plan on a chip into a store (resume, Ctrl-C, supply current); models out
 
-The command line is ``cimlab characterize`` / ``cimlab fit`` / ``cimlab report`` (``host.cli_characterize``).
+The command line is ``cimlab characterize`` / ``cimlab fit`` / ``cimlab report`` (``cimlab.cli_characterize``).
 """
 
-from host.characterize.plan import Batch, Plan, PlanOptions, parse_index_list
-from host.characterize.store import STORE_NAME, BatchRecord, Condition, MeasurementStore
-from host.characterize.sweep import (
+from cimlab.characterize.plan import Batch, Plan, PlanOptions, parse_index_list
+from cimlab.characterize.store import STORE_NAME, BatchRecord, Condition, MeasurementStore
+from cimlab.characterize.sweep import (
     MODEL_NAME,
     SupplySetup,
     SweepResult,

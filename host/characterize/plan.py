@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from firmware_bridge.errors import ConfigError
-from firmware_bridge.spec import MacroSpec
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.spec import MacroSpec
 
 PLAN_VERSION = 1
 ROW_MODES = ("random", "fixed")

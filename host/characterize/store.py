@@ -36,7 +36,7 @@ from typing import Any, Self
 
 import numpy as np
 
-from firmware_bridge.errors import ArtifactError, ConfigError
+from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
 
 STORE_NAME = "measurements.sqlite"
 FORMAT = "cimlab.measurements"

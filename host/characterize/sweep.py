@@ -24,19 +24,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from firmware_bridge.errmodel import count_conversions
-from firmware_bridge.errors import ArtifactError, ConfigError, DeviceError
-from firmware_bridge.files import package_version
-from firmware_bridge.spec import MacroSpec
-from host.characterize.plan import Plan, PlanOptions
-from host.characterize.store import BatchRecord, Condition, MeasurementStore
-from host.errmodel import MacErrorModel, spec_differences
+from cimlab.firmware_bridge.errmodel import count_conversions
+from cimlab.firmware_bridge.errors import ArtifactError, ConfigError, DeviceError
+from cimlab.firmware_bridge.files import package_version
+from cimlab.firmware_bridge.spec import MacroSpec
+from cimlab.characterize.plan import Plan, PlanOptions
+from cimlab.characterize.store import BatchRecord, Condition, MeasurementStore
+from cimlab.errmodel import MacErrorModel, spec_differences
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from host.driver import Chip
-    from host.instruments.supplies import SourceSupply
+    from cimlab.driver import Chip
+    from cimlab.instruments.supplies import SourceSupply
 
 MODEL_NAME = "dmacem.npz"
 SAMPLE_PERIOD_S = 0.05
@@ -270,7 +270,7 @@ class SweepRunner:
             self._readback = chip.read_weights()
         sampler: Any = nullcontext()
         if self.supply is not None:
-            from host.instruments.sampler import CurrentSampler
+            from cimlab.instruments.sampler import CurrentSampler
 
             sampler = CurrentSampler(self.supply.supply, period_s=self.supply.sample_period_s)
         with sampler as s:

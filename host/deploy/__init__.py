@@ -1,6 +1,6 @@
 """Deploy a trained network to the macro and benchmark it there.
 
-- ``schedule``: where each tile of ``host.mapping`` sits on the macro and in which load of it (numpy);
+- ``schedule``: where each tile of ``cimlab.mapping`` sits on the macro and in which load of it (numpy);
 - ``package``: the deployment package, one ``.npz`` with a JSON manifest, no pickle (numpy);
 - ``program``: program a page, verify it by read-back, rewrite what differs, switch pages (numpy);
 - ``compile``: checkpoint -> package (imports torch);

@@ -4,9 +4,9 @@ bounds (imports torch).
 Steps (``bench_package``):
 
 1. the chip's HELLO is checked against the package; the first page is verified by read-back and programmed where it
-   differs (``host.deploy.program.deploy_package``);
+   differs (``cimlab.deploy.program.deploy_package``);
 2. the test images go through the network in batches of ``batch_size`` with every CIM layer's MACs on the chip
-   (``host.deploy.runner``), pages switched as the schedule says; the chip's STATUS counters and the driver's link
+   (``cimlab.deploy.runner``), pages switched as the schedule says; the chip's STATUS counters and the driver's link
    counters are read before and after;
 3. the prediction: the same network on the host at the package's placement, with ideal MACs, and under the error
    model (mean and standard deviation of the accuracy over ``draws`` draws of the sampled codes, draw ``i`` seeded
@@ -41,15 +41,15 @@ from typing import Any
 
 import torch
 
-from firmware_bridge.errors import ConfigError
-from firmware_bridge.frame import OVERHEAD
-from host.deploy.package import DeployPackage
-from host.deploy.program import DEFAULT_MAX_REWRITES, PageLoader
-from host.deploy.runner import attach_chip, build_model, predict
-from host.driver import Chip
-from host.training.layers import set_transfer
-from host.training.loop import accuracy_draws, progress_bar
-from host.training.transfer import Transfer, check_spec, file_sha256
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.frame import OVERHEAD
+from cimlab.deploy.package import DeployPackage
+from cimlab.deploy.program import DEFAULT_MAX_REWRITES, PageLoader
+from cimlab.deploy.runner import attach_chip, build_model, predict
+from cimlab.driver import Chip
+from cimlab.training.layers import set_transfer
+from cimlab.training.loop import accuracy_draws, progress_bar
+from cimlab.training.transfer import Transfer, check_spec, file_sha256
 
 SPREAD_SIGMAS = 3.0
 """Standard deviations of the prediction within which the chip's accuracy counts as predicted."""

@@ -1,9 +1,9 @@
 """``cimlab compile``: a trained checkpoint becomes a deployment package (imports torch).
 
 The network is rebuilt from the checkpoint exactly as ``cimlab evaluate`` rebuilds it
-(``host.training.api.model_from_checkpoint``); each CIM layer's quantized weights, scales, E-PACT bounds and
+(``cimlab.training.api.model_from_checkpoint``); each CIM layer's quantized weights, scales, E-PACT bounds and
 digital offsets are read from the layer itself (``quantized_weights``, ``act``), so the package holds what training
-computed with. The tiles of ``host.mapping`` are placed by ``host.deploy.schedule.plan``.
+computed with. The tiles of ``cimlab.mapping`` are placed by ``cimlab.deploy.schedule.plan``.
 """
 
 from __future__ import annotations
@@ -14,20 +14,20 @@ from typing import Any
 
 import torch
 
-from firmware_bridge.errors import ArtifactError
-from firmware_bridge.frame import PROTOCOL_VERSION
-from firmware_bridge.registers import REGMAP_VERSION
-from firmware_bridge.spec import MacroSpec
-from host.deploy.package import DeployPackage, LayerParams, build_pages
-from host.deploy.schedule import plan
-from host.training.api import model_from_checkpoint
-from host.training.checkpoint import load_checkpoint
-from host.training.layers import CIMConv1d, CIMConv2d, CIMLayer, CIMLinear, cim_layers
-from host.training.transfer import file_sha256
+from cimlab.firmware_bridge.errors import ArtifactError
+from cimlab.firmware_bridge.frame import PROTOCOL_VERSION
+from cimlab.firmware_bridge.registers import REGMAP_VERSION
+from cimlab.firmware_bridge.spec import MacroSpec
+from cimlab.deploy.package import DeployPackage, LayerParams, build_pages
+from cimlab.deploy.schedule import plan
+from cimlab.training.api import model_from_checkpoint
+from cimlab.training.checkpoint import load_checkpoint
+from cimlab.training.layers import CIMConv1d, CIMConv2d, CIMLayer, CIMLinear, cim_layers
+from cimlab.training.transfer import file_sha256
 
 
 def layer_params(name: str, layer: CIMLayer) -> LayerParams:
-    """The host-side numbers of one CIM layer, as it computes them (see ``host.deploy.package``)."""
+    """The host-side numbers of one CIM layer, as it computes them (see ``cimlab.deploy.package``)."""
     with torch.no_grad():
         q, scale = layer.quantized_weights()  # q [M, K] signed, scale [M]
         q = torch.round(q)
@@ -62,9 +62,9 @@ def compile_checkpoint(checkpoint: str | os.PathLike, *, spec: MacroSpec | None 
         spec: the target macro (from a chip or a twin profile); the checkpoint must be for it. None: the
             checkpoint's own MacroSpec.
         spec_source: how to name ``spec``'s origin in messages and in the manifest.
-        hello: the chip's ``host.driver.Hello`` when compiling against a connected chip (its protocol and
+        hello: the chip's ``cimlab.driver.Hello`` when compiling against a connected chip (its protocol and
             register-map versions and chip id go into the manifest); None: this host's versions.
-        pack: how tiles share macro loads: ``rows``, ``full`` or ``none`` (``host.deploy.schedule``).
+        pack: how tiles share macro loads: ``rows``, ``full`` or ``none`` (``cimlab.deploy.schedule``).
 
     Raises:
         ArtifactError: unreadable or corrupt checkpoint, a float model, or one for another MacroSpec.

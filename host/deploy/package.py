@@ -47,10 +47,10 @@ from typing import Any
 
 import numpy as np
 
-from firmware_bridge.errors import ArtifactError, ConfigError, ShapeError, VersionMismatch
-from firmware_bridge.files import atomic_path, package_version
-from firmware_bridge.spec import MacroSpec
-from host.deploy.schedule import Schedule
+from cimlab.firmware_bridge.errors import ArtifactError, ConfigError, ShapeError, VersionMismatch
+from cimlab.firmware_bridge.files import atomic_path, package_version
+from cimlab.firmware_bridge.spec import MacroSpec
+from cimlab.deploy.schedule import Schedule
 
 FORMAT = "cimlab.deploy"
 VERSION = 1
@@ -163,7 +163,7 @@ class DeployPackage:
                 f"pass(es) per batch; {self.spec.describe()}")
 
     def check_hello(self, hello: Any, where: str = "the chip") -> None:
-        """Refuse a chip (its ``host.driver.Hello``) of another protocol, register map or MacroSpec.
+        """Refuse a chip (its ``cimlab.driver.Hello``) of another protocol, register map or MacroSpec.
 
         Raises:
             VersionMismatch: another protocol or register-map version.
@@ -176,7 +176,7 @@ class DeployPackage:
                 raise VersionMismatch(f"{name} was compiled for {label} v{want}, but {where} speaks v{got}; "
                                       "compile it again for this chip")
         if hello.spec != self.spec:
-            from host.errmodel import spec_differences
+            from cimlab.errmodel import spec_differences
 
             diff = spec_differences(self.spec, hello.spec, "package", where)
             raise ArtifactError(f"{name} was compiled for another MacroSpec than {where}: {diff}")

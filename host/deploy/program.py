@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from firmware_bridge.errors import ConfigError
-from host.deploy.package import DeployPackage
-from host.driver import Chip
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.deploy.package import DeployPackage
+from cimlab.driver import Chip
 
 DEFAULT_MAX_REWRITES = 3
 """Rewrites of a row that still differs after the first write, before it is reported."""

@@ -1,14 +1,14 @@
 """The network of a package on the chip, and the same network on the host (imports torch).
 
 ``build_model`` rebuilds the network from a package as ``cimlab evaluate`` rebuilds it from its checkpoint
-(``host.training.api.model_from_checkpoint``), checks that every CIM layer quantizes to the package's weights, and
-gives each CIM layer the package's tile placement (``host.training.macro.LayerMacro`` honours ``macro_row`` /
+(``cimlab.training.api.model_from_checkpoint``), checks that every CIM layer quantizes to the package's weights, and
+gives each CIM layer the package's tile placement (``cimlab.training.macro.LayerMacro`` honours ``macro_row`` /
 ``macro_col``, so an error model with per-column tables sees the columns the chip uses).
 
 ``attach_chip`` then swaps each CIM layer's macro for a ``ChipMacro``: the layer runs its own forward pass (E-PACT
 input quantization, im2col for convolutions, the digital recombination with scales, bounds and offsets, bias),
 and only the integer MACs go to the chip, tile by tile, each tile's input codes in one windowed stream
-(``Chip.mac``), pages switched by a ``host.deploy.program.PageLoader``. Batch norm, activations and pooling are the
+(``Chip.mac``), pages switched by a ``cimlab.deploy.program.PageLoader``. Batch norm, activations and pooling are the
 model's own torch modules on the host. So the chip path computes exactly what the host's ideal path computes, with
 the chip's MAC outputs in place of the ideal ones: on an ideal macro the two agree bit for bit.
 """
@@ -22,16 +22,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from firmware_bridge.errors import ArtifactError, ConfigError
-from host.deploy.package import DeployPackage
-from host.deploy.program import PageLoader
-from host.driver import Chip
-from host.mapping import LayerMap
-from host.training.api import model_from_checkpoint
-from host.training.checkpoint import Checkpoint
-from host.training.layers import CIMLayer, cim_layers, reseed
-from host.training.macro import LayerMacro
-from host.training.transfer import Transfer
+from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
+from cimlab.deploy.package import DeployPackage
+from cimlab.deploy.program import PageLoader
+from cimlab.driver import Chip
+from cimlab.mapping import LayerMap
+from cimlab.training.api import model_from_checkpoint
+from cimlab.training.checkpoint import Checkpoint
+from cimlab.training.layers import CIMLayer, cim_layers, reseed
+from cimlab.training.macro import LayerMacro
+from cimlab.training.transfer import Transfer
 
 
 def build_model(pkg: DeployPackage, transfer: Transfer | None = None) -> nn.Module:

@@ -1,6 +1,6 @@
 """Where each tile of a network sits on the macro, and in which load of it (*page*): the deployment schedule.
 
-Cutting a layer into tiles is ``host.mapping.map_layer``'s job (the one definition training shares). This module
+Cutting a layer into tiles is ``cimlab.mapping.map_layer``'s job (the one definition training shares). This module
 only *places* those tiles: several small tiles share one load of the macro when their cells do not collide, and a
 network that does not fit one load is split into pages that are programmed one after the other.
 
@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from firmware_bridge.errors import ArtifactError, ConfigError
-from firmware_bridge.spec import MacroSpec
-from host.mapping import LayerMap, Tile, map_layer
+from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
+from cimlab.firmware_bridge.spec import MacroSpec
+from cimlab.mapping import LayerMap, Tile, map_layer
 
 PACK_MODES = ("rows", "full", "none")
 """How tiles share pages (see the module docstring)."""

@@ -16,9 +16,9 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from host.instruments.base import Choice, Instrument, Property, Range, VisaAdapter, boolean
-from host.instruments.sampler import CurrentSampler, CurrentSummary
-from host.instruments.supplies import (
+from cimlab.instruments.base import Choice, Instrument, Property, Range, VisaAdapter, boolean
+from cimlab.instruments.sampler import CurrentSampler, CurrentSummary
+from cimlab.instruments.supplies import (
     SUPPLIES,
     Keithley2400,
     Keithley2450,

@@ -12,7 +12,7 @@ and raises ``ConfigError`` naming the property, the allowed range and the unit.
 
 Every command goes through an adapter with ``write(text)``, ``query(text) -> str`` and ``close()``:
 ``VisaAdapter`` (pyvisa; ``visa_library="path.yaml@sim"`` for pyvisa-sim) or the test helper
-``host.instruments.testing.ProtocolAdapter``. Every read has the adapter's timeout as its deadline; VISA timeouts
+``cimlab.instruments.testing.ProtocolAdapter``. Every read has the adapter's timeout as its deadline; VISA timeouts
 become ``CimTimeoutError`` and other VISA failures ``LinkError``, both naming the resource and the command.
 """
 
@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, Self
 
-from firmware_bridge.errors import BackendUnavailable, CimTimeoutError, ConfigError, LinkError
+from cimlab.firmware_bridge.errors import BackendUnavailable, CimTimeoutError, ConfigError, LinkError
 
 
 class Adapter(Protocol):

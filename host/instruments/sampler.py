@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self
 
-from firmware_bridge.errors import CimTimeoutError, ConfigError
+from cimlab.firmware_bridge.errors import CimTimeoutError, ConfigError
 
 
 class CurrentMeter(Protocol):

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import ClassVar
 
-from firmware_bridge.errors import CimError, ConfigError, DeviceError, LinkError
-from host.instruments.base import Adapter, Instrument, Range, VisaAdapter, boolean, scpi_bool
+from cimlab.firmware_bridge.errors import CimError, ConfigError, DeviceError, LinkError
+from cimlab.instruments.base import Adapter, Instrument, Range, VisaAdapter, boolean, scpi_bool
 
 MAX_ERRORS_READ = 32
 """Error-queue entries read at most by ``check_errors`` (a queue that never empties is itself an error)."""

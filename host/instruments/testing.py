@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from host.instruments.base import Instrument
+from cimlab.instruments.base import Instrument
 
 I = TypeVar("I", bound=Instrument)
 

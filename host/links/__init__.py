@@ -21,17 +21,17 @@ import importlib.util
 
 import serial
 
-from firmware_bridge.errors import ConfigError
-from host.links.base import Link, LinkStats, WrapperLink
-from host.links.fault import FaultConfig, FaultLink, FaultStats
-from host.links.rate import RATE_RANGE, RateLink
-from host.links.url import int_param, parse_params, reject_unknown, scheme_of, split_fragment
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.links.base import Link, LinkStats, WrapperLink
+from cimlab.links.fault import FaultConfig, FaultLink, FaultStats
+from cimlab.links.rate import RATE_RANGE, RateLink
+from cimlab.links.url import int_param, parse_params, reject_unknown, scheme_of, split_fragment
 
 BACKENDS: dict[str, tuple[str, str]] = {
-    "sim": ("host.links.sim", "SimLink"),
-    "tcp": ("host.links.tcp", "TcpLink"),
-    "pynq": ("host.links.pynq_board", "PynqLink"),
-    "serial": ("host.links.serial_port", "SerialLink"),
+    "sim": ("cimlab.links.sim", "SimLink"),
+    "tcp": ("cimlab.links.tcp", "TcpLink"),
+    "pynq": ("cimlab.links.pynq_board", "PynqLink"),
+    "serial": ("cimlab.links.serial_port", "SerialLink"),
 }
 """scheme -> (module, class). ``serial`` takes device paths and every pyserial URL scheme not listed here."""
 

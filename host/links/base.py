@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import TracebackType
 
-from firmware_bridge.errors import ConfigError, LinkError
+from cimlab.firmware_bridge.errors import ConfigError, LinkError
 
 
 @dataclass

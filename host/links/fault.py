@@ -21,9 +21,9 @@ import random
 import time
 from dataclasses import dataclass, fields
 
-from firmware_bridge.errors import ConfigError
-from host.links.base import Link, WrapperLink
-from host.links.url import float_param, int_param, reject_unknown
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.links.base import Link, WrapperLink
+from cimlab.links.url import float_param, int_param, reject_unknown
 
 WRITE_FAULTS = ("drop", "flip", "insert", "dup", "truncate", "stall")
 READ_FAULTS = ("flip", "drop", "insert")

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from firmware_bridge.errors import (
+from cimlab.firmware_bridge.errors import (
     ArtifactError,
     BackendUnavailable,
     CimTimeoutError,
@@ -41,10 +41,10 @@ from firmware_bridge.errors import (
     LinkError,
     VersionMismatch,
 )
-from firmware_bridge.frame import MAX_PAYLOAD_LIMIT, OVERHEAD, PROTOCOL_VERSION
-from firmware_bridge.registers import REGMAP_VERSION
-from host.links.base import Link
-from host.links.url import parse_params, reject_unknown
+from cimlab.firmware_bridge.frame import MAX_PAYLOAD_LIMIT, OVERHEAD, PROTOCOL_VERSION
+from cimlab.firmware_bridge.registers import REGMAP_VERSION
+from cimlab.links.base import Link
+from cimlab.links.url import parse_params, reject_unknown
 
 BITSTREAMS_DIR = Path(__file__).resolve().parents[2] / "bitstreams"
 """The repository's bitstreams/ folder (manifest.json and overlay files)."""

@@ -24,8 +24,8 @@ import threading
 import time
 from collections import deque
 
-from firmware_bridge.errors import ConfigError
-from host.links.base import Link, WrapperLink
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.links.base import Link, WrapperLink
 
 RATE_RANGE = (300, 1_000_000_000)
 DEFAULT_FIFO = 4096

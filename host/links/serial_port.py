@@ -18,9 +18,9 @@ import stat
 
 import serial
 
-from firmware_bridge.errors import CimTimeoutError, ConfigError, LinkError
-from host.links.base import Link
-from host.links.url import int_param, parse_params, reject_unknown, scheme_of
+from cimlab.firmware_bridge.errors import CimTimeoutError, ConfigError, LinkError
+from cimlab.links.base import Link
+from cimlab.links.url import int_param, parse_params, reject_unknown, scheme_of
 
 DEFAULT_BAUD = 115200
 BAUD_RANGE = (50, 50_000_000)

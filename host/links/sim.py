@@ -2,7 +2,7 @@
 #
 #   sim://                                  the twin's default profile, seed 0
 #   sim://?profile=default&seed=3&rows=100  any other key overrides a profile parameter (passed as text)
-#   sim://?max_payload=262144#rate=3000000  append #rate=BAUD to pace it like a UART (see host.links.rate)
+#   sim://?max_payload=262144#rate=3000000  append #rate=BAUD to pace it like a UART (see cimlab.links.rate)
 #
 # Options:
 #   profile=NAME        twin profile (default "default")
@@ -10,7 +10,7 @@
 #   max_payload=BYTES   largest frame payload the bridge accepts and sends, 256..16777216 (default 65536)
 """The twin in-process, still through real frames.
 
-``write`` feeds the bytes to a ``firmware_bridge.bridge.Bridge`` in front of the twin's controller and queues
+``write`` feeds the bytes to a ``cimlab.firmware_bridge.bridge.Bridge`` in front of the twin's controller and queues
 the reply frames it returns; ``read`` hands the queued bytes out. A partial request that has waited longer than
 the bridge's inter-frame timeout is abandoned (``Bridge.poll``), so a truncated frame cannot wedge the link.
 """
@@ -22,12 +22,12 @@ import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from firmware_bridge.bridge import Bridge
-from firmware_bridge.controller import Controller
-from firmware_bridge.errors import BackendUnavailable, ConfigError
-from firmware_bridge.frame import DEFAULT_MAX_PAYLOAD, MAX_PAYLOAD_LIMIT
-from host.links.base import Link
-from host.links.url import int_param, parse_params
+from cimlab.firmware_bridge.bridge import Bridge
+from cimlab.firmware_bridge.controller import Controller
+from cimlab.firmware_bridge.errors import BackendUnavailable, ConfigError
+from cimlab.firmware_bridge.frame import DEFAULT_MAX_PAYLOAD, MAX_PAYLOAD_LIMIT
+from cimlab.links.base import Link
+from cimlab.links.url import int_param, parse_params
 
 ControllerFactory = Callable[[str, int, dict[str, str]], Controller]
 """``(profile, seed, overrides) -> Controller``; overrides are the URL's other query keys, values as text."""
@@ -38,9 +38,9 @@ MIN_PAYLOAD = 256
 
 
 def twin_controller(profile: str, seed: int, overrides: dict[str, str]) -> Controller:
-    """The twin's controller from ``chip_sim.make_twin`` (imported only now, so host does not need chip_sim)."""
+    """The twin's controller from ``cimlab.chip_sim.make_twin`` (imported only now, so host does not need chip_sim)."""
     try:
-        import chip_sim
+        from cimlab import chip_sim
     except ImportError as err:
         raise BackendUnavailable(f"sim:// needs the chip_sim package, which did not import: {err}") from err
     make_twin = getattr(chip_sim, "make_twin", None)

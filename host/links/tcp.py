@@ -14,9 +14,9 @@ import socket
 import time
 from urllib.parse import urlsplit
 
-from firmware_bridge.errors import CimTimeoutError, ConfigError, LinkError
-from host.links.base import Link
-from host.links.url import int_param, parse_params, reject_unknown
+from cimlab.firmware_bridge.errors import CimTimeoutError, ConfigError, LinkError
+from cimlab.links.base import Link
+from cimlab.links.url import int_param, parse_params, reject_unknown
 
 BAUD_RANGE = (50, 1_000_000_000)
 _CHUNK = 1 << 20  # largest single send(), bytes

@@ -12,11 +12,11 @@
     checkpoint.py  save_checkpoint, load_checkpoint (safetensors + JSON manifest)
     api.py         train_run, evaluate_run (behind ``cimlab train`` / ``cimlab evaluate``)
 
-How layers are cut into macro tiles is ``host.mapping`` (shared with deploy). Import this package only where torch
+How layers are cut into macro tiles is ``cimlab.mapping`` (shared with deploy). Import this package only where torch
 is wanted; ``cimlab info`` never does.
 """
 
-from host.training.layers import (
+from cimlab.training.layers import (
     CIMConv1d,
     CIMConv2d,
     CIMLayer,
@@ -28,9 +28,9 @@ from host.training.layers import (
     set_learn,
     set_transfer,
 )
-from host.training.macro import LayerMacro, macro_matmul
-from host.training.quant import InputQuantizer
-from host.training.transfer import Transfer
+from cimlab.training.macro import LayerMacro, macro_matmul
+from cimlab.training.quant import InputQuantizer
+from cimlab.training.transfer import Transfer
 
 __all__ = [
     "CIMConv1d",

@@ -21,15 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from firmware_bridge.errors import ArtifactError, ConfigError
-from firmware_bridge.spec import MacroSpec
-from host.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from host.training.layers import calibrate, cim_layers, convert, model_spec, set_learn, set_transfer
-from host.training.loop import TrainConfig, accuracy, accuracy_draws, fit
-from host.training.models import DEFAULT_MODEL, build_model
-from host.training.quant import LEARN
-from host.training.tasks import TaskData, load_task
-from host.training.transfer import Transfer, check_spec
+from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
+from cimlab.firmware_bridge.spec import MacroSpec
+from cimlab.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from cimlab.training.layers import calibrate, cim_layers, convert, model_spec, set_learn, set_transfer
+from cimlab.training.loop import TrainConfig, accuracy, accuracy_draws, fit
+from cimlab.training.models import DEFAULT_MODEL, build_model
+from cimlab.training.quant import LEARN
+from cimlab.training.tasks import TaskData, load_task
+from cimlab.training.transfer import Transfer, check_spec
 
 MODES = ("float", "quant", "dnat")
 CALIBRATION_SAMPLES = 512
@@ -61,11 +61,11 @@ def resolve_spec(*, error_model: str | os.PathLike | None = None, link: str | No
     ArtifactError when two disagree, None when none is given."""
     found: list[SpecSource] = []
     if error_model is not None:
-        from firmware_bridge.errmodel import ErrorModel
+        from cimlab.firmware_bridge.errmodel import ErrorModel
 
         found.append(SpecSource(ErrorModel.load(error_model).spec, f"error model {str(error_model)!r}"))
     if link is not None:
-        from host.driver import Chip
+        from cimlab.driver import Chip
 
         with Chip.open(link, timeout=timeout) as chip:
             found.append(SpecSource(chip.spec, f"the chip at {link}"))
@@ -73,7 +73,7 @@ def resolve_spec(*, error_model: str | os.PathLike | None = None, link: str | No
         # through the sim:// link, the one way host reaches the twin
         from urllib.parse import quote
 
-        from host.driver import Chip
+        from cimlab.driver import Chip
 
         with Chip.open(f"sim://?profile={quote(str(profile), safe='')}", timeout=timeout) as chip:
             found.append(SpecSource(chip.spec, f"twin profile {profile!r}"))

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from firmware_bridge.errors import ArtifactError, ConfigError
-from firmware_bridge.files import atomic_path, package_version
-from firmware_bridge.spec import MacroSpec
+from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
+from cimlab.firmware_bridge.files import atomic_path, package_version
+from cimlab.firmware_bridge.spec import MacroSpec
 
 FORMAT = "cimlab.checkpoint"
 VERSION = 1
@@ -149,7 +149,7 @@ def load_checkpoint(path: str | os.PathLike, *, spec: MacroSpec | None = None,
         if ck_spec is None:
             raise ArtifactError(f"{where} is a float model with no MacroSpec; train it with --mode quant first")
         if ck_spec != spec:
-            from host.errmodel import spec_differences
+            from cimlab.errmodel import spec_differences
 
             diff = spec_differences(ck_spec, spec, "checkpoint", spec_source)
             raise ArtifactError(f"{where} was trained for another MacroSpec than {spec_source}: {diff}")

@@ -6,7 +6,7 @@ A CIM layer computes what the macro and its host compute together:
    a convolution pads with zeros *before* quantizing, as the host pads its activations;
 2. the weights are quantized per output channel to the macro's signed integers (``quant.quantize_weights``);
 3. the product of codes and integer weights runs on the macro (``macro.macro_matmul``): tiles
-   (``host.mapping``), conversions, codes from the layer's ``Transfer`` (ideal / measured / gaussian), recombined;
+   (``cimlab.mapping``), conversions, codes from the layer's ``Transfer`` (ideal / measured / gaussian), recombined;
 4. digitally: ``y = scale_w * (delta * MAC + lo * sum_r q[r, m]) + bias`` (minus the weight zero point times the
    code sums for ``unsigned`` storage).
 
@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from firmware_bridge.errors import ConfigError, ShapeError
-from firmware_bridge.spec import MacroSpec
-from host.mapping import LayerMap, map_layer
-from host.training.macro import DEFAULT_CHUNK_CONVERSIONS, EXACT_F32, LayerMacro, macro_matmul
-from host.training.quant import InputQuantizer, quantize_weights, weight_qmax, weight_zero_point
-from host.training.transfer import Transfer
+from cimlab.firmware_bridge.errors import ConfigError, ShapeError
+from cimlab.firmware_bridge.spec import MacroSpec
+from cimlab.mapping import LayerMap, map_layer
+from cimlab.training.macro import DEFAULT_CHUNK_CONVERSIONS, EXACT_F32, LayerMacro, macro_matmul
+from cimlab.training.quant import InputQuantizer, quantize_weights, weight_qmax, weight_zero_point
+from cimlab.training.transfer import Transfer
 
 
 @dataclass

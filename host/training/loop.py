@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from firmware_bridge.errors import ConfigError, ShapeError
-from host.training.layers import cim_layers, reseed
-from host.training.tasks import TaskData
+from cimlab.firmware_bridge.errors import ConfigError, ShapeError
+from cimlab.training.layers import cim_layers, reseed
+from cimlab.training.tasks import TaskData
 
 OPTIMIZERS = ("adam", "sgd")
 

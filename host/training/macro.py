@@ -1,6 +1,6 @@
 """The macro's arithmetic in torch: a layer's product decomposed into conversions, codes drawn, recombined.
 
-For each tile of the layer (``host.mapping``) and each input vector, exactly as ``firmware_bridge.spec`` defines
+For each tile of the layer (``cimlab.mapping``) and each input vector, exactly as ``cimlab.firmware_bridge.spec`` defines
 it: input codes split into slices ``x_p``, stored weights into digits ``d_k``, the ideal partial sum of every
 conversion ``s[p, g, k, c] = sum_{r in group g} x_p[r] d_k[r, c]`` (one float32 batched matmul per chunk; exact,
 as the sums are small integers), a code per conversion from the ``Transfer`` (ideal, measured or gaussian), and
@@ -18,7 +18,7 @@ The statistical gradient (backward):
   propose a "statistical training mechanism" that estimates the gradient of the discrete model from its
   statistics instead of from the sampled code.
 - Our reading: the forward pass uses the sampled code; the backward pass differentiates the *expected* code
-  ``m~(s) = E[code | s]``, smoothed (``host.training.transfer``), at the conversion's ideal level: the upstream
+  ``m~(s) = E[code | s]``, smoothed (``cimlab.training.transfer``), at the conversion's ideal level: the upstream
   gradient of a conversion is ``dL/dcode * m~'(s) * adc_lsb * plane_weight[p] * slice_weight[k]``, and
   ``ds/dx_p[r] = d_k[r, c]``, ``ds/dd_k[r, c] = x_p[r]``.
 - Input slices and weight digits are bits of integers, so they need a straight-through rule too. Ours: a change
@@ -38,10 +38,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from firmware_bridge.errors import ConfigError, ShapeError
-from firmware_bridge.spec import MacroSpec
-from host.mapping import LayerMap, Tile
-from host.training.transfer import Transfer
+from cimlab.firmware_bridge.errors import ConfigError, ShapeError
+from cimlab.firmware_bridge.spec import MacroSpec
+from cimlab.mapping import LayerMap, Tile
+from cimlab.training.transfer import Transfer
 
 DEFAULT_CHUNK_CONVERSIONS = 1 << 19
 """Conversions per chunk: a chunk's temporaries (a few tensors of this many 4-byte elements) stay in cache."""
@@ -72,7 +72,7 @@ class LayerMacro:
     """A layer on the macro: its tiling, the transfer its conversions follow, and its random stream.
 
     Attributes:
-        layer_map: the tiles (``host.mapping.map_layer``).
+        layer_map: the tiles (``cimlab.mapping.map_layer``).
         transfer: the ADC transfer (``Transfer.ideal`` for the ideal quantized model).
         rng: random stream of the sampled codes (numpy PCG64; restart it with ``reseed``).
         chunk_conversions: most conversions per chunk.

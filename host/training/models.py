@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.errors import ConfigError
 
 
 def digits_mlp(n_classes: int = 10, hidden: int = 64, in_features: int = 64) -> nn.Module:

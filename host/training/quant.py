@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from firmware_bridge.errors import ConfigError
-from firmware_bridge.spec import MacroSpec
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.spec import MacroSpec
 
 LEARN = ("epact", "pact", "fixed")
 MIN_RANGE = 1e-4

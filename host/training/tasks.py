@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from firmware_bridge.errors import ArtifactError, ConfigError
+from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
 
 TASKS = ("digits", "har", "cifar10")
 HAR_SIGNALS = ("body_acc_x", "body_acc_y", "body_acc_z", "body_gyro_x", "body_gyro_y", "body_gyro_z",

@@ -4,7 +4,7 @@ A ``Transfer`` maps an ideal partial sum ``s`` (level 0 .. s_max) of physical co
 gives the smoothed expected code ``E[code | s]`` and its slope for the backward pass. Three kinds:
 
 - ``ideal``: the ideal ADC code ``MacroSpec.ideal_codes`` (the ``quant`` mode: the ideal quantized model);
-- ``measured``: codes drawn from a measured error model (``firmware_bridge.errmodel``, counts[j, s, code]),
+- ``measured``: codes drawn from a measured error model (``cimlab.firmware_bridge.errmodel``, counts[j, s, code]),
   per physical column or pooled over columns (the D-MAC-EM of the paper);
 - ``gaussian``: a parametric stand-in for comparison: ``round(mean + sigma * z)``, clipped, with the measured
   mean and sigma of each (column, level).
@@ -37,9 +37,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from firmware_bridge.errmodel import ErrorModel
-from firmware_bridge.errors import ArtifactError, ConfigError
-from firmware_bridge.spec import MacroSpec
+from cimlab.firmware_bridge.errmodel import ErrorModel
+from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
+from cimlab.firmware_bridge.spec import MacroSpec
 
 Kind = Literal["ideal", "measured", "gaussian"]
 KINDS: tuple[str, ...] = ("ideal", "measured", "gaussian")
@@ -188,13 +188,13 @@ class Transfer:
     @classmethod
     def from_model(cls, model: ErrorModel, *, pooled: bool = True, kind: Kind = "measured",
                    prior: float = DEFAULT_PRIOR, source: str = "", sha256: str = "") -> Transfer:
-        """A transfer from a measured error model (``firmware_bridge.errmodel.ErrorModel``, or anything with
-        ``.model`` holding one, such as ``host.errmodel.MacErrorModel``).
+        """A transfer from a measured error model (``cimlab.firmware_bridge.errmodel.ErrorModel``, or anything with
+        ``.model`` holding one, such as ``cimlab.errmodel.MacErrorModel``).
 
         ``pooled``: one distribution per level for all columns; otherwise per physical column (with the file's
         fallback rule for unmeasured rows). ``kind``: ``measured`` (draw from the table) or ``gaussian``.
         """
-        from host.errmodel import MacErrorModel
+        from cimlab.errmodel import MacErrorModel
 
         model = getattr(model, "model", model)
         if not isinstance(model, ErrorModel):
@@ -376,7 +376,7 @@ class Transfer:
 def check_spec(expected: MacroSpec, got: MacroSpec, what: str) -> None:
     """ArtifactError naming the differing fields when ``got`` (of ``what``) is another macro than ``expected``."""
     if got != expected:
-        from host.errmodel import spec_differences
+        from cimlab.errmodel import spec_differences
 
         diff = spec_differences(expected, got, "expected", what)
         raise ArtifactError(f"{what} is for another MacroSpec ({diff})")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from host.characterize import (
+from cimlab.characterize import (
     MeasurementStore,
     Plan,
     PlanOptions,
@@ -17,7 +17,7 @@ from host.characterize import (
     conditions_from_vdd,
     store_meta,
 )
-from host.driver import Chip
+from cimlab.driver import Chip
 
 
 def sweep(url: str, out: Path, options: PlanOptions, vdd: list[float] | None = None, *,
@@ -39,7 +39,7 @@ def sweep(url: str, out: Path, options: PlanOptions, vdd: list[float] | None = N
 def store_counts(out: Path, cond_id: int = 0) -> np.ndarray:
     """The dense counts of one condition of the store in ``out``."""
     with MeasurementStore.open(out) as store:
-        from firmware_bridge.spec import MacroSpec
+        from cimlab.firmware_bridge.spec import MacroSpec
 
         spec = MacroSpec.from_dict(store.meta["spec"])
         return store.counts(cond_id, (spec.physical_cols, spec.n_levels, spec.n_codes))

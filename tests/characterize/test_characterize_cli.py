@@ -16,10 +16,10 @@ import pytest
 from characterize_helpers import store_counts, sweep
 from click.testing import CliRunner
 
-from host.characterize import STORE_NAME, PlanOptions
-from host.cli import cli
-from host.errmodel import MacErrorModel
-from host.instruments import sim_bench_yaml
+from cimlab.characterize import STORE_NAME, PlanOptions
+from cimlab.cli import cli
+from cimlab.errmodel import MacErrorModel
+from cimlab.instruments import sim_bench_yaml
 
 QUIET = "sim://?profile=default&rows=64&noise_sigma_lsb=0"  # deterministic codes with the default's static errors
 IDEAL = "sim://?profile=ideal&rows=64"
@@ -45,7 +45,7 @@ def done_batches(out: Path) -> int:
 
 def start(out: Path, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "host.cli", "characterize", *SWEEP, "--out", str(out), *extra],
+        [sys.executable, "-m", "cimlab.cli", "characterize", *SWEEP, "--out", str(out), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT,
     )
 

@@ -1,4 +1,4 @@
-"""host.errmodel.MacErrorModel: probabilities, moments, line and analog fits, merging, sampling, files."""
+"""cimlab.errmodel.MacErrorModel: probabilities, moments, line and analog fits, merging, sampling, files."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from firmware_bridge.errors import ArtifactError, ConfigError, ShapeError
-from firmware_bridge.spec import MacroSpec
-from host.errmodel import MacErrorModel
+from cimlab.firmware_bridge.errors import ArtifactError, ConfigError, ShapeError
+from cimlab.firmware_bridge.spec import MacroSpec
+from cimlab.errmodel import MacErrorModel
 
 SPEC = MacroSpec(rows=32, cols=8)  # 16 rows/conversion, 5-bit ADC: 17 levels, 32 codes, J = 32
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from firmware_bridge.errors import ArtifactError, ConfigError
-from host.characterize.store import STORE_NAME, BatchRecord, Condition, MeasurementStore
+from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
+from cimlab.characterize.store import STORE_NAME, BatchRecord, Condition, MeasurementStore
 
 SHAPE = (4, 3, 5)
 META = {"plan_digest": "abc", "spec": {"rows": 1}}

@@ -1,4 +1,4 @@
-"""host.report: plots and summary of a model whose codes never leave the ideal code (no analog fit possible)."""
+"""cimlab.report: plots and summary of a model whose codes never leave the ideal code (no analog fit possible)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from firmware_bridge.spec import MacroSpec
-from host.errmodel import MacErrorModel
-from host.report import write_report
+from cimlab.firmware_bridge.spec import MacroSpec
+from cimlab.errmodel import MacErrorModel
+from cimlab.report import write_report
 
 
 def test_report_of_an_ideal_model(tmp_path: Path) -> None:

@@ -7,9 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
-from firmware_bridge.errors import ConfigError
-from firmware_bridge.spec import MacroSpec
-from host.characterize.plan import (
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.spec import MacroSpec
+from cimlab.characterize.plan import (
     DigitProfile,
     Plan,
     PlanOptions,

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from characterize_helpers import store_counts, sweep
 
-import chip_sim
-from firmware_bridge.errors import ArtifactError
-from host.characterize import MeasurementStore, Plan, PlanOptions, SupplySetup, SweepRunner, check_resume
-from host.characterize.sweep import conditions_from_vdd
-from host.driver import Chip
-from host.errmodel import MacErrorModel
-from host.instruments import open_supply, sim_bench_yaml
+from cimlab import chip_sim
+from cimlab.firmware_bridge.errors import ArtifactError
+from cimlab.characterize import MeasurementStore, Plan, PlanOptions, SupplySetup, SweepRunner, check_resume
+from cimlab.characterize.sweep import conditions_from_vdd
+from cimlab.driver import Chip
+from cimlab.errmodel import MacErrorModel
+from cimlab.instruments import open_supply, sim_bench_yaml
 
 IDEAL = "sim://?profile=ideal&rows=64"
 QUIET = "sim://?profile=default&rows=64&noise_sigma_lsb=0"  # the default twin's static errors, no noise

@@ -9,8 +9,8 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from host.cli import cli
-from host.twinproc import TwinProcess
+from cimlab.cli import cli
+from cimlab.twinproc import TwinProcess
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -66,7 +66,7 @@ def test_check_over_a_served_pty_in_another_process() -> None:
     """`cimlab sim serve --pty` in one process, `cimlab check --link /dev/pts/N` in another."""
     with TwinProcess(pty=True, profile="default") as url:
         proc = subprocess.run(
-            [sys.executable, "-m", "host.cli", "check", "--link", url, "--json"],
+            [sys.executable, "-m", "cimlab.cli", "check", "--link", url, "--json"],
             capture_output=True, text=True, timeout=120,
         )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -75,7 +75,7 @@ def test_check_over_a_served_pty_in_another_process() -> None:
 
 def test_info_does_not_import_torch() -> None:
     code = (
-        "import sys; from click.testing import CliRunner; from host.cli import cli; "
+        "import sys; from click.testing import CliRunner; from cimlab.cli import cli; "
         "r = CliRunner().invoke(cli, ['info', '--json']); assert r.exit_code == 0, r.output; "
         "print('torch' in sys.modules)"
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from deploy_helpers import harsh_error_model, make_checkpoint, make_package, one_torch_thread
 
-from host.deploy.package import DeployPackage
+from cimlab.deploy.package import DeployPackage
 
 
 @pytest.fixture(autouse=True)

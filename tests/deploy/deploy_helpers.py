@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chip_sim import load_profile
-from firmware_bridge.errmodel import ErrorModel
-from firmware_bridge.spec import MacroSpec
-from host.deploy.compile import compile_checkpoint
-from host.deploy.package import DeployPackage
-from host.training.api import prepare_model
-from host.training.checkpoint import save_checkpoint
-from host.training.loop import TrainConfig, fit
-from host.training.tasks import TaskData, load_task
+from cimlab.chip_sim import load_profile
+from cimlab.firmware_bridge.errmodel import ErrorModel
+from cimlab.firmware_bridge.spec import MacroSpec
+from cimlab.deploy.compile import compile_checkpoint
+from cimlab.deploy.package import DeployPackage
+from cimlab.training.api import prepare_model
+from cimlab.training.checkpoint import save_checkpoint
+from cimlab.training.loop import TrainConfig, fit
+from cimlab.training.tasks import TaskData, load_task
 
 DEFAULT_SPEC = load_profile("default").spec
 

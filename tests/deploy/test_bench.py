@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 from deploy_helpers import digits
 
-from firmware_bridge.errors import ArtifactError
-from host.deploy.bench import bench_package, chip_ideal_equal, public, resolve_error_model
-from host.deploy.package import DeployPackage
-from host.driver import Chip
-from host.training.api import model_from_checkpoint
-from host.training.checkpoint import load_checkpoint
-from host.training.loop import accuracy
-from host.links.base import Link, WrapperLink
-from host.twinproc import TwinProcess
+from cimlab.firmware_bridge.errors import ArtifactError
+from cimlab.deploy.bench import bench_package, chip_ideal_equal, public, resolve_error_model
+from cimlab.deploy.package import DeployPackage
+from cimlab.driver import Chip
+from cimlab.training.api import model_from_checkpoint
+from cimlab.training.checkpoint import load_checkpoint
+from cimlab.training.loop import accuracy
+from cimlab.links.base import Link, WrapperLink
+from cimlab.twinproc import TwinProcess
 
 
 def run(pkg: DeployPackage, url: str, limit: int | None = None, *, timeout: float = 1.0, window: int = 8,
@@ -103,8 +103,8 @@ class DropOnce(WrapperLink):
 
 
 def test_a_lost_request_among_several_in_flight_does_not_change_a_result(mlp_pkg: DeployPackage) -> None:
-    from firmware_bridge.messages import Opcode
-    from host.links.sim import SimLink
+    from cimlab.firmware_bridge.messages import Opcode
+    from cimlab.links.sim import SimLink
 
     data = digits(200)
     results = []
@@ -129,7 +129,7 @@ def test_bounds_on_a_paced_link(mlp_pkg: DeployPackage) -> None:
     assert r["images_per_s"] <= b["link_images_per_s"] * 1.05  # the pacing holds
     assert b["efficiency"] >= 0.6, b  # 0.8 on an idle machine; the host shares 2 cores here
     # chip cycles are the twin's per-vector cost for every tile, plus one op overhead per frame
-    from chip_sim import make_twin
+    from cimlab.chip_sim import make_twin
 
     twin = make_twin("ideal")
     per_image = sum(twin.vector_cycles(t.macro_row, t.n_rows, raw=False)
@@ -153,7 +153,7 @@ def test_bench_refuses_another_macro(mlp_pkg: DeployPackage) -> None:
 
 def test_the_training_error_model_is_found_only_when_unchanged(mlp_pkg: DeployPackage, harsh_model: Path,
                                                               tmp_path: Path) -> None:
-    from host.training.transfer import file_sha256
+    from cimlab.training.transfer import file_sha256
 
     pkg = copy.copy(mlp_pkg)
     em = {"source": str(harsh_model), "sha256": file_sha256(harsh_model)}
@@ -169,8 +169,8 @@ def test_the_training_error_model_is_found_only_when_unchanged(mlp_pkg: DeployPa
 
 def test_a_package_whose_weights_disagree_with_its_tensors_is_refused(mlp_pkg: DeployPackage,
                                                                      tmp_path: Path) -> None:
-    from host.deploy.package import build_pages
-    from host.deploy.runner import build_model
+    from cimlab.deploy.package import build_pages
+    from cimlab.deploy.runner import build_model
 
     pkg = DeployPackage.load(mlp_pkg.path)
     name = next(iter(pkg.layers))

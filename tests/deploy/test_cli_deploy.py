@@ -9,7 +9,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from host.cli import cli
+from cimlab.cli import cli
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -68,7 +68,7 @@ def test_deploy_to_another_macro_fails_with_a_message(mlp_ckpt: Path, tmp_path: 
 
 
 def test_cimlab_info_never_imports_torch() -> None:
-    code = ("import sys; from click.testing import CliRunner; from host.cli import cli; "
+    code = ("import sys; from click.testing import CliRunner; from cimlab.cli import cli; "
             "r = CliRunner().invoke(cli, ['info']); assert r.exit_code == 0, r.output; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)

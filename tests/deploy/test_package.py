@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from deploy_helpers import DEFAULT_SPEC, make_checkpoint
 
-from firmware_bridge.errors import ArtifactError, VersionMismatch
-from host.deploy.compile import compile_checkpoint
-from host.deploy.package import DeployPackage, build_pages
-from host.driver import Chip
-from host.training.api import model_from_checkpoint
-from host.training.checkpoint import load_checkpoint, save_checkpoint
-from host.training.layers import cim_layers
+from cimlab.firmware_bridge.errors import ArtifactError, VersionMismatch
+from cimlab.deploy.compile import compile_checkpoint
+from cimlab.deploy.package import DeployPackage, build_pages
+from cimlab.driver import Chip
+from cimlab.training.api import model_from_checkpoint
+from cimlab.training.checkpoint import load_checkpoint, save_checkpoint
+from cimlab.training.layers import cim_layers
 
 
 def test_package_holds_what_the_layers_compute_with(mlp_ckpt: Path, mlp_pkg: DeployPackage) -> None:
@@ -130,7 +130,7 @@ def test_an_edited_page_image_is_refused(mlp_pkg: DeployPackage, tmp_path: Path)
 
 
 def test_compile_refuses_float_models_and_other_macros(tmp_path: Path, mlp_ckpt: Path) -> None:
-    from host.training.models import build_model
+    from cimlab.training.models import build_model
 
     flt = save_checkpoint(tmp_path / "float.safetensors", build_model("digits_mlp"),
                           {"task": "digits", "model": {"name": "digits_mlp", "kwargs": {}}, "mode": "float"})

@@ -8,12 +8,12 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from chip_sim import TwinController, load_profile
-from firmware_bridge.errors import ArtifactError, ConfigError
-from host.deploy.package import DeployPackage
-from host.deploy.program import PageLoader, deploy_package, row_runs
-from host.driver import Chip
-from host.links.sim import SimLink
+from cimlab.chip_sim import TwinController, load_profile
+from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
+from cimlab.deploy.package import DeployPackage
+from cimlab.deploy.program import PageLoader, deploy_package, row_runs
+from cimlab.driver import Chip
+from cimlab.links.sim import SimLink
 
 
 class FaultyTwin(TwinController):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from deploy_helpers import DEFAULT_SPEC
 
-from firmware_bridge.errors import ArtifactError, ConfigError
-from host.deploy.schedule import PlacedTile, Schedule, check_no_collisions, plan
-from host.mapping import LayerMap, Tile, map_layer
+from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
+from cimlab.deploy.schedule import PlacedTile, Schedule, check_no_collisions, plan
+from cimlab.mapping import LayerMap, Tile, map_layer
 
 CNN_LAYERS = [("c1", 9, 16), ("c2", 144, 32), ("c3", 288, 32), ("fc", 128, 10)]
 

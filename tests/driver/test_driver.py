@@ -7,11 +7,11 @@ import time
 import numpy as np
 import pytest
 
-from firmware_bridge.errors import CimTimeoutError, ConfigError, DeviceError, ShapeError
-from firmware_bridge.messages import Status
-from host.driver import Chip
-from host.links import open_link
-from host.twinproc import TwinProcess
+from cimlab.firmware_bridge.errors import CimTimeoutError, ConfigError, DeviceError, ShapeError
+from cimlab.firmware_bridge.messages import Status
+from cimlab.driver import Chip
+from cimlab.links import open_link
+from cimlab.twinproc import TwinProcess
 
 
 def exercise(chip: Chip, seed: int = 0, batch: int = 64) -> None:
@@ -246,8 +246,8 @@ class _SlowDeviceLink:
     rate_hint = None
 
     def __init__(self, per_request_s: float) -> None:
-        import chip_sim
-        from firmware_bridge.bridge import Bridge
+        from cimlab import chip_sim
+        from cimlab.firmware_bridge.bridge import Bridge
 
         self.bridge = Bridge(chip_sim.make_twin("ideal", 0, {}))
         self.per_request_s = per_request_s

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from firmware_bridge.errors import CimTimeoutError, ConfigError, DeviceError
-from host.instruments import (
+from cimlab.firmware_bridge.errors import CimTimeoutError, ConfigError, DeviceError
+from cimlab.instruments import (
     CurrentSampler,
     Keithley2400,
     Keithley2450,
@@ -17,7 +17,7 @@ from host.instruments import (
     open_supply,
     sim_bench_yaml,
 )
-from host.instruments.testing import ProtocolAdapter, expected_protocol
+from cimlab.instruments.testing import ProtocolAdapter, expected_protocol
 
 HERE = Path(__file__).parent
 BENCH = f"{sim_bench_yaml()}@sim"

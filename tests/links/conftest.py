@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-import host.links.sim as sim_module
+import cimlab.links.sim as sim_module
 from links_fakes import EchoPty, EchoTcpServer, fake_factory, ping_traffic
 
 

@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from firmware_bridge.bridge import Bridge
-from firmware_bridge.controller import Controller, Counters, Identity, OpCost
-from firmware_bridge.errors import DeviceError
-from firmware_bridge.frame import REPLY_FLAG, Frame, Framer, encode_frame
-from firmware_bridge.messages import Opcode, Status
-from firmware_bridge.registers import BY_ADDR, REGISTERS
-from firmware_bridge.spec import MacroSpec
+from cimlab.firmware_bridge.bridge import Bridge
+from cimlab.firmware_bridge.controller import Controller, Counters, Identity, OpCost
+from cimlab.firmware_bridge.errors import DeviceError
+from cimlab.firmware_bridge.frame import REPLY_FLAG, Frame, Framer, encode_frame
+from cimlab.firmware_bridge.messages import Opcode, Status
+from cimlab.firmware_bridge.registers import BY_ADDR, REGISTERS
+from cimlab.firmware_bridge.spec import MacroSpec
 
 SMALL_SPEC = MacroSpec(rows=32, cols=8, rows_per_conversion=8)
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from firmware_bridge.errors import ConfigError, LinkError
-from host.links import open_link
+from cimlab.firmware_bridge.errors import ConfigError, LinkError
+from cimlab.links import open_link
 from links_fakes import fds_settle_to, open_fds, read_exactly
 
 SLACK = 0.25  # scheduling slack allowed past a deadline on a shared 2-core machine, seconds

@@ -7,12 +7,12 @@ from collections import deque
 
 import pytest
 
-from firmware_bridge.errors import ConfigError
-from firmware_bridge.frame import Framer
-from host.links import FaultConfig, FaultLink, RateLink, open_link
-from host.links.base import Link
-from host.links.fault import MAX_INSERT
-from host.links.sim import SimLink
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.frame import Framer
+from cimlab.links import FaultConfig, FaultLink, RateLink, open_link
+from cimlab.links.base import Link
+from cimlab.links.fault import MAX_INSERT
+from cimlab.links.sim import SimLink
 from links_fakes import ping_traffic, read_exactly
 
 

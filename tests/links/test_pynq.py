@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from firmware_bridge import messages as m
-from firmware_bridge.bridge import Bridge
-from firmware_bridge.errors import (
+from cimlab.firmware_bridge import messages as m
+from cimlab.firmware_bridge.bridge import Bridge
+from cimlab.firmware_bridge.errors import (
     ArtifactError,
     BackendUnavailable,
     CimTimeoutError,
@@ -19,11 +19,11 @@ from firmware_bridge.errors import (
     LinkError,
     VersionMismatch,
 )
-from firmware_bridge.frame import OVERHEAD, PROTOCOL_VERSION, REPLY_FLAG, encode_frame
-from firmware_bridge.messages import Opcode
-from firmware_bridge.registers import REGMAP_VERSION
-from host.links import open_link
-from host.links.pynq_board import BITSTREAMS_DIR, PynqLink, check_overlay, load_manifest, sha256_file
+from cimlab.firmware_bridge.frame import OVERHEAD, PROTOCOL_VERSION, REPLY_FLAG, encode_frame
+from cimlab.firmware_bridge.messages import Opcode
+from cimlab.firmware_bridge.registers import REGMAP_VERSION
+from cimlab.links import open_link
+from cimlab.links.pynq_board import BITSTREAMS_DIR, PynqLink, check_overlay, load_manifest, sha256_file
 from links_fakes import FakeController, frames_in, make_fake_pynq, ping_traffic, read_exactly
 
 MAX_PAYLOAD = 4096

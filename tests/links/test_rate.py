@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from firmware_bridge.errors import ConfigError
-from host.links import RateLink, open_link
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.links import RateLink, open_link
 from links_fakes import ping_traffic, read_exactly
 
 BAUD = 1_000_000  # 100 000 bytes/s

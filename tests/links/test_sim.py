@@ -7,13 +7,13 @@ import time
 import numpy as np
 import pytest
 
-from firmware_bridge import messages as m
-from firmware_bridge.errors import ConfigError
-from firmware_bridge.frame import DEFAULT_MAX_PAYLOAD, REPLY_FLAG, encode_frame
-from firmware_bridge.messages import Opcode, Status
-from host.links import open_link
-from firmware_bridge.bridge import IDLE_S
-from host.links.sim import SimLink
+from cimlab.firmware_bridge import messages as m
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.frame import DEFAULT_MAX_PAYLOAD, REPLY_FLAG, encode_frame
+from cimlab.firmware_bridge.messages import Opcode, Status
+from cimlab.links import open_link
+from cimlab.firmware_bridge.bridge import IDLE_S
+from cimlab.links.sim import SimLink
 from links_fakes import SMALL_SPEC, FakeController, fake_factory, frames_in, ping_traffic, read_exactly
 
 

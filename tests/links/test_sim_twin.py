@@ -7,11 +7,11 @@ import time
 import numpy as np
 import pytest
 
-from firmware_bridge import messages as m
-from firmware_bridge.errors import ConfigError
-from firmware_bridge.frame import encode_frame
-from firmware_bridge.messages import Opcode, Status
-from host.links import open_link
+from cimlab.firmware_bridge import messages as m
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.frame import encode_frame
+from cimlab.firmware_bridge.messages import Opcode, Status
+from cimlab.links import open_link
 from links_fakes import frames_in
 
 

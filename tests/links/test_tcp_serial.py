@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from firmware_bridge.errors import CimTimeoutError, ConfigError, LinkError
-from host.links import open_link
-from host.links.serial_port import SerialLink
-from host.links.tcp import TcpLink
+from cimlab.firmware_bridge.errors import CimTimeoutError, ConfigError, LinkError
+from cimlab.links import open_link
+from cimlab.links.serial_port import SerialLink
+from cimlab.links.tcp import TcpLink
 from links_fakes import EchoPty, EchoTcpServer, read_exactly
 
 SLACK = 0.5

@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterable
 import pytest
 from protocol_fakes import SMALL_SPEC, FakeController
 
-from firmware_bridge.bridge import Bridge
-from firmware_bridge.frame import BadFrame, Frame, Framer
-from firmware_bridge.spec import MacroSpec
+from cimlab.firmware_bridge.bridge import Bridge
+from cimlab.firmware_bridge.frame import BadFrame, Frame, Framer
+from cimlab.firmware_bridge.spec import MacroSpec
 
 MakeBridge = Callable[..., tuple[Bridge, FakeController]]
 

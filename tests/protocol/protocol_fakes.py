@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from firmware_bridge.controller import Controller, Counters, Identity, OpCost
-from firmware_bridge.errors import DeviceError
-from firmware_bridge.messages import Status
-from firmware_bridge.registers import BY_ADDR, REGISTERS
-from firmware_bridge.spec import MacroSpec
+from cimlab.firmware_bridge.controller import Controller, Counters, Identity, OpCost
+from cimlab.firmware_bridge.errors import DeviceError
+from cimlab.firmware_bridge.messages import Status
+from cimlab.firmware_bridge.registers import BY_ADDR, REGISTERS
+from cimlab.firmware_bridge.spec import MacroSpec
 
 # A macro small enough for fast tests whose ADC resolves every level (s_max = 16 <= adc_max = 31), so MAC
 # outputs equal x @ W exactly.

@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from protocol_fakes import SMALL_SPEC
 
-from firmware_bridge import messages as m
-from firmware_bridge.frame import HEADER_SIZE, REPLY_FLAG, SYNC, Frame, Framer, encode_frame
-from firmware_bridge.messages import Opcode, Status
-from firmware_bridge.registers import BY_NAME, ERR_BAD_FRAME, ERR_BAD_REQUEST
+from cimlab.firmware_bridge import messages as m
+from cimlab.firmware_bridge.frame import HEADER_SIZE, REPLY_FLAG, SYNC, Frame, Framer, encode_frame
+from cimlab.firmware_bridge.messages import Opcode, Status
+from cimlab.firmware_bridge.registers import BY_NAME, ERR_BAD_FRAME, ERR_BAD_REQUEST
 
 SCRATCH = BY_NAME["SCRATCH"].addr
 SPEC = SMALL_SPEC

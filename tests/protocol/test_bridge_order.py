@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from protocol_fakes import SMALL_SPEC
 
-from firmware_bridge import messages as m
-from firmware_bridge.bridge import REORDER_WINDOW
-from firmware_bridge.frame import REPLY_FLAG, encode_frame
-from firmware_bridge.messages import Opcode, Status
-from firmware_bridge.registers import BY_NAME
+from cimlab.firmware_bridge import messages as m
+from cimlab.firmware_bridge.bridge import REORDER_WINDOW
+from cimlab.firmware_bridge.frame import REPLY_FLAG, encode_frame
+from cimlab.firmware_bridge.messages import Opcode, Status
+from cimlab.firmware_bridge.registers import BY_NAME
 
 SCRATCH = BY_NAME["SCRATCH"].addr
 SPEC = SMALL_SPEC

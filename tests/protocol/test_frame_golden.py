@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from firmware_bridge.errors import ConfigError
-from firmware_bridge.frame import HEADER_SIZE, OVERHEAD, PROTOCOL_VERSION, Frame, Framer, encode_frame
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.frame import HEADER_SIZE, OVERHEAD, PROTOCOL_VERSION, Frame, Framer, encode_frame
 
 # (name, version, opcode, status, seq, payload, frame hex)
 GOLDEN = [

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from firmware_bridge import frame as frame_mod
-from firmware_bridge.errors import ConfigError
-from firmware_bridge.frame import (
+from cimlab.firmware_bridge import frame as frame_mod
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.frame import (
     HEADER_SIZE,
     MAX_PAYLOAD_LIMIT,
     OVERHEAD,

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from firmware_bridge.errors import ConfigError
-from firmware_bridge.spec import WEIGHT_STORAGES, MacroSpec
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.spec import WEIGHT_STORAGES, MacroSpec
 
 
 # ---- validation ---------------------------------------------------------------------------------------------

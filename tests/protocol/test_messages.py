@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from firmware_bridge import messages as m
-from firmware_bridge.errors import PayloadError
-from firmware_bridge.messages import MESSAGES, Opcode
-from firmware_bridge.spec import WEIGHT_STORAGES, MacroSpec
+from cimlab.firmware_bridge import messages as m
+from cimlab.firmware_bridge.errors import PayloadError
+from cimlab.firmware_bridge.messages import MESSAGES, Opcode
+from cimlab.firmware_bridge.spec import WEIGHT_STORAGES, MacroSpec
 
 
 # ---- strategies derived from the construct definitions -------------------------------------------------------

@@ -10,12 +10,12 @@ import pytest
 import torch
 from training_helpers import SMALL_ODD, SMALL_TWOS, noisy_model
 
-from firmware_bridge.errors import ArtifactError, ConfigError
-from host.training.api import evaluate_run, model_from_checkpoint
-from host.training.checkpoint import load_checkpoint, save_checkpoint
-from host.training.layers import calibrate, convert
-from host.training.models import digits_mlp
-from host.training.tasks import load_task
+from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
+from cimlab.training.api import evaluate_run, model_from_checkpoint
+from cimlab.training.checkpoint import load_checkpoint, save_checkpoint
+from cimlab.training.layers import calibrate, convert
+from cimlab.training.models import digits_mlp
+from cimlab.training.tasks import load_task
 
 MODEL = {"name": "digits_mlp", "kwargs": {"n_classes": 10, "hidden": 8}}
 

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 from training_helpers import SMALL_ODD, noisy_model
 
-from firmware_bridge.spec import MacroSpec
-from host.cli import cli
+from cimlab.firmware_bridge.spec import MacroSpec
+from cimlab.cli import cli
 
 QUICK = ["--limit", "48", "--epochs", "1", "--batch-size", "16", "--model", "digits_mlp", "--no-progress"]
 
@@ -75,7 +75,7 @@ def test_cli_info_and_help_never_import_torch() -> None:
     code = (
         "import sys\n"
         "from click.testing import CliRunner\n"
-        "from host.cli import cli\n"
+        "from cimlab.cli import cli\n"
         "r = CliRunner().invoke(cli, ['info', '--json', '--link', 'sim://?profile=ideal'])\n"
         "assert r.exit_code == 0, r.output\n"
         "for cmd in (['train', '--help'], ['evaluate', '--help']):\n"

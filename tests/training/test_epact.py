@@ -6,12 +6,12 @@ import pytest
 import torch
 from training_helpers import SMALL_TWOS
 
-from firmware_bridge.errors import ConfigError
-from host.training.layers import calibrate, cim_layers, convert
-from host.training.loop import TrainConfig, fit
-from host.training.models import digits_mlp
-from host.training.quant import InputQuantizer
-from host.training.tasks import load_task
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.training.layers import calibrate, cim_layers, convert
+from cimlab.training.loop import TrainConfig, fit
+from cimlab.training.models import digits_mlp
+from cimlab.training.quant import InputQuantizer
+from cimlab.training.tasks import load_task
 
 
 def test_bounds_get_gradients_only_from_clipped_inputs() -> None:

@@ -12,10 +12,10 @@ import pytest
 import torch
 from training_helpers import SMALL_LOSSY, SMALL_ODD, SMALL_TWOS, ideal_model, sim_url
 
-from firmware_bridge.spec import MacroSpec
-from host.driver import Chip
-from host.training.layers import CIMConv1d, CIMConv2d, CIMLayer, CIMLinear, MacroOperands
-from host.training.transfer import Transfer
+from cimlab.firmware_bridge.spec import MacroSpec
+from cimlab.driver import Chip
+from cimlab.training.layers import CIMConv1d, CIMConv2d, CIMLayer, CIMLinear, MacroOperands
+from cimlab.training.transfer import Transfer
 
 DEFAULT = MacroSpec()
 
@@ -132,8 +132,8 @@ def test_conv1d_layer_matches_the_twin() -> None:
 def test_tiles_placed_anywhere_on_the_macro_match_the_twin() -> None:
     """Placement is part of the definition: rows off a group boundary share conversions with idle rows, columns
     off 0 use other physical columns. Two tiles share one page here."""
-    from host.mapping import LayerMap, Tile
-    from host.training.macro import LayerMacro
+    from cimlab.mapping import LayerMap, Tile
+    from cimlab.training.macro import LayerMacro
 
     spec = SMALL_LOSSY  # 40 rows, 8 rows per conversion, 6 columns
     lm = LayerMap(spec, 30, 5, (Tile(0, 13, 0, 5, macro_row=5, macro_col=1, page=0),

@@ -14,10 +14,10 @@ import pytest
 import torch
 from training_helpers import SMALL_LOSSY, SMALL_ODD, SMALL_TWOS, ideal_model, noisy_model
 
-from firmware_bridge.spec import MacroSpec
-from host.mapping import map_layer
-from host.training.macro import LayerMacro, macro_matmul
-from host.training.transfer import Transfer
+from cimlab.firmware_bridge.spec import MacroSpec
+from cimlab.mapping import map_layer
+from cimlab.training.macro import LayerMacro, macro_matmul
+from cimlab.training.transfer import Transfer
 
 EPS = 1e-4
 

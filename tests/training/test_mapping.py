@@ -1,4 +1,4 @@
-"""host.mapping: how a layer is cut into macro tiles, and the numpy reference of what the tiles compute."""
+"""cimlab.mapping: how a layer is cut into macro tiles, and the numpy reference of what the tiles compute."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from training_helpers import SMALL_LOSSY, SMALL_TWOS
 
-from firmware_bridge.errors import ShapeError
-from host.mapping import LayerMap, Tile, map_layer
+from cimlab.firmware_bridge.errors import ShapeError
+from cimlab.mapping import LayerMap, Tile, map_layer
 
 
 @pytest.mark.parametrize(("k", "m"), [(1, 1), (32, 8), (33, 8), (32, 9), (100, 21), (64, 16)])

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from training_helpers import noisy_model
 
-from firmware_bridge.errors import ConfigError, ShapeError
-from firmware_bridge.spec import MacroSpec
-from host.training.layers import CIMConv2d, CIMLinear, calibrate, cim_layers, convert
-from host.training.macro import DEFAULT_CHUNK_CONVERSIONS
-from host.training.models import MODELS, build_model
-from host.training.transfer import Transfer
+from cimlab.firmware_bridge.errors import ConfigError, ShapeError
+from cimlab.firmware_bridge.spec import MacroSpec
+from cimlab.training.layers import CIMConv2d, CIMLinear, calibrate, cim_layers, convert
+from cimlab.training.macro import DEFAULT_CHUNK_CONVERSIONS
+from cimlab.training.models import MODELS, build_model
+from cimlab.training.transfer import Transfer
 
 DEFAULT = MacroSpec()
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 from training_helpers import SMALL_ODD, SMALL_TWOS, noisy_model
 
-from host.mapping import map_layer
-from host.training.layers import CIMLinear, convert, reseed
-from host.training.loop import TrainConfig, fit
-from host.training.macro import LayerMacro, macro_matmul
-from host.training.models import digits_mlp
-from host.training.tasks import load_task
-from host.training.transfer import Transfer
+from cimlab.mapping import map_layer
+from cimlab.training.layers import CIMLinear, convert, reseed
+from cimlab.training.loop import TrainConfig, fit
+from cimlab.training.macro import LayerMacro, macro_matmul
+from cimlab.training.models import digits_mlp
+from cimlab.training.tasks import load_task
+from cimlab.training.transfer import Transfer
 
 N_DRAWS = 40_000
 
@@ -109,7 +109,7 @@ def test_training_through_the_error_model_is_deterministic_given_the_seed() -> N
 
 def test_the_three_table_layouts_draw_identical_codes(monkeypatch: pytest.MonkeyPatch) -> None:
     """direct, packed and search layouts all compute #{m : cum[m] <= u}: the same uniforms give the same codes."""
-    import host.training.transfer as transfer_mod
+    import cimlab.training.transfer as transfer_mod
 
     spec = SMALL_ODD
     model = noisy_model(spec, seed=8, noise=1.5)
@@ -128,7 +128,7 @@ def test_the_three_table_layouts_draw_identical_codes(monkeypatch: pytest.Monkey
 
 
 def test_evaluation_leaves_the_training_streams_where_they_were() -> None:
-    from host.training.loop import accuracy
+    from cimlab.training.loop import accuracy
 
     spec = SMALL_TWOS
     model = convert(digits_mlp(hidden=8), spec, Transfer.from_model(noisy_model(spec, seed=9)), seed=1)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from firmware_bridge.errors import ArtifactError, ConfigError
-from host.training.tasks import CIFAR_RECORD, HAR_SIGNALS, crop_flip, load_task
+from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
+from cimlab.training.tasks import CIFAR_RECORD, HAR_SIGNALS, crop_flip, load_task
 
 
 def write_har(root: Path, n_train: int = 12, n_test: int = 6, seed: int = 0) -> Path:

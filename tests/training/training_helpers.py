@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from firmware_bridge.errmodel import ErrorModel
-from firmware_bridge.spec import MacroSpec
+from cimlab.firmware_bridge.errmodel import ErrorModel
+from cimlab.firmware_bridge.spec import MacroSpec
 
 
 def ideal_model(spec: MacroSpec, count: int = 10) -> ErrorModel:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import chip_sim
-from chip_sim.analog import SUB_LEVEL, AnalyticConverter, normal_quantiles
-from chip_sim.controller import TwinController
-from firmware_bridge.registers import BY_NAME
+from cimlab import chip_sim
+from cimlab.chip_sim.analog import SUB_LEVEL, AnalyticConverter, normal_quantiles
+from cimlab.chip_sim.controller import TwinController
+from cimlab.firmware_bridge.registers import BY_NAME
 
 VDD = BY_NAME["VDD_MV"].addr
 TEMP = BY_NAME["TEMP_CC"].addr

@@ -7,14 +7,14 @@ import math
 import numpy as np
 import pytest
 
-import chip_sim
-from chip_sim.controller import TwinController
-from firmware_bridge.bridge import Bridge
-from firmware_bridge.controller import Controller
-from firmware_bridge.errors import ConfigError, DeviceError, ShapeError
-from firmware_bridge.frame import Framer, encode_frame
-from firmware_bridge.messages import Opcode, Status, build_request, parse_reply
-from firmware_bridge.registers import BY_NAME, ERR_BAD_FRAME, ERR_BAD_REQUEST, ID_MAGIC
+from cimlab import chip_sim
+from cimlab.chip_sim.controller import TwinController
+from cimlab.firmware_bridge.bridge import Bridge
+from cimlab.firmware_bridge.controller import Controller
+from cimlab.firmware_bridge.errors import ConfigError, DeviceError, ShapeError
+from cimlab.firmware_bridge.frame import Framer, encode_frame
+from cimlab.firmware_bridge.messages import Opcode, Status, build_request, parse_reply
+from cimlab.firmware_bridge.registers import BY_NAME, ERR_BAD_FRAME, ERR_BAD_REQUEST, ID_MAGIC
 
 
 def _random(twin: TwinController, batch: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import chip_sim
-from chip_sim.controller import TwinController
-from firmware_bridge.errmodel import ErrorModel
-from firmware_bridge.errors import ArtifactError, ConfigError
+from cimlab import chip_sim
+from cimlab.chip_sim.controller import TwinController
+from cimlab.firmware_bridge.errmodel import ErrorModel
+from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
 
 
 def _characterize(twin: TwinController, vectors: int, seed: int) -> ErrorModel:

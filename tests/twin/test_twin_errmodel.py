@@ -1,4 +1,4 @@
-"""The error-model file format (firmware_bridge.errmodel): round trip, validation, fallback rule, sampler."""
+"""The error-model file format (cimlab.firmware_bridge.errmodel): round trip, validation, fallback rule, sampler."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from firmware_bridge.errmodel import FORMAT, CodeSampler, ErrorModel, count_conversions
-from firmware_bridge.errors import ArtifactError, ShapeError
-from firmware_bridge.spec import MacroSpec
+from cimlab.firmware_bridge.errmodel import FORMAT, CodeSampler, ErrorModel, count_conversions
+from cimlab.firmware_bridge.errors import ArtifactError, ShapeError
+from cimlab.firmware_bridge.spec import MacroSpec
 
 SPEC = MacroSpec(rows=32, cols=3, rows_per_conversion=8)
 

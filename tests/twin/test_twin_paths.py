@@ -9,12 +9,12 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import chip_sim
-from chip_sim.controller import TwinController
-from chip_sim.rng import VectorStream
-from firmware_bridge.errmodel import ErrorModel
-from firmware_bridge.errors import ConfigError
-from firmware_bridge.registers import BY_NAME
+from cimlab import chip_sim
+from cimlab.chip_sim.controller import TwinController
+from cimlab.chip_sim.rng import VectorStream
+from cimlab.firmware_bridge.errmodel import ErrorModel
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.registers import BY_NAME
 
 # small macros so the reference mode (pure Python, per conversion) stays fast
 SMALL = {"rows": "40", "cols": "3", "rows_per_conversion": "8"}

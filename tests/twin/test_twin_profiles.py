@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-import chip_sim
-from chip_sim.config import parameter_table
-from chip_sim.profiles import list_profiles, load_profile, profile_from_toml
-from firmware_bridge.errors import ConfigError
+from cimlab import chip_sim
+from cimlab.chip_sim.config import parameter_table
+from cimlab.chip_sim.profiles import list_profiles, load_profile, profile_from_toml
+from cimlab.firmware_bridge.errors import ConfigError
 
 BUNDLED = ("default", "ideal", "large", "nvm-2bit")
 
