@@ -423,10 +423,14 @@ def bench_farm(boards: Sequence[Board], package: str | os.PathLike, *, ray_addre
         actors = start_workers(ray, boards, timeout)
         try:
             refs = {b.name: actors[b.name].bench.remote(pkg_bytes, options, model_bytes) for b in boards}
-            return gather(ray, actors, refs, boards, report, lambda: False)
+            outcomes = gather(ray, actors, refs, boards, report, lambda: False)
         finally:
             for a in actors.values():
                 ray.kill(a)
+    for o in outcomes:
+        if o.result is not None:
+            o.result["package"] = str(package)  # not the actor's temporary copy
+    return outcomes
 
 
 class FarmProgress:

@@ -155,3 +155,29 @@ def test_board_arguments_are_checked() -> None:
                        (["a b=x"], "letters, digits")):
         with pytest.raises(ConfigError, match=match):
             parse_boards(bad)
+
+
+def test_farm_bench_on_two_ideal_boards(cluster: None, tmp_path: Path) -> None:
+    """Every board runs the package; on ideal twins each chip's predictions equal the host's ideal ones."""
+    from cimlab.chip_sim import load_profile
+    from cimlab.deploy.compile import compile_checkpoint
+    from cimlab.farm import bench_farm
+    from cimlab.training.api import prepare_model
+    from cimlab.training.checkpoint import save_checkpoint
+    from cimlab.training.tasks import load_task
+
+    spec = load_profile("ideal").spec
+    net, info = prepare_model(load_task("digits"), "quant", model_name="digits_mlp", spec=spec, seed=0)
+    ckpt = save_checkpoint(tmp_path / "mlp.safetensors", net.eval(),
+                           {"task": "digits", "model": info, "mode": "quant", "spec": spec.to_dict()})
+    pkg = tmp_path / "mlp.npz"
+    compile_checkpoint(ckpt, spec=spec, spec_source="test").save(pkg)
+    boards = [Board("chip1", "sim://?profile=ideal&seed=1"), Board("chip2", "sim://?profile=ideal&seed=2")]
+    outcomes = bench_farm(boards, pkg, options={"batch_size": 64, "draws": 0, "pooled": False, "seed": 0,
+                                                "limit": 48, "data_dir": None})
+    results = {o.board.name: o.result for o in outcomes}
+    assert [o.error for o in outcomes] == [None, None]
+    assert {r["chip_id"] for r in results.values()} == {"twin-ideal-s1", "twin-ideal-s2"}
+    for r in results.values():
+        assert r["images"] == 48 and r["package"] == str(pkg) and r["weight_mismatches"] == 0
+        assert r["agreement_ideal"] == 1.0 and r["accuracy_chip"] == r["accuracy_ideal"]
