@@ -178,6 +178,14 @@ from cimlab.cli_deploy import register as _register_deploy
 
 _register_deploy(cli)
 
+from cimlab.cli_farm import register as _register_farm  # noqa: E402
+
+_register_farm(cli)
+
+from cimlab.cli_export import register as _register_export  # noqa: E402
+
+_register_export(cli)
+
 from cimlab.cli_train import evaluate as _evaluate_cmd, train as _train_cmd  # noqa: E402
 
 cli.add_command(_train_cmd)

@@ -3,7 +3,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${CIMLAB_VENV:-$ROOT/.venv}"
-EXTRAS="${EXTRAS:-dev,ml}"
+EXTRAS="${EXTRAS:-dev,ml,farm,aihwkit}"
 find_python() {
   for cand in python3.11 python3.12 python3.13 python3; do
     if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
