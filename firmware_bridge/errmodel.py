@@ -308,7 +308,7 @@ class CodeSampler:
         row = s.astype(np.intp) * J
         row += self._cols
         u = np.asarray(bits).astype(np.int64)
-        codes = self.mode[row]
+        codes = np.ascontiguousarray(self.mode[row])  # written through a flat view below
         miss = np.flatnonzero((u < self.mode_lo[row]) | (u >= self.mode_hi[row]))
         if miss.size:
             u_m = u.reshape(-1)[miss]

@@ -162,6 +162,16 @@ def test_sampler_scalar_equals_vectorised_and_matches_probabilities() -> None:
     assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-12)
 
 
+def test_sampler_draws_the_same_codes_for_a_transposed_levels_array() -> None:
+    sampler = _model(3, n=20000).sampler()
+    rng = np.random.default_rng(6)
+    levels = rng.integers(0, SPEC.s_max + 1, (SPEC.physical_cols, 500)).T  # F-ordered, as ideal_levels gives
+    bits = rng.integers(0, 2**32, levels.shape, dtype=np.uint32)
+    codes = sampler.sample_bits(levels, bits)
+    assert np.array_equal(codes, sampler.sample_bits(np.ascontiguousarray(levels), bits))
+    assert not np.array_equal(codes, sampler.mode[levels * SPEC.physical_cols + np.arange(SPEC.physical_cols)])
+
+
 def test_sampler_extremes_of_the_uniform() -> None:
     counts = GOOD.copy()
     counts[:, :, 0] = 1
