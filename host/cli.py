@@ -105,9 +105,12 @@ def sim() -> None:
 @click.option("--baud", type=click.IntRange(min=1), default=None, help="Pace bytes at this UART line rate (10 bits/byte).")
 @click.option("--max-payload", type=click.IntRange(256, 16 * 1024 * 1024), default=64 * 1024, show_default=True,
               help="Largest frame payload, bytes.")
+@click.option("--smu", "smu_addr", metavar="HOST:PORT", default=None,
+              help="Also serve a simulated SMU that powers the twin, as a raw SCPI socket on loopback (port 0 picks "
+                   "one); the second line of stdout is its VISA resource, TCPIP::HOST::PORT::SOCKET.")
 @cim_errors
 def sim_serve(use_pty: bool, tcp_addr: str | None, profile: str, seed: int, sets: tuple[str, ...],
-              baud: int | None, max_payload: int) -> None:
+              baud: int | None, max_payload: int, smu_addr: str | None) -> None:
     """Serve a twin until stopped (Ctrl-C or SIGTERM). The first line of stdout is where to connect."""
     from cimlab import chip_sim
     from cimlab.chip_sim.server import parse_hostport, serve_pty, serve_tcp
@@ -115,8 +118,14 @@ def sim_serve(use_pty: bool, tcp_addr: str | None, profile: str, seed: int, sets
 
     if use_pty == bool(tcp_addr):
         raise ConfigError("choose exactly one of --pty or --tcp HOST:PORT")
-    bridge = Bridge(chip_sim.make_twin(profile, seed, parse_sets(sets)), max_payload=max_payload)
+    controller = chip_sim.make_twin(profile, seed, parse_sets(sets))
     stop = threading.Event()
+    smu_resource = ""
+    if smu_addr:
+        from cimlab.chip_sim.smu import start_smu
+
+        controller, smu_resource = start_smu(controller, *parse_hostport(smu_addr), stop=stop)
+    bridge = Bridge(controller, max_payload=max_payload)
 
     def on_signal(signum: int, frame: object) -> None:
         stop.set()
@@ -126,6 +135,10 @@ def sim_serve(use_pty: bool, tcp_addr: str | None, profile: str, seed: int, sets
 
     def ready(where: str) -> None:
         click.echo(where)
+        if smu_resource:
+            click.echo(smu_resource)
+            err_console.print(f"simulated SMU powering the twin: {smu_resource} (--visa-library @py)",
+                              highlight=False)
         sys.stdout.flush()
         extra = f", paced at {baud} baud" if baud else ""
         err_console.print(f"serving twin '{profile}' (seed {seed}){extra} on {where}; Ctrl-C stops", highlight=False)

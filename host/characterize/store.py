@@ -145,13 +145,18 @@ class MeasurementStore:
     def create(
         cls, folder: str | os.PathLike, meta: Mapping[str, Any], conditions: list[Condition]
     ) -> MeasurementStore:
-        """Make a new store in ``folder`` (created if missing; it must not already hold a store or other files)."""
+        """Make a new store in ``folder`` (created if missing). The folder must not hold other files, nor a store
+        with measurements; a store without a single committed batch (left by a run refused before it measured, or
+        killed right after it started) holds nothing to lose and is replaced."""
         d = Path(folder)
         path = d / STORE_NAME
         if path.exists():
-            raise ArtifactError(
-                f"{d} already holds a measurement store; pass --resume to continue it, or choose another --out"
-            )
+            if _committed_batches(path) > 0:
+                raise ArtifactError(
+                    f"{d} already holds a measurement store; pass --resume to continue it, or choose another --out"
+                )
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(path) + suffix).unlink(missing_ok=True)
         if d.exists():
             if not d.is_dir():
                 raise ArtifactError(f"--out {d} exists and is not a folder")
@@ -337,6 +342,20 @@ class MeasurementStore:
             self.conn.execute("DELETE FROM counts WHERE cond_id = ?", (cond_id,))
             self.conn.executemany("INSERT INTO counts (cond_id, j, s, code, n) VALUES (?, ?, ?, ?, ?)", rows)
         return int(jj.size)
+
+
+def _committed_batches(path: Path) -> int:
+    """Batches in an existing store file; a file that is no readable store counts as holding measurements (it is
+    someone's, never to be replaced)."""
+    try:
+        check_store_file(path)
+        ro = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+        try:
+            return int(ro.execute("SELECT COUNT(*) FROM batches").fetchone()[0])
+        finally:
+            ro.close()
+    except (ArtifactError, sqlite3.Error):
+        return 1
 
 
 def check_store_file(path: Path) -> None:
