@@ -178,6 +178,27 @@ def _analog_figures(fit: AnalogFit) -> dict[str, Any]:
     }
 
 
+def energy_rows(energy: dict[str, Any]) -> list[str]:
+    """The summary's energy rows: the chip's estimate, and the supply's measurement where one exists."""
+    if not energy:
+        return []
+    rows = [
+        f"| energy per conversion, estimated by the chip model | {_fmt(energy.get('chip_fj_per_conversion'))} "
+        f"fJ ({_fmt(energy.get('chip_fj_per_mac'))} fJ/MAC; the chip's energy counters) |"
+    ]
+    if "supply_fj_per_conversion" in energy:
+        rows.append(
+            f"| measured supply energy per conversion | {_fmt(energy['supply_fj_per_conversion'])} fJ "
+            f"({_fmt(energy['supply_fj_per_mac'])} fJ/MAC; charge from the supply x its voltage, mean current "
+            f"{_fmt(energy.get('supply_mean_a'))} A; measured / chip estimate "
+            f"{_fmt(energy.get('supply_vs_chip'), '.6f')}) |"
+        )
+    else:
+        rows.append("| measured supply energy | none: no supply measured these batches; the energy above is "
+                    "estimated by the chip model |")
+    return rows
+
+
 def summary_markdown(model: MacErrorModel, fit: AnalogFit, plots: list[Path], *, title: str,
                      store: MeasurementStore | None = None) -> str:
     """The summary.md text."""
@@ -222,17 +243,7 @@ def summary_markdown(model: MacErrorModel, fit: AnalogFit, plots: list[Path], *,
             f"| analog fit: offset mean +- sd | {_fmt(a['offset_mean'])} +- {_fmt(a['offset_std'])} LSB |",
             f"| analog fit: noise (median column) | {_fmt(a['noise_median'])} LSB |",
         ]
-    energy = prov.get("energy") or {}
-    if energy:
-        lines.append(
-            f"| chip energy estimate | {_fmt(energy.get('chip_fj_per_conversion'))} fJ/conversion, "
-            f"{_fmt(energy.get('chip_fj_per_mac'))} fJ/MAC |"
-        )
-        if "supply_fj_per_conversion" in energy:
-            lines.append(
-                f"| measured supply energy | {_fmt(energy['supply_fj_per_conversion'])} fJ/conversion, "
-                f"{_fmt(energy['supply_fj_per_mac'])} fJ/MAC (mean current {_fmt(energy['supply_mean_a'])} A) |"
-            )
+    lines += energy_rows(prov.get("energy") or {})
     if a["resolved"] == 0:
         lines += ["", (
             "The analog errors stay below one LSB everywhere: no conversion crossed an ADC threshold "

@@ -380,6 +380,8 @@ class BenchSupply:
             raise LinkError(f"supply {self.name} failed ({what}): {err}") from err
         except (pyvisa.errors.Error, OSError) as err:
             raise LinkError(f"supply {self.name} failed ({what}): {err}") from err
+        except ValueError as err:  # PyMeasure's validators: a value the model cannot take
+            raise ConfigError(f"supply {self.name} ({self.source.model}) refused {what}: {err}") from err
 
     def _check_errors(self, what: str) -> None:
         with self._visa("reading its error queue"):

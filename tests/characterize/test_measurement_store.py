@@ -70,8 +70,13 @@ def test_tallies_must_fit_the_batch(tmp_path: Path) -> None:
 
 def test_existing_store_or_files_are_never_overwritten(tmp_path: Path) -> None:
     make(tmp_path).close()
+    make(tmp_path).close()  # a store without a measured batch (a refused run's) holds nothing: it is replaced
+    with make(tmp_path) as store:
+        store.commit_batch(0, 0, np.zeros((1, 1, 1), np.int64), REC)
     with pytest.raises(ArtifactError, match="already holds a measurement store; pass --resume"):
         make(tmp_path)
+    with MeasurementStore.open(tmp_path / "run") as store:
+        assert store.done_batches(0) == {0}
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
