@@ -5,24 +5,24 @@ Heavy dependencies (torch) are imported inside the commands that need them, neve
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import threading
 
 import click
-from rich.table import Table
-
-from cimlab.firmware_bridge.errors import ConfigError
 from cimlab.cli_common import (
     cim_errors,
     console,
+    emit_json,
     err_console,
     json_option,
     link_option,
     open_chip,
     parse_sets,
 )
+from cimlab.firmware_bridge.errors import ConfigError
+from rich.table import Table
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="cimlab")
@@ -40,7 +40,7 @@ def info(link_url: str, timeout: float, as_json: bool) -> None:
     with open_chip(link_url, timeout) as chip:
         hello = chip.hello
     if as_json:
-        click.echo(json.dumps(hello.as_dict()))
+        emit_json(as_json, hello.as_dict())
         return
     t = Table(title=f"chip at {link_url}", show_header=False)
     for key in ("chip_id", "firmware_id", "bitstream_id", "protocol_version", "regmap_version", "max_payload"):
@@ -84,8 +84,7 @@ def check(link_url: str, timeout: float, seed: int, batch: int, as_json: bool) -
         f"MAC {f['mac_vectors_per_s']:.0f} vectors/s",
         highlight=False,
     )
-    if as_json:
-        click.echo(json.dumps(rep.as_dict()))
+    emit_json(as_json, rep.as_dict())
     if not rep.ok:
         sys.exit(1)
 
@@ -161,7 +160,7 @@ def sim_profiles(as_json: bool) -> None:
     for name, desc in list_profiles():
         rows.append({"name": name, "description": desc, "spec": load_profile(name).spec.describe()})
     if as_json:
-        click.echo(json.dumps(rows))
+        emit_json(as_json, rows)
         return
     t = Table(title="twin profiles")
     t.add_column("name")
@@ -183,7 +182,7 @@ def sim_show(profile: str, sets: tuple[str, ...]) -> None:
     click.echo(load_profile(profile, parse_sets(sets) or None).to_toml(), nl=False)
 
 
-from cimlab.cli_characterize import register as _register_characterize  # noqa: E402
+from cimlab.cli_characterize import register as _register_characterize
 
 _register_characterize(cli)
 
@@ -191,7 +190,8 @@ from cimlab.cli_deploy import register as _register_deploy
 
 _register_deploy(cli)
 
-from cimlab.cli_train import evaluate as _evaluate_cmd, train as _train_cmd  # noqa: E402
+from cimlab.cli_train import evaluate as _evaluate_cmd
+from cimlab.cli_train import train as _train_cmd
 
 cli.add_command(_train_cmd)
 cli.add_command(_evaluate_cmd)

@@ -6,7 +6,6 @@ the commands only.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -15,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-from click.core import ParameterSource
-
 from cimlab.cli_common import cim_errors, console, emit_json, err_console, json_option, link_option
 from cimlab.firmware_bridge.errors import ConfigError
 from cimlab.instruments.supplies import SUPPLY_MODELS
+from click.core import ParameterSource
+
 
 def _parse_volts(text: str | None) -> list[float] | None:
     if text is None:
@@ -275,7 +274,6 @@ def _load_source(path: Path, condition: str | None) -> Any:
 def fit(sources: tuple[Path, ...], out_file: Path, condition: str | None, as_json: bool) -> None:
     """Build one error model from characterize folders and/or .npz models (counts add; one MacroSpec only)."""
     import numpy as np
-
     from cimlab.errmodel import MacErrorModel
 
     models = [_load_source(p, condition) for p in sources]
@@ -298,8 +296,7 @@ def fit(sources: tuple[Path, ...], out_file: Path, condition: str | None, as_jso
         f"{summary['levels_observed']} levels, {summary['exact_code_rate'] * 100:.2f} % exact codes; "
         f"analog fit resolved in {summary['analog_resolved_columns']} columns", highlight=False,
     )
-    if as_json:
-        click.echo(json.dumps(summary))
+    emit_json(as_json, summary)
 
 
 @click.command("report")
@@ -328,8 +325,7 @@ def report(folder: Path, model_file: Path | None, out_dir: Path | None, as_json:
         files = write_report(model, target, store=store, title=f"cimlab characterization: {folder.name}")
     for f in files:
         console.print(f"wrote {f}", highlight=False)
-    if as_json:
-        click.echo(json.dumps({"out": str(target), "files": [str(f) for f in files]}))
+    emit_json(as_json, {"out": str(target), "files": [str(f) for f in files]})
 
 
 COMMANDS = (characterize, fit, report)

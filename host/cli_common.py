@@ -18,9 +18,8 @@ from functools import wraps
 from typing import Any, TypeVar
 
 import click
-from rich.console import Console
-
 from cimlab.firmware_bridge.errors import CimError, ConfigError
+from rich.console import Console
 
 F = TypeVar("F", bound=Callable[..., Any])
 

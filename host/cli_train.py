@@ -6,14 +6,12 @@ Registered into the ``cimlab`` group by ``cimlab.cli``; shares options and error
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
 import click
+from cimlab.cli_common import LINK_HELP, cim_errors, console, emit_json, json_option
 from rich.table import Table
-
-from cimlab.cli_common import LINK_HELP, cim_errors, console, json_option
 
 TASK_CHOICES = ("digits", "har", "cifar10")
 MODE_CHOICES = ("float", "quant", "dnat")
@@ -94,8 +92,7 @@ def train(task: str, mode: str, out: str, error_model: str | None, link_url: str
         t.add_row(f"test accuracy (error model, {res['draws']} draws)",
                   f"{_pct(res['accuracy_errors_mean'])} +- {100 * res['accuracy_errors_std']:.2f}")
     console.print(t)
-    if as_json:
-        click.echo(json.dumps(res))
+    emit_json(as_json, res)
 
 
 @click.command("evaluate")
@@ -132,8 +129,7 @@ def evaluate(checkpoint: str, error_model: str | None, draws: int, data_dir: str
         t.add_row(f"test accuracy under errors ({label}, {draws} draws)",
                   f"{_pct(res['accuracy_errors_mean'])} +- {100 * res['accuracy_errors_std']:.2f}")
     console.print(t)
-    if as_json:
-        click.echo(json.dumps(res))
+    emit_json(as_json, res)
 
 
 __all__ = ["evaluate", "train"]

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
-
 from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
 
 STORE_NAME = "measurements.sqlite"

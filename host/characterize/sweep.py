@@ -23,20 +23,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
+from cimlab.characterize.plan import Plan, PlanOptions
+from cimlab.characterize.store import BatchRecord, Condition, MeasurementStore
+from cimlab.errmodel import MacErrorModel, spec_differences
 from cimlab.firmware_bridge.errmodel import count_conversions
 from cimlab.firmware_bridge.errors import ArtifactError, ConfigError, DeviceError
 from cimlab.firmware_bridge.files import package_version
 from cimlab.firmware_bridge.spec import MacroSpec
-from cimlab.characterize.plan import Plan, PlanOptions
-from cimlab.characterize.store import BatchRecord, Condition, MeasurementStore
-from cimlab.errmodel import MacErrorModel, spec_differences
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
     from cimlab.driver import Chip
     from cimlab.instruments.supplies import BenchSupply
+    from rich.console import Console
 
 MODEL_NAME = "dmacem.npz"
 SAMPLE_PERIOD_S = 0.05

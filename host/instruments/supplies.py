@@ -28,8 +28,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from cimlab.firmware_bridge.errors import BackendUnavailable, CimError, CimTimeoutError, ConfigError, DeviceError
-from cimlab.firmware_bridge.errors import LinkError
+from cimlab.firmware_bridge.errors import (
+    BackendUnavailable,
+    CimError,
+    CimTimeoutError,
+    ConfigError,
+    DeviceError,
+    LinkError,
+)
 
 if TYPE_CHECKING:
     from cimlab.chip_sim.config import Profile
@@ -503,9 +509,9 @@ __all__ = [
     "BenchSupply",
     "Keithley2400Source",
     "Keithley2450Source",
+    "KeysightE364xASource",
     "KeysightE3631ASource",
     "KeysightE36312ASource",
-    "KeysightE364xASource",
     "Reading",
     "Source",
     "SupplyLimits",

@@ -6,7 +6,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-
 from cimlab.characterize import (
     MeasurementStore,
     Plan,

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
+from cimlab.errmodel import MacErrorModel
 from cimlab.firmware_bridge.errors import ArtifactError, ConfigError, ShapeError
 from cimlab.firmware_bridge.spec import MacroSpec
-from cimlab.errmodel import MacErrorModel
 
 SPEC = MacroSpec(rows=32, cols=8)  # 16 rows/conversion, 5-bit ADC: 17 levels, 32 codes, J = 32
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
 from cimlab.characterize.store import STORE_NAME, BatchRecord, Condition, MeasurementStore
+from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
 
 SHAPE = (4, 3, 5)
 META = {"plan_digest": "abc", "spec": {"rows": 1}}

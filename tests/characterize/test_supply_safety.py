@@ -4,6 +4,7 @@ agrees with the chip's own estimate."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import sqlite3
@@ -11,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import pyvisa.resources
-from click.testing import CliRunner
-
 from cimlab.characterize import STORE_NAME
 from cimlab.cli import cli
 from cimlab.errmodel import MacErrorModel
 from cimlab.instruments import sim_bench_yaml
 from cimlab.twinproc import TwinProcess
+from click.testing import CliRunner
 
 K2400 = "GPIB0::24::INSTR"
 BENCH = f"{sim_bench_yaml()}@sim"
@@ -85,7 +85,7 @@ def test_a_good_run_ramps_within_the_limit_after_compliance_and_ends_off(tmp_pat
     on = scpi_writes.index("OUTPUT 1")
     assert scpi_writes.index(":SENSE:CURRENT:PROTECTION 0.005") < on  # the profile's 5 mA, before output on
     assert setpoints(scpi_writes[:on]) == [0.0]
-    steps = [b - a for a, b in zip(volts, volts[1:], strict=False)]
+    steps = [b - a for a, b in itertools.pairwise(volts)]
     assert max(abs(s) for s in steps) <= 0.05 + 1e-9  # the profile's 50 mV ramp
     assert scpi_writes[-2:] == ["OUTPUT 0", ":SOURCE:VOLTAGE 0"]
 

@@ -7,13 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from characterize_helpers import store_counts, sweep
-
 from cimlab import chip_sim
-from cimlab.firmware_bridge.errors import ArtifactError
 from cimlab.characterize import MeasurementStore, Plan, PlanOptions, SupplySetup, SweepRunner, check_resume
 from cimlab.characterize.sweep import conditions_from_vdd
 from cimlab.driver import Chip
 from cimlab.errmodel import MacErrorModel
+from cimlab.firmware_bridge.errors import ArtifactError
 from cimlab.instruments import BenchSupply, SupplyLimits, open_supply, sim_bench_yaml
 
 IDEAL = "sim://?profile=ideal&rows=64"

@@ -7,10 +7,6 @@ import threading
 from pathlib import Path
 
 import pytest
-from pymeasure.instruments.keithley import Keithley2400, Keithley2450
-from pymeasure.instruments.keysight import KeysightE36312A
-from pymeasure.test import expected_protocol
-
 from cimlab.chip_sim.profiles import load_profile
 from cimlab.firmware_bridge.errors import CimTimeoutError, ConfigError, DeviceError
 from cimlab.instruments import CurrentSampler, Reading, SupplyLimits, open_supply, sim_bench_yaml, source_for_idn
@@ -19,10 +15,13 @@ from cimlab.instruments.supplies import (
     BenchSupply,
     Keithley2400Source,
     Keithley2450Source,
+    KeysightE364xASource,
     KeysightE3631ASource,
     KeysightE36312ASource,
-    KeysightE364xASource,
 )
+from pymeasure.instruments.keithley import Keithley2400, Keithley2450
+from pymeasure.instruments.keysight import KeysightE36312A
+from pymeasure.test import expected_protocol
 
 HERE = Path(__file__).parent
 BENCH = f"{sim_bench_yaml()}@sim"
