@@ -21,13 +21,24 @@ from cimlab.cli_common import (
     parse_sets,
 )
 from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.logs import LEVELS, setup_logging, teardown_logging
 from rich.table import Table
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="cimlab")
-def cli() -> None:
+@click.option("-v", "--verbose", count=True, help="Log more on stderr: -v INFO, -vv DEBUG (frames, SCPI traffic).")
+@click.option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default=None,
+              help="Log level (overrides -v).")
+@click.option("--log-file", type=click.Path(dir_okay=False), default=None,
+              help="Also append the log to this file.")
+def cli(verbose: int, log_level: str | None, log_file: str | None) -> None:
     """cimlab: characterize, train for, deploy to and benchmark an SRAM CIM macro, on a board or its twin."""
+    try:
+        setup_logging(verbose, log_level, log_file)
+    except ConfigError as err:
+        raise click.BadParameter(str(err), param_hint="--log-file") from err
+    click.get_current_context().call_on_close(teardown_logging)
 
 
 # ---- info / check ---------------------------------------------------------------------------------------------

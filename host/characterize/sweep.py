@@ -15,6 +15,7 @@ sets it): the sweep then returns with ``interrupted=True`` and a consistent stor
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from cimlab.instruments.supplies import BenchSupply
     from rich.console import Console
 
+log = logging.getLogger(__name__)
 MODEL_NAME = "dmacem.npz"
 SAMPLE_PERIOD_S = 0.05
 """Shortest interval between two supply-current readings during a batch, seconds."""
@@ -251,6 +253,7 @@ class SweepRunner:
         self.store.set_condition_state(ci, vdd, temp_c)
         self._readback = None  # re-read the weights under the new condition
         self.store.log("condition", f"{cond.label}: VDD_MV={vdd}, TEMP={temp_c:g} C")
+        log.info("condition %s: VDD_MV=%d, TEMP=%g C", cond.label, vdd, temp_c)
 
     def _run_batch(self, ci: int, index: int) -> int:
         chip, plan, spec = self.chip, self.plan, self.plan.spec
@@ -291,6 +294,8 @@ class SweepRunner:
                 supply_energy_j=volts * s.summary.charge_c,
             )
         self.store.commit_batch(ci, index, counts, record)
+        log.debug("batch %d of condition %d: %d conversions, chip %d fJ, supply %s J", index, ci, codes.size,
+                  record.chip_energy_fj, record.supply_energy_j)
         return int(codes.size)
 
     @contextmanager
