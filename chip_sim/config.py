@@ -335,7 +335,7 @@ def profile_from_dict(data: Mapping[str, Any], *, source: str, base_dir: Path | 
         raise ConfigError(f"{source}: [spec] must be a table")
     try:
         spec = MacroSpec.from_dict(dict(spec_data))
-    except ConfigError as err:
+    except (ConfigError, TypeError, ValueError, OverflowError) as err:
         raise ConfigError(f"{source}: [spec] {err}") from err
     sections = {s: _build_section(cls, data.get(s, {}), source) for s, cls in SECTIONS.items()}
     analog: AnalogParams = sections["analog"]

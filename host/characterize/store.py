@@ -28,11 +28,13 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterator, Mapping
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import wraps
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import numpy as np
 from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
@@ -76,6 +78,28 @@ def _cell_dtype(n_cells: int) -> np.dtype:
 
 def _hit_dtype(conversions: int) -> np.dtype:
     return np.dtype("<u4") if conversions < 2**32 else np.dtype("<u8")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _read_errors(method: F) -> F:
+    """A store read whose SQLite or JSON failure (a damaged file) becomes an ArtifactError naming the store."""
+
+    @wraps(method)
+    def wrapper(self: MeasurementStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as err:
+            raise ArtifactError(f"{self.path}: the store is damaged ({method.__name__}): {err}") from err
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+            raise ArtifactError(f"{self.path}: a meta value is not JSON ({method.__name__}): {err}") from err
+        except (TypeError, ValueError) as err:
+            if isinstance(err, ArtifactError | ConfigError):
+                raise
+            raise ArtifactError(f"{self.path}: a value has the wrong type ({method.__name__}): {err}") from err
+
+    return wrapper  # type: ignore[return-value]
 
 
 def utc_now() -> str:
@@ -226,6 +250,7 @@ class MeasurementStore:
 
     # ---- metadata -----------------------------------------------------------------------------------------------
     @property
+    @_read_errors
     def meta(self) -> dict[str, Any]:
         """All meta values, parsed."""
         return {k: json.loads(v) for k, v in self.conn.execute("SELECT key, value FROM meta")}
@@ -235,6 +260,7 @@ class MeasurementStore:
         with _transaction(self.conn):
             self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
 
+    @_read_errors
     def conditions(self) -> list[Condition]:
         """The conditions, in cond_id order."""
         rows = self.conn.execute("SELECT label, vdd_mv FROM conditions ORDER BY cond_id").fetchall()
@@ -247,6 +273,7 @@ class MeasurementStore:
                 "UPDATE conditions SET vdd_mv = ?, temp_c = ? WHERE cond_id = ?", (vdd_mv, temp_c, cond_id)
             )
 
+    @_read_errors
     def condition_state(self, cond_id: int) -> dict[str, Any]:
         """The chip-reported vdd_mv and temp_c of a condition (None until measured)."""
         row = self.conn.execute("SELECT vdd_mv, temp_c FROM conditions WHERE cond_id = ?", (cond_id,)).fetchone()
@@ -259,11 +286,13 @@ class MeasurementStore:
         with _transaction(self.conn):
             self.conn.execute("INSERT INTO events (t, kind, detail) VALUES (?, ?, ?)", (utc_now(), kind, detail))
 
+    @_read_errors
     def events(self) -> list[tuple[str, str, str]]:
         """(time, kind, detail) in order."""
         return self.conn.execute("SELECT t, kind, detail FROM events ORDER BY rowid").fetchall()
 
     # ---- batches ------------------------------------------------------------------------------------------------
+    @_read_errors
     def done_batches(self, cond_id: int) -> set[int]:
         """Batches of a condition already committed."""
         return {r[0] for r in self.conn.execute("SELECT batch FROM batches WHERE cond_id = ?", (cond_id,))}
@@ -298,6 +327,7 @@ class MeasurementStore:
                 f"cannot record batch {batch} of condition {cond_id} in {self.path}: {err}"
             ) from err
 
+    @_read_errors
     def batch_records(self, cond_id: int) -> list[dict[str, Any]]:
         """The ``batches`` rows of a condition (without the tallies), as dicts, in batch order."""
         cur = self.conn.execute(
@@ -309,6 +339,7 @@ class MeasurementStore:
         names = [c[0] for c in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
+    @_read_errors
     def counts(self, cond_id: int, shape: tuple[int, int, int]) -> np.ndarray:
         """A condition's tallies summed over its batches: dense int64 of ``shape`` = (J, n_levels, n_codes)."""
         size = int(np.prod(shape))

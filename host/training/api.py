@@ -90,9 +90,13 @@ def resolve_spec(*, error_model: str | os.PathLike | None = None, link: str | No
 def model_from_checkpoint(ck: Checkpoint, transfer: Transfer | None = None) -> nn.Module:
     """Rebuild the checkpoint's model (on the macro for quant/dnat, with ``transfer`` or the ideal one)."""
     info = ck.manifest["model"]
-    if not isinstance(info, dict) or "name" not in info:
-        raise ArtifactError(f"checkpoint {str(ck.path)!r}: manifest 'model' must name the model")
-    model = build_model(info["name"], **info.get("kwargs", {}))
+    if not isinstance(info, dict) or "name" not in info or not isinstance(info.get("kwargs", {}), dict):
+        raise ArtifactError(f"checkpoint {str(ck.path)!r}: manifest 'model' must name the model and its kwargs")
+    try:
+        model = build_model(info["name"], **info.get("kwargs", {}))
+    except (TypeError, ValueError, KeyError, ConfigError) as err:
+        raise ArtifactError(f"checkpoint {str(ck.path)!r}: manifest field 'model' ({info['name']!r} with "
+                            f"{info.get('kwargs')!r:.80}) does not build a model: {err}") from err
     spec = ck.spec
     if spec is not None:
         if transfer is not None:
