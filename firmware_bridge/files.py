@@ -75,12 +75,12 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     _remove_stale_temporaries(target)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=target.parent)
     tmp = Path(name)
+    os.close(fd)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        os.close(fd)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # after the writer: some (safetensors) write a private file of their own
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -412,6 +412,30 @@ def check_store_file(path: Path) -> None:
         raise ArtifactError(f"{path} is not a cimlab measurement store (format {fmt!r}, expected {FORMAT!r})")
     if version != FORMAT_VERSION:
         raise ArtifactError(f"{path} has store format version {version!r}; this cimlab reads {FORMAT_VERSION}")
+    check_meta_types(path, meta)
+
+
+META_TYPES: dict[str, type | tuple[type, ...]] = {
+    "hello": dict, "spec": dict, "plan": dict, "plan_digest": str, "conditions": list, "instrument": (dict, type(None)),
+}
+"""Meta values the sweep reads, and their JSON types (others are free)."""
+
+
+def check_meta_types(path: Path, raw: dict[str, str]) -> None:
+    """ArtifactError naming a meta value the sweep reads that is not JSON of its type."""
+    for key, typ in META_TYPES.items():
+        if key not in raw:
+            continue
+        try:
+            value = json.loads(raw[key])
+        except (json.JSONDecodeError, TypeError, RecursionError) as err:
+            raise ArtifactError(f"{path}: meta value {key!r} is not JSON: {err}") from err
+        if not isinstance(value, typ):
+            raise ArtifactError(f"{path}: meta value {key!r} must be a JSON {getattr(typ, '__name__', 'object')}, "
+                                f"got {value!r:.60}")
+    plan = json.loads(raw.get("plan", "{}"))
+    if not isinstance(plan.get("options", {}), dict):
+        raise ArtifactError(f"{path}: meta value 'plan.options' must be a JSON object")
 
 
 @contextmanager
