@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
 from cimlab.firmware_bridge.controller import Controller, Counters, Identity, OpCost
 from cimlab.firmware_bridge.errors import ConfigError, DeviceError, LinkError
 from cimlab.firmware_bridge.registers import BY_NAME

@@ -10,6 +10,8 @@ import sys
 import threading
 
 import click
+from rich.table import Table
+
 from cimlab.cli_common import (
     cim_errors,
     console,
@@ -22,7 +24,6 @@ from cimlab.cli_common import (
 )
 from cimlab.firmware_bridge.errors import ConfigError
 from cimlab.logs import LEVELS, setup_logging, teardown_logging
-from rich.table import Table
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
+
 from cimlab.cli_common import cim_errors, console, emit_json, err_console, json_option, link_option
 from cimlab.firmware_bridge.errors import ConfigError
 from cimlab.instruments.supplies import SUPPLY_MODELS
-from click.core import ParameterSource
 
 
 def _parse_volts(text: str | None) -> list[float] | None:
@@ -274,6 +275,7 @@ def _load_source(path: Path, condition: str | None) -> Any:
 def fit(sources: tuple[Path, ...], out_file: Path, condition: str | None, as_json: bool) -> None:
     """Build one error model from characterize folders and/or .npz models (counts add; one MacroSpec only)."""
     import numpy as np
+
     from cimlab.errmodel import MacErrorModel
 
     models = [_load_source(p, condition) for p in sources]

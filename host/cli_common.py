@@ -18,8 +18,9 @@ from functools import wraps
 from typing import Any, TypeVar
 
 import click
-from cimlab.firmware_bridge.errors import CimError, ConfigError
 from rich.console import Console
+
+from cimlab.firmware_bridge.errors import CimError, ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 

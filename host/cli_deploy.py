@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.table import Table
+
 from cimlab.cli_common import LINK_HELP, cim_errors, console, emit_json, err_console, json_option, link_option
 from cimlab.deploy.schedule import PACK_MODES
 from cimlab.firmware_bridge.errors import ConfigError
-from rich.table import Table
 
 TIMEOUT_HELP = "Seconds without progress before a request is resent."
 
@@ -164,7 +165,8 @@ def bench_table(r: dict[str, Any]) -> Table:
     t.add_row("link rate", f"{ls['rate_Bps'] / 1e6:.3f} MB/s ({ls['rate_source']})")
     t.add_row("chip cycles", f"{c['cycles']:,} ({c['cycles_per_image']:,.0f} per image)")
     t.add_row("chip latency", f"{c['latency_us_per_image']:.2f} µs per image at {c['clock_hz'] / 1e6:g} MHz")
-    t.add_row("chip energy", f"{c['energy_nj']:.1f} nJ ({c['energy_nj_per_image']:.3f} nJ per image)")
+    t.add_row("chip energy (estimated by the chip model)",
+              f"{c['energy_nj']:.1f} nJ ({c['energy_nj_per_image']:.3f} nJ per image)")
     eff = b["efficiency"]
     limit = (f"the {b['holds']} bound is the lower"
              + ("" if eff is None or eff >= 0.5 else

@@ -31,6 +31,7 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
+
 from cimlab.firmware_bridge.errors import ConfigError
 from cimlab.firmware_bridge.spec import MacroSpec
 

@@ -27,16 +27,16 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from functools import wraps
 from datetime import UTC, datetime
+from functools import wraps
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
 import numpy as np
+
 from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
 
 STORE_NAME = "measurements.sqlite"

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from cimlab.characterize.plan import Plan, PlanOptions
 from cimlab.characterize.store import BatchRecord, Condition, MeasurementStore
 from cimlab.errmodel import MacErrorModel, spec_differences
@@ -33,9 +34,10 @@ from cimlab.firmware_bridge.files import package_version
 from cimlab.firmware_bridge.spec import MacroSpec
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from cimlab.driver import Chip
     from cimlab.instruments.supplies import BenchSupply
-    from rich.console import Console
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "dmacem.npz"

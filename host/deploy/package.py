@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from cimlab.deploy.schedule import Schedule
 from cimlab.firmware_bridge.errors import ArtifactError, ConfigError, ShapeError, VersionMismatch
 from cimlab.firmware_bridge.files import (
     NpzReader,
@@ -63,7 +64,6 @@ from cimlab.firmware_bridge.files import (
     text_sha256,
 )
 from cimlab.firmware_bridge.spec import MacroSpec
-from cimlab.deploy.schedule import Schedule
 
 FORMAT = "cimlab.deploy"
 VERSION = 2

@@ -33,7 +33,13 @@ from typing import Any
 import torch
 
 from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
-from cimlab.firmware_bridge.files import atomic_path, check_manifest_hash, package_version, require_types, text_sha256
+from cimlab.firmware_bridge.files import (
+    atomic_path,
+    check_manifest_hash,
+    package_version,
+    require_types,
+    text_sha256,
+)
 from cimlab.firmware_bridge.spec import MacroSpec
 
 FORMAT = "cimlab.checkpoint"

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from characterize_helpers import store_counts, sweep
+from click.testing import CliRunner
+
 from cimlab.characterize import STORE_NAME, PlanOptions
 from cimlab.cli import cli
 from cimlab.errmodel import MacErrorModel
 from cimlab.instruments import sim_bench_yaml
-from click.testing import CliRunner
 
 QUIET = "sim://?profile=default&rows=64&noise_sigma_lsb=0"  # deterministic codes with the default's static errors
 IDEAL = "sim://?profile=ideal&rows=64"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cimlab.errmodel import MacErrorModel
 from cimlab.firmware_bridge.errors import ArtifactError, ConfigError, ShapeError
 from cimlab.firmware_bridge.spec import MacroSpec

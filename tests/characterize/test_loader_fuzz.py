@@ -244,8 +244,15 @@ def test_profiles(tmp_path: Path) -> None:
 
 
 def test_measurement_stores(tmp_path: Path) -> None:
-    from cimlab.characterize import MeasurementStore, Plan, PlanOptions, SweepRunner, model_for_condition, store_meta
-    from cimlab.characterize import conditions_from_vdd
+    from cimlab.characterize import (
+        MeasurementStore,
+        Plan,
+        PlanOptions,
+        SweepRunner,
+        conditions_from_vdd,
+        model_for_condition,
+        store_meta,
+    )
     from cimlab.driver import Chip
 
     url = "sim://?profile=ideal&rows=16&cols=8&rows_per_conversion=8"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cimlab.characterize.store import STORE_NAME, BatchRecord, Condition, MeasurementStore
 from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
 

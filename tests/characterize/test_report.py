@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from cimlab.errmodel import MacErrorModel
 from cimlab.firmware_bridge.spec import MacroSpec
 from cimlab.report import write_report

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import pyvisa.resources
+from click.testing import CliRunner
+
 from cimlab.characterize import STORE_NAME
 from cimlab.cli import cli
 from cimlab.errmodel import MacErrorModel
 from cimlab.instruments import sim_bench_yaml
 from cimlab.twinproc import TwinProcess
-from click.testing import CliRunner
 
 K2400 = "GPIB0::24::INSTR"
 BENCH = f"{sim_bench_yaml()}@sim"

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from characterize_helpers import store_counts, sweep
+
 from cimlab import chip_sim
 from cimlab.characterize import MeasurementStore, Plan, PlanOptions, SupplySetup, SweepRunner, check_resume
 from cimlab.characterize.sweep import conditions_from_vdd

@@ -7,6 +7,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from pymeasure.instruments.keithley import Keithley2400, Keithley2450
+from pymeasure.instruments.keysight import KeysightE36312A
+from pymeasure.test import expected_protocol
+
 from cimlab.chip_sim.profiles import load_profile
 from cimlab.firmware_bridge.errors import CimTimeoutError, ConfigError, DeviceError
 from cimlab.instruments import CurrentSampler, Reading, SupplyLimits, open_supply, sim_bench_yaml, source_for_idn
@@ -19,9 +23,6 @@ from cimlab.instruments.supplies import (
     KeysightE3631ASource,
     KeysightE36312ASource,
 )
-from pymeasure.instruments.keithley import Keithley2400, Keithley2450
-from pymeasure.instruments.keysight import KeysightE36312A
-from pymeasure.test import expected_protocol
 
 HERE = Path(__file__).parent
 BENCH = f"{sim_bench_yaml()}@sim"
