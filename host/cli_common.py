@@ -70,12 +70,11 @@ def _people_output_to_stderr(as_json: bool) -> Iterator[None]:
     if not as_json:
         yield
         return
-    before = console.file
     console.file = sys.stderr
     try:
         yield
     finally:
-        console.file = before
+        console.file = None  # type: ignore[assignment]  # back to following sys.stdout, as when created
 
 
 EXIT_CONFIG = 2
