@@ -270,16 +270,20 @@ def _load_source(path: Path, condition: str | None) -> Any:
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The error model to write (.npz).")
 @click.option("--condition", default=None, help="Condition label to take from each store (default: the first).")
+@click.option("--allow-mixed-chips", is_flag=True,
+              help="Merge models of different chips (refused by default: their per-column errors differ).")
 @json_option
 @cim_errors
-def fit(sources: tuple[Path, ...], out_file: Path, condition: str | None, as_json: bool) -> None:
-    """Build one error model from characterize folders and/or .npz models (counts add; one MacroSpec only)."""
+def fit(sources: tuple[Path, ...], out_file: Path, condition: str | None, allow_mixed_chips: bool,
+        as_json: bool) -> None:
+    """Build one error model from characterize folders and/or .npz models (counts add; one MacroSpec and one chip
+    unless --allow-mixed-chips; every chip id is recorded)."""
     import numpy as np
 
     from cimlab.errmodel import MacErrorModel
 
     models = [_load_source(p, condition) for p in sources]
-    merged = MacErrorModel.merge(models) if len(models) > 1 else models[0]
+    merged = MacErrorModel.merge(models, allow_mixed_chips=allow_mixed_chips) if len(models) > 1 else models[0]
     path = merged.save(out_file)
     summary = merged.summary()
     analog = merged.fit_analog()
@@ -293,10 +297,13 @@ def fit(sources: tuple[Path, ...], out_file: Path, condition: str | None, as_jso
         "analog_offset_std_lsb": float(np.std(analog.offset[r])) if r.any() else None,
         "analog_noise_median_lsb": float(np.median(analog.noise[r])) if r.any() else None,
     })
+    summary["chip_ids"] = sorted({m.model.chip_id for m in models})
     console.print(
-        f"{path}: {summary['conversions']:,} conversions, {summary['columns_observed']} columns x "
-        f"{summary['levels_observed']} levels, {summary['exact_code_rate'] * 100:.2f} % exact codes; "
-        f"analog fit resolved in {summary['analog_resolved_columns']} columns", highlight=False,
+        f"{path}: {summary['conversions']:,} conversions from chip(s) {', '.join(summary['chip_ids'])}, "
+        f"{summary['columns_observed']} columns x {summary['levels_observed']} levels, "
+        f"{summary['exact_code_rate'] * 100:.2f} % exact codes; gain, offset and noise below one LSB could be told "
+        f"apart in {summary['analog_resolved_columns']} of {merged.spec.physical_cols} columns (see "
+        "`cimlab report`)", highlight=False,
     )
     emit_json(as_json, summary)
 

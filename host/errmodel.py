@@ -109,11 +109,12 @@ class MacErrorModel:
         return self.model.save(path)
 
     @classmethod
-    def merge(cls, models: Sequence[MacErrorModel]) -> MacErrorModel:
+    def merge(cls, models: Sequence[MacErrorModel], *, allow_mixed_chips: bool = False) -> MacErrorModel:
         """One model whose counts are the sum of ``models``' (all of one MacroSpec; ArtifactError otherwise).
 
-        The merged meta keeps the chip id when all agree (else lists them), the conditions when all agree
-        (else lists them), and every input's provenance.
+        Models of different chips (chip ids) are refused unless ``allow_mixed_chips``: their errors differ column by
+        column, and a sum of them describes neither. The merged provenance records every chip id
+        (``chip_ids``), the conditions when they differ, and every input's provenance.
         """
         if not models:
             raise ConfigError("merge needs at least one model")
@@ -124,11 +125,12 @@ class MacErrorModel:
                 raise ArtifactError(f"cannot merge models of different MacroSpecs: {diff}")
         counts = np.sum([m.counts for m in models], axis=0, dtype=np.int64)
         chip_ids = sorted({m.model.chip_id for m in models})
+        if len(chip_ids) > 1 and not allow_mixed_chips:
+            raise ArtifactError(f"the models come from {len(chip_ids)} chips ({', '.join(map(repr, chip_ids))}); "
+                                "merging them mixes their per-column errors: pass --allow-mixed-chips to do it anyway")
         conds = [m.model.conditions for m in models]
         same_conditions = all(c == conds[0] for c in conds)
-        provenance = {"merged_from": [m.model.provenance for m in models]}
-        if len(chip_ids) > 1:
-            provenance["chip_ids"] = chip_ids
+        provenance = {"merged_from": [m.model.provenance for m in models], "chip_ids": chip_ids}
         if not same_conditions:
             provenance["conditions_merged"] = conds
         return cls.from_counts(

@@ -202,3 +202,17 @@ def test_smu_on_pyvisa_sim_and_report(tmp_path: Path) -> None:
     md = (out / "report" / "summary.md").read_text()
     assert "twin-default-s0" in md and "estimated by the chip model" in md and "| vdd800mV | 800 |" in md
     assert os.path.exists(out / "dmacem_vdd600mV.npz")
+
+
+def test_fit_refuses_to_merge_two_chips_unless_asked(tmp_path: Path) -> None:
+    sweep("sim://?profile=ideal&rows=64&seed=1", tmp_path / "a", PlanOptions(repeats=3))
+    sweep("sim://?profile=ideal&rows=64&seed=2", tmp_path / "b", PlanOptions(repeats=3))
+    out = tmp_path / "m.npz"
+    code, text = invoke("fit", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out))
+    assert code == 1 and "2 chips ('twin-ideal-s1', 'twin-ideal-s2')" in flat(text) and "--allow-mixed-chips" in text
+    assert not out.exists()
+    code, text = invoke("fit", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--allow-mixed-chips",
+                        "--json")
+    assert code == 0, text
+    assert json.loads(text.strip().splitlines()[-1])["chip_ids"] == ["twin-ideal-s1", "twin-ideal-s2"]
+    assert MacErrorModel.load(out).meta["provenance"]["chip_ids"] == ["twin-ideal-s1", "twin-ideal-s2"]
