@@ -256,10 +256,10 @@ def energy_rows(energy: dict[str, Any]) -> list[str]:
     """The summary's energy rows: the chip's estimate, and the supply's measurement where one exists."""
     if not energy:
         return []
-    rows = [
+    rows = [(
         f"| energy per conversion, estimated by the chip model | {_fmt(energy.get('chip_fj_per_conversion'))} "
         f"fJ ({_fmt(energy.get('chip_fj_per_mac'))} fJ/MAC; the chip's energy counters) |"
-    ]
+    )]
     if "supply_fj_per_conversion" in energy:
         rows.append(
             f"| measured supply energy per conversion | {_fmt(energy['supply_fj_per_conversion'])} fJ "
@@ -276,22 +276,22 @@ def energy_rows(energy: dict[str, Any]) -> list[str]:
 FITS_EXPLAINED = [
     "## The two per-column fits, and which to trust",
     "",
-    "- **Line fit of the mean codes**: a straight line through each column's mean code per level. It is what the "
-    "codes show. Trust its gain and offset when the errors reach a few LSB; below one LSB the ADC's rounding "
-    "flattens the mean codes and the line fit's figures carry that rounding.",
-    "- **Quantization-aware fit**: models the analog value behind the ADC (gain, offset and noise, rounded at the "
-    "ideal thresholds), so it separates errors smaller than one LSB. A column is *resolved* when the codes pin its "
-    "noise to within 25 %. Trust it in resolved columns; in the others its figures are bounds, not estimates.",
-    "- When they disagree (for example on the gain spread), trust the quantization-aware fit if most columns are "
-    "resolved, else the line fit, and measure longer (`--repeats`) to resolve more columns.",
+    ("- **Line fit of the mean codes**: a straight line through each column's mean code per level. It is what the "
+     "codes show. Trust its gain and offset when the errors reach a few LSB; below one LSB the ADC's rounding "
+     "flattens the mean codes and the line fit's figures carry that rounding."),
+    ("- **Quantization-aware fit**: models the analog value behind the ADC (gain, offset and noise, rounded at the "
+     "ideal thresholds), so it separates errors smaller than one LSB. A column is *resolved* when the codes pin its "
+     "noise to within 25 %. Trust it in resolved columns; in the others its figures are bounds, not estimates."),
+    ("- When they disagree (for example on the gain spread), trust the quantization-aware fit if most columns are "
+     "resolved, else the line fit, and measure longer (`--repeats`) to resolve more columns."),
     "",
 ]
 
 
 def conditions_table(conds: list[Condition], energies: list[dict[str, Any]]) -> list[str]:
     """One row per condition: its VDD and temperature, exact-code rate, both fits' gain, noise and energy."""
-    lines = ["| condition | VDD (mV) | temperature (°C) | conversions | exact codes | gain (line fit) | "
-             "gain (quantization-aware, resolved columns) | noise (LSB) | energy per conversion (fJ) |",
+    lines = [("| condition | VDD (mV) | temperature (°C) | conversions | exact codes | gain (line fit) | "
+              "gain (quantization-aware, resolved columns) | noise (LSB) | energy per conversion (fJ) |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for c, energy in zip(conds, energies, strict=True):
         m = c.model
