@@ -4,7 +4,8 @@
 
     meta(key, value)              JSON values: format, format_version, created_at, software_version, hello (chip
                                   identity), spec (MacroSpec), plan (+ plan_digest), seed, conditions, link,
-                                  instrument, counts_layout
+                                  instrument, counts_layout, meta_sha256 (SHA-256 of the other rows: an
+                                  edited or damaged meta is refused at open, as are values of the wrong type)
     conditions(cond_id, label, vdd_mv, temp_c, spec_json)       one row per supply/temperature condition
     batches(cond_id, batch, finished_at, vectors, conversions, wall_s, mac_s, chip_cycles, chip_energy_fj,
             supply_v, supply_a_mean, supply_samples, supply_energy_j, cells, hits)
@@ -24,6 +25,7 @@ Read it with ``sqlite3 DIR/measurements.sqlite 'select * from transfer'`` (after
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -203,9 +205,9 @@ class MeasurementStore:
             with _transaction(conn):
                 rows = {"format": FORMAT, "format_version": FORMAT_VERSION, "created_at": utc_now(),
                         "counts_layout": COUNTS_LAYOUT, **meta}
-                conn.executemany(
-                    "INSERT INTO meta (key, value) VALUES (?, ?)", [(k, json.dumps(v)) for k, v in rows.items()]
-                )
+                texts = {k: json.dumps(v) for k, v in rows.items()}
+                texts[META_HASH_KEY] = json.dumps(meta_digest(texts))
+                conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", list(texts.items()))
                 conn.executemany(
                     "INSERT INTO conditions (cond_id, label, vdd_mv, temp_c, spec_json) VALUES (?, ?, ?, NULL, ?)",
                     [(i, c.label, c.vdd_mv, json.dumps(c.to_dict())) for i, c in enumerate(conditions)],
@@ -256,9 +258,12 @@ class MeasurementStore:
         return {k: json.loads(v) for k, v in self.conn.execute("SELECT key, value FROM meta")}
 
     def set_meta(self, key: str, value: Any) -> None:
-        """Insert or replace one meta value."""
+        """Insert or replace one meta value (and the meta's hash)."""
         with _transaction(self.conn):
             self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+            texts = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+            self.conn.execute("UPDATE meta SET value = ? WHERE key = ?",
+                              (json.dumps(meta_digest(texts)), META_HASH_KEY))
 
     @_read_errors
     def conditions(self) -> list[Condition]:
@@ -402,17 +407,31 @@ def check_store_file(path: Path) -> None:
         meta = dict(ro.execute("SELECT key, value FROM meta").fetchall())
         fmt = json.loads(meta.get("format", "null"))
         version = json.loads(meta.get("format_version", "null"))
+        stored_hash = json.loads(meta.get(META_HASH_KEY, "null"))
+        digest = meta_digest(meta)
     except sqlite3.Error as err:
         raise ArtifactError(f"{path} is not a readable SQLite database: {err}") from err
-    except (json.JSONDecodeError, TypeError) as err:
-        raise ArtifactError(f"{path}: meta values are not JSON: {err}") from err
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError, RecursionError) as err:
+        raise ArtifactError(f"{path}: meta values are not JSON text: {err}") from err
     finally:
         ro.close()
     if fmt != FORMAT:
         raise ArtifactError(f"{path} is not a cimlab measurement store (format {fmt!r}, expected {FORMAT!r})")
     if version != FORMAT_VERSION:
         raise ArtifactError(f"{path} has store format version {version!r}; this cimlab reads {FORMAT_VERSION}")
+    if stored_hash != digest:
+        raise ArtifactError(f"{path}: the meta values do not match meta.{META_HASH_KEY} (an edited or damaged store)")
     check_meta_types(path, meta)
+
+
+META_HASH_KEY = "meta_sha256"
+"""The meta row holding the SHA-256 of every other meta row: the store's manifest is covered by its hash."""
+
+
+def meta_digest(texts: dict[str, str]) -> str:
+    """SHA-256 over the meta rows (key and JSON text) other than ``META_HASH_KEY``, in key order."""
+    rows = sorted((k, v) for k, v in texts.items() if k != META_HASH_KEY)
+    return hashlib.sha256(json.dumps(rows).encode("utf-8")).hexdigest()
 
 
 META_TYPES: dict[str, type | tuple[type, ...]] = {

@@ -253,6 +253,7 @@ def test_measurement_stores(tmp_path: Path) -> None:
         model_for_condition,
         store_meta,
     )
+    from cimlab.characterize.store import META_HASH_KEY, meta_digest
     from cimlab.driver import Chip
 
     url = "sim://?profile=ideal&rows=16&cols=8&rows_per_conversion=8"
@@ -275,6 +276,10 @@ def test_measurement_stores(tmp_path: Path) -> None:
                                     json.dumps(mutate_json(json.loads(conn.execute(
                                         "SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]), rng))])
                 conn.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
+                if rng.random() < 0.8:  # the hash made to match, so the value meets the type checks
+                    texts = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+                    conn.execute("UPDATE meta SET value = ? WHERE key = ?", (json.dumps(meta_digest(texts)),
+                                                                             META_HASH_KEY))
             elif kind == 1:  # tallies of other lengths or values
                 blob = bytes(rng.randrange(256) for _ in range(rng.choice([0, 3, 8, 64])))
                 conn.execute(f"UPDATE batches SET {rng.choice(['cells', 'hits'])} = ?", (blob,))

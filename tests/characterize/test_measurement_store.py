@@ -138,6 +138,16 @@ def test_other_format_or_version_is_refused(tmp_path: Path) -> None:
         MeasurementStore.open(tmp_path / "run")
 
 
+def test_an_edited_meta_value_is_refused(tmp_path: Path) -> None:
+    make(tmp_path).close()
+    conn = sqlite3.connect(tmp_path / "run" / STORE_NAME)
+    conn.execute("""UPDATE meta SET value = '"2020-01-01T00:00:00.000+00:00"' WHERE key = 'created_at'""")
+    conn.commit()
+    conn.close()
+    with pytest.raises(ArtifactError, match="do not match meta.meta_sha256"):
+        MeasurementStore.open(tmp_path / "run")
+
+
 def test_tallies_outside_the_shape_are_an_artifact_error(tmp_path: Path) -> None:
     with make(tmp_path) as store:
         store.commit_batch(0, 0, np.ones((6, 3, 5), dtype=np.int64), REC)
