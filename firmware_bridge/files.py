@@ -21,8 +21,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # typing.Self is 3.11+; the board runs 3.10 (annotations are strings, never evaluated)
+    from typing_extensions import Self  # noqa: UP035
 
 from cimlab.firmware_bridge.errors import ArtifactError
 
@@ -173,7 +177,7 @@ class NpzReader:
         """Close the file."""
         self._zip.close()
 
-    def __enter__(self) -> NpzReader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

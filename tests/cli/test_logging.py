@@ -29,7 +29,7 @@ def test_scpi_traffic_is_logged_at_debug(tmp_path: Path) -> None:
     log = tmp_path / "scpi.log"
     profile = tmp_path / "chip.toml"
     profile.write_text('base = "default"\n[spec]\nrows = 32\n', encoding="utf-8")
-    code, out, err = invoke("--log-level", "debug", "--log-file", str(log), "characterize", "--link",
+    code, _, err = invoke("--log-level", "debug", "--log-file", str(log), "characterize", "--link",
                             "sim://?profile=default&rows=32", "--out", str(tmp_path / "run"), "--repeats", "2",
                             "--vdd", "0.8", "--smu", "GPIB0::24::INSTR", "--profile", str(profile),
                             "--visa-library", f"{sim_bench_yaml()}@sim", "--no-progress")

@@ -56,7 +56,10 @@ def test_an_interrupted_run_resumes_bit_identically(tmp_path: Path, error_model:
     command = shlex.split(cut.stderr.split("Resume with:", 1)[1].strip().splitlines()[0])
     assert command[:2] == ["cimlab", "train"] and command[-1] == "--resume"
     given = train_args(out, error_model)[1:]
-    pairs = lambda words: sorted(zip(words[::2], words[1::2], strict=False))  # noqa: E731
+
+    def pairs(words: list[str]) -> list[tuple[str, str]]:
+        return sorted(zip(words[::2], words[1::2], strict=False))
+
     flags = [w for w in command[2:-1] if w == "--no-progress"]
     assert flags == ["--no-progress"]
     assert pairs([w for w in command[2:-1] if w != "--no-progress"]) == pairs([w for w in given if w != "--no-progress"])
