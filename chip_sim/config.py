@@ -12,6 +12,7 @@ Every parameter is a dataclass field whose metadata gives its unit, its allowed 
     [analog]  ...                     # AnalogParams
     [timing]  ...                     # TimingParams
     [energy]  ...                     # EnergyParams
+    [supply]  ...                     # SupplyParams: how a bench supply may power the macro
 
 Fields left out keep their defaults (the analog defaults are an ideal macro). Overrides (``--set key=value``,
 ``sim://?key=value``) name a field either bare (``rows``, ``noise_sigma_lsb``) or dotted (``spec.rows``); their
@@ -124,7 +125,24 @@ class EnergyParams:
     write_fj_per_bit: float = _param(2.0, 0.0, 1e6, "fJ", "Writing one cell bit.")
 
 
-SECTIONS: dict[str, type] = {"analog": AnalogParams, "timing": TimingParams, "energy": EnergyParams}
+@dataclass(frozen=True)
+class SupplyParams:
+    """How a bench supply may power the macro's VDD (its allowed range is ``analog.vdd_min_mv..vdd_max_mv``).
+
+    ``cimlab characterize --smu`` takes its default current compliance and its ramp from here; a served twin's
+    simulated SMU (``cimlab sim serve --smu``) clips its current at the compliance like a real one.
+    """
+
+    compliance_ma: float = _param(
+        5.0, 0.001, 1000.0, "mA", "Current limit set before the output turns on (the macro draws well below it)."
+    )
+    ramp_step_mv: int = _param(50, 1, 1000, "mV", "Largest voltage step while ramping the output up or down.")
+    ramp_dwell_ms: float = _param(2.0, 0.0, 1000.0, "ms", "Pause after each ramp step, for the output to settle.")
+
+
+SECTIONS: dict[str, type] = {
+    "analog": AnalogParams, "timing": TimingParams, "energy": EnergyParams, "supply": SupplyParams,
+}
 TOP_LEVEL = ("name", "description", "mode", "error_model")
 
 
@@ -138,7 +156,7 @@ class Profile:
         spec: the macro's MacroSpec.
         mode: one of ``MODES``.
         error_model: absolute path of a ``.npz`` error model (data-driven twin), or ``""`` (analytic model).
-        analog, timing, energy: the parameter groups.
+        analog, timing, energy, supply: the parameter groups.
     """
 
     name: str
@@ -149,6 +167,7 @@ class Profile:
     analog: AnalogParams = field(default_factory=AnalogParams)
     timing: TimingParams = field(default_factory=TimingParams)
     energy: EnergyParams = field(default_factory=EnergyParams)
+    supply: SupplyParams = field(default_factory=SupplyParams)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, every field present (what ``to_toml`` writes)."""
@@ -316,7 +335,7 @@ def profile_from_dict(data: Mapping[str, Any], *, source: str, base_dir: Path | 
         raise ConfigError(f"{source}: [spec] must be a table")
     try:
         spec = MacroSpec.from_dict(dict(spec_data))
-    except ConfigError as err:
+    except (ConfigError, TypeError, ValueError, OverflowError) as err:
         raise ConfigError(f"{source}: [spec] {err}") from err
     sections = {s: _build_section(cls, data.get(s, {}), source) for s, cls in SECTIONS.items()}
     analog: AnalogParams = sections["analog"]
@@ -347,6 +366,7 @@ def profile_from_dict(data: Mapping[str, Any], *, source: str, base_dir: Path | 
         analog=analog,
         timing=sections["timing"],
         energy=sections["energy"],
+        supply=sections["supply"],
     )
 
 

@@ -5,8 +5,14 @@ File format (``.npz``, readable with plain numpy, no pickle)::
     counts  integer array [J, n_levels, n_codes]: how often column j (= k * cols + c, see spec.py) read code
             ``code`` for a conversion whose ideal partial sum was level ``s`` (0 .. spec.s_max)
     meta    0-d unicode array holding a JSON object:
-            {"format": "cimlab.errmodel", "version": 1, "spec": {MacroSpec fields},
-             "conditions": {"vdd_mv": ..., "temp_c": ...}, "chip_id": "...", "provenance": {...}}
+            {"format": "cimlab.errmodel", "version": 2, "spec": {MacroSpec fields},
+             "conditions": {"vdd_mv": ..., "temp_c": ...}, "chip_id": "...", "provenance": {...},
+             "counts_sha256": SHA-256 of the counts as little-endian int64}
+    meta_sha256  0-d unicode array: SHA-256 of the meta text (the manifest is covered by its hash)
+
+Loading trusts nothing: the meta is read first (its declared size capped), its hash checked, and the counts'
+declared size compared with what its MacroSpec needs before they are decompressed; every problem is an
+``ArtifactError`` naming the file and the field.
 
 Probabilities are derived from counts, so models of the same chip can be merged by adding counts.
 
@@ -21,9 +27,9 @@ give the same code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +37,15 @@ from typing import Any
 import numpy as np
 
 from cimlab.firmware_bridge.errors import ArtifactError, ConfigError, ShapeError
-from cimlab.firmware_bridge.files import atomic_path
+from cimlab.firmware_bridge.files import NpzReader, atomic_path, check_manifest_hash, read_text_member, text_sha256
 from cimlab.firmware_bridge.spec import MacroSpec
 
 FORMAT = "cimlab.errmodel"
-VERSION = 1
+VERSION = 2
+MAX_META_CHARS = 1 << 20
+"""Longest meta text read, characters (a model's meta is a few kB)."""
+MAX_COUNTS_BYTES = 1 << 31
+"""Largest counts array read, bytes."""
 _ROW_TOTAL_CAP = 2**30
 """Rows with more counts are rescaled (proportions kept to 2**-30) so ``cum << 32`` fits in int64."""
 
@@ -165,61 +175,79 @@ class ErrorModel:
             "conditions": self.conditions,
             "chip_id": self.chip_id,
             "provenance": self.provenance,
+            "counts_sha256": counts_sha256(self.counts),
         }
 
     # ---- files ------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write the ``.npz`` atomically (temporary file in the same folder, then ``os.replace``)."""
         target = Path(path)
-        meta = np.array(json.dumps(self.meta(), sort_keys=True))
+        text = json.dumps(self.meta(), sort_keys=True)
         with atomic_path(target) as tmp, open(tmp, "wb") as f:
-            np.savez_compressed(f, counts=self.counts, meta=meta)
+            np.savez_compressed(f, counts=self.counts, meta=np.array(text), meta_sha256=np.array(text_sha256(text)))
         return target
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ErrorModel:
-        """Read and validate a model file; ArtifactError naming what is wrong."""
-        where = f"error model {os.fspath(path)!r}"
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                names = set(npz.files)
-                for required in ("counts", "meta"):
-                    if required not in names:
-                        raise ArtifactError(f"{where}: missing array {required!r} (has: {sorted(names)})")
-                counts = npz["counts"]
-                meta_arr = npz["meta"]
-        except ArtifactError:
-            raise
-        except FileNotFoundError as err:
-            raise ArtifactError(f"{where}: no such file") from err
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-            raise ArtifactError(f"{where}: not a readable .npz without pickled objects: {err}") from err
-        if meta_arr.shape != () or meta_arr.dtype.kind not in "US":
-            raise ArtifactError(
-                f"{where}: 'meta' must be a 0-d string array, got {meta_arr.dtype} {meta_arr.shape}"
-            )
-        text = meta_arr.item()
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", "replace")
-        try:
-            meta = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ArtifactError(f"{where}: 'meta' is not JSON: {err}") from err
-        if not isinstance(meta, dict):
-            raise ArtifactError(f"{where}: 'meta' must be a JSON object")
-        if meta.get("format") != FORMAT:
-            raise ArtifactError(f"{where}: meta.format is {meta.get('format')!r}, expected {FORMAT!r}")
-        if meta.get("version") != VERSION:
-            raise ArtifactError(f"{where}: meta.version {meta.get('version')!r} is not supported ({VERSION})")
-        try:
-            spec = MacroSpec.from_dict(meta.get("spec"))
-        except ConfigError as err:
-            raise ArtifactError(f"{where}: meta.spec is not a valid MacroSpec: {err}") from err
-        for key, typ in (("conditions", dict), ("provenance", dict), ("chip_id", str)):
-            if not isinstance(meta.get(key, typ()), typ):
-                raise ArtifactError(f"{where}: meta.{key} must be a JSON {typ.__name__}")
+        """Read and validate a model file; ArtifactError naming the file and the field at fault."""
+        max_file = MAX_COUNTS_BYTES + 8 * MAX_META_CHARS
+        with NpzReader(path, "error model", max_file_bytes=max_file) as npz:
+            where = npz.where
+            text = read_text_member(npz, "meta", max_chars=MAX_META_CHARS)
+            check_manifest_hash(where, text, read_text_member(npz, "meta_sha256", max_chars=64), "meta_sha256")
+            meta = _parse_meta(where, text)
+            spec = _meta_spec(where, meta)
+            shape = (spec.physical_cols, spec.n_levels, spec.n_codes)
+            need = int(np.prod(shape, dtype=np.int64)) * 8
+            if need > MAX_COUNTS_BYTES:
+                raise ArtifactError(f"{where}: meta.spec needs {need:,} bytes of counts, more than "
+                                    f"{MAX_COUNTS_BYTES:,}")
+
+            def expect(dtype: np.dtype, got: tuple[int, ...]) -> str | None:
+                if dtype.kind not in "iu" or dtype.itemsize > 8:
+                    return f"must be an integer array, got dtype {dtype}"
+                if got != shape:
+                    return (f"has shape {got}; the MacroSpec needs [J, n_levels, n_codes] = {shape} "
+                            f"({spec.describe()})")
+                return None
+
+            counts = npz.read("counts", max_bytes=need + 4096, expect=expect)
         counts = _validated_counts(spec, counts, f"{where}: 'counts'", ArtifactError)
+        if counts_sha256(counts) != meta.get("counts_sha256"):
+            raise ArtifactError(f"{where}: 'counts' do not match meta.counts_sha256 (corrupt or edited file)")
         return cls(spec, counts, meta.get("chip_id", ""), meta.get("conditions", {}), meta.get("provenance", {}))
+
+
+def counts_sha256(counts: np.ndarray) -> str:
+    """SHA-256 of counts as little-endian int64 bytes."""
+    return hashlib.sha256(np.ascontiguousarray(counts, dtype="<i8").tobytes()).hexdigest()
+
+
+def _parse_meta(where: str, text: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ArtifactError(f"{where}: 'meta' is not JSON: {err}") from err
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{where}: 'meta' must be a JSON object")
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"{where}: meta.format is {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("version") != VERSION:
+        raise ArtifactError(f"{where}: meta.version {meta.get('version')!r} is not supported ({VERSION})")
+    for key, typ in (("conditions", dict), ("provenance", dict), ("chip_id", str), ("counts_sha256", str)):
+        if not isinstance(meta.get(key, typ()), typ):
+            raise ArtifactError(f"{where}: meta.{key} must be a JSON {typ.__name__}")
+    return meta
+
+
+def _meta_spec(where: str, meta: dict[str, Any]) -> MacroSpec:
+    spec_data = meta.get("spec")
+    if not isinstance(spec_data, dict):
+        raise ArtifactError(f"{where}: meta.spec must be a JSON object of MacroSpec fields")
+    try:
+        return MacroSpec.from_dict(spec_data)
+    except (ConfigError, TypeError, ValueError, OverflowError) as err:
+        raise ArtifactError(f"{where}: meta.spec is not a valid MacroSpec: {err}") from err
 
 
 def _validated_counts(spec: MacroSpec, counts: Any, what: str, error: type[Exception]) -> np.ndarray:

@@ -5,7 +5,6 @@ Heavy dependencies (torch) are imported inside the commands that need them, neve
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import threading
@@ -13,21 +12,34 @@ import threading
 import click
 from rich.table import Table
 
-from cimlab.firmware_bridge.errors import ConfigError
 from cimlab.cli_common import (
     cim_errors,
     console,
+    emit_json,
     err_console,
     json_option,
     link_option,
     open_chip,
     parse_sets,
 )
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.logs import LEVELS, setup_logging, teardown_logging
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="cimlab")
-def cli() -> None:
+@click.option("-v", "--verbose", count=True, help="Log more on stderr: -v INFO, -vv DEBUG (frames, SCPI traffic).")
+@click.option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default=None,
+              help="Log level (overrides -v).")
+@click.option("--log-file", type=click.Path(dir_okay=False), default=None,
+              help="Also append the log to this file.")
+def cli(verbose: int, log_level: str | None, log_file: str | None) -> None:
     """cimlab: characterize, train for, deploy to and benchmark an SRAM CIM macro, on a board or its twin."""
+    try:
+        setup_logging(verbose, log_level, log_file)
+    except ConfigError as err:
+        raise click.BadParameter(str(err), param_hint="--log-file") from err
+    click.get_current_context().call_on_close(teardown_logging)
 
 
 # ---- info / check ---------------------------------------------------------------------------------------------
@@ -40,7 +52,7 @@ def info(link_url: str, timeout: float, as_json: bool) -> None:
     with open_chip(link_url, timeout) as chip:
         hello = chip.hello
     if as_json:
-        click.echo(json.dumps(hello.as_dict()))
+        emit_json(as_json, hello.as_dict())
         return
     t = Table(title=f"chip at {link_url}", show_header=False)
     for key in ("chip_id", "firmware_id", "bitstream_id", "protocol_version", "regmap_version", "max_payload"):
@@ -84,8 +96,7 @@ def check(link_url: str, timeout: float, seed: int, batch: int, as_json: bool) -
         f"MAC {f['mac_vectors_per_s']:.0f} vectors/s",
         highlight=False,
     )
-    if as_json:
-        click.echo(json.dumps(rep.as_dict()))
+    emit_json(as_json, rep.as_dict())
     if not rep.ok:
         sys.exit(1)
 
@@ -105,9 +116,12 @@ def sim() -> None:
 @click.option("--baud", type=click.IntRange(min=1), default=None, help="Pace bytes at this UART line rate (10 bits/byte).")
 @click.option("--max-payload", type=click.IntRange(256, 16 * 1024 * 1024), default=64 * 1024, show_default=True,
               help="Largest frame payload, bytes.")
+@click.option("--smu", "smu_addr", metavar="HOST:PORT", default=None,
+              help="Also serve a simulated SMU that powers the twin, as a raw SCPI socket on loopback (port 0 picks "
+                   "one); the second line of stdout is its VISA resource, TCPIP::HOST::PORT::SOCKET.")
 @cim_errors
 def sim_serve(use_pty: bool, tcp_addr: str | None, profile: str, seed: int, sets: tuple[str, ...],
-              baud: int | None, max_payload: int) -> None:
+              baud: int | None, max_payload: int, smu_addr: str | None) -> None:
     """Serve a twin until stopped (Ctrl-C or SIGTERM). The first line of stdout is where to connect."""
     from cimlab import chip_sim
     from cimlab.chip_sim.server import parse_hostport, serve_pty, serve_tcp
@@ -115,8 +129,14 @@ def sim_serve(use_pty: bool, tcp_addr: str | None, profile: str, seed: int, sets
 
     if use_pty == bool(tcp_addr):
         raise ConfigError("choose exactly one of --pty or --tcp HOST:PORT")
-    bridge = Bridge(chip_sim.make_twin(profile, seed, parse_sets(sets)), max_payload=max_payload)
+    controller = chip_sim.make_twin(profile, seed, parse_sets(sets))
     stop = threading.Event()
+    smu_resource = ""
+    if smu_addr:
+        from cimlab.chip_sim.smu import start_smu
+
+        controller, smu_resource = start_smu(controller, *parse_hostport(smu_addr), stop=stop)
+    bridge = Bridge(controller, max_payload=max_payload)
 
     def on_signal(signum: int, frame: object) -> None:
         stop.set()
@@ -126,6 +146,10 @@ def sim_serve(use_pty: bool, tcp_addr: str | None, profile: str, seed: int, sets
 
     def ready(where: str) -> None:
         click.echo(where)
+        if smu_resource:
+            click.echo(smu_resource)
+            err_console.print(f"simulated SMU powering the twin: {smu_resource} (--visa-library @py)",
+                              highlight=False)
         sys.stdout.flush()
         extra = f", paced at {baud} baud" if baud else ""
         err_console.print(f"serving twin '{profile}' (seed {seed}){extra} on {where}; Ctrl-C stops", highlight=False)
@@ -148,7 +172,7 @@ def sim_profiles(as_json: bool) -> None:
     for name, desc in list_profiles():
         rows.append({"name": name, "description": desc, "spec": load_profile(name).spec.describe()})
     if as_json:
-        click.echo(json.dumps(rows))
+        emit_json(as_json, rows)
         return
     t = Table(title="twin profiles")
     t.add_column("name")
@@ -170,7 +194,7 @@ def sim_show(profile: str, sets: tuple[str, ...]) -> None:
     click.echo(load_profile(profile, parse_sets(sets) or None).to_toml(), nl=False)
 
 
-from cimlab.cli_characterize import register as _register_characterize  # noqa: E402
+from cimlab.cli_characterize import register as _register_characterize
 
 _register_characterize(cli)
 
@@ -186,7 +210,8 @@ from cimlab.cli_export import register as _register_export  # noqa: E402
 
 _register_export(cli)
 
-from cimlab.cli_train import evaluate as _evaluate_cmd, train as _train_cmd  # noqa: E402
+from cimlab.cli_train import evaluate as _evaluate_cmd
+from cimlab.cli_train import train as _train_cmd
 
 cli.add_command(_train_cmd)
 cli.add_command(_evaluate_cmd)

@@ -6,7 +6,6 @@ the commands only.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -17,11 +16,9 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from cimlab.cli_common import cim_errors, console, emit_json, err_console, json_option, link_option
 from cimlab.firmware_bridge.errors import ConfigError
-from cimlab.cli_common import cim_errors, console, err_console, json_option, link_option
-
-SUPPLY_MODELS = ("auto", "keithley2400", "keithley2450", "e36xx")
-"""``--smu-model`` choices (``cimlab.instruments.supplies.SUPPLIES`` plus auto-detection by ``*IDN?``)."""
+from cimlab.instruments.supplies import SUPPLY_MODELS
 
 
 def _parse_volts(text: str | None) -> list[float] | None:
@@ -54,6 +51,102 @@ def _stop_on_sigint(message: str) -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
+def supply_limits(chip: Any, profile_name: str, vdd_max: float | None, compliance: float | None) -> Any:
+    """The supply's limits for this chip, from its profile (which must describe the chip's MacroSpec)."""
+    from cimlab.chip_sim.profiles import load_profile
+    from cimlab.errmodel import spec_differences
+    from cimlab.instruments.supplies import SupplyLimits
+
+    profile = load_profile(profile_name)
+    if profile.spec != chip.spec:
+        diff = spec_differences(profile.spec, chip.spec, f"profile {profile_name!r}", "chip")
+        raise ConfigError(f"the supply limits come from profile {profile_name!r}, which describes another macro "
+                          f"than the chip's ({diff}); give --profile with the chip's own profile")
+    return SupplyLimits.from_profile(profile, vdd_max_v=vdd_max, compliance_a=compliance)
+
+
+def check_conditions(conds: list[Any], limits: Any) -> None:
+    """Every condition's VDD inside the limits (before anything is created or powered)."""
+    for c in conds:
+        if c.vdd_mv is None:
+            raise ConfigError("this store's conditions have no supply voltage; --smu needs --vdd")
+        limits.check(c.vdd_mv / 1000.0, f"--vdd ({c.label})")
+
+
+def plan_options(spec: Any, repeats: int, row_mode: str, batch_vectors: int | None, seed: int,
+                 levels: str | None, columns: str | None) -> dict[str, Any]:
+    """The plan options as given, levels and columns parsed against the chip's MacroSpec."""
+    from cimlab.characterize import parse_index_list
+
+    return {
+        "repeats": repeats, "row_mode": row_mode, "batch_vectors": batch_vectors, "seed": seed,
+        "levels": list(parse_index_list(levels, 0, spec.s_max, "--levels")) if levels else None,
+        "columns": list(parse_index_list(columns, 0, spec.physical_cols - 1, "--columns")) if columns else None,
+    }
+
+
+def resumed_plan(out_dir: Path, chip: Any, opts: dict[str, Any], volts: list[float] | None,
+                 given: Callable[[str], bool], stack: ExitStack) -> tuple[Any, Any, list[Any]]:
+    """(store, plan, conditions) of a store to continue, checked against the chip and the options given."""
+    from cimlab.characterize import MeasurementStore, Plan, check_resume, conditions_from_vdd
+
+    store = stack.enter_context(MeasurementStore.open(out_dir))
+    requested = {k: v for k, v in opts.items() if given(k)}
+    conds_req = conditions_from_vdd(volts) if given("vdd_text") else None
+    options, conds = check_resume(store, chip, requested, conds_req)
+    return store, Plan(chip.spec, options), conds
+
+
+def new_plan(chip: Any, opts: dict[str, Any], volts: list[float] | None) -> tuple[Any, list[Any]]:
+    """(plan, conditions) of a new sweep."""
+    from cimlab.characterize import Plan, PlanOptions, conditions_from_vdd
+
+    return Plan(chip.spec, PlanOptions.from_dict(opts)), conditions_from_vdd(volts)
+
+
+def open_bench_supply(resource: str, visa_library: str, model: str, channel: int, limits: Any,
+                      stack: ExitStack) -> Any:
+    """The supply, opened and identified (closed when ``stack`` unwinds)."""
+    from cimlab.characterize import SupplySetup
+    from cimlab.instruments.supplies import open_supply
+
+    supply = open_supply(resource, limits, visa_library, model=model, channel=channel)
+    stack.callback(supply.close)
+    return SupplySetup(supply)
+
+
+def sweep_summary(out_dir: Path, result: Any) -> dict[str, Any]:
+    """What characterize reports (its --json document)."""
+    return {
+        "out": str(out_dir),
+        "complete": result.complete,
+        "interrupted": result.interrupted,
+        "batches_done": result.batches_done,
+        "batches_total": result.batches_total,
+        "conversions_run": result.conversions_run,
+        "wall_s": round(result.wall_s, 3),
+        "conversions_per_s": result.conversions_run / result.wall_s if result.wall_s > 0 else None,
+        "models": [str(p) for p in result.models],
+    }
+
+
+def print_sweep_end(result: Any, resume_cmd: str) -> None:
+    """The closing lines for people (stderr)."""
+    if result.interrupted:
+        err_console.print(
+            f"[yellow]stopped[/] after {result.batches_done} of {result.batches_total} batches; the store is "
+            f"consistent. Resume with:\n  {resume_cmd}", highlight=False, soft_wrap=True,
+        )
+        return
+    rate = result.conversions_run / result.wall_s if result.wall_s > 0 else None
+    err_console.print(
+        f"{result.batches_done}/{result.batches_total} batches, {result.conversions_run:,} conversions in "
+        f"{result.wall_s:.2f} s" + (f" ({rate / 1e6:.2f} Mconv/s)" if rate else ""), highlight=False,
+    )
+    for p in result.models:
+        err_console.print(f"model: {p}", highlight=False)
+
+
 @click.command("characterize")
 @link_option
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -74,37 +167,36 @@ def _stop_on_sigint(message: str) -> Iterator[Callable[[], bool]]:
               help="Supply conditions in volts, e.g. 0.7,0.8,0.9: writes the chip's VDD_MV and, with --smu, "
                    "sets the supply.")
 @click.option("--smu", "smu_resource", default=None, metavar="RESOURCE",
-              help="VISA resource of the supply powering the macro (records its current during MACs).")
+              help="VISA resource of the supply powering the macro (its charge during MACs gives the measured "
+                   "energy), e.g. GPIB0::24::INSTR or a served twin's TCPIP::127.0.0.1::PORT::SOCKET.")
 @click.option("--visa-library", default="", metavar="LIB",
-              help="pyvisa backend: '' (system VISA), '@py', or 'FILE.yaml@sim' (pyvisa-sim).")
+              help="pyvisa backend: '' (system VISA), '@py' (pyvisa-py), or 'FILE.yaml@sim' (pyvisa-sim).")
 @click.option("--smu-model", type=click.Choice(SUPPLY_MODELS), default="auto", show_default=True,
               help="Supply driver (auto: by *IDN?).")
-@click.option("--smu-channel", default=None, help="Output of a multi-output E36xx (P6V, CH1 ...).")
-@click.option("--compliance", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
-              help="Supply current limit, A (set before the output turns on).")
+@click.option("--smu-channel", type=click.IntRange(1, 3), default=1, show_default=True,
+              help="Output of a multi-output supply (E3631A, E36312A, E364xA).")
+@click.option("--profile", "chip_profile", default="default", show_default=True, metavar="NAME|FILE",
+              help="The chip's profile: its allowed VDD range and the supply's compliance and ramp (it must "
+                   "describe the chip's MacroSpec).")
+@click.option("--vdd-max", type=float, default=None, metavar="V",
+              help="Highest voltage the supply may set, V (default: the chip's maximum from --profile).")
+@click.option("--compliance", type=click.FloatRange(min=0, min_open=True), default=None, metavar="A",
+              help="Supply current limit, A, set before the output turns on (default: the profile's).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @json_option
 @cim_errors
 def characterize(link_url: str, timeout: float, out_dir: Path, repeats: int, levels: str | None,
                  columns: str | None, row_mode: str, batch_vectors: int | None, seed: int, resume: bool,
                  vdd_text: str | None, smu_resource: str | None, visa_library: str, smu_model: str,
-                 smu_channel: str | None, compliance: float, progress: bool, as_json: bool) -> None:
+                 smu_channel: int, chip_profile: str, vdd_max: float | None, compliance: float | None,
+                 progress: bool, as_json: bool) -> None:
     """Sweep the chip at --link: every column, every reachable level, into a resumable store in --out.
 
     Writes OUT/measurements.sqlite (appended batch by batch) and, when the plan is complete, OUT/dmacem.npz.
-    Ctrl-C stops after the current batch; run the same command with --resume to finish.
+    With --smu, every --vdd is checked against the chip's range and --vdd-max before the store is created or the
+    supply is touched. Ctrl-C stops after the current batch; run the same command with --resume to finish.
     """
-    from cimlab.characterize import (
-        MeasurementStore,
-        Plan,
-        PlanOptions,
-        SupplySetup,
-        SweepRunner,
-        check_resume,
-        conditions_from_vdd,
-        parse_index_list,
-        store_meta,
-    )
+    from cimlab.characterize import MeasurementStore, SweepRunner, store_meta
     from cimlab.driver import Chip
 
     ctx = click.get_current_context()
@@ -113,79 +205,37 @@ def characterize(link_url: str, timeout: float, out_dir: Path, repeats: int, lev
         return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
     volts = _parse_volts(vdd_text)
-    if smu_resource and not volts:
+    if smu_resource and not volts and not resume:
         raise ConfigError("--smu needs --vdd: the supply voltage of each condition")
     with ExitStack() as stack:
         chip = stack.enter_context(Chip.open(link_url, timeout=timeout))
-        spec = chip.spec
-        opts: dict[str, Any] = {"repeats": repeats, "row_mode": row_mode, "batch_vectors": batch_vectors,
-                                "seed": seed}
-        opts["levels"] = list(parse_index_list(levels, 0, spec.s_max, "--levels")) if levels else None
-        opts["columns"] = (list(parse_index_list(columns, 0, spec.physical_cols - 1, "--columns"))
-                           if columns else None)
+        opts = plan_options(chip.spec, repeats, row_mode, batch_vectors, seed, levels, columns)
+        limits = supply_limits(chip, chip_profile, vdd_max, compliance) if smu_resource else None
         if resume:
-            store = stack.enter_context(MeasurementStore.open(out_dir))
-            requested = {k: v for k, v in opts.items() if given(k)}
-            conds_req = conditions_from_vdd(volts) if given("vdd_text") else None
-            options, conds = check_resume(store, chip, requested, conds_req)
-            plan = Plan(spec, options)
+            store, plan, conds = resumed_plan(out_dir, chip, opts, volts, given, stack)
         else:
-            options = PlanOptions.from_dict(opts)
-            plan = Plan(spec, options)
-            conds = conditions_from_vdd(volts)
-            instrument = None
-            if smu_resource:
-                instrument = {"resource": smu_resource, "visa_library": visa_library, "model": smu_model,
-                              "compliance_a": compliance}
-            store = stack.enter_context(
-                MeasurementStore.create(out_dir, store_meta(chip, plan, conds, link_url, instrument), conds)
-            )
-        if any(c.vdd_mv is None for c in conds) and smu_resource:
-            raise ConfigError("this store's conditions have no supply voltage; --smu cannot be used with it")
+            plan, conds = new_plan(chip, opts, volts)
         supply = None
-        if smu_resource:
-            from cimlab.instruments.supplies import open_supply
-
-            smu = open_supply(smu_resource, visa_library, model=smu_model, channel=smu_channel)
-            stack.callback(smu.close)
-            supply = SupplySetup(smu, compliance)
-        err_console.print(f"[bold]characterize[/] {chip.hello.chip_id} ({spec.describe()})", highlight=False)
+        if limits is not None:
+            check_conditions(conds, limits)
+            supply = open_bench_supply(smu_resource, visa_library, smu_model, smu_channel, limits, stack)
+        if not resume:
+            instrument = None if supply is None else {
+                "resource": smu_resource, "visa_library": visa_library, "model": supply.supply.source.model,
+                "compliance_a": limits.compliance_a, "limits": limits.source}
+            meta = store_meta(chip, plan, conds, link_url, instrument)
+            store = stack.enter_context(MeasurementStore.create(out_dir, meta, conds))
+        err_console.print(f"[bold]characterize[/] {chip.hello.chip_id} ({chip.spec.describe()})", highlight=False)
         err_console.print(f"plan: {plan.describe()}; conditions: {', '.join(c.label for c in conds)}",
                           highlight=False)
         if plan.unplanned_levels:
             err_console.print(f"[yellow]levels no digit profile reaches (not targeted): {plan.unplanned_levels}")
-        resume_cmd = f"cimlab characterize --link '{link_url}' --out '{out_dir}' --resume"
-        stop_msg = "stopping after the current batch; the store stays consistent"
-        with _stop_on_sigint(stop_msg) as should_stop:
+        with _stop_on_sigint("stopping after the current batch; the store stays consistent") as should_stop:
             runner = SweepRunner(chip, store, plan, supply=supply, should_stop=should_stop,
                                  console=err_console if progress else None)
             result = runner.run()
-    summary: dict[str, Any] = {
-        "out": str(out_dir),
-        "complete": result.complete,
-        "interrupted": result.interrupted,
-        "batches_done": result.batches_done,
-        "batches_total": result.batches_total,
-        "conversions_run": result.conversions_run,
-        "wall_s": round(result.wall_s, 3),
-        "conversions_per_s": result.conversions_run / result.wall_s if result.wall_s > 0 else None,
-        "models": [str(p) for p in result.models],
-    }
-    if result.interrupted:
-        err_console.print(
-            f"[yellow]stopped[/] after {result.batches_done} of {result.batches_total} batches; the store is "
-            f"consistent. Resume with:\n  {resume_cmd}", highlight=False, soft_wrap=True,
-        )
-    else:
-        rate = summary["conversions_per_s"]
-        console.print(
-            f"{result.batches_done}/{result.batches_total} batches, {result.conversions_run:,} conversions in "
-            f"{result.wall_s:.2f} s" + (f" ({rate / 1e6:.2f} Mconv/s)" if rate else ""), highlight=False,
-        )
-        for p in result.models:
-            console.print(f"model: {p}", highlight=False)
-    if as_json:
-        click.echo(json.dumps(summary))
+    print_sweep_end(result, f"cimlab characterize --link '{link_url}' --out '{out_dir}' --resume")
+    emit_json(as_json, sweep_summary(out_dir, result))
     if result.interrupted:
         sys.exit(130)
 
@@ -220,16 +270,20 @@ def _load_source(path: Path, condition: str | None) -> Any:
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The error model to write (.npz).")
 @click.option("--condition", default=None, help="Condition label to take from each store (default: the first).")
+@click.option("--allow-mixed-chips", is_flag=True,
+              help="Merge models of different chips (refused by default: their per-column errors differ).")
 @json_option
 @cim_errors
-def fit(sources: tuple[Path, ...], out_file: Path, condition: str | None, as_json: bool) -> None:
-    """Build one error model from characterize folders and/or .npz models (counts add; one MacroSpec only)."""
+def fit(sources: tuple[Path, ...], out_file: Path, condition: str | None, allow_mixed_chips: bool,
+        as_json: bool) -> None:
+    """Build one error model from characterize folders and/or .npz models (counts add; one MacroSpec and one chip
+    unless --allow-mixed-chips; every chip id is recorded)."""
     import numpy as np
 
     from cimlab.errmodel import MacErrorModel
 
     models = [_load_source(p, condition) for p in sources]
-    merged = MacErrorModel.merge(models) if len(models) > 1 else models[0]
+    merged = MacErrorModel.merge(models, allow_mixed_chips=allow_mixed_chips) if len(models) > 1 else models[0]
     path = merged.save(out_file)
     summary = merged.summary()
     analog = merged.fit_analog()
@@ -243,13 +297,15 @@ def fit(sources: tuple[Path, ...], out_file: Path, condition: str | None, as_jso
         "analog_offset_std_lsb": float(np.std(analog.offset[r])) if r.any() else None,
         "analog_noise_median_lsb": float(np.median(analog.noise[r])) if r.any() else None,
     })
+    summary["chip_ids"] = sorted({m.model.chip_id for m in models})
     console.print(
-        f"{path}: {summary['conversions']:,} conversions, {summary['columns_observed']} columns x "
-        f"{summary['levels_observed']} levels, {summary['exact_code_rate'] * 100:.2f} % exact codes; "
-        f"analog fit resolved in {summary['analog_resolved_columns']} columns", highlight=False,
+        f"{path}: {summary['conversions']:,} conversions from chip(s) {', '.join(summary['chip_ids'])}, "
+        f"{summary['columns_observed']} columns x {summary['levels_observed']} levels, "
+        f"{summary['exact_code_rate'] * 100:.2f} % exact codes; gain, offset and noise below one LSB could be told "
+        f"apart in {summary['analog_resolved_columns']} of {merged.spec.physical_cols} columns (see "
+        "`cimlab report`)", highlight=False,
     )
-    if as_json:
-        click.echo(json.dumps(summary))
+    emit_json(as_json, summary)
 
 
 @click.command("report")
@@ -278,8 +334,7 @@ def report(folder: Path, model_file: Path | None, out_dir: Path | None, as_json:
         files = write_report(model, target, store=store, title=f"cimlab characterization: {folder.name}")
     for f in files:
         console.print(f"wrote {f}", highlight=False)
-    if as_json:
-        click.echo(json.dumps({"out": str(target), "files": [str(f) for f in files]}))
+    emit_json(as_json, {"out": str(target), "files": [str(f) for f in files]})
 
 
 COMMANDS = (characterize, fit, report)

@@ -2,10 +2,15 @@
 
 Command modules (``cimlab.cli``, ``cimlab.cli_characterize``, ``cimlab.cli_train``, ``cimlab.cli_deploy``) import these;
 ``cimlab.cli`` imports the command modules to register them, so nothing here imports ``cimlab.cli``.
+
+With ``--json`` a command's stdout holds exactly one JSON document (``emit_json``; on an error, ``{"error": ...}``)
+and everything for people goes to stderr: ``console`` prints to stdout normally and to stderr under ``--json``.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +25,7 @@ from cimlab.firmware_bridge.errors import CimError, ConfigError
 F = TypeVar("F", bound=Callable[..., Any])
 
 console = Console()
+"""Output for people: stdout, or stderr while a command runs with --json."""
 err_console = Console(stderr=True)
 
 LINK_HELP = (
@@ -37,22 +43,64 @@ def link_option(f: F) -> F:
 
 
 def json_option(f: F) -> F:
-    """``--json``: print one JSON object as the last line."""
-    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")(f)
+    """``--json``: stdout holds exactly one JSON document; everything for people goes to stderr."""
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print one JSON document on stdout (everything else goes to stderr).")(f)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as None and tuples as lists (strict JSON has no NaN or Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def emit_json(as_json: bool, document: Any) -> None:
+    """With ``--json``: write ``document`` to stdout as one strict JSON document (one line)."""
+    if as_json:
+        click.echo(json.dumps(json_safe(document), allow_nan=False))
+
+
+@contextmanager
+def _people_output_to_stderr(as_json: bool) -> Iterator[None]:
+    if not as_json:
+        yield
+        return
+    console.file = sys.stderr
+    try:
+        yield
+    finally:
+        console.file = None  # type: ignore[assignment]  # back to following sys.stdout, as when created
+
+
+EXIT_CONFIG = 2
+"""Exit status of a command refused for a bad argument, file or configuration (as click's usage errors)."""
 
 
 def cim_errors(f: F) -> F:
-    """Turn cimlab errors into a one-line message and a non-zero exit status."""
+    """Turn cimlab errors into one line on stderr (no usage banner: they are not usage mistakes) and a non-zero
+    exit status: 2 for configuration errors, 1 for the others, 130 for Ctrl-C. With --json, stdout gets
+    ``{"error": {"code", "type", "message"}}``. Under --json, ``console`` prints to stderr."""
 
     @wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return f(*args, **kwargs)
-        except ConfigError as err:
-            raise click.UsageError(str(err)) from err
-        except CimError as err:
-            err_console.print(f"[bold red]error[/] ({err.code}): {err}", highlight=False)
-            sys.exit(1)
+        as_json = bool(kwargs.get("as_json"))
+        with _people_output_to_stderr(as_json):
+            try:
+                return f(*args, **kwargs)
+            except KeyboardInterrupt:
+                err_console.print("[yellow]interrupted[/] (Ctrl-C)", highlight=False)
+                emit_json(as_json, {"error": {"code": "interrupted", "type": "KeyboardInterrupt",
+                                              "message": "interrupted (Ctrl-C)"}})
+                sys.exit(130)
+            except CimError as err:
+                err_console.print(f"[bold red]error[/] ({err.code}): {err}", highlight=False, soft_wrap=True)
+                emit_json(as_json, {"error": {"code": err.code, "type": type(err).__name__, "message": str(err)}})
+                sys.exit(EXIT_CONFIG if isinstance(err, ConfigError) else 1)
 
     return wrapper  # type: ignore[return-value]
 

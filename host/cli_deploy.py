@@ -7,7 +7,6 @@ nor torch: the commands that need torch (compile, bench) import it when they run
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,9 @@ from typing import Any
 import click
 from rich.table import Table
 
-from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.cli_common import LINK_HELP, cim_errors, console, emit_json, err_console, json_option, link_option
 from cimlab.deploy.schedule import PACK_MODES
-from cimlab.cli_common import LINK_HELP, cim_errors, console, err_console, json_option, link_option
+from cimlab.firmware_bridge.errors import ConfigError
 
 TIMEOUT_HELP = "Seconds without progress before a request is resent."
 
@@ -88,8 +87,7 @@ def compile_cmd(checkpoint: Path, link_url: str | None, timeout: float, profile:
     console.print(f"{s.n_pages} page(s), utilization {', '.join(f'{u:.0%}' for u in s.summary()['utilization'])}; "
                   f"{s.programming_passes_per_batch} programming pass(es) per inference batch "
                   f"(rows per pass: {pkg.rows_written_per_pass()})", highlight=False)
-    if as_json:
-        click.echo(json.dumps(summary))
+    emit_json(as_json, summary)
 
 
 # ---- deploy ----------------------------------------------------------------------------------------------------
@@ -134,8 +132,7 @@ def deploy_cmd(package: Path, link_url: str, timeout: float, page: int | None, m
     if not rep.ok:
         console.print(_mismatch_table(rep))
         console.print(f"mismatched cells by tile: {rep.by_tile()}", highlight=False)
-    if as_json:
-        click.echo(json.dumps(rep.as_dict()))
+    emit_json(as_json, rep.as_dict())
     if not rep.ok:
         sys.exit(1)
 
@@ -168,7 +165,8 @@ def bench_table(r: dict[str, Any]) -> Table:
     t.add_row("link rate", f"{ls['rate_Bps'] / 1e6:.3f} MB/s ({ls['rate_source']})")
     t.add_row("chip cycles", f"{c['cycles']:,} ({c['cycles_per_image']:,.0f} per image)")
     t.add_row("chip latency", f"{c['latency_us_per_image']:.2f} µs per image at {c['clock_hz'] / 1e6:g} MHz")
-    t.add_row("chip energy", f"{c['energy_nj']:.1f} nJ ({c['energy_nj_per_image']:.3f} nJ per image)")
+    t.add_row("chip energy (estimated by the chip model)",
+              f"{c['energy_nj']:.1f} nJ ({c['energy_nj_per_image']:.3f} nJ per image)")
     eff = b["efficiency"]
     limit = (f"the {b['holds']} bound is the lower"
              + ("" if eff is None or eff >= 0.5 else
@@ -231,8 +229,7 @@ def bench_cmd(package: Path, link_url: str, timeout: float, task: str | None, da
                                max_rewrites=max_rewrites)
     out = public(result)
     console.print(bench_table(out))
-    if as_json:
-        click.echo(json.dumps(out))
+    emit_json(as_json, out)
 
 
 COMMANDS = (compile_cmd, deploy_cmd, bench_cmd)

@@ -6,19 +6,57 @@ Registered into the ``cimlab`` group by ``cimlab.cli``; shares options and error
 
 from __future__ import annotations
 
-import json
+import shlex
 import sys
 from typing import Any
 
 import click
+from click.core import ParameterSource
 from rich.table import Table
 
-from cimlab.cli_common import LINK_HELP, cim_errors, console, json_option
+from cimlab.cli_common import LINK_HELP, cim_errors, console, emit_json, err_console, json_option
+from cimlab.firmware_bridge.errors import ConfigError
 
 TASK_CHOICES = ("digits", "har", "cifar10")
 MODE_CHOICES = ("float", "quant", "dnat")
 LEARN_CHOICES = ("epact", "pact", "fixed")
 MODEL_CHOICES = ("digits_mlp", "digits_cnn", "har_cnn", "resnet20", "vgg8")
+
+
+MODELS_FOR_TASK = {
+    "digits": ("digits_mlp", "digits_cnn"),
+    "har": ("har_cnn",),
+    "cifar10": ("resnet20", "vgg8"),
+}
+"""Which models take which task's inputs (8x8 digit images, 9-channel 1-D HAR windows, 32x32 RGB images)."""
+
+
+def check_model_fits_task(task: str, model: str) -> None:
+    """ConfigError naming the models that fit ``task`` when ``model`` does not."""
+    fits = MODELS_FOR_TASK.get(task, ())
+    if model not in fits:
+        raise ConfigError(f"--model {model} does not take {task!r} inputs; for --task {task} use "
+                          f"{' or '.join(fits)}")
+
+
+def resume_command() -> str:
+    """The command line that ran this command, with --resume (for the message after Ctrl-C)."""
+    ctx = click.get_current_context()
+    words = ["cimlab", *ctx.command_path.split()[1:]]
+    for param in ctx.command.params:
+        if param.name in (None, "resume") or ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[param.name]
+        if not isinstance(param, click.Option):
+            words.append(str(value))
+        elif param.is_flag:
+            if value:
+                words.append(max(param.opts, key=len))
+            elif param.secondary_opts:
+                words.append(param.secondary_opts[0])
+        else:
+            words += [max(param.opts, key=len), str(value)]
+    return shlex.join([*words, "--resume"])
 
 
 def _pct(v: Any) -> str:
@@ -61,25 +99,40 @@ def _pct(v: Any) -> str:
 @click.option("--timeout", type=click.FloatRange(min=0.001), default=1.0, show_default=True,
               help="Link timeout with --link, s.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from its saved state (OUT.resume), bit-identically.")
 @json_option
 @cim_errors
 def train(task: str, mode: str, out: str, error_model: str | None, link_url: str | None, profile: str | None,
           model_name: str | None, init: str | None, data_dir: str | None, epochs: int, batch_size: int, lr: float,
           weight_decay: float, optimizer: str, seed: int, learn: str, pooled: bool, draws: int, injection: str,
-          limit: int | None, max_steps: int | None, timeout: float, progress: bool, as_json: bool) -> None:
+          limit: int | None, max_steps: int | None, timeout: float, progress: bool, resume: bool,
+          as_json: bool) -> None:
     """Train a model for the macro: float, quant (ideal quantized) or dnat (through the measured error model).
 
     The MacroSpec comes from --error-model, --link, --profile or --init (they must agree), never from constants.
+    The training state is saved at the start of every epoch (OUT.resume): after Ctrl-C or a crash, run the same
+    command with --resume.
     """
     from cimlab.training.api import train_run
     from cimlab.training.loop import TrainConfig
+    from cimlab.training.resume import resume_path
 
+    if model_name is not None:
+        check_model_fits_task(task, model_name)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                       seed=seed, max_steps=max_steps)
-    res = train_run(task, mode, out, model_name=model_name, error_model=error_model, link=link_url,
-                    profile=profile, init=init, data_dir=data_dir, cfg=cfg, learn=learn, pooled=pooled,
-                    draws=draws, limit=limit,
-                    transfer_kind=injection, progress=progress and sys.stderr.isatty(), timeout=timeout)
+    try:
+        res = train_run(task, mode, out, model_name=model_name, error_model=error_model, link=link_url,
+                        profile=profile, init=init, data_dir=data_dir, cfg=cfg, learn=learn, pooled=pooled,
+                        draws=draws, limit=limit, transfer_kind=injection,
+                        progress=progress and sys.stderr.isatty(), timeout=timeout, resume=resume)
+    except KeyboardInterrupt:
+        state = resume_path(out)
+        if state.is_file():
+            err_console.print(f"[yellow]interrupted[/]: the training state at the start of this epoch is saved in "
+                              f"{state}. Resume with:\n  {resume_command()}", highlight=False, soft_wrap=True)
+        raise
     t = Table(title=f"cimlab train: {task} / {res['model']} / {mode}", show_header=False)
     t.add_row("checkpoint", res["checkpoint"])
     t.add_row("macro", str(res["spec"] or "- (float)"))
@@ -94,8 +147,7 @@ def train(task: str, mode: str, out: str, error_model: str | None, link_url: str
         t.add_row(f"test accuracy (error model, {res['draws']} draws)",
                   f"{_pct(res['accuracy_errors_mean'])} +- {100 * res['accuracy_errors_std']:.2f}")
     console.print(t)
-    if as_json:
-        click.echo(json.dumps(res))
+    emit_json(as_json, res)
 
 
 @click.command("evaluate")
@@ -111,15 +163,17 @@ def train(task: str, mode: str, out: str, error_model: str | None, link_url: str
 @click.option("--injection", type=click.Choice(("measured", "gaussian")), default="measured", show_default=True,
               help="Codes drawn from the measured table, or a Gaussian with its mean and sigma (comparison).")
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N test samples.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @json_option
 @cim_errors
 def evaluate(checkpoint: str, error_model: str | None, draws: int, data_dir: str | None, seed: int,
-             pooled: bool | None, injection: str, limit: int | None, as_json: bool) -> None:
+             pooled: bool | None, injection: str, limit: int | None, progress: bool, as_json: bool) -> None:
     """Test accuracy of CHECKPOINT with ideal MACs and under an error model (a quant checkpoint there: "naive")."""
     from cimlab.training.api import evaluate_run
 
     res = evaluate_run(checkpoint, error_model=error_model, draws=draws, data_dir=data_dir, seed=seed,
-                       pooled=pooled, limit=limit, transfer_kind=injection)
+                       pooled=pooled, limit=limit, transfer_kind=injection,
+                       progress=progress and sys.stderr.isatty())
     t = Table(title=f"cimlab evaluate: {checkpoint}", show_header=False)
     t.add_row("task / model / mode", f"{res['task']} / {res['model']} / {res['mode']}")
     t.add_row("macro", str(res["spec"] or "- (float)"))
@@ -132,8 +186,7 @@ def evaluate(checkpoint: str, error_model: str | None, draws: int, data_dir: str
         t.add_row(f"test accuracy under errors ({label}, {draws} draws)",
                   f"{_pct(res['accuracy_errors_mean'])} +- {100 * res['accuracy_errors_std']:.2f}")
     console.print(t)
-    if as_json:
-        click.echo(json.dumps(res))
+    emit_json(as_json, res)
 
 
 __all__ = ["evaluate", "train"]

@@ -53,6 +53,7 @@ from cimlab.firmware_bridge.frame import (
 from cimlab.firmware_bridge.messages import Opcode, Status
 from cimlab.firmware_bridge.registers import REGMAP_VERSION, resolve
 from cimlab.firmware_bridge.spec import MacroSpec
+from cimlab.logs import WireTrace
 
 if TYPE_CHECKING:
     from cimlab.links.base import Link
@@ -150,7 +151,7 @@ class Chip:
         self.window = window
         self.max_payload = max_payload
         self.stats = DriverStats()
-        self.wire = WireLog()
+        self.wire = WireTrace()  # the recent frames, also logged at DEBUG to cimlab.wire
         self.last_cost = OpCost(0, 0)
         self._framer = Framer(max_payload)
         self._seq = int.from_bytes(os.urandom(2), "little")

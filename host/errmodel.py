@@ -109,11 +109,12 @@ class MacErrorModel:
         return self.model.save(path)
 
     @classmethod
-    def merge(cls, models: Sequence[MacErrorModel]) -> MacErrorModel:
+    def merge(cls, models: Sequence[MacErrorModel], *, allow_mixed_chips: bool = False) -> MacErrorModel:
         """One model whose counts are the sum of ``models``' (all of one MacroSpec; ArtifactError otherwise).
 
-        The merged meta keeps the chip id when all agree (else lists them), the conditions when all agree
-        (else lists them), and every input's provenance.
+        Models of different chips (chip ids) are refused unless ``allow_mixed_chips``: their errors differ column by
+        column, and a sum of them describes neither. The merged provenance records every chip id
+        (``chip_ids``), the conditions when they differ, and every input's provenance.
         """
         if not models:
             raise ConfigError("merge needs at least one model")
@@ -124,11 +125,12 @@ class MacErrorModel:
                 raise ArtifactError(f"cannot merge models of different MacroSpecs: {diff}")
         counts = np.sum([m.counts for m in models], axis=0, dtype=np.int64)
         chip_ids = sorted({m.model.chip_id for m in models})
+        if len(chip_ids) > 1 and not allow_mixed_chips:
+            raise ArtifactError(f"the models come from {len(chip_ids)} chips ({', '.join(map(repr, chip_ids))}); "
+                                "merging them mixes their per-column errors: pass --allow-mixed-chips to do it anyway")
         conds = [m.model.conditions for m in models]
         same_conditions = all(c == conds[0] for c in conds)
-        provenance = {"merged_from": [m.model.provenance for m in models]}
-        if len(chip_ids) > 1:
-            provenance["chip_ids"] = chip_ids
+        provenance = {"merged_from": [m.model.provenance for m in models], "chip_ids": chip_ids}
         if not same_conditions:
             provenance["conditions_merged"] = conds
         return cls.from_counts(
@@ -304,123 +306,15 @@ class MacErrorModel:
         The ADC is taken as ideal (thresholds at ``m + 1/2`` LSB, clipping at both ends), so
         ``P(code >= m + 1 | s) = Phi((gain * s / adc_lsb + offset - (m + 1/2)) / noise)``: an ordinal probit
         model. In the parameters ``(u, v, w) = (gain, offset, 1) / noise`` the log-likelihood is concave, and a
-        damped Newton iteration, vectorised over columns, finds its maximum. A weak penalty (one pseudo-observation
+        damped Newton iteration, vectorised over columns, finds its maximum (``ProbitColumns``; scipy.optimize
+        solves one problem at a time, and a chip has hundreds of columns). A weak penalty (one pseudo-observation
         per column, ``0.5 * (0.01 LSB)**2 * (w**2 + (u - w)**2 + v**2)``) keeps the optimum finite when no code
         ever changed; such columns, and any whose noise the codes do not pin down to ``resolve_rel``, are marked
         not ``resolved``. A shared ADC INL/DNL is absorbed into the gains, offsets and noise.
         """
-        from scipy.special import log_ndtr
-
-        spec = self.spec
-        J = spec.physical_cols
-        jj, ss, cc = np.nonzero(self.counts)  # only observed (column, level, code) cells enter the likelihood
-        n = self.counts[jj, ss, cc].astype(np.float64)
-        x = ss / spec.adc_lsb  # ideal analog value of the level, LSB
-        has_hi = cc > 0  # a threshold below the code (else the bottom rail)
-        has_lo = cc < spec.adc_max  # a threshold above the code (else the top rail)
-        t_hi = cc - 0.5  # threshold between code c-1 and c, LSB
-        t_lo = cc + 0.5  # threshold between code c and c+1, LSB
-        da = (x, np.ones_like(x), -np.where(has_hi, t_hi, 0.0))  # dz/d(u, v, w) of the threshold below
-        db = (x, np.ones_like(x), -np.where(has_lo, t_lo, 0.0))  # ... and of the threshold above
-        n_col = np.bincount(jj, weights=n, minlength=J)
-        active = n_col > 0
-        ref = 0.01
-
-        def per_col(values: np.ndarray) -> np.ndarray:
-            return np.bincount(jj, weights=values, minlength=J)
-
-        def z_pair(th: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            u, v, w = th[jj, 0], th[jj, 1], th[jj, 2]
-            base = u * x + v
-            a = np.where(has_hi, base - w * t_hi, np.inf)  # Phi(a) = P(code >= c)
-            b = np.where(has_lo, base - w * t_lo, -np.inf)  # Phi(b) = P(code >= c + 1)
-            return a, b
-
-        def log_p(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-            # log(Phi(a) - Phi(b)) on whichever tail keeps precision
-            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-                upper = (a + b) > 0
-                lo1, lo2 = np.where(upper, -b, a), np.where(upper, -a, b)
-                l1, l2 = log_ndtr(lo1), log_ndtr(lo2)
-                return l1 + np.log1p(-np.exp(np.minimum(l2 - l1, 0.0)))
-
-        def penalty(th: np.ndarray) -> np.ndarray:
-            u, v, w = th[:, 0], th[:, 1], th[:, 2]
-            return 0.5 * ref * ref * (w * w + (u - w) ** 2 + v * v)
-
-        def loglik(th: np.ndarray) -> np.ndarray:
-            return per_col(n * log_p(*z_pair(th))) - penalty(th)
-
-        def derivatives(th: np.ndarray, with_penalty: bool = True) -> tuple[np.ndarray, np.ndarray]:
-            a, b = z_pair(th)
-            lp = log_p(a, b)
-            fa, fb = np.isfinite(a), np.isfinite(b)
-            aa, bb = np.where(fa, a, 0.0), np.where(fb, b, 0.0)
-            with np.errstate(over="ignore", invalid="ignore"):
-                pa = np.where(fa, np.exp(-0.5 * aa * aa - lp), 0.0) / np.sqrt(2 * np.pi)  # phi(a) / P
-                pb = np.where(fb, np.exp(-0.5 * bb * bb - lp), 0.0) / np.sqrt(2 * np.pi)  # phi(b) / P
-            laa, lbb, lab = n * (-aa * pa - pa * pa), n * (bb * pb - pb * pb), n * (pa * pb)
-            grad = np.stack([per_col(n * (pa * da[i] - pb * db[i])) for i in range(3)], axis=1)
-            hess = np.empty((J, 3, 3))
-            for i in range(3):
-                for k in range(i, 3):
-                    h = laa * da[i] * da[k] + lbb * db[i] * db[k] + lab * (da[i] * db[k] + db[i] * da[k])
-                    hess[:, i, k] = hess[:, k, i] = per_col(h)
-            if with_penalty:
-                u, v, w = th[:, 0], th[:, 1], th[:, 2]
-                grad = grad - ref * ref * np.stack([u - w, v, 2 * w - u], axis=1)
-                hess = hess - ref * ref * np.array([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 2.0]])[None]
-            return grad, hess
-
-        # start from the line fit where there is one, with a noise of 0.3 LSB
-        lf = self.gain_offset()
-        sig0 = 0.3
-        theta = np.stack(
-            [np.where(np.isfinite(lf.gain), lf.gain, 1.0) / sig0, np.where(np.isfinite(lf.offset), lf.offset, 0.0)
-             / sig0, np.full(J, 1.0 / sig0)], axis=1,
-        )
-        f = loglik(theta)
-        for _ in range(max_iter):
-            g, h = derivatives(theta)
-            h = h - 1e-12 * np.eye(3)[None]  # keeps the solve defined for inactive columns
-            step = -np.linalg.solve(h, g[:, :, None])[:, :, 0]
-            step = np.where((g * step).sum(axis=1, keepdims=True) > 0, step, g * 1e-3)  # an ascent direction
-            t = np.ones(J)
-            new, f_new = theta.copy(), f.copy()
-            pending = active.copy()
-            for _halving in range(40):
-                cand = theta + t[:, None] * step
-                cand[:, 2] = np.where(cand[:, 2] > 0, cand[:, 2], theta[:, 2] * 0.5)  # 1/noise stays > 0
-                fc = loglik(cand)
-                better = pending & (fc >= f)
-                new[better], f_new[better] = cand[better], fc[better]
-                pending &= ~better
-                if not pending.any():
-                    break
-                t = t * 0.5
-            delta = np.abs(new - theta).max(axis=1) / np.maximum(np.abs(theta).max(axis=1), 1.0)
-            theta, f = new, f_new
-            if (delta[active] < tol).all():
-                break
-
-        _, h_data = derivatives(theta, with_penalty=False)
-        u, v, w = theta[:, 0], theta[:, 1], theta[:, 2]
-        gain, offset, noise = u / w, v / w, 1.0 / w
-        se = np.full((J, 3), np.nan)
-        for j in np.nonzero(active)[0]:
-            try:
-                cov = np.linalg.inv(-h_data[j])
-            except np.linalg.LinAlgError:
-                continue
-            if np.all(np.isfinite(cov)) and np.all(np.diag(cov) > 0):
-                # delta method from (u, v, w) to (u/w, v/w, 1/w)
-                jac = np.array([[1 / w[j], 0.0, -u[j] / w[j] ** 2], [0.0, 1 / w[j], -v[j] / w[j] ** 2],
-                                [0.0, 0.0, -1 / w[j] ** 2]])
-                se[j] = np.sqrt(np.diag(jac @ cov @ jac.T))
-        resolved = active & np.isfinite(se[:, 2]) & (se[:, 2] < resolve_rel * noise)
-        for arr in (gain, offset, noise):
-            arr[~active] = np.nan
-        return AnalogFit(gain, offset, noise, se[:, 0], se[:, 1], se[:, 2], resolved, n_col.astype(np.int64))
+        problem = ProbitColumns(self.spec, self.counts)
+        theta = problem.maximize(problem.start(self.gain_offset()), max_iter=max_iter, tol=tol)
+        return problem.result(theta, resolve_rel)
 
     # ---- sampling -----------------------------------------------------------------------------------------------
     def sampler(self) -> CodeSampler:
@@ -473,6 +367,155 @@ class MacErrorModel:
         return out
 
 
+PENALTY_LSB = 0.01
+"""Scale of the weak penalty that keeps the probit fit finite (LSB)."""
+START_NOISE_LSB = 0.3
+"""Noise the probit fit starts from (LSB)."""
+
+
+class ProbitColumns:
+    """The ordinal-probit likelihood of every column's counts (see ``MacErrorModel.fit_analog``), vectorised over
+    columns. Only observed (column, level, code) cells enter; ``theta`` is [J, 3] of ``(u, v, w)``.
+    """
+
+    def __init__(self, spec: MacroSpec, counts: np.ndarray) -> None:
+        self.J = spec.physical_cols
+        self.jj, ss, cc = np.nonzero(counts)
+        self.n = counts[self.jj, ss, cc].astype(np.float64)
+        self.x = ss / spec.adc_lsb  # ideal analog value of the level, LSB
+        self.has_hi = cc > 0  # a threshold below the code (else the bottom rail)
+        self.has_lo = cc < spec.adc_max  # a threshold above the code (else the top rail)
+        self.t_hi = cc - 0.5  # threshold between code c-1 and c, LSB
+        self.t_lo = cc + 0.5  # threshold between code c and c+1, LSB
+        ones = np.ones_like(self.x)
+        self.da = (self.x, ones, -np.where(self.has_hi, self.t_hi, 0.0))  # dz/d(u, v, w) of the threshold below
+        self.db = (self.x, ones, -np.where(self.has_lo, self.t_lo, 0.0))  # ... and of the threshold above
+        self.n_col = np.bincount(self.jj, weights=self.n, minlength=self.J)
+        self.active = self.n_col > 0
+
+    def per_col(self, values: np.ndarray) -> np.ndarray:
+        """Sum of per-cell values by column, [J]."""
+        return np.bincount(self.jj, weights=values, minlength=self.J)
+
+    def z_pair(self, th: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Standardised distances to the thresholds below and above each cell's code: Phi(a) = P(code >= c),
+        Phi(b) = P(code >= c + 1)."""
+        u, v, w = th[self.jj, 0], th[self.jj, 1], th[self.jj, 2]
+        base = u * self.x + v
+        a = np.where(self.has_hi, base - w * self.t_hi, np.inf)
+        b = np.where(self.has_lo, base - w * self.t_lo, -np.inf)
+        return a, b
+
+    @staticmethod
+    def log_p(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """log(Phi(a) - Phi(b)) on whichever tail keeps precision."""
+        from scipy.special import log_ndtr
+
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            upper = (a + b) > 0
+            lo1, lo2 = np.where(upper, -b, a), np.where(upper, -a, b)
+            l1, l2 = log_ndtr(lo1), log_ndtr(lo2)
+            return l1 + np.log1p(-np.exp(np.minimum(l2 - l1, 0.0)))
+
+    @staticmethod
+    def penalty(th: np.ndarray) -> np.ndarray:
+        """The weak penalty per column."""
+        u, v, w = th[:, 0], th[:, 1], th[:, 2]
+        return 0.5 * PENALTY_LSB * PENALTY_LSB * (w * w + (u - w) ** 2 + v * v)
+
+    def loglik(self, th: np.ndarray) -> np.ndarray:
+        """Penalised log-likelihood per column, [J]."""
+        return self.per_col(self.n * self.log_p(*self.z_pair(th))) - self.penalty(th)
+
+    def derivatives(self, th: np.ndarray, with_penalty: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Gradient [J, 3] and Hessian [J, 3, 3] of the log-likelihood (penalised or not)."""
+        a, b = self.z_pair(th)
+        lp = self.log_p(a, b)
+        fa, fb = np.isfinite(a), np.isfinite(b)
+        aa, bb = np.where(fa, a, 0.0), np.where(fb, b, 0.0)
+        with np.errstate(over="ignore", invalid="ignore"):
+            pa = np.where(fa, np.exp(-0.5 * aa * aa - lp), 0.0) / np.sqrt(2 * np.pi)  # phi(a) / P
+            pb = np.where(fb, np.exp(-0.5 * bb * bb - lp), 0.0) / np.sqrt(2 * np.pi)  # phi(b) / P
+        n, da, db = self.n, self.da, self.db
+        laa, lbb, lab = n * (-aa * pa - pa * pa), n * (bb * pb - pb * pb), n * (pa * pb)
+        grad = np.stack([self.per_col(n * (pa * da[i] - pb * db[i])) for i in range(3)], axis=1)
+        hess = np.empty((self.J, 3, 3))
+        for i in range(3):
+            for k in range(i, 3):
+                h = laa * da[i] * da[k] + lbb * db[i] * db[k] + lab * (da[i] * db[k] + db[i] * da[k])
+                hess[:, i, k] = hess[:, k, i] = self.per_col(h)
+        if with_penalty:
+            u, v, w = th[:, 0], th[:, 1], th[:, 2]
+            r2 = PENALTY_LSB * PENALTY_LSB
+            grad = grad - r2 * np.stack([u - w, v, 2 * w - u], axis=1)
+            hess = hess - r2 * np.array([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 2.0]])[None]
+        return grad, hess
+
+    def start(self, line: LineFit) -> np.ndarray:
+        """The line fit where there is one, with a noise of START_NOISE_LSB."""
+        sig0 = START_NOISE_LSB
+        return np.stack(
+            [np.where(np.isfinite(line.gain), line.gain, 1.0) / sig0,
+             np.where(np.isfinite(line.offset), line.offset, 0.0) / sig0, np.full(self.J, 1.0 / sig0)], axis=1,
+        )
+
+    def newton_direction(self, theta: np.ndarray) -> np.ndarray:
+        """The Newton step per column, or a small gradient step where the Newton step does not ascend."""
+        g, h = self.derivatives(theta)
+        h = h - 1e-12 * np.eye(3)[None]  # keeps the solve defined for inactive columns
+        step = -np.linalg.solve(h, g[:, :, None])[:, :, 0]
+        return np.where((g * step).sum(axis=1, keepdims=True) > 0, step, g * 1e-3)
+
+    def line_search(self, theta: np.ndarray, f: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Halve each column's step until the likelihood does not fall (1/noise stays positive)."""
+        t = np.ones(self.J)
+        new, f_new = theta.copy(), f.copy()
+        pending = self.active.copy()
+        for _halving in range(40):
+            cand = theta + t[:, None] * step
+            cand[:, 2] = np.where(cand[:, 2] > 0, cand[:, 2], theta[:, 2] * 0.5)
+            fc = self.loglik(cand)
+            better = pending & (fc >= f)
+            new[better], f_new[better] = cand[better], fc[better]
+            pending &= ~better
+            if not pending.any():
+                break
+            t = t * 0.5
+        return new, f_new
+
+    def maximize(self, theta: np.ndarray, *, max_iter: int, tol: float) -> np.ndarray:
+        """Damped Newton ascent until no active column moves by more than ``tol`` (relative)."""
+        f = self.loglik(theta)
+        for _ in range(max_iter):
+            new, f = self.line_search(theta, f, self.newton_direction(theta))
+            delta = np.abs(new - theta).max(axis=1) / np.maximum(np.abs(theta).max(axis=1), 1.0)
+            theta = new
+            if (delta[self.active] < tol).all():
+                break
+        return theta
+
+    def result(self, theta: np.ndarray, resolve_rel: float) -> AnalogFit:
+        """Gain, offset, noise and their standard errors (observed information, delta method) per column."""
+        _, h_data = self.derivatives(theta, with_penalty=False)
+        u, v, w = theta[:, 0], theta[:, 1], theta[:, 2]
+        gain, offset, noise = u / w, v / w, 1.0 / w
+        se = np.full((self.J, 3), np.nan)
+        for j in np.nonzero(self.active)[0]:
+            try:
+                cov = np.linalg.inv(-h_data[j])
+            except np.linalg.LinAlgError:
+                continue
+            if np.all(np.isfinite(cov)) and np.all(np.diag(cov) > 0):
+                # delta method from (u, v, w) to (u/w, v/w, 1/w)
+                jac = np.array([[1 / w[j], 0.0, -u[j] / w[j] ** 2], [0.0, 1 / w[j], -v[j] / w[j] ** 2],
+                                [0.0, 0.0, -1 / w[j] ** 2]])
+                se[j] = np.sqrt(np.diag(jac @ cov @ jac.T))
+        resolved = self.active & np.isfinite(se[:, 2]) & (se[:, 2] < resolve_rel * noise)
+        for arr in (gain, offset, noise):
+            arr[~self.active] = np.nan
+        return AnalogFit(gain, offset, noise, se[:, 0], se[:, 1], se[:, 2], resolved, self.n_col.astype(np.int64))
+
+
 def _nanmax(a: np.ndarray) -> float | None:
     a = np.asarray(a, dtype=np.float64)
     return float(np.nanmax(a)) if np.isfinite(a).any() else None
@@ -490,4 +533,4 @@ def spec_differences(a: MacroSpec, b: MacroSpec, name_a: str, name_b: str) -> st
     return "; ".join(parts) or "no field differs"
 
 
-__all__ = ["AnalogFit", "LineFit", "MacErrorModel", "spec_differences"]
+__all__ = ["AnalogFit", "LineFit", "MacErrorModel", "ProbitColumns", "spec_differences"]

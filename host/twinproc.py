@@ -23,6 +23,7 @@ class TwinProcess:
     Args:
         pty: serve on a pseudo-terminal (else TCP on 127.0.0.1, port chosen by the OS).
         profile, seed, sets, baud, max_payload: passed to ``cimlab sim serve``.
+        smu: also serve the simulated SMU that powers the twin (its VISA resource is then ``smu_resource``).
         start_timeout: seconds to wait for the server to print where it listens.
     """
 
@@ -35,6 +36,7 @@ class TwinProcess:
         sets: Sequence[str] = (),
         baud: int | None = None,
         max_payload: int | None = None,
+        smu: bool = False,
         start_timeout: float = 30.0,
     ) -> None:
         self.args = [sys.executable, "-m", "cimlab.cli", "sim", "serve", "--profile", profile, "--seed", str(seed)]
@@ -45,6 +47,10 @@ class TwinProcess:
             self.args += ["--baud", str(baud)]
         if max_payload:
             self.args += ["--max-payload", str(max_payload)]
+        if smu:
+            self.args += ["--smu", "127.0.0.1:0"]
+        self.lines = 2 if smu else 1
+        self.smu_resource = ""
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
@@ -60,7 +66,7 @@ class TwinProcess:
         with selectors.DefaultSelector() as sel:
             assert self.proc.stdout is not None
             sel.register(self.proc.stdout, selectors.EVENT_READ)
-            while b"\n" not in buf:
+            while buf.count(b"\n") < self.lines:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.stop()
@@ -72,7 +78,10 @@ class TwinProcess:
                         self.stop()
                         raise LinkError(f"twin server exited before serving: {err.strip()}")
                     buf += chunk
-        self.url = buf.split(b"\n", 1)[0].decode().strip()
+        lines = buf.decode().splitlines()
+        self.url = lines[0].strip()
+        if self.lines == 2:
+            self.smu_resource = lines[1].strip()
         return self.url
 
     def _stderr(self) -> str:

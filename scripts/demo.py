@@ -2,8 +2,9 @@
 
 1. For each twin profile: start ``cimlab sim serve --pty``, identify it, program random weights, read them back,
    run a batch of MACs, compare them with numpy; one table of what the link and the chip reported.
-2. Characterize the ``default`` twin at 0.8 V and 0.6 V (a simulated SMU sets the supply), write the report's
-   plots, and fit the error model of the 0.6 V condition (``cimlab characterize``, ``report``, ``fit``).
+2. Characterize the ``default`` twin at 0.8 V and 0.6 V, powered by the served twin's simulated SMU (reached over
+   VISA like a bench instrument: its voltage is the twin's VDD, its current follows the twin's energy counters), write
+   the report's plots, and fit the error model of the 0.6 V condition (``cimlab characterize``, ``report``, ``fit``).
 3. Train on digits: ``float``, then ``quant`` (the ideal quantized model) from it, then ``dnat`` from that through
    the 0.6 V error model (``cimlab train``).
 4. "The chip": the twin's data-driven mode with that error model, served on a pty. Compile the quant and the D-NAT
@@ -31,12 +32,12 @@ from rich.console import Console
 from rich.table import Table
 
 from cimlab.driver import Chip
+from cimlab.errmodel import MacErrorModel
 from cimlab.twinproc import TwinProcess
 
 console = Console()
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "demo"
-SIM_BENCH = ROOT / "host" / "instruments" / "sim" / "bench.yaml"
 
 
 def _env() -> dict[str, str]:
@@ -68,14 +69,21 @@ def cimlab_json(*args: str) -> dict:
 
 
 def characterize(seed: int, repeats: int) -> Path:
-    """Characterize the default twin over a pty at two supply voltages (a simulated SMU); write the report."""
+    """Characterize the default twin over a pty at two supply voltages, powered by its simulated SMU; write the
+    report and say how the energy measured through the SMU compares with the chip's own estimate."""
     out = RUNS / "characterize"
-    console.print("[bold]characterization[/]: sweeping the 'default' twin over a pty, SMU simulated by pyvisa-sim "
-                  "...")
-    with TwinProcess(pty=True, profile="default", seed=seed) as url:
+    console.print("[bold]characterization[/]: sweeping the 'default' twin over a pty, powered by its simulated SMU "
+                  "(VISA over a raw SCPI socket) ...")
+    twin = TwinProcess(pty=True, profile="default", seed=seed, smu=True)
+    with twin as url:
         cimlab("characterize", "--link", url, "--out", str(out), "--repeats", str(repeats), "--vdd", "0.8,0.6",
-               "--smu", "GPIB0::24::INSTR", "--visa-library", f"{SIM_BENCH}@sim", "--no-progress")
+               "--profile", "default", "--smu", twin.smu_resource, "--visa-library", "@py", "--no-progress")
     cimlab("report", str(out))
+    for label in ("vdd800mV", "vdd600mV"):
+        energy = MacErrorModel.load(out / f"dmacem_{label}.npz").meta["provenance"]["energy"]
+        console.print(f"{label}: {energy['supply_fj_per_conversion']:.2f} fJ/conversion measured through the SMU, "
+                      f"{energy['chip_fj_per_conversion']:.2f} estimated by the chip model (ratio "
+                      f"{energy['supply_vs_chip']:.7f})", highlight=False)
     return out
 
 

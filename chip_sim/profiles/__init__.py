@@ -19,6 +19,8 @@ from cimlab.firmware_bridge.errors import ConfigError
 __all__ = ["Profile", "list_profiles", "load_profile", "profile_from_toml"]
 
 _MAX_BASE_DEPTH = 8
+MAX_PROFILE_BYTES = 1 << 20
+"""Largest profile file read, bytes (a profile is a few kB of TOML)."""
 
 
 def _bundled() -> dict[str, Any]:
@@ -52,6 +54,8 @@ def _read_raw(name_or_path: str | os.PathLike, depth: int = 0) -> tuple[dict[str
             known = ", ".join(sorted(bundled))
             raise ConfigError(f"profile {text_name!r} is neither a bundled profile ({known}) nor a readable file")
         source = f"profile file {str(path)!r}"
+        if path.stat().st_size > MAX_PROFILE_BYTES:
+            raise ConfigError(f"{source}: {path.stat().st_size:,} bytes, more than a profile's {MAX_PROFILE_BYTES:,}")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:

@@ -288,6 +288,94 @@ class Batch:
     """Targeted level [batch_vectors, n_planes, n_groups] for slices whose dmax is the largest digit; -1 = idle."""
 
 
+def check_options(spec: MacroSpec, options: PlanOptions) -> None:
+    """ConfigError naming the first option outside its allowed range (columns against the MacroSpec)."""
+    if not 1 <= options.repeats <= 10**9:
+        raise ConfigError(f"repeats={options.repeats} is outside the allowed range 1..1000000000")
+    if options.row_mode not in ROW_MODES:
+        raise ConfigError(f"row_mode={options.row_mode!r} is not one of {', '.join(ROW_MODES)}")
+    if not 0 <= options.seed < 2**63:
+        raise ConfigError(f"seed={options.seed} is outside the allowed range 0..2**63-1")
+    if options.columns is not None:
+        bad = sorted(c for c in options.columns if not 0 <= c < spec.physical_cols)
+        if bad:
+            raise ConfigError(f"columns {bad[:8]} are outside the physical columns 0..{spec.physical_cols - 1}")
+    if options.batch_vectors is not None and not 1 <= options.batch_vectors <= 65535:
+        raise ConfigError(f"batch_vectors={options.batch_vectors} is outside the allowed range 1..65535")
+
+
+def targeted_levels(options: PlanOptions, reachable: tuple[int, ...]) -> tuple[int, ...]:
+    """The levels to target: the options' (each reachable), or every reachable level."""
+    if options.levels is None:
+        return reachable
+    bad = sorted(set(options.levels) - set(reachable))
+    if bad:
+        raise ConfigError(
+            f"levels {bad[:8]} are not reachable on this macro (reachable: 0..{reachable[-1]}, "
+            f"{len(reachable)} levels)"
+        )
+    return tuple(sorted(set(options.levels)))
+
+
+def _family_order(n: int, d_top: int) -> list[tuple[int, ...]]:
+    """Digit profiles in the order they are tried: all rows full, then one row lower, then two rows lower."""
+    family: list[tuple[int, ...]] = [()]
+    family += [(r,) for r in range(1, d_top)]
+    if n >= 2:
+        family += [(r1, r2) for r1 in range(1, d_top) for r2 in range(r1, d_top)]
+    return family
+
+
+def profile_homes(levels: tuple[int, ...], n: int, d_top: int, a_max: int
+                  ) -> tuple[dict[int, tuple[int, ...]], tuple[int, ...]]:
+    """Each level's digit profile (its special digits): the first of the family that reaches it; and the levels no
+    profile reaches. Reach sets are cheap; tables are built later for the profiles used only."""
+    pending = set(levels)
+    home: dict[int, tuple[int, ...]] = {}
+    for special in _family_order(n, d_top):
+        if not pending:
+            break
+        reach = profile_reach(n, d_top, special, a_max)
+        for lv in sorted(pending):
+            if lv < reach.size and reach[lv]:
+                home[lv] = special
+        pending -= set(home)
+    return home, tuple(sorted(pending))
+
+
+def spread_over_groups(levels: tuple[int, ...], home: dict[int, int], repeats: int, groups: int
+                       ) -> list[dict[int, list[int]]]:
+    """Targets per row group and profile: repeat r of level i goes to row group (i + r) % groups, so every level
+    visits every group's cells."""
+    per_group: list[dict[int, list[int]]] = [{} for _ in range(groups)]
+    for r in range(repeats):
+        for i, lv in enumerate(levels):
+            per_group[(i + r) % groups].setdefault(home[lv], []).append(lv)
+    return per_group
+
+
+def batch_vectors_for(spec: MacroSpec, options: PlanOptions, per_group: list[dict[int, list[int]]],
+                      target_planes: int) -> int:
+    """MAC vectors per batch: the options', else about ``TARGET_CONVERSIONS_PER_BATCH`` conversions but no more
+    vectors than the largest unit needs."""
+    if options.batch_vectors is not None:
+        return options.batch_vectors
+    largest = max((len(v) for bp in per_group for v in bp.values()), default=1)
+    return max(1, min(TARGET_CONVERSIONS_PER_BATCH // spec.conversions_per_vector, -(-largest // target_planes)))
+
+
+def cut_units(by_profile: dict[int, list[int]], slots: int) -> list[tuple[int, np.ndarray]]:
+    """One row group's targets cut by profile into units of ``slots``; the last unit of a profile is padded by
+    cycling its own targets (extra counts, never fewer)."""
+    units = []
+    for pi in sorted(by_profile):
+        lv = by_profile[pi]
+        for start in range(0, len(lv), slots):
+            chunk = lv[start : start + slots]
+            units.append((pi, np.resize(np.array(chunk, dtype=np.int64), slots)))
+    return units
+
+
 class Plan:
     """A deterministic sweep plan for one MacroSpec (see the module docstring).
 
@@ -297,14 +385,9 @@ class Plan:
     """
 
     def __init__(self, spec: MacroSpec, options: PlanOptions) -> None:
+        check_options(spec, options)
         self.spec = spec
         self.options = options
-        if not 1 <= options.repeats <= 10**9:
-            raise ConfigError(f"repeats={options.repeats} is outside the allowed range 1..1000000000")
-        if options.row_mode not in ROW_MODES:
-            raise ConfigError(f"row_mode={options.row_mode!r} is not one of {', '.join(ROW_MODES)}")
-        if not 0 <= options.seed < 2**63:
-            raise ConfigError(f"seed={options.seed} is outside the allowed range 0..2**63-1")
         self.dmax = slice_digit_max(spec)
         self.d_top = int(self.dmax.max())
         self.a_max = spec.slice_max
@@ -312,77 +395,20 @@ class Plan:
         self.full_groups = spec.rows // spec.rows_per_conversion
         reach_all = reachable_levels(self.group_rows, self.a_max, self.d_top)
         self.reachable = tuple(int(s) for s in np.nonzero(reach_all)[0])
-        if options.levels is None:
-            levels = self.reachable
-        else:
-            bad = sorted(set(options.levels) - set(self.reachable))
-            if bad:
-                raise ConfigError(
-                    f"levels {bad[:8]} are not reachable on this macro (reachable: 0..{self.reachable[-1]}, "
-                    f"{len(self.reachable)} levels)"
-                )
-            levels = tuple(sorted(set(options.levels)))
-        if options.columns is not None:
-            bad = sorted(c for c in options.columns if not 0 <= c < spec.physical_cols)
-            if bad:
-                raise ConfigError(
-                    f"columns {bad[:8]} are outside the physical columns 0..{spec.physical_cols - 1}"
-                )
+        levels = targeted_levels(options, self.reachable)
         # input slices that can hold slice_max (the top one may be narrower when input_bits is not a multiple)
         plane_max = spec.input_max >> (spec.input_slice_bits * np.arange(spec.n_planes))
         self.target_planes = tuple(int(p) for p in np.nonzero(plane_max >= spec.slice_max)[0])
-
-        # digit profiles: all rows full, then one row lower, then two rows lower; a level is targeted with the
-        # first profile that reaches it (reach sets are cheap; tables are built for the profiles used only)
-        n, d_top = self.group_rows, self.d_top
-        family: list[tuple[int, ...]] = [()]
-        family += [(r,) for r in range(1, d_top)]
-        if n >= 2:
-            family += [(r1, r2) for r1 in range(1, d_top) for r2 in range(r1, d_top)]
-        pending = set(levels)
-        home_special: dict[int, tuple[int, ...]] = {}
-        for special in family:
-            if not pending:
-                break
-            reach = profile_reach(n, d_top, special, self.a_max)
-            for lv in sorted(pending):
-                if lv < reach.size and reach[lv]:
-                    home_special[lv] = special
-            pending -= set(home_special)
-        self.unplanned_levels = tuple(sorted(pending))
+        home_special, self.unplanned_levels = profile_homes(levels, self.group_rows, self.d_top, self.a_max)
         self.levels = tuple(lv for lv in levels if lv in home_special)
-        used = [sp for sp in family if sp in set(home_special.values())]
-        self.profiles = [DigitProfile.build(n, d_top, sp, self.a_max) for sp in used]
+        used = sorted(set(home_special.values()), key=_family_order(self.group_rows, self.d_top).index)
+        self.profiles = [DigitProfile.build(self.group_rows, self.d_top, sp, self.a_max) for sp in used]
         index = {sp: i for i, sp in enumerate(used)}
         self._home = {lv: index[sp] for lv, sp in home_special.items()}
-
-        # repeat r of level i goes to row group (i + r) % full_groups, so every level visits every group's cells;
-        # then, per group, targets are cut by profile into units of `slots`
-        per_group: list[dict[int, list[int]]] = [{} for _ in range(self.full_groups)]
-        for r in range(options.repeats):
-            for i, lv in enumerate(self.levels):
-                per_group[(i + r) % self.full_groups].setdefault(self._home[lv], []).append(lv)
-        if options.batch_vectors is None:
-            # about TARGET_CONVERSIONS_PER_BATCH conversions, but no more vectors than the largest unit needs
-            largest = max((len(v) for bp in per_group for v in bp.values()), default=1)
-            self.batch_vectors = max(1, min(TARGET_CONVERSIONS_PER_BATCH // spec.conversions_per_vector,
-                                            -(-largest // len(self.target_planes))))
-        else:
-            if not 1 <= options.batch_vectors <= 65535:
-                raise ConfigError(f"batch_vectors={options.batch_vectors} is outside the allowed range 1..65535")
-            self.batch_vectors = options.batch_vectors
+        per_group = spread_over_groups(self.levels, self._home, options.repeats, self.full_groups)
+        self.batch_vectors = batch_vectors_for(spec, options, per_group, len(self.target_planes))
         self.slots = self.batch_vectors * len(self.target_planes)  # targets per row group per batch
-        self.units: list[list[tuple[int, np.ndarray]]] = []
-        for by_profile in per_group:
-            units = []
-            for pi in sorted(by_profile):
-                lv = by_profile[pi]
-                for start in range(0, len(lv), self.slots):
-                    chunk = lv[start : start + self.slots]
-                    # pad the last unit by cycling its own targets: extra counts, never fewer
-                    padded = np.resize(np.array(chunk, dtype=np.int64), self.slots)
-                    units.append((pi, padded))
-            self.units.append(units)
+        self.units = [cut_units(by_profile, self.slots) for by_profile in per_group]
         self.n_batches = max((len(u) for u in self.units), default=0)
         self.weight_of_digit = digit_weights(spec)
 

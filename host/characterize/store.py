@@ -4,7 +4,8 @@
 
     meta(key, value)              JSON values: format, format_version, created_at, software_version, hello (chip
                                   identity), spec (MacroSpec), plan (+ plan_digest), seed, conditions, link,
-                                  instrument, counts_layout
+                                  instrument, counts_layout, meta_sha256 (SHA-256 of the other rows: an
+                                  edited or damaged meta is refused at open, as are values of the wrong type)
     conditions(cond_id, label, vdd_mv, temp_c, spec_json)       one row per supply/temperature condition
     batches(cond_id, batch, finished_at, vectors, conversions, wall_s, mac_s, chip_cycles, chip_energy_fj,
             supply_v, supply_a_mean, supply_samples, supply_energy_j, cells, hits)
@@ -24,15 +25,17 @@ Read it with ``sqlite3 DIR/measurements.sqlite 'select * from transfer'`` (after
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import wraps
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import numpy as np
 
@@ -77,6 +80,28 @@ def _cell_dtype(n_cells: int) -> np.dtype:
 
 def _hit_dtype(conversions: int) -> np.dtype:
     return np.dtype("<u4") if conversions < 2**32 else np.dtype("<u8")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _read_errors(method: F) -> F:
+    """A store read whose SQLite or JSON failure (a damaged file) becomes an ArtifactError naming the store."""
+
+    @wraps(method)
+    def wrapper(self: MeasurementStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as err:
+            raise ArtifactError(f"{self.path}: the store is damaged ({method.__name__}): {err}") from err
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+            raise ArtifactError(f"{self.path}: a meta value is not JSON ({method.__name__}): {err}") from err
+        except (TypeError, ValueError) as err:
+            if isinstance(err, ArtifactError | ConfigError):
+                raise
+            raise ArtifactError(f"{self.path}: a value has the wrong type ({method.__name__}): {err}") from err
+
+    return wrapper  # type: ignore[return-value]
 
 
 def utc_now() -> str:
@@ -145,13 +170,18 @@ class MeasurementStore:
     def create(
         cls, folder: str | os.PathLike, meta: Mapping[str, Any], conditions: list[Condition]
     ) -> MeasurementStore:
-        """Make a new store in ``folder`` (created if missing; it must not already hold a store or other files)."""
+        """Make a new store in ``folder`` (created if missing). The folder must not hold other files, nor a store
+        with measurements; a store without a single committed batch (left by a run refused before it measured, or
+        killed right after it started) holds nothing to lose and is replaced."""
         d = Path(folder)
         path = d / STORE_NAME
         if path.exists():
-            raise ArtifactError(
-                f"{d} already holds a measurement store; pass --resume to continue it, or choose another --out"
-            )
+            if _committed_batches(path) > 0:
+                raise ArtifactError(
+                    f"{d} already holds a measurement store; pass --resume to continue it, or choose another --out"
+                )
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(path) + suffix).unlink(missing_ok=True)
         if d.exists():
             if not d.is_dir():
                 raise ArtifactError(f"--out {d} exists and is not a folder")
@@ -175,9 +205,9 @@ class MeasurementStore:
             with _transaction(conn):
                 rows = {"format": FORMAT, "format_version": FORMAT_VERSION, "created_at": utc_now(),
                         "counts_layout": COUNTS_LAYOUT, **meta}
-                conn.executemany(
-                    "INSERT INTO meta (key, value) VALUES (?, ?)", [(k, json.dumps(v)) for k, v in rows.items()]
-                )
+                texts = {k: json.dumps(v) for k, v in rows.items()}
+                texts[META_HASH_KEY] = json.dumps(meta_digest(texts))
+                conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", list(texts.items()))
                 conn.executemany(
                     "INSERT INTO conditions (cond_id, label, vdd_mv, temp_c, spec_json) VALUES (?, ?, ?, NULL, ?)",
                     [(i, c.label, c.vdd_mv, json.dumps(c.to_dict())) for i, c in enumerate(conditions)],
@@ -222,15 +252,20 @@ class MeasurementStore:
 
     # ---- metadata -----------------------------------------------------------------------------------------------
     @property
+    @_read_errors
     def meta(self) -> dict[str, Any]:
         """All meta values, parsed."""
         return {k: json.loads(v) for k, v in self.conn.execute("SELECT key, value FROM meta")}
 
     def set_meta(self, key: str, value: Any) -> None:
-        """Insert or replace one meta value."""
+        """Insert or replace one meta value (and the meta's hash)."""
         with _transaction(self.conn):
             self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+            texts = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+            self.conn.execute("UPDATE meta SET value = ? WHERE key = ?",
+                              (json.dumps(meta_digest(texts)), META_HASH_KEY))
 
+    @_read_errors
     def conditions(self) -> list[Condition]:
         """The conditions, in cond_id order."""
         rows = self.conn.execute("SELECT label, vdd_mv FROM conditions ORDER BY cond_id").fetchall()
@@ -243,6 +278,7 @@ class MeasurementStore:
                 "UPDATE conditions SET vdd_mv = ?, temp_c = ? WHERE cond_id = ?", (vdd_mv, temp_c, cond_id)
             )
 
+    @_read_errors
     def condition_state(self, cond_id: int) -> dict[str, Any]:
         """The chip-reported vdd_mv and temp_c of a condition (None until measured)."""
         row = self.conn.execute("SELECT vdd_mv, temp_c FROM conditions WHERE cond_id = ?", (cond_id,)).fetchone()
@@ -255,11 +291,13 @@ class MeasurementStore:
         with _transaction(self.conn):
             self.conn.execute("INSERT INTO events (t, kind, detail) VALUES (?, ?, ?)", (utc_now(), kind, detail))
 
+    @_read_errors
     def events(self) -> list[tuple[str, str, str]]:
         """(time, kind, detail) in order."""
         return self.conn.execute("SELECT t, kind, detail FROM events ORDER BY rowid").fetchall()
 
     # ---- batches ------------------------------------------------------------------------------------------------
+    @_read_errors
     def done_batches(self, cond_id: int) -> set[int]:
         """Batches of a condition already committed."""
         return {r[0] for r in self.conn.execute("SELECT batch FROM batches WHERE cond_id = ?", (cond_id,))}
@@ -294,6 +332,7 @@ class MeasurementStore:
                 f"cannot record batch {batch} of condition {cond_id} in {self.path}: {err}"
             ) from err
 
+    @_read_errors
     def batch_records(self, cond_id: int) -> list[dict[str, Any]]:
         """The ``batches`` rows of a condition (without the tallies), as dicts, in batch order."""
         cur = self.conn.execute(
@@ -305,6 +344,7 @@ class MeasurementStore:
         names = [c[0] for c in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
+    @_read_errors
     def counts(self, cond_id: int, shape: tuple[int, int, int]) -> np.ndarray:
         """A condition's tallies summed over its batches: dense int64 of ``shape`` = (J, n_levels, n_codes)."""
         size = int(np.prod(shape))
@@ -339,6 +379,20 @@ class MeasurementStore:
         return int(jj.size)
 
 
+def _committed_batches(path: Path) -> int:
+    """Batches in an existing store file; a file that is no readable store counts as holding measurements (it is
+    someone's, never to be replaced)."""
+    try:
+        check_store_file(path)
+        ro = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+        try:
+            return int(ro.execute("SELECT COUNT(*) FROM batches").fetchone()[0])
+        finally:
+            ro.close()
+    except (ArtifactError, sqlite3.Error):
+        return 1
+
+
 def check_store_file(path: Path) -> None:
     """ArtifactError unless ``path`` is a readable cimlab measurement store of this format version."""
     try:
@@ -353,16 +407,54 @@ def check_store_file(path: Path) -> None:
         meta = dict(ro.execute("SELECT key, value FROM meta").fetchall())
         fmt = json.loads(meta.get("format", "null"))
         version = json.loads(meta.get("format_version", "null"))
+        stored_hash = json.loads(meta.get(META_HASH_KEY, "null"))
+        digest = meta_digest(meta)
     except sqlite3.Error as err:
         raise ArtifactError(f"{path} is not a readable SQLite database: {err}") from err
-    except (json.JSONDecodeError, TypeError) as err:
-        raise ArtifactError(f"{path}: meta values are not JSON: {err}") from err
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError, RecursionError) as err:
+        raise ArtifactError(f"{path}: meta values are not JSON text: {err}") from err
     finally:
         ro.close()
     if fmt != FORMAT:
         raise ArtifactError(f"{path} is not a cimlab measurement store (format {fmt!r}, expected {FORMAT!r})")
     if version != FORMAT_VERSION:
         raise ArtifactError(f"{path} has store format version {version!r}; this cimlab reads {FORMAT_VERSION}")
+    if stored_hash != digest:
+        raise ArtifactError(f"{path}: the meta values do not match meta.{META_HASH_KEY} (an edited or damaged store)")
+    check_meta_types(path, meta)
+
+
+META_HASH_KEY = "meta_sha256"
+"""The meta row holding the SHA-256 of every other meta row: the store's manifest is covered by its hash."""
+
+
+def meta_digest(texts: dict[str, str]) -> str:
+    """SHA-256 over the meta rows (key and JSON text) other than ``META_HASH_KEY``, in key order."""
+    rows = sorted((k, v) for k, v in texts.items() if k != META_HASH_KEY)
+    return hashlib.sha256(json.dumps(rows).encode("utf-8")).hexdigest()
+
+
+META_TYPES: dict[str, type | tuple[type, ...]] = {
+    "hello": dict, "spec": dict, "plan": dict, "plan_digest": str, "conditions": list, "instrument": (dict, type(None)),
+}
+"""Meta values the sweep reads, and their JSON types (others are free)."""
+
+
+def check_meta_types(path: Path, raw: dict[str, str]) -> None:
+    """ArtifactError naming a meta value the sweep reads that is not JSON of its type."""
+    for key, typ in META_TYPES.items():
+        if key not in raw:
+            continue
+        try:
+            value = json.loads(raw[key])
+        except (json.JSONDecodeError, TypeError, RecursionError) as err:
+            raise ArtifactError(f"{path}: meta value {key!r} is not JSON: {err}") from err
+        if not isinstance(value, typ):
+            raise ArtifactError(f"{path}: meta value {key!r} must be a JSON {getattr(typ, '__name__', 'object')}, "
+                                f"got {value!r:.60}")
+    plan = json.loads(raw.get("plan", "{}"))
+    if not isinstance(plan.get("options", {}), dict):
+        raise ArtifactError(f"{path}: meta value 'plan.options' must be a JSON object")
 
 
 @contextmanager

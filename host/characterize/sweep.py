@@ -15,6 +15,7 @@ sets it): the sweep then returns with ``interrupted=True`` and a consistent stor
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -24,20 +25,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cimlab.characterize.plan import Plan, PlanOptions
+from cimlab.characterize.store import BatchRecord, Condition, MeasurementStore
+from cimlab.errmodel import MacErrorModel, spec_differences
 from cimlab.firmware_bridge.errmodel import count_conversions
 from cimlab.firmware_bridge.errors import ArtifactError, ConfigError, DeviceError
 from cimlab.firmware_bridge.files import package_version
 from cimlab.firmware_bridge.spec import MacroSpec
-from cimlab.characterize.plan import Plan, PlanOptions
-from cimlab.characterize.store import BatchRecord, Condition, MeasurementStore
-from cimlab.errmodel import MacErrorModel, spec_differences
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from cimlab.driver import Chip
-    from cimlab.instruments.supplies import SourceSupply
+    from cimlab.instruments.supplies import BenchSupply
 
+log = logging.getLogger(__name__)
 MODEL_NAME = "dmacem.npz"
 SAMPLE_PERIOD_S = 0.05
 """Shortest interval between two supply-current readings during a batch, seconds."""
@@ -64,13 +66,11 @@ class SupplySetup:
     """A bench supply that powers the macro during the sweep.
 
     Attributes:
-        supply: the instrument driver (opened; the caller closes it).
-        current_limit_a: compliance, A.
+        supply: the supply (opened, with its limits; the caller closes it).
         sample_period_s: shortest interval between current readings during a batch, s.
     """
 
-    supply: SourceSupply
-    current_limit_a: float
+    supply: BenchSupply
     sample_period_s: float = SAMPLE_PERIOD_S
 
 
@@ -212,9 +212,7 @@ class SweepRunner:
             powered = None
             if self.supply is not None and todo:
                 first = self.conditions[todo[0][0]]
-                powered = stack.enter_context(
-                    self.supply.supply.powered(self._volts(first), self.supply.current_limit_a)
-                )
+                powered = stack.enter_context(self.supply.supply.powered(self._volts(first)))
             current_cond = -1
             for ci, b in todo:
                 if self.should_stop():
@@ -244,11 +242,11 @@ class SweepRunner:
             raise ConfigError("a supply needs a voltage per condition: give --vdd")
         return cond.vdd_mv / 1000.0
 
-    def _enter_condition(self, ci: int, powered: SourceSupply | None) -> None:
+    def _enter_condition(self, ci: int, powered: BenchSupply | None) -> None:
         cond = self.conditions[ci]
         if cond.vdd_mv is not None:
             if powered is not None:
-                powered.source_voltage = self._volts(cond)
+                powered.set_voltage(self._volts(cond))
             held = self.chip.write_reg("VDD_MV", cond.vdd_mv)
             if held != cond.vdd_mv:
                 raise DeviceError(f"the chip holds VDD_MV={held} after writing {cond.vdd_mv}")
@@ -257,6 +255,7 @@ class SweepRunner:
         self.store.set_condition_state(ci, vdd, temp_c)
         self._readback = None  # re-read the weights under the new condition
         self.store.log("condition", f"{cond.label}: VDD_MV={vdd}, TEMP={temp_c:g} C")
+        log.info("condition %s: VDD_MV=%d, TEMP=%g C", cond.label, vdd, temp_c)
 
     def _run_batch(self, ci: int, index: int) -> int:
         chip, plan, spec = self.chip, self.plan, self.plan.spec
@@ -289,13 +288,16 @@ class SweepRunner:
             chip_cycles=int(cost.cycles),
             chip_energy_fj=int(cost.energy_fj),
         )
-        if self.supply is not None and s.summary is not None:
-            volts = self._volts(self.conditions[ci])
+        if self.supply is not None and s.summary is not None and s.summary.mean_a is not None:
+            # measured: the charge the supply delivered over the MACs, at the voltage it held
+            volts = self.supply.supply.volts
             record = dataclasses.replace(
                 record, supply_v=volts, supply_a_mean=s.summary.mean_a, supply_samples=s.summary.samples,
-                supply_energy_j=volts * s.summary.mean_a * mac_s,
+                supply_energy_j=volts * s.summary.charge_c,
             )
         self.store.commit_batch(ci, index, counts, record)
+        log.debug("batch %d of condition %d: %d conversions, chip %d fJ, supply %s J", index, ci, codes.size,
+                  record.chip_energy_fj, record.supply_energy_j)
         return int(codes.size)
 
     @contextmanager
@@ -371,29 +373,39 @@ def model_for_condition(store: MeasurementStore, cond_id: int) -> MacErrorModel:
                                      provenance=provenance)
 
 
-def energy_summary(records: list[dict[str, Any]], spec: MacroSpec) -> dict[str, float]:
-    """Energy per conversion and per MAC, from the chip's own estimate and (if measured) from the supply."""
+ESTIMATED = "estimated by the chip model"
+MEASURED = "measured through the supply"
+
+
+def energy_summary(records: list[dict[str, Any]], spec: MacroSpec) -> dict[str, Any]:
+    """Energy per conversion and per MAC: the chip's own estimate (its energy counters), and the supply's
+    measurement where a supply measured the batches (the charge it delivered times its voltage)."""
     if not records:
         return {}
     vectors = sum(r["vectors"] for r in records)
     conversions = sum(r["conversions"] for r in records)
     macs = vectors * spec.rows * spec.cols
-    out = {
+    out: dict[str, Any] = {
         "conversions": float(conversions),
         "macs": float(macs),
         "chip_fj_per_conversion": sum(r["chip_energy_fj"] for r in records) / conversions,
         "chip_fj_per_mac": sum(r["chip_energy_fj"] for r in records) / macs,
+        "source": ESTIMATED,
     }
     measured = [r for r in records if r.get("supply_energy_j") is not None]
     if measured:
         e = sum(r["supply_energy_j"] for r in measured)
-        conv_m = sum(r["conversions"] for r in measured)
-        macs_m = sum(r["vectors"] for r in measured) * spec.rows * spec.cols
-        t = sum(r["mac_s"] for r in measured)
+        charge = sum(r["supply_energy_j"] / r["supply_v"] for r in measured)
+        span = sum(r["supply_energy_j"] / (r["supply_v"] * r["supply_a_mean"]) for r in measured
+                   if r["supply_a_mean"])
+        chip_m = sum(r["chip_energy_fj"] for r in measured)
         out.update({
-            "supply_mean_a": sum(r["supply_a_mean"] * r["mac_s"] for r in measured) / max(t, 1e-12),
-            "supply_fj_per_conversion": e * 1e15 / conv_m,
-            "supply_fj_per_mac": e * 1e15 / macs_m,
+            "source": MEASURED,
+            "supply_batches": len(measured),
+            "supply_mean_a": charge / span if span > 0 else None,
+            "supply_fj_per_conversion": e * 1e15 / sum(r["conversions"] for r in measured),
+            "supply_fj_per_mac": e * 1e15 / (sum(r["vectors"] for r in measured) * spec.rows * spec.cols),
+            "supply_vs_chip": e * 1e15 / chip_m if chip_m else None,
         })
     return out
 

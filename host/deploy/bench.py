@@ -37,16 +37,17 @@ import math
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from cimlab.firmware_bridge.errors import ConfigError
-from cimlab.firmware_bridge.frame import OVERHEAD
 from cimlab.deploy.package import DeployPackage
 from cimlab.deploy.program import DEFAULT_MAX_REWRITES, PageLoader
-from cimlab.deploy.runner import attach_chip, build_model, predict
+from cimlab.deploy.runner import ChipRunner, attach_chip, build_model, predict
 from cimlab.driver import Chip
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.frame import OVERHEAD
 from cimlab.training.layers import set_transfer
 from cimlab.training.loop import accuracy_draws, progress_bar
 from cimlab.training.transfer import Transfer, check_spec, file_sha256
@@ -102,6 +103,87 @@ def _gap(chip_acc: float, mean: float | None, std: float | None, n: int) -> tupl
     return (0.0 if chip_acc == mean else None), within
 
 
+@dataclass
+class ChipRun:
+    """The network's pass over the test images on the chip, and what it cost."""
+
+    logits: torch.Tensor
+    seconds: float
+    link: dict[str, int]
+    """Driver counters over the pass (bytes, frames, retries ...)."""
+    cycles: int
+    energy_fj: int
+    conversions: int
+    runner: ChipRunner
+    loader: PageLoader
+    deploy: Any
+
+
+def run_on_chip(pkg: DeployPackage, chip: Chip, x: torch.Tensor, *, batch_size: int, progress: bool,
+                max_rewrites: int) -> ChipRun:
+    """Verify the first page, then run every image with each CIM layer's MACs on the chip; the chip's STATUS and
+    the driver's counters are read around the pass. The progress bar counts tile MACs (``Chip.mac`` calls)."""
+    model = build_model(pkg)
+    loader = PageLoader(chip, pkg, max_rewrites=max_rewrites)
+    first_page = min(t.page for _, lm in pkg.schedule.layers for t in lm.tiles)
+    deploy_rep = loader.verify(first_page)
+    runner = attach_chip(model, pkg, chip, loader)
+    tiles = sum(len(lm.tiles) for _, lm in pkg.schedule.layers)
+    batches = math.ceil(x.shape[0] / batch_size)
+    st0, s0 = chip.status(), chip.stats.as_dict()
+    t0 = time.perf_counter()
+    with progress_bar(progress, batches * tiles, f"bench on {chip.hello.chip_id}: tile MACs") as advance:
+        runner.on_call = advance
+        logits = predict(model, x, batch_size=batch_size)
+    seconds = time.perf_counter() - t0
+    s1, st1 = chip.stats.as_dict(), chip.status()
+    return ChipRun(logits, seconds, {k: s1[k] - s0[k] for k in s1}, st1.cycles - st0.cycles,
+                   st1.energy_fj - st0.energy_fj, st1.conversions - st0.conversions, runner, loader, deploy_rep)
+
+
+def host_prediction(pkg: DeployPackage, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, draws: int,
+                    error_model: str | os.PathLike | None, pooled: bool, seed: int
+                    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The same network on the host: logits with ideal MACs, and the accuracy under the error model (mean, std
+    over ``draws``)."""
+    host = build_model(pkg)
+    ideal_logits = predict(host, x, batch_size=batch_size)
+    acc_ideal = int((ideal_logits.argmax(1) == y).sum()) / int(x.shape[0])
+    em_path, em_note = resolve_error_model(pkg, error_model)
+    prediction: dict[str, Any] = {"ideal": acc_ideal, "error_model": em_path, "note": em_note, "pooled": None,
+                                  "draws": [], "mean": None, "std": None}
+    if em_path is not None and draws > 0:
+        transfer = Transfer.load(em_path, pooled=pooled)
+        check_spec(pkg.spec, transfer.spec, f"error model {em_path!r}")
+        set_transfer(host, transfer)
+        accs = accuracy_draws(host, x, y, draws, seed=seed, batch_size=batch_size)
+        prediction.update(pooled=pooled, sha256=transfer.info.sha256, draws=accs, mean=statistics.fmean(accs),
+                          std=statistics.stdev(accs) if len(accs) > 1 else 0.0)
+    return ideal_logits, prediction
+
+
+def link_rate_of(chip: Chip, given: float | None) -> tuple[float, str]:
+    """The link's rate (bytes/s) and where it came from: given, the link's hint, or measured with PING."""
+    if given is not None:
+        return given, "given"
+    if chip.link.rate_hint:
+        return chip.link.rate_hint, "rate_hint"
+    return measure_link_rate(chip), "measured (PING)"
+
+
+def bounds(spec: Any, run: ChipRun, n: int, rate: float) -> dict[str, Any]:
+    """Link and macro bounds on images/s, which one holds, and the efficiency against the lower one."""
+    busier = max(run.link["bytes_out"], run.link["bytes_in"]) / n
+    link_bound = rate / busier if busier > 0 else math.inf
+    macro_bound = spec.clock_hz * n / run.cycles if run.cycles > 0 else math.inf
+    limit = min(link_bound, macro_bound)
+    return {
+        "link_images_per_s": _finite(link_bound), "macro_images_per_s": _finite(macro_bound),
+        "holds": "link" if link_bound <= macro_bound else "macro",
+        "efficiency": n / run.seconds / limit if math.isfinite(limit) else None,
+    }
+
+
 def bench_package(pkg: DeployPackage, chip: Chip, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512,
                   draws: int = 5, error_model: str | os.PathLike | None = None, pooled: bool = False,
                   seed: int = 0, progress: bool = False, max_rewrites: int = DEFAULT_MAX_REWRITES,
@@ -132,68 +214,25 @@ def bench_package(pkg: DeployPackage, chip: Chip, x: torch.Tensor, y: torch.Tens
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     if draws < 0:
         raise ConfigError(f"draws must be >= 0, got {draws}")
-    n = int(x.shape[0])
-    spec = pkg.spec
-    hello = chip.hello
+    n, spec, hello = int(x.shape[0]), pkg.spec, chip.hello
     pkg.check_hello(hello, f"the chip at {chip.link.url}")
-
-    # the chip path
-    model = build_model(pkg)
-    loader = PageLoader(chip, pkg, max_rewrites=max_rewrites)
-    first_page = min(t.page for lm in (lm for _, lm in pkg.schedule.layers) for t in lm.tiles)
-    deploy_rep = loader.verify(first_page)
-    runner = attach_chip(model, pkg, chip, loader)
-    st0 = chip.status()
-    s0 = chip.stats.as_dict()
-    t0 = time.perf_counter()
-    with progress_bar(progress, n, f"bench on {hello.chip_id}") as advance:
-        chip_logits = predict(model, x, batch_size=batch_size, advance=advance)
-    seconds = time.perf_counter() - t0
-    s1 = chip.stats.as_dict()
-    st1 = chip.status()
-    chip_pred = chip_logits.argmax(1)
+    run = run_on_chip(pkg, chip, x, batch_size=batch_size, progress=progress, max_rewrites=max_rewrites)
+    ideal_logits, prediction = host_prediction(pkg, x, y, batch_size=batch_size, draws=draws,
+                                               error_model=error_model, pooled=pooled, seed=seed)
+    chip_pred, ideal_pred = run.logits.argmax(1), ideal_logits.argmax(1)
     acc_chip = int((chip_pred == y).sum()) / n
-
-    # the prediction: the same network on the host
-    host = build_model(pkg)
-    ideal_logits = predict(host, x, batch_size=batch_size)
-    ideal_pred = ideal_logits.argmax(1)
-    acc_ideal = int((ideal_pred == y).sum()) / n
-    em_path, em_note = resolve_error_model(pkg, error_model)
-    prediction: dict[str, Any] = {"ideal": acc_ideal, "error_model": em_path, "note": em_note, "pooled": None,
-                                  "draws": [], "mean": None, "std": None}
-    if em_path is not None and draws > 0:
-        transfer = Transfer.load(em_path, pooled=pooled)
-        check_spec(spec, transfer.spec, f"error model {em_path!r}")
-        set_transfer(host, transfer)
-        accs = accuracy_draws(host, x, y, draws, seed=seed, batch_size=batch_size)
-        prediction.update(pooled=pooled, sha256=transfer.info.sha256, draws=accs, mean=statistics.fmean(accs),
-                          std=statistics.stdev(accs) if len(accs) > 1 else 0.0)
     gap, within = _gap(acc_chip, prediction["mean"], prediction["std"], n)
-
-    # figures
-    d = {k: s1[k] - s0[k] for k in s1}
-    cycles = st1.cycles - st0.cycles
-    energy_fj = st1.energy_fj - st0.energy_fj
-    rate = link_rate if link_rate is not None else chip.link.rate_hint
-    rate_source = "given" if link_rate is not None else "rate_hint"
-    if not rate:
-        rate = measure_link_rate(chip)
-        rate_source = "measured (PING)"
-    busier = max(d["bytes_out"], d["bytes_in"]) / n
-    link_bound = rate / busier if busier > 0 else math.inf
-    macro_bound = spec.clock_hz * n / cycles if cycles > 0 else math.inf
-    images_per_s = n / seconds
-    limit = min(link_bound, macro_bound)
-    result: dict[str, Any] = {
+    rate, rate_source = link_rate_of(chip, link_rate)
+    d = run.link
+    return {
         "package": str(pkg.path) if pkg.path else None,
         "model": pkg.manifest["model"]["name"], "mode": pkg.manifest["mode"], "task": pkg.task,
         "link": chip.link.url, "chip_id": hello.chip_id, "images": n, "batch": batch_size,
-        "accuracy_chip": acc_chip, "accuracy_ideal": acc_ideal,
+        "accuracy_chip": acc_chip, "accuracy_ideal": prediction["ideal"],
         "agreement_ideal": int((chip_pred == ideal_pred).sum()) / n,
         "prediction": prediction, "gap_sigma": gap, "within_spread": within,
         "predictions_sha256": hashlib.sha256(chip_pred.to(torch.int64).numpy().tobytes()).hexdigest(),
-        "seconds": seconds, "images_per_s": images_per_s,
+        "seconds": run.seconds, "images_per_s": n / run.seconds,
         "link_stats": {
             "bytes_out": d["bytes_out"], "bytes_in": d["bytes_in"],
             "bytes_per_image": (d["bytes_out"] + d["bytes_in"]) / n, "frames_out": d["frames_out"],
@@ -201,23 +240,20 @@ def bench_package(pkg: DeployPackage, chip: Chip, x: torch.Tensor, y: torch.Tens
             "timeouts": d["timeouts"], "rate_Bps": rate, "rate_source": rate_source,
         },
         "chip": {
-            "cycles": cycles, "cycles_per_image": cycles / n,
-            "latency_us_per_image": cycles / n / spec.clock_hz * 1e6,
-            "energy_nj": energy_fj / 1e6, "energy_nj_per_image": energy_fj / n / 1e6,
-            "conversions": st1.conversions - st0.conversions, "mac_vectors": runner.vectors,
-            "mac_calls": runner.calls, "clock_hz": spec.clock_hz,
+            "cycles": run.cycles, "cycles_per_image": run.cycles / n,
+            "latency_us_per_image": run.cycles / n / spec.clock_hz * 1e6,
+            "energy_nj": run.energy_fj / 1e6, "energy_nj_per_image": run.energy_fj / n / 1e6,
+            "energy_source": "estimated by the chip model (its energy counters)",
+            "conversions": run.conversions, "mac_vectors": run.runner.vectors,
+            "mac_calls": run.runner.calls, "clock_hz": spec.clock_hz,
         },
-        "bounds": {
-            "link_images_per_s": _finite(link_bound), "macro_images_per_s": _finite(macro_bound),
-            "holds": "link" if link_bound <= macro_bound else "macro",
-            "efficiency": images_per_s / limit if math.isfinite(limit) else None,
-        },
-        "schedule": {**pkg.schedule.summary(), "page_loads": loader.loads, "rows_written": loader.rows_written},
-        "deploy": deploy_rep.as_dict(max_cells=20),
-        "weight_mismatches": len(loader.mismatches),
-        "_chip_logits": chip_logits, "_ideal_logits": ideal_logits,
+        "bounds": bounds(spec, run, n, rate),
+        "schedule": {**pkg.schedule.summary(), "page_loads": run.loader.loads,
+                     "rows_written": run.loader.rows_written},
+        "deploy": run.deploy.as_dict(max_cells=20),
+        "weight_mismatches": len(run.loader.mismatches),
+        "_chip_logits": run.logits, "_ideal_logits": ideal_logits,
     }
-    return result
 
 
 def _finite(v: float) -> float | None:

@@ -26,6 +26,11 @@ Manifest::
      "arrays_sha256": "...",                          over every array but the manifest (names, dtypes, shapes,
                                                       bytes, sorted by name)
      "created_by": "cimlab X.Y"}
+    manifest_sha256         0-d unicode array: SHA-256 of the manifest text (the manifest is covered by its hash)
+
+Loading trusts nothing: the manifest is read first (its declared size capped) and its hash and field types checked;
+every array's declared size is then checked against what the manifest says it holds (page images and layer
+arrays exactly, the checkpoint's state in total) before it is decompressed.
 
 The host computes, per CIM layer and output channel ``m`` (``MAC`` from the macro, tiles of one column range
 added): ``y = scale[m] * (delta * MAC[m] + lo * qsum[m]) + bias[m]``, minus ``scale[m] * delta * zero_point *
@@ -40,20 +45,42 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cimlab.firmware_bridge.errors import ArtifactError, ConfigError, ShapeError, VersionMismatch
-from cimlab.firmware_bridge.files import atomic_path, package_version
-from cimlab.firmware_bridge.spec import MacroSpec
 from cimlab.deploy.schedule import Schedule
+from cimlab.firmware_bridge.errors import ArtifactError, ConfigError, ShapeError, VersionMismatch
+from cimlab.firmware_bridge.files import (
+    NpzReader,
+    atomic_path,
+    check_manifest_hash,
+    manifest_field,
+    package_version,
+    read_text_member,
+    require_types,
+    text_sha256,
+)
+from cimlab.firmware_bridge.spec import MacroSpec
 
 FORMAT = "cimlab.deploy"
-VERSION = 1
+VERSION = 2
+MAX_MANIFEST_CHARS = 1 << 22
+"""Longest manifest read, characters."""
+MAX_STATE_BYTES = 1 << 28
+"""Most bytes the checkpoint's state arrays may hold in all."""
+MAX_PACKAGE_BYTES = 1 << 32
+"""Largest package file read, bytes."""
+MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
+    "spec": dict, "protocol_version": int, "regmap_version": int, "task": str, "model": dict, "mode": str,
+    "checkpoint": dict, "schedule": dict, "layers": list, "arrays_sha256": str,
+}
+LAYER_TYPES: dict[str, type | tuple[type, ...]] = {
+    "name": str, "kind": str, "n_rows": int, "n_cols": int, "lo": (int, float), "hi": (int, float),
+    "delta": (int, float), "zero_point": int,
+}
 DIGITAL = (
     "codes = round((clip(x, lo, hi) - lo) / delta); MAC = sum over tiles of the macro's outputs; "
     "y[m] = scale[m] * (delta * MAC[m] + lo * qsum[m]) + bias[m] "
@@ -203,75 +230,36 @@ class DeployPackage:
                     "layers": [lp.manifest_entry() for lp in self.layers.values()], "digital": DIGITAL,
                     "arrays_sha256": arrays_sha256(arrays), "created_by": f"cimlab {package_version()}"}
         target = Path(path)
+        text = json.dumps(manifest, sort_keys=True)
         with atomic_path(target) as tmp, open(tmp, "wb") as f:
-            np.savez(f, manifest=np.array(json.dumps(manifest, sort_keys=True)), **arrays)
+            np.savez(f, manifest=np.array(text), manifest_sha256=np.array(text_sha256(text)), **arrays)
         self.manifest = manifest
         self.path = target
         return target
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DeployPackage:
-        """Read and verify a package: format, version, array hash, and that the page images are what the
-        schedule makes of the layers' weights.
+        """Read and verify a package: format, version, manifest hash and field types, declared array sizes, array
+        hash, and that the page images are what the schedule makes of the layers' weights.
 
         Raises:
-            ArtifactError: missing, unreadable, corrupt, or not a cimlab deployment package.
+            ArtifactError: missing, unreadable, corrupt, or not a cimlab deployment package (naming the field).
         """
         p = Path(path)
-        where = f"package {str(p)!r}"
-        if not p.is_file():
-            raise ArtifactError(f"{where}: no such file")
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                files = {k: z[k] for k in z.files}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-            raise ArtifactError(f"{where}: not a readable .npz file: {err}") from err
-        raw = files.pop("manifest", None)
-        if raw is None or raw.ndim != 0 or raw.dtype.kind != "U":
-            raise ArtifactError(f"{where}: no manifest (a 0-d text array named 'manifest'); not a cimlab package")
-        try:
-            manifest = json.loads(str(raw))
-        except json.JSONDecodeError as err:
-            raise ArtifactError(f"{where}: the manifest is not JSON: {err}") from err
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise ArtifactError(f"{where}: manifest format is not {FORMAT!r}")
-        if manifest.get("version") != VERSION:
-            raise ArtifactError(f"{where}: package version {manifest.get('version')!r} is not supported "
-                                f"({VERSION})")
-        for key in ("spec", "protocol_version", "regmap_version", "task", "model", "mode", "checkpoint",
-                    "schedule", "layers", "arrays_sha256"):
-            if key not in manifest:
-                raise ArtifactError(f"{where}: manifest lacks {key!r}")
+        with NpzReader(p, "package", max_file_bytes=MAX_PACKAGE_BYTES) as npz:
+            where = npz.where
+            manifest = _read_manifest(npz)
+            spec = _manifest_spec(where, manifest)
+            with manifest_field(where, "schedule"):
+                schedule = Schedule.from_dict(spec, manifest["schedule"])
+            files = _read_arrays(npz, manifest, spec, schedule)
         if arrays_sha256(files) != manifest["arrays_sha256"]:
             raise ArtifactError(f"{where}: array data do not match the manifest's hash (corrupt or edited file)")
-        try:
-            spec = MacroSpec.from_dict(manifest["spec"])
-        except ConfigError as err:
-            raise ArtifactError(f"{where}: manifest spec is not a valid MacroSpec: {err}") from err
-        schedule = Schedule.from_dict(spec, manifest["schedule"])
-        layers: dict[str, LayerParams] = {}
-        try:
-            for entry in manifest["layers"]:
-                name = entry["name"]
-                layers[name] = LayerParams(
-                    name=name, kind=str(entry["kind"]),
-                    weights=files[f"layer.{name}.weights"].astype(np.int64),
-                    scale=files[f"layer.{name}.scale"], bias=files[f"layer.{name}.bias"],
-                    qsum=files[f"layer.{name}.qsum"].astype(np.int64), lo=float(entry["lo"]),
-                    hi=float(entry["hi"]),
-                    delta=float(entry["delta"]), zero_point=int(entry["zero_point"]),
-                    geometry=dict(entry.get("geometry", {})),
-                )
-        except KeyError as err:
-            raise ArtifactError(f"{where}: missing array or manifest field {err}") from err
+        layers = _layer_params(where, manifest, files)
         if [n for n, _ in schedule.layers] != list(layers):
             raise ArtifactError(f"{where}: the schedule's layers {[n for n, _ in schedule.layers]} are not the "
                                 f"manifest's {list(layers)}")
-        n_pages = max(schedule.n_pages, 1)
-        try:
-            pages = [files[f"page.{q}"].astype(np.int64) for q in range(n_pages)]
-        except KeyError as err:
-            raise ArtifactError(f"{where}: missing page image {err}") from err
+        pages = [files[f"page.{q}"].astype(np.int64) for q in range(max(schedule.n_pages, 1))]
         state = {k[len("state."):]: v for k, v in files.items() if k.startswith("state.")}
         pkg = cls(manifest, spec, schedule, layers, pages, state, p)
         try:
@@ -283,6 +271,90 @@ class DeployPackage:
                 raise ArtifactError(f"{where}: page {q}'s image is not what the schedule makes of the layers' "
                                     "weights")
         return pkg
+
+
+def _read_manifest(npz: NpzReader) -> dict[str, Any]:
+    """The manifest, its hash checked, its top-level fields typed."""
+    where = npz.where
+    if "manifest" not in npz.members:
+        raise ArtifactError(f"{where}: no manifest (a 0-d text array named 'manifest'); not a cimlab package")
+    text = read_text_member(npz, "manifest", max_chars=MAX_MANIFEST_CHARS)
+    check_manifest_hash(where, text, read_text_member(npz, "manifest_sha256", max_chars=64), "manifest_sha256")
+    try:
+        manifest = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ArtifactError(f"{where}: the manifest is not JSON: {err}") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{where}: manifest format is not {FORMAT!r}")
+    if manifest.get("version") != VERSION:
+        raise ArtifactError(f"{where}: package version {manifest.get('version')!r} is not supported ({VERSION})")
+    require_types(where, manifest, MANIFEST_TYPES)
+    require_types(where, manifest["model"], {"name": str, "kwargs": dict}, "model.")
+    require_types(where, manifest["checkpoint"], {"manifest": dict}, "checkpoint.")
+    for i, entry in enumerate(manifest["layers"]):
+        require_types(where, entry, LAYER_TYPES, f"layers[{i}].")
+        if not isinstance(entry.get("geometry", {}), dict):
+            raise ArtifactError(f"{where}: manifest field layers[{i}].geometry must be an object")
+    return manifest
+
+
+def _manifest_spec(where: str, manifest: dict[str, Any]) -> MacroSpec:
+    try:
+        return MacroSpec.from_dict(manifest["spec"])
+    except (ConfigError, TypeError, ValueError, OverflowError) as err:
+        raise ArtifactError(f"{where}: manifest spec is not a valid MacroSpec: {err}") from err
+
+
+def _read_arrays(npz: NpzReader, manifest: dict[str, Any], spec: MacroSpec, schedule: Schedule
+                 ) -> dict[str, np.ndarray]:
+    """Every array but the manifest; each one's declared size checked against what the manifest says first."""
+    expected: dict[str, tuple[int, ...]] = {f"page.{q}": (spec.rows, spec.cols)
+                                           for q in range(max(schedule.n_pages, 1))}
+    for entry in manifest["layers"]:
+        name, k, m = entry["name"], entry["n_rows"], entry["n_cols"]
+        if not (0 < k <= 1 << 24 and 0 < m <= 1 << 24):
+            raise ArtifactError(f"{npz.where}: manifest field layers[{name!r}] has {k} x {m} weights")
+        expected.update({f"layer.{name}.weights": (k, m), f"layer.{name}.scale": (m,),
+                         f"layer.{name}.bias": (m,), f"layer.{name}.qsum": (m,)})
+    state_bytes = 0
+    out: dict[str, np.ndarray] = {}
+    for name in npz.names:
+        if name in ("manifest", "manifest_sha256"):
+            continue
+        if name in expected:
+            shape = expected[name]
+
+            def expect(dtype: np.dtype, got: tuple[int, ...], shape: tuple[int, ...] = shape) -> str | None:
+                ok = dtype.kind in "iuf" and got == shape
+                return None if ok else f"is {dtype} {list(got)}, the manifest says numbers of shape {list(shape)}"
+
+            out[name] = npz.read(name, max_bytes=int(np.prod(shape)) * 8 + 4096, expect=expect)
+        elif name.startswith("state."):
+            state_bytes += npz.declared_bytes(name)
+            if state_bytes > MAX_STATE_BYTES:
+                raise ArtifactError(f"{npz.where}: the state arrays declare more than {MAX_STATE_BYTES:,} bytes")
+            out[name] = npz.read(name, max_bytes=MAX_STATE_BYTES)
+        else:
+            raise ArtifactError(f"{npz.where}: array {name!r} is not described by the manifest")
+    missing = sorted(set(expected) - set(out))
+    if missing:
+        raise ArtifactError(f"{npz.where}: missing array(s) {missing[:4]}")
+    return out
+
+
+def _layer_params(where: str, manifest: dict[str, Any], files: dict[str, np.ndarray]) -> dict[str, LayerParams]:
+    layers: dict[str, LayerParams] = {}
+    for entry in manifest["layers"]:
+        name = entry["name"]
+        with manifest_field(where, f"layers[{name!r}]"):
+            layers[name] = LayerParams(
+                name=name, kind=entry["kind"], weights=files[f"layer.{name}.weights"].astype(np.int64),
+                scale=files[f"layer.{name}.scale"], bias=files[f"layer.{name}.bias"],
+                qsum=files[f"layer.{name}.qsum"].astype(np.int64), lo=float(entry["lo"]), hi=float(entry["hi"]),
+                delta=float(entry["delta"]), zero_point=int(entry["zero_point"]),
+                geometry=dict(entry.get("geometry", {})),
+            )
+    return layers
 
 
 def build_pages(spec: MacroSpec, schedule: Schedule, weights: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -15,6 +15,7 @@ the chip's MAC outputs in place of the ideal ones: on an ideal macro the two agr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,7 @@ class ChipRunner:
         loader: switches pages.
         vectors: MAC vectors sent.
         calls: ``Chip.mac`` calls (one per tile per layer call).
+        on_call: called after each ``Chip.mac`` call (a progress bar), or None.
     """
 
     def __init__(self, chip: Chip, pkg: DeployPackage, loader: PageLoader) -> None:
@@ -116,6 +118,7 @@ class ChipRunner:
         self.loader = loader
         self.vectors = 0
         self.calls = 0
+        self.on_call: Callable[[], None] | None = None
 
     def layer_mac(self, name: str, lm: LayerMap, x: torch.Tensor) -> torch.Tensor:
         """The layer's MAC outputs [N, M] (float64, integer valued): each tile's rows driven on the chip, its
@@ -128,6 +131,8 @@ class ChipRunner:
             out[:, t.col0 : t.col1] += y[:, t.macro_col : t.macro_col + t.n_cols]
             self.vectors += codes.shape[0]
             self.calls += 1
+            if self.on_call is not None:
+                self.on_call()
         return torch.from_numpy(out).to(torch.float64)
 
 

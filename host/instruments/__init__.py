@@ -1,14 +1,15 @@
-"""Bench instruments over VISA: declarative SCPI drivers for the supplies that power the macro.
+"""Bench instruments over VISA: the supplies that power the macro, on PyMeasure's drivers.
 
 ::
 
-    base.py       Instrument, Property (control/measurement/setting), validators, VisaAdapter
-    supplies.py   SourceSupply: Keithley2400, Keithley2450, KeysightE36xx; open_supply() by *IDN?
-    sampler.py    CurrentSampler: read the supply current in the background while the chip works
-    testing.py    expected_protocol(): test a driver against the exact commands it must send
+    supplies.py   SupplyLimits, BenchSupply (limits, compliance, ramp, output off on every exit), open_supply()
+                  by *IDN?: Keithley 2400/2450, Keysight/Agilent E3631A/E36312A (PyMeasure), E364xA (keysight.py)
+    keysight.py   KeysightE364xA: a driver in PyMeasure's style for a family PyMeasure lacks
+    sampler.py    CurrentSampler: the charge the supply delivers while the chip works
     sim/          pyvisa-sim YAML of a simulated bench (``--visa-library PATH/bench.yaml@sim``)
 
-Nothing here opens an instrument at import time.
+A served twin's own simulated SMU (``cimlab sim serve --smu``) is reached like any instrument, over VISA.
+Nothing here opens an instrument at import time; PyMeasure is imported when a supply is opened.
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from cimlab.instruments.base import Choice, Instrument, Property, Range, VisaAdapter, boolean
 from cimlab.instruments.sampler import CurrentSampler, CurrentSummary
 from cimlab.instruments.supplies import (
-    SUPPLIES,
-    Keithley2400,
-    Keithley2450,
-    KeysightE36xx,
-    SourceSupply,
-    driver_for_idn,
+    SOURCES,
+    SUPPLY_MODELS,
+    BenchSupply,
+    Reading,
+    Source,
+    SupplyLimits,
     open_supply,
+    source_for_idn,
 )
 
 
@@ -35,20 +36,15 @@ def sim_bench_yaml() -> Path:
 
 
 __all__ = [
-    "SUPPLIES",
-    "Choice",
+    "SOURCES",
+    "SUPPLY_MODELS",
+    "BenchSupply",
     "CurrentSampler",
     "CurrentSummary",
-    "Instrument",
-    "Keithley2400",
-    "Keithley2450",
-    "KeysightE36xx",
-    "Property",
-    "Range",
-    "SourceSupply",
-    "VisaAdapter",
-    "boolean",
-    "driver_for_idn",
+    "Reading",
+    "Source",
+    "SupplyLimits",
     "open_supply",
     "sim_bench_yaml",
+    "source_for_idn",
 ]

@@ -1,235 +1,520 @@
-"""Supplies for the macro's VDD: a Keithley 2400/2450 SMU and a Keysight E36xx bench supply (SCPI subsets).
+"""Supplies for the macro's VDD: PyMeasure's drivers behind one small cimlab interface that adds the safety.
 
-All present one interface, ``SourceSupply``: ``source_voltage`` (V), ``current_limit`` (A, the compliance),
-``output_enabled``, ``current`` (a fresh reading, A) and the context manager ``powered(voltage, current_limit)``,
-which sets the compliance before the voltage, checks the instrument's error queue, turns the output on, and turns
-it off again on every way out of the block (normal exit, errors, Ctrl-C).
+::
 
-``open_supply(resource, visa_library)`` identifies the instrument with ``*IDN?`` and picks the driver.
+    SupplyLimits   what the output may do: the chip's VDD range (from its profile) capped by the user's --vdd-max,
+                   the current compliance, the ramp step and dwell
+    BenchSupply    powered(volts) / set_voltage(volts) / read(): every setpoint is checked against the limits
+                   before anything is sent; the compliance is set and the voltage zeroed before the output turns
+                   on; the output ramps from 0 in steps; it is turned off on every way out (errors, Ctrl-C)
+    open_supply()  identifies the instrument by *IDN? and picks its source: Keithley 2400 and 2450
+                   (``pymeasure.instruments.keithley``), Keysight/Agilent E3631A and E36312A
+                   (``pymeasure.instruments.keysight``), E364xA (``cimlab.instruments.keysight``)
+
+A reading carries the instrument's own timestamp where the model gives one (2400: the TIME element; 2450: the
+buffer's relative time), so the charge a sampler integrates uses the instrument's clock, not the host's.
+VISA timeouts become ``CimTimeoutError`` and other VISA failures ``LinkError``, both naming the resource.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import re
-from collections.abc import Iterator
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from cimlab.firmware_bridge.errors import CimError, ConfigError, DeviceError, LinkError
-from cimlab.instruments.base import Adapter, Instrument, Range, VisaAdapter, boolean, scpi_bool
+from cimlab.firmware_bridge.errors import (
+    BackendUnavailable,
+    CimError,
+    CimTimeoutError,
+    ConfigError,
+    DeviceError,
+    LinkError,
+)
 
-MAX_ERRORS_READ = 32
-"""Error-queue entries read at most by ``check_errors`` (a queue that never empties is itself an error)."""
+if TYPE_CHECKING:
+    from cimlab.chip_sim.config import Profile
+
+log = logging.getLogger(__name__)
+SCPI_LOG = logging.getLogger("cimlab.instruments.scpi")
+"""Every SCPI command and reply, at DEBUG (PyMeasure's adapter logs them here)."""
 
 
-class SourceSupply(Instrument):
-    """A voltage source with a current limit and a current meter.
+# ---- limits -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SupplyLimits:
+    """What a supply may do to the macro.
 
-    Subclasses declare the SCPI of each property and their ranges (``v_min``, ``v_max`` in V, ``i_min``,
-    ``i_max`` in A).
+    Attributes:
+        v_min, v_max: allowed output voltage while the chip runs, V (the chip's range, capped by --vdd-max).
+        compliance_a: current limit, A.
+        ramp_step_v: largest step while ramping, V.
+        ramp_dwell_s: pause after each ramp step, s.
+        source: where the limits come from, for messages.
     """
 
-    model: ClassVar[str] = "supply"
-    idn_pattern: ClassVar[str] = r"$^"
-    error_query: ClassVar[str] = ":SYST:ERR?"
-    v_min: float = 0.0
-    v_max: float = 0.0
-    i_min: float = 0.0
-    i_max: float = 0.0
+    v_min: float
+    v_max: float
+    compliance_a: float
+    ramp_step_v: float = 0.05
+    ramp_dwell_s: float = 0.002
+    source: str = "the supply limits"
 
-    source_voltage: float
-    current_limit: float
-    output_enabled: bool
-    current: float
+    def __post_init__(self) -> None:
+        values = (self.v_min, self.v_max, self.compliance_a, self.ramp_step_v, self.ramp_dwell_s)
+        if not all(math.isfinite(v) for v in values):
+            raise ConfigError(f"supply limits must be finite numbers, got {values}")
+        if not 0 <= self.v_min <= self.v_max:
+            raise ConfigError(f"supply range {self.v_min:g}..{self.v_max:g} V is empty or negative")
+        if not self.compliance_a > 0:
+            raise ConfigError(f"--compliance must be a positive current in A, got {self.compliance_a:g}")
+        if not (self.ramp_step_v > 0 and self.ramp_dwell_s >= 0):
+            raise ConfigError(f"ramp step must be > 0 V and dwell >= 0 s, got {self.ramp_step_v}, {self.ramp_dwell_s}")
+
+    @classmethod
+    def from_profile(cls, profile: Profile, *, vdd_max_v: float | None = None,
+                     compliance_a: float | None = None) -> SupplyLimits:
+        """The limits of a chip described by ``profile``: its VDD range, capped at ``vdd_max_v`` (V, default the
+        chip's maximum; above it is refused), and ``compliance_a`` (A, default the profile's)."""
+        a, s = profile.analog, profile.supply
+        chip_max = a.vdd_max_mv / 1000.0
+        source = f"profile {profile.name!r} (VDD {a.vdd_min_mv}..{a.vdd_max_mv} mV)"
+        if vdd_max_v is not None:
+            if not (math.isfinite(vdd_max_v) and vdd_max_v > 0):
+                raise ConfigError(f"--vdd-max must be a positive voltage in V, got {vdd_max_v}")
+            if vdd_max_v > chip_max:
+                raise ConfigError(f"--vdd-max {vdd_max_v:g} V is above the chip's maximum {chip_max:g} V ({source})")
+            if vdd_max_v < a.vdd_min_mv / 1000.0:
+                raise ConfigError(f"--vdd-max {vdd_max_v:g} V is below the chip's minimum "
+                                  f"{a.vdd_min_mv / 1000.0:g} V ({source})")
+            source += f", --vdd-max {vdd_max_v:g} V"
+        return cls(
+            v_min=a.vdd_min_mv / 1000.0,
+            v_max=chip_max if vdd_max_v is None else vdd_max_v,
+            compliance_a=s.compliance_ma / 1000.0 if compliance_a is None else compliance_a,
+            ramp_step_v=s.ramp_step_mv / 1000.0,
+            ramp_dwell_s=s.ramp_dwell_ms / 1000.0,
+            source=source,
+        )
+
+    def check(self, volts: float, what: str = "--vdd") -> float:
+        """``volts`` as a float when inside ``v_min..v_max``; ConfigError naming the value, range and source."""
+        if isinstance(volts, bool) or not isinstance(volts, int | float) or not math.isfinite(volts):
+            raise ConfigError(f"{what}: {volts!r} is not a voltage in V")
+        if not self.v_min <= volts <= self.v_max:
+            hint = " (volts, not millivolts?)" if volts > 10 * self.v_max else ""
+            raise ConfigError(f"{what} {volts:g} V is outside the allowed {self.v_min:g}..{self.v_max:g} V of "
+                              f"{self.source}{hint}; nothing was sent to the supply")
+        return float(volts)
+
+    def ramp(self, start: float, stop: float) -> list[float]:
+        """Setpoints from ``start`` to ``stop`` (V), no step larger than ``ramp_step_v``; ends at ``stop``."""
+        n = max(1, math.ceil(abs(stop - start) / self.ramp_step_v - 1e-9))
+        return [start + (stop - start) * k / n for k in range(1, n + 1)]
+
+
+# ---- one output of one instrument ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Reading:
+    """One current reading."""
+
+    amps: float
+    """Current, A."""
+    t_s: float | None
+    """The instrument's timestamp of the reading, s (None: the model gives none)."""
+
+
+def _float(value: Any, what: str, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise LinkError(f"{name}: {what} reading {value!r} is not a number")
+    return float(value)
+
+
+class Source(ABC):
+    """One output of one instrument, as BenchSupply drives it (a thin layer over a PyMeasure driver).
+
+    Subclasses name the model (``model``), how to recognise it (``idn_pattern``, a regex on ``*IDN?``) and map
+    the five operations onto the driver's properties.
+    """
+
+    model: ClassVar[str]
+    idn_pattern: ClassVar[str]
+
+    def __init__(self, instrument: Any) -> None:
+        self.instrument = instrument
+
+    @property
+    def name(self) -> str:
+        """The resource, for messages."""
+        return str(getattr(self.instrument.adapter, "resource_name", None) or self.instrument.name)
 
     def configure(self) -> None:
-        """Put the instrument in voltage-source, current-measure mode (does not touch the output)."""
+        """Voltage source, current measurement (does not touch the output)."""
 
-    def check_errors(self) -> None:
-        """Read the SCPI error queue; DeviceError listing every entry if it was not empty."""
-        errors = []
-        for _ in range(MAX_ERRORS_READ):
-            reply = self.query(self.error_query)
-            code_text = reply.split(",", 1)[0].strip()
-            try:
-                code = int(code_text)
-            except ValueError:
-                raise LinkError(f"{self.name}: error-queue reply {reply!r} does not start with a number") from None
-            if code == 0:
-                break
-            errors.append(reply)
-        else:
-            raise DeviceError(f"{self.name}: error queue did not empty after {MAX_ERRORS_READ} reads: {errors}")
-        if errors:
-            raise DeviceError(f"{self.name} reported SCPI error(s): {'; '.join(errors)}")
+    @abstractmethod
+    def set_compliance(self, amps: float) -> None:
+        """Set the current limit, A."""
 
-    def set_source(self, voltage: float, current_limit: float) -> None:
-        """Set the compliance first, then the voltage (V, A); validated against the model's ranges."""
-        self.current_limit = current_limit
-        self.source_voltage = voltage
+    @abstractmethod
+    def set_voltage(self, volts: float) -> None:
+        """Set the output voltage, V."""
 
-    def shutdown(self) -> None:
-        """Turn the output off."""
-        self.output_enabled = False
+    @abstractmethod
+    def set_output(self, on: bool) -> None:
+        """Turn the output on or off."""
 
-    @contextmanager
-    def powered(self, voltage: float, current_limit: float) -> Iterator[SourceSupply]:
-        """Source ``voltage`` (V) with ``current_limit`` (A) for the block; the output is off after it, always."""
-        # validate both before anything is sent, so a bad value leaves the instrument untouched
-        Range("v_min", "v_max", "V")(voltage, self, "source_voltage")
-        Range("i_min", "i_max", "A")(current_limit, self, "current_limit")
-        try:
-            self.configure()
-            self.set_source(voltage, current_limit)
-            self.check_errors()
-            self.output_enabled = True
-            yield self
-        except BaseException as exc:
-            try:
-                self.shutdown()
-            except CimError as off_err:
-                exc.add_note(f"and turning the output of {self.name} off failed too: {off_err}")
-            raise
-        self.shutdown()
+    @abstractmethod
+    def read(self) -> Reading:
+        """One current reading."""
+
+    def errors(self) -> list[str]:
+        """The instrument's error queue, emptied (PyMeasure's ``check_errors``)."""
+        return [", ".join(str(f) for f in e) for e in self.instrument.check_errors()]
+
+    def close(self) -> None:
+        """Release the VISA resource."""
+        self.instrument.adapter.close()
 
 
-class _KeithleySourceMeter(SourceSupply):
-    """What the Keithley 24xx SourceMeters share: ranges, source voltage, output, current measurement."""
+class Keithley2400Source(Source):
+    """Keithley 2400-series SourceMeter (2400/2401/2410/2420/2425/2430/2440) through PyMeasure's ``Keithley2400``.
 
-    v_min, v_max = -210.0, 210.0
-    i_min, i_max = 1e-9, 1.05
-
-    source_voltage = Instrument.control(
-        ":SOUR:VOLT?", ":SOUR:VOLT %E", "Control the source voltage (V).", validator=Range("v_min", "v_max", "V")
-    )
-    output_enabled = Instrument.control(
-        ":OUTP?", ":OUTP %d", "Control whether the output is on (bool).", validator=boolean, parse=scpi_bool
-    )
-    current = Instrument.measurement(":MEAS:CURR?", "Measure the output current (A); one triggered reading.")
-
-    def configure(self) -> None:
-        self.write(":SOUR:FUNC VOLT")
-        self.write(':SENS:FUNC "CURR"')
-
-
-class Keithley2400(_KeithleySourceMeter):
-    """Keithley 2400-series SourceMeter (2400/2401/2410/2420/2425/2430/2440), SCPI mode, front terminals."""
+    Its readings hold (voltage, current, resistance, time, status): the time is the instrument's timestamp.
+    """
 
     model = "keithley2400"
     idn_pattern = r"KEITHLEY.*MODEL 24[0-4]\d\b"
 
-    current_limit = Instrument.control(
-        ":SENS:CURR:PROT?", ":SENS:CURR:PROT %E", "Control the current compliance (A).",
-        validator=Range("i_min", "i_max", "A"),
-    )
-
     def configure(self) -> None:
-        super().configure()
-        self.write(":FORM:ELEM CURR")
+        self.instrument.source_mode = "voltage"
+
+    def set_compliance(self, amps: float) -> None:
+        self.instrument.compliance_current = amps
+
+    def set_voltage(self, volts: float) -> None:
+        self.instrument.source_voltage = volts
+
+    def set_output(self, on: bool) -> None:
+        self.instrument.source_enabled = on
+
+    def read(self) -> Reading:
+        values = self.instrument.values(":MEASURE:CURRENT?")
+        if len(values) < 4:
+            raise LinkError(f"{self.name}: a reading has the elements {values}, expected V, I, R, TIME, STATUS")
+        return Reading(_float(values[1], "current", self.name), _float(values[3], "time", self.name))
 
 
-class Keithley2450(_KeithleySourceMeter):
-    """Keithley 2450/2460/2461/2470 SourceMeter in its SCPI command set."""
+class Keithley2450Source(Source):
+    """Keithley 2450/2460/2461/2470 SourceMeter (SCPI command set) through PyMeasure's ``Keithley2450``.
+
+    Each reading is read with its relative timestamp from the default buffer.
+    """
 
     model = "keithley2450"
     idn_pattern = r"KEITHLEY.*MODEL 24[5-7]\d\b"
 
-    current_limit = Instrument.control(
-        ":SOUR:VOLT:ILIM?", ":SOUR:VOLT:ILIM %E", "Control the current limit while sourcing voltage (A).",
-        validator=Range("i_min", "i_max", "A"),
-    )
+    def configure(self) -> None:
+        self.instrument.source_mode = "voltage"
+        self.instrument.measure_current()
+
+    def set_compliance(self, amps: float) -> None:
+        self.instrument.compliance_current = amps
+
+    def set_voltage(self, volts: float) -> None:
+        self.instrument.source_voltage = volts
+
+    def set_output(self, on: bool) -> None:
+        if on:
+            self.instrument.enable_source()
+        else:
+            self.instrument.disable_source()
+
+    def read(self) -> Reading:
+        values = self.instrument.values(':READ? "defbuffer1", READ, REL')
+        if len(values) < 2:
+            raise LinkError(f"{self.name}: a buffer reading has the elements {values}, expected READ, REL")
+        return Reading(_float(values[0], "current", self.name), _float(values[1], "time", self.name))
 
 
-class KeysightE36xx(SourceSupply):
-    """Keysight/Agilent E36xx DC supply (E3631A, E364xA, E36312A ...): APPL/VOLT/CURR/OUTP/MEAS:CURR?.
+class _ChannelSource(Source):
+    """A supply whose outputs are PyMeasure channels (``voltage_setpoint``, ``current_limit``, ``output_enabled``,
+    ``current``); the host clock times its readings."""
 
-    Args:
-        adapter: the transport.
-        channel: output to use on multi-output models (``P6V``, ``CH1`` ...); ``None`` on single-output ones.
-        v_max, i_max: the output's ratings, V and A (defaults: the 6 V / 5 A output of an E3631A or E36312A).
-    """
+    def __init__(self, instrument: Any, channel: int = 1) -> None:
+        super().__init__(instrument)
+        if channel not in instrument.channels:
+            raise ConfigError(f"{self.model} has outputs {sorted(instrument.channels)}, not {channel}")
+        self.channel = instrument.channels[channel]
 
-    model = "e36xx"
-    idn_pattern = r"(KEYSIGHT|AGILENT|HEWLETT-PACKARD).*,E36\d\d"
-    error_query = "SYST:ERR?"
+    def set_compliance(self, amps: float) -> None:
+        self.channel.current_limit = amps
 
-    source_voltage = Instrument.control(
-        "VOLT?", "VOLT %E", "Control the output voltage setting (V).", validator=Range("v_min", "v_max", "V")
-    )
-    current_limit = Instrument.control(
-        "CURR?", "CURR %E", "Control the output current limit (A).", validator=Range("i_min", "i_max", "A")
-    )
-    output_enabled = Instrument.control(
-        "OUTP?", "OUTP %d", "Control whether the output is on (bool).", validator=boolean, parse=scpi_bool
-    )
-    current = Instrument.measurement("MEAS:CURR?", "Measure the output current (A).")
+    def set_voltage(self, volts: float) -> None:
+        self.channel.voltage_setpoint = volts
 
-    def __init__(self, adapter: Adapter, *, channel: str | None = None, v_max: float = 6.18,
-                 i_max: float = 5.15) -> None:
-        super().__init__(adapter)
-        if channel is not None and not re.fullmatch(r"[A-Za-z0-9+\-]{1,8}", channel):
-            raise ConfigError(f"E36xx channel {channel!r} is not an output name such as P6V or CH1")
-        if not (v_max > 0 and i_max > 0):
-            raise ConfigError(f"E36xx ratings must be positive, got v_max={v_max} V, i_max={i_max} A")
+    def set_output(self, on: bool) -> None:
+        self.channel.output_enabled = on
+
+    def read(self) -> Reading:
+        return Reading(_float(self.channel.current, "current", self.name), None)
+
+
+class KeysightE36312ASource(_ChannelSource):
+    """Keysight E36312A/E36313A triple output through PyMeasure's ``KeysightE36312A``."""
+
+    model = "e36312a"
+    idn_pattern = r"(KEYSIGHT|AGILENT).*,E3631[23]A"
+
+
+class KeysightE3631ASource(_ChannelSource):
+    """Keysight/Agilent E3631A triple output through PyMeasure's ``KeysightE3631A``."""
+
+    model = "e3631a"
+    idn_pattern = r"(KEYSIGHT|AGILENT|HEWLETT-PACKARD).*,E3631A"
+
+
+class KeysightE364xASource(Source):
+    """Keysight/Agilent E3640A..E3649A through ``cimlab.instruments.keysight.KeysightE364xA``."""
+
+    model = "e364xa"
+    idn_pattern = r"(KEYSIGHT|AGILENT|HEWLETT-PACKARD).*,E364\dA"
+
+    def __init__(self, instrument: Any, channel: int = 1) -> None:
+        super().__init__(instrument)
+        if channel not in (1, 2):
+            raise ConfigError(f"an E364xA has outputs 1 and 2, not {channel}")
         self.channel = channel
-        self.v_min, self.v_max, self.i_min, self.i_max = 0.0, float(v_max), 0.0, float(i_max)
 
     def configure(self) -> None:
-        if self.channel is not None:
-            self.write(f"INST:SEL {self.channel}")
+        self.instrument.output_selected = self.channel
 
-    def set_source(self, voltage: float, current_limit: float) -> None:
-        """APPL sets the voltage and the current limit in one command (V, A)."""
-        v = Range("v_min", "v_max", "V")(voltage, self, "source_voltage")
-        i = Range("i_min", "i_max", "A")(current_limit, self, "current_limit")
-        self.write(f"APPL {v:E},{i:E}")
+    def set_compliance(self, amps: float) -> None:
+        self.instrument.current_limit = amps
+
+    def set_voltage(self, volts: float) -> None:
+        self.instrument.voltage_setpoint = volts
+
+    def set_output(self, on: bool) -> None:
+        self.instrument.output_enabled = on
+
+    def read(self) -> Reading:
+        return Reading(_float(self.instrument.current, "current", self.name), None)
 
 
-SUPPLIES: dict[str, type[SourceSupply]] = {
-    cls.model: cls for cls in (Keithley2400, Keithley2450, KeysightE36xx)
+def _driver_class(model: str) -> type:
+    """The PyMeasure (or PyMeasure-style) driver class of a model, imported when first needed."""
+    if model == "keithley2400":
+        from pymeasure.instruments.keithley import Keithley2400
+
+        return Keithley2400
+    if model == "keithley2450":
+        from pymeasure.instruments.keithley import Keithley2450
+
+        return Keithley2450
+    if model == "e36312a":
+        from pymeasure.instruments.keysight import KeysightE36312A
+
+        return KeysightE36312A
+    if model == "e3631a":
+        from pymeasure.instruments.keysight import KeysightE3631A
+
+        return KeysightE3631A
+    from cimlab.instruments.keysight import KeysightE364xA
+
+    return KeysightE364xA
+
+
+SOURCES: dict[str, type[Source]] = {
+    cls.model: cls for cls in (Keithley2400Source, Keithley2450Source, KeysightE36312ASource, KeysightE3631ASource,
+                               KeysightE364xASource)
 }
-"""model name -> driver class (for ``--smu-model``)."""
+"""model name -> source class (``--smu-model``)."""
+SUPPLY_MODELS = ("auto", *SOURCES)
 
 
-def driver_for_idn(idn: str) -> type[SourceSupply]:
-    """The driver class whose ``idn_pattern`` matches an ``*IDN?`` reply; ConfigError naming the known models."""
-    for cls in SUPPLIES.values():
+def source_for_idn(idn: str) -> type[Source]:
+    """The source class whose ``idn_pattern`` matches an ``*IDN?`` reply; ConfigError naming the known models."""
+    for cls in SOURCES.values():
         if re.search(cls.idn_pattern, idn, flags=re.IGNORECASE):
             return cls
-    raise ConfigError(f"no supply driver for instrument {idn!r}; known models: {', '.join(SUPPLIES)}")
+    raise ConfigError(f"no supply driver for instrument {idn!r}; known models: {', '.join(SOURCES)} "
+                      "(give --smu-model to force one)")
 
 
-def open_supply(
-    resource: str, visa_library: str = "", *, model: str = "auto", timeout: float = 2.0, channel: str | None = None
-) -> SourceSupply:
-    """Open ``resource`` and return its driver (by ``*IDN?`` when ``model`` is ``"auto"``); close it after use."""
-    if model != "auto" and model not in SUPPLIES:
-        raise ConfigError(f"supply model {model!r} is not one of auto, {', '.join(SUPPLIES)}")
-    adapter = VisaAdapter(resource, visa_library, timeout=timeout)
+# ---- the cimlab supply --------------------------------------------------------------------------------------------
+class BenchSupply:
+    """A supply that powers the macro within ``limits`` (see the module docstring).
+
+    Args:
+        source: the instrument's output.
+        limits: what it may do.
+        sleep: how to wait between ramp steps (tests pass a no-op).
+    """
+
+    def __init__(self, source: Source, limits: SupplyLimits, *, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.source = source
+        self.limits = limits
+        self._sleep = sleep
+        self._volts = 0.0
+        self._on = False
+
+    @property
+    def name(self) -> str:
+        """The resource, for messages."""
+        return self.source.name
+
+    @property
+    def volts(self) -> float:
+        """The present setpoint, V (0 while off)."""
+        return self._volts if self._on else 0.0
+
+    @contextmanager
+    def _visa(self, what: str) -> Iterator[None]:
+        """VISA errors -> CimTimeoutError / LinkError naming the resource and the step."""
+        import pyvisa.errors
+
+        try:
+            yield
+        except pyvisa.errors.VisaIOError as err:
+            if err.error_code == pyvisa.constants.StatusCode.error_timeout:
+                raise CimTimeoutError(f"supply {self.name} did not answer ({what}) before its timeout") from err
+            raise LinkError(f"supply {self.name} failed ({what}): {err}") from err
+        except (pyvisa.errors.Error, OSError) as err:
+            raise LinkError(f"supply {self.name} failed ({what}): {err}") from err
+        except ValueError as err:  # PyMeasure's validators: a value the model cannot take
+            raise ConfigError(f"supply {self.name} ({self.source.model}) refused {what}: {err}") from err
+
+    def _check_errors(self, what: str) -> None:
+        with self._visa("reading its error queue"):
+            errors = self.source.errors()
+        if errors:
+            raise DeviceError(f"supply {self.name} reported SCPI error(s) after {what}: {'; '.join(errors)}")
+
+    def _step_to(self, volts: float) -> None:
+        """Ramp the output from the present setpoint to ``volts`` (already checked)."""
+        for v in self.limits.ramp(self._volts, volts):
+            with self._visa(f"setting {v:g} V"):
+                self.source.set_voltage(v)
+            self._volts = v
+            self._sleep(self.limits.ramp_dwell_s)
+
+    @contextmanager
+    def powered(self, volts: float) -> Iterator[BenchSupply]:
+        """Source ``volts`` (V) for the block: checked first, compliance set and voltage zeroed before the output
+        turns on, ramped up from 0; ramped down and turned off after the block, turned off at once on errors."""
+        target = self.limits.check(volts)
+        try:
+            with self._visa("configuring the output"):
+                self.source.set_output(False)
+                self.source.configure()
+                self.source.set_compliance(self.limits.compliance_a)
+                self.source.set_voltage(0.0)
+            self._volts = 0.0
+            self._check_errors("setting the compliance and 0 V")
+            with self._visa("turning the output on"):
+                self.source.set_output(True)
+            self._on = True
+            log.info("%s: output on, compliance %g A, ramping to %g V", self.name, self.limits.compliance_a, target)
+            self._step_to(target)
+            yield self
+        except BaseException as exc:
+            try:
+                self.off()
+            except CimError as off_err:
+                exc.add_note(f"and turning the output of {self.name} off failed too: {off_err}")
+            raise
+        self._step_to(0.0)
+        self.off()
+
+    def set_voltage(self, volts: float) -> None:
+        """Ramp a powered output to ``volts`` (V, checked against the limits first)."""
+        target = self.limits.check(volts)
+        if not self._on:
+            raise ConfigError("set_voltage needs a powered output: use BenchSupply.powered(volts)")
+        self._step_to(target)
+        self._check_errors(f"setting {target:g} V")
+
+    def off(self) -> None:
+        """Turn the output off and the setpoint to 0 V."""
+        with self._visa("turning the output off"):
+            self.source.set_output(False)
+            self._on = False
+            self.source.set_voltage(0.0)
+        self._volts = 0.0
+        log.info("%s: output off", self.name)
+
+    def read(self) -> Reading:
+        """One current reading (A, with the instrument's timestamp where it gives one)."""
+        with self._visa("reading the current"):
+            return self.source.read()
+
+    def close(self) -> None:
+        """Release the instrument (the output is left as it is: ``powered`` turns it off)."""
+        with self._visa("closing"):
+            self.source.close()
+
+
+def open_supply(resource: str, limits: SupplyLimits, visa_library: str = "", *, model: str = "auto",
+                channel: int = 1, timeout_s: float = 2.0) -> BenchSupply:
+    """Open ``resource`` (a VISA resource name; ``visa_library`` ``""``, ``@py`` or ``FILE.yaml@sim``), identify
+    it by ``*IDN?`` unless ``model`` names it, and return a BenchSupply over it. Close it after use."""
+    if model != "auto" and model not in SOURCES:
+        raise ConfigError(f"supply model {model!r} is not one of {', '.join(SUPPLY_MODELS)}")
+    if not (timeout_s > 0 and math.isfinite(timeout_s)):
+        raise ConfigError(f"instrument timeout must be positive seconds, got {timeout_s}")
+    try:
+        import pyvisa
+        from pymeasure.adapters import VISAAdapter
+    except ImportError as err:  # pragma: no cover - core dependencies
+        raise BackendUnavailable(f"instruments need pymeasure and pyvisa, which did not import: {err}") from err
+    try:
+        adapter = VISAAdapter(resource, visa_library, log=SCPI_LOG, timeout=round(timeout_s * 1000),
+                              read_termination="\n", write_termination="\n")
+    except (pyvisa.errors.Error, OSError, ValueError) as err:
+        where = visa_library or "the system VISA"
+        raise LinkError(f"cannot open supply {resource!r} ({where}): {err}") from err
     try:
         if model == "auto":
-            idn = adapter.query("*IDN?")
+            try:
+                adapter.write("*IDN?")
+                idn = adapter.read().strip()
+            except pyvisa.errors.Error as err:
+                raise LinkError(f"supply {resource!r} did not answer *IDN? ({err}); check the resource, or "
+                                "give --smu-model") from err
             if not idn:
                 raise ConfigError(f"the instrument at {resource!r} answered *IDN? with nothing; give --smu-model")
-            cls = driver_for_idn(idn)
+            cls = source_for_idn(idn)
         else:
-            cls = SUPPLIES[model]
-        if cls is KeysightE36xx:
-            return KeysightE36xx(adapter, channel=channel)
-        if channel is not None:
-            raise ConfigError(f"--channel applies to E36xx supplies only, not {cls.model}")
-        return cls(adapter)
+            cls = SOURCES[model]
+        instrument = _driver_class(cls.model)(adapter)
+        source = cls(instrument, channel) if issubclass(cls, _ChannelSource | KeysightE364xASource) else cls(instrument)
+        if channel != 1 and not issubclass(cls, _ChannelSource | KeysightE364xASource):
+            raise ConfigError(f"--smu-channel applies to multi-output supplies, not a {cls.model}")
+        log.info("supply %s: %s", resource, cls.model)
+        return BenchSupply(source, limits)
     except BaseException:
         adapter.close()
         raise
 
 
 __all__ = [
-    "SUPPLIES",
-    "Keithley2400",
-    "Keithley2450",
-    "KeysightE36xx",
-    "SourceSupply",
-    "driver_for_idn",
+    "SCPI_LOG",
+    "SOURCES",
+    "SUPPLY_MODELS",
+    "BenchSupply",
+    "Keithley2400Source",
+    "Keithley2450Source",
+    "KeysightE364xASource",
+    "KeysightE3631ASource",
+    "KeysightE36312ASource",
+    "Reading",
+    "Source",
+    "SupplyLimits",
     "open_supply",
+    "source_for_idn",
 ]

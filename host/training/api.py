@@ -25,9 +25,10 @@ from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
 from cimlab.firmware_bridge.spec import MacroSpec
 from cimlab.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cimlab.training.layers import calibrate, cim_layers, convert, model_spec, set_learn, set_transfer
-from cimlab.training.loop import TrainConfig, accuracy, accuracy_draws, fit
+from cimlab.training.loop import TrainConfig, accuracy, fit, progress_bar
 from cimlab.training.models import DEFAULT_MODEL, build_model
 from cimlab.training.quant import LEARN
+from cimlab.training.resume import EpochCheckpoint, resume_path
 from cimlab.training.tasks import TaskData, load_task
 from cimlab.training.transfer import Transfer, check_spec
 
@@ -90,9 +91,13 @@ def resolve_spec(*, error_model: str | os.PathLike | None = None, link: str | No
 def model_from_checkpoint(ck: Checkpoint, transfer: Transfer | None = None) -> nn.Module:
     """Rebuild the checkpoint's model (on the macro for quant/dnat, with ``transfer`` or the ideal one)."""
     info = ck.manifest["model"]
-    if not isinstance(info, dict) or "name" not in info:
-        raise ArtifactError(f"checkpoint {str(ck.path)!r}: manifest 'model' must name the model")
-    model = build_model(info["name"], **info.get("kwargs", {}))
+    if not isinstance(info, dict) or "name" not in info or not isinstance(info.get("kwargs", {}), dict):
+        raise ArtifactError(f"checkpoint {str(ck.path)!r}: manifest 'model' must name the model and its kwargs")
+    try:
+        model = build_model(info["name"], **info.get("kwargs", {}))
+    except (TypeError, ValueError, KeyError, ConfigError) as err:
+        raise ArtifactError(f"checkpoint {str(ck.path)!r}: manifest field 'model' ({info['name']!r} with "
+                            f"{info.get('kwargs')!r:.80}) does not build a model: {err}") from err
     spec = ck.spec
     if spec is not None:
         if transfer is not None:
@@ -166,24 +171,31 @@ def error_model_info(transfer: Transfer | None) -> dict[str, Any] | None:
 
 
 def evaluate_model(model: nn.Module, data: TaskData, *, transfer: Transfer | None, draws: int,
-                   seed: int = 0) -> dict[str, Any]:
-    """Accuracy with ideal MACs and, given a measured transfer, under it (mean and std over ``draws``)."""
+                   seed: int = 0, progress: bool = False) -> dict[str, Any]:
+    """Accuracy with ideal MACs and, given a measured transfer, under it (mean and std over ``draws``); with
+    ``progress``, a bar over the evaluations on stderr."""
     spec = model_spec(model)
     out: dict[str, Any] = {}
     if spec is None:
         out["accuracy_float"] = accuracy(model, data.x_test, data.y_test, seed=seed)
         return out
     original = next(layer.transfer for _, layer in cim_layers(model))
+    measured = transfer is not None and transfer.kind != "ideal"
     try:
-        set_transfer(model, Transfer.ideal(spec))
-        out["accuracy_ideal"] = accuracy(model, data.x_test, data.y_test, seed=seed)
-        if transfer is not None and transfer.kind != "ideal":
-            set_transfer(model, transfer)
-            accs = accuracy_draws(model, data.x_test, data.y_test, draws, seed=seed)
-            out["accuracy_errors"] = accs
-            out["accuracy_errors_mean"] = statistics.fmean(accs)
-            out["accuracy_errors_std"] = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            out["draws"] = draws
+        with progress_bar(progress, 1 + (draws if measured else 0), "evaluate") as advance:
+            set_transfer(model, Transfer.ideal(spec))
+            out["accuracy_ideal"] = accuracy(model, data.x_test, data.y_test, seed=seed)
+            advance(1)
+            if measured:
+                set_transfer(model, transfer)
+                accs = []
+                for i in range(draws):
+                    accs.append(accuracy(model, data.x_test, data.y_test, seed=seed + i))
+                    advance(1, draw=i + 1)
+                out["accuracy_errors"] = accs
+                out["accuracy_errors_mean"] = statistics.fmean(accs)
+                out["accuracy_errors_std"] = statistics.stdev(accs) if len(accs) > 1 else 0.0
+                out["draws"] = draws
     finally:
         set_transfer(model, original)
     return out
@@ -194,8 +206,12 @@ def train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str |
               init: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
               cfg: TrainConfig | None = None, learn: str = "epact", pooled: bool = False, draws: int = 3,
               limit: int | None = None, transfer_kind: str = "measured", progress: bool = False,
-              timeout: float = 1.0) -> dict[str, Any]:
-    """Train and save a checkpoint; returns the results (JSON-friendly)."""
+              timeout: float = 1.0, resume: bool = False) -> dict[str, Any]:
+    """Train and save a checkpoint; returns the results (JSON-friendly).
+
+    The training state is saved at the start of every epoch beside ``out`` (``resume_path(out)``); ``resume``
+    continues a run from it bit-identically. The state is removed once the checkpoint is written.
+    """
     cfg = cfg or TrainConfig()
     if mode not in MODES:
         raise ConfigError(f"mode {mode!r} is not one of {', '.join(MODES)}")
@@ -214,7 +230,12 @@ def train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str |
     data = load_task(task, data_dir, limit=limit)
     model, info = prepare_model(data, mode, model_name=model_name, spec=spec, transfer=transfer, learn=learn,
                                 init=init_ck, seed=cfg.seed)
-    result = fit(model, data, cfg, progress=progress, description=f"{mode} {task}")
+    identity = {"task": task, "mode": mode, "model": info, "train": cfg.as_dict(), "learn": learn,
+                "pooled": pooled, "limit": limit, "injection": transfer_kind, "spec": spec.to_dict() if spec else None,
+                "init": init_ck.manifest.get("tensors_sha256") if init_ck else None,
+                "error_model": error_model_info(transfer)}
+    state = EpochCheckpoint(resume_path(out), identity, resume=resume)
+    result = fit(model, data, cfg, progress=progress, description=f"{mode} {task}", checkpoint=state)
     metrics = evaluate_model(model, data, transfer=transfer, draws=draws, seed=cfg.seed)
     manifest = {
         "task": task, "model": info, "mode": mode, "spec": spec.to_dict() if spec else None,
@@ -223,6 +244,7 @@ def train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str |
         "metrics": metrics,
     }
     path = save_checkpoint(out, model, manifest)
+    state.finish()
     acc = metrics.get("accuracy_errors_mean", metrics.get("accuracy_ideal", metrics.get("accuracy_float")))
     return {
         "checkpoint": str(path), "task": task, "model": info["name"], "mode": mode,
@@ -235,7 +257,7 @@ def train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str |
 
 def evaluate_run(checkpoint: str | os.PathLike, *, error_model: str | os.PathLike | None = None, draws: int = 5,
                  data_dir: str | os.PathLike | None = None, seed: int = 0, pooled: bool | None = None,
-                 limit: int | None = None, transfer_kind: str = "measured") -> dict[str, Any]:
+                 limit: int | None = None, transfer_kind: str = "measured", progress: bool = False) -> dict[str, Any]:
     """Accuracy of a checkpoint with ideal MACs and under an error model (mean +- std over ``draws``)."""
     if draws < 1:
         raise ConfigError(f"draws must be >= 1, got {draws}")
@@ -252,7 +274,7 @@ def evaluate_run(checkpoint: str | os.PathLike, *, error_model: str | os.PathLik
         check_spec(ck.spec, transfer.spec, f"error model {str(error_model)!r}")
     data = load_task(ck.task, data_dir, limit=limit)
     model = model_from_checkpoint(ck)
-    metrics = evaluate_model(model, data, transfer=transfer, draws=draws, seed=seed)
+    metrics = evaluate_model(model, data, transfer=transfer, draws=draws, seed=seed, progress=progress)
     out = {"checkpoint": str(checkpoint), "task": ck.task, "model": ck.manifest["model"]["name"], "mode": ck.mode,
            "spec": ck.spec.describe() if ck.spec else None, "test_samples": int(data.y_test.shape[0]), **metrics}
     if transfer is not None:

@@ -13,8 +13,12 @@ Manifest (metadata key ``cimlab.manifest``, a JSON object)::
      "tensors_sha256": "...",                        over names, dtypes, shapes and bytes, sorted by name
      "train": {...}, "metrics": {...}, "created_by": "cimlab X.Y"}
 
-``load_checkpoint`` checks the format, the tensor hash (a corrupt file is refused) and, when given one, the
-MacroSpec the caller runs on (a checkpoint for another macro is refused, naming the differing fields).
+The metadata key ``cimlab.manifest_sha256`` holds the SHA-256 of the manifest text: the manifest is covered by its
+hash, and the manifest holds the tensors' hash.
+
+``load_checkpoint`` checks the file's size, the manifest's hash, format and field types, the tensor hash (a corrupt
+file is refused) and, when given one, the MacroSpec the caller runs on (a checkpoint for another macro is refused,
+naming the differing fields). Every problem is an ``ArtifactError`` naming the file and the field.
 """
 
 from __future__ import annotations
@@ -29,13 +33,25 @@ from typing import Any
 import torch
 
 from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
-from cimlab.firmware_bridge.files import atomic_path, package_version
+from cimlab.firmware_bridge.files import (
+    atomic_path,
+    check_manifest_hash,
+    package_version,
+    require_types,
+    text_sha256,
+)
 from cimlab.firmware_bridge.spec import MacroSpec
 
 FORMAT = "cimlab.checkpoint"
-VERSION = 1
+VERSION = 2
 MANIFEST_KEY = "cimlab.manifest"
+MANIFEST_HASH_KEY = "cimlab.manifest_sha256"
 MODES = ("float", "quant", "dnat")
+MAX_CHECKPOINT_BYTES = 1 << 32
+"""Largest checkpoint file read, bytes."""
+MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
+    "task": str, "model": dict, "mode": str, "tensors_sha256": str,
+}
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -95,8 +111,32 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, manifest: d
     text = json.dumps(full, sort_keys=True)
     target = Path(path)
     with atomic_path(target) as tmp:
-        save_file(tensors, str(tmp), metadata={MANIFEST_KEY: text})
+        save_file(tensors, str(tmp), metadata={MANIFEST_KEY: text, MANIFEST_HASH_KEY: text_sha256(text)})
     return target
+
+
+def _manifest(where: str, meta: dict[str, str]) -> dict[str, Any]:
+    """The manifest from the metadata: hash, format, version and field types checked."""
+    if MANIFEST_KEY not in meta:
+        raise ArtifactError(f"{where}: no cimlab manifest in its metadata (not a cimlab checkpoint)")
+    text = meta[MANIFEST_KEY]
+    check_manifest_hash(where, text, meta.get(MANIFEST_HASH_KEY), MANIFEST_HASH_KEY)
+    try:
+        manifest = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ArtifactError(f"{where}: the manifest is not JSON: {err}") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{where}: manifest format is not {FORMAT!r}")
+    if manifest.get("version") != VERSION:
+        raise ArtifactError(f"{where}: manifest version {manifest.get('version')!r} is not supported ({VERSION})")
+    require_types(where, manifest, MANIFEST_TYPES)
+    require_types(where, manifest["model"], {"name": str, "kwargs": dict}, "model.")
+    if manifest["mode"] not in MODES:
+        raise ArtifactError(f"{where}: mode {manifest['mode']!r} is not one of {', '.join(MODES)}")
+    for key, typ in (("spec", dict), ("quantizer", str), ("error_model", dict)):
+        if manifest.get(key) is not None and not isinstance(manifest[key], typ):
+            raise ArtifactError(f"{where}: manifest field '{key}' must be {typ.__name__} or null")
+    return manifest
 
 
 def load_checkpoint(path: str | os.PathLike, *, spec: MacroSpec | None = None,
@@ -114,6 +154,8 @@ def load_checkpoint(path: str | os.PathLike, *, spec: MacroSpec | None = None,
     where = f"checkpoint {str(p)!r}"
     if not p.is_file():
         raise ArtifactError(f"{where}: no such file")
+    if p.stat().st_size > MAX_CHECKPOINT_BYTES:
+        raise ArtifactError(f"{where}: {p.stat().st_size:,} bytes, more than the {MAX_CHECKPOINT_BYTES:,} allowed")
     from safetensors import safe_open
 
     try:
@@ -122,28 +164,14 @@ def load_checkpoint(path: str | os.PathLike, *, spec: MacroSpec | None = None,
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
     except Exception as err:  # safetensors raises its own error types (and OSError, ValueError) for bad files
         raise ArtifactError(f"{where}: not a readable safetensors file: {err}") from err
-    if MANIFEST_KEY not in meta:
-        raise ArtifactError(f"{where}: no cimlab manifest in its metadata (not a cimlab checkpoint)")
-    try:
-        manifest = json.loads(meta[MANIFEST_KEY])
-    except json.JSONDecodeError as err:
-        raise ArtifactError(f"{where}: the manifest is not JSON: {err}") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{where}: manifest format is not {FORMAT!r}")
-    if manifest.get("version") != VERSION:
-        raise ArtifactError(f"{where}: manifest version {manifest.get('version')!r} is not supported ({VERSION})")
-    for key in ("task", "model", "mode", "tensors_sha256"):
-        if key not in manifest:
-            raise ArtifactError(f"{where}: manifest lacks {key!r}")
-    if manifest["mode"] not in MODES:
-        raise ArtifactError(f"{where}: mode {manifest['mode']!r} is not one of {', '.join(MODES)}")
+    manifest = _manifest(where, meta)
     digest = tensors_sha256(tensors)
     if digest != manifest["tensors_sha256"]:
         raise ArtifactError(f"{where}: tensor data do not match the manifest's hash (corrupt or edited file)")
     ck = Checkpoint(tensors, manifest, p)
     try:
         ck_spec = ck.spec
-    except ConfigError as err:
+    except (ConfigError, TypeError, ValueError, OverflowError) as err:
         raise ArtifactError(f"{where}: manifest spec is not a valid MacroSpec: {err}") from err
     if spec is not None:
         if ck_spec is None:

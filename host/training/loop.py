@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,9 @@ from torch import nn
 from cimlab.firmware_bridge.errors import ConfigError, ShapeError
 from cimlab.training.layers import cim_layers, reseed
 from cimlab.training.tasks import TaskData
+
+if TYPE_CHECKING:
+    from cimlab.training.resume import EpochCheckpoint
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -123,8 +126,13 @@ def progress_bar(enabled: bool, total: int, description: str) -> Iterator[Any]:
 
 
 def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = False,
-        evaluate_each_epoch: bool = True, description: str = "train") -> TrainResult:
-    """Train ``model`` on ``data`` with cross entropy (see ``TrainConfig``); returns what happened."""
+        evaluate_each_epoch: bool = True, description: str = "train",
+        checkpoint: EpochCheckpoint | None = None) -> TrainResult:
+    """Train ``model`` on ``data`` with cross entropy (see ``TrainConfig``); returns what happened.
+
+    With ``checkpoint``, the whole training state is restored first (``--resume``) and saved at the start of every
+    epoch, so an interrupted run continues bit-identically from the epoch it was in.
+    """
     _check_data(model, data)
     reseed(model, cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -141,12 +149,18 @@ def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)))
     result = TrainResult()
+    start_epoch = 0
+    if checkpoint is not None:
+        start_epoch, result.steps, result.history = checkpoint.restore(model, opt, sched, gen)
     t_start = time.perf_counter()
     step_time = 0.0
     with progress_bar(progress, total, description) as advance:
-        for epoch in range(cfg.epochs):
+        advance(result.steps)
+        for epoch in range(start_epoch, cfg.epochs):
             if result.steps >= total:
                 break
+            if checkpoint is not None:
+                checkpoint.save(model, opt, sched, gen, epoch=epoch, steps=result.steps, history=result.history)
             model.train()
             order = torch.randperm(n, generator=gen)
             loss_sum, correct, seen = 0.0, 0, 0

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cimlab.errmodel import MacErrorModel
 from cimlab.firmware_bridge.errors import ArtifactError, ConfigError, ShapeError
 from cimlab.firmware_bridge.spec import MacroSpec
-from cimlab.errmodel import MacErrorModel
 
 SPEC = MacroSpec(rows=32, cols=8)  # 16 rows/conversion, 5-bit ADC: 17 levels, 32 codes, J = 32
 
@@ -105,7 +105,9 @@ def test_analog_fit_says_when_the_codes_do_not_resolve_the_noise() -> None:
 def test_merge_adds_counts_and_refuses_other_specs() -> None:
     a, b = identity_model(n=3), identity_model(n=4)
     b.model.chip_id = "chip-b"
-    m = MacErrorModel.merge([a, b])
+    with pytest.raises(ArtifactError, match="2 chips .*--allow-mixed-chips"):
+        MacErrorModel.merge([a, b])
+    m = MacErrorModel.merge([a, b], allow_mixed_chips=True)
     np.testing.assert_array_equal(m.counts, a.counts + b.counts)
     assert m.model.chip_id == "chip-a+chip-b"
     assert m.meta["provenance"]["chip_ids"] == ["chip-a", "chip-b"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
 from cimlab.characterize.store import STORE_NAME, BatchRecord, Condition, MeasurementStore
+from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
 
 SHAPE = (4, 3, 5)
 META = {"plan_digest": "abc", "spec": {"rows": 1}}
@@ -70,8 +70,13 @@ def test_tallies_must_fit_the_batch(tmp_path: Path) -> None:
 
 def test_existing_store_or_files_are_never_overwritten(tmp_path: Path) -> None:
     make(tmp_path).close()
+    make(tmp_path).close()  # a store without a measured batch (a refused run's) holds nothing: it is replaced
+    with make(tmp_path) as store:
+        store.commit_batch(0, 0, np.zeros((1, 1, 1), np.int64), REC)
     with pytest.raises(ArtifactError, match="already holds a measurement store; pass --resume"):
         make(tmp_path)
+    with MeasurementStore.open(tmp_path / "run") as store:
+        assert store.done_batches(0) == {0}
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
@@ -130,6 +135,16 @@ def test_other_format_or_version_is_refused(tmp_path: Path) -> None:
     conn.commit()
     conn.close()
     with pytest.raises(ArtifactError, match="format 'someone.else'"):
+        MeasurementStore.open(tmp_path / "run")
+
+
+def test_an_edited_meta_value_is_refused(tmp_path: Path) -> None:
+    make(tmp_path).close()
+    conn = sqlite3.connect(tmp_path / "run" / STORE_NAME)
+    conn.execute("""UPDATE meta SET value = '"2020-01-01T00:00:00.000+00:00"' WHERE key = 'created_at'""")
+    conn.commit()
+    conn.close()
+    with pytest.raises(ArtifactError, match="do not match meta.meta_sha256"):
         MeasurementStore.open(tmp_path / "run")
 
 

@@ -7,8 +7,6 @@ import itertools
 import numpy as np
 import pytest
 
-from cimlab.firmware_bridge.errors import ConfigError
-from cimlab.firmware_bridge.spec import MacroSpec
 from cimlab.characterize.plan import (
     DigitProfile,
     Plan,
@@ -18,6 +16,8 @@ from cimlab.characterize.plan import (
     reachable_levels,
     slice_digit_max,
 )
+from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.spec import MacroSpec
 
 SRAM = MacroSpec(rows=64, cols=8)
 NVM = MacroSpec(rows=32, cols=4, weight_bits=4, weight_storage="unsigned", cell_bits=2, input_bits=4,

@@ -181,3 +181,25 @@ def test_a_package_whose_weights_disagree_with_its_tensors_is_refused(mlp_pkg: D
     edited = DeployPackage.load(pkg.save(tmp_path / "edited.npz"))  # a consistent file ...
     with pytest.raises(ArtifactError, match="quantizes to other weights"):  # ... that is not the network
         build_model(edited)
+
+
+def test_the_progress_bar_advances_per_tile_within_a_batch(cnn_pkg: DeployPackage,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+
+    from cimlab.deploy import bench as bench_module
+
+    calls: list[int] = []
+    totals: list[int] = []
+
+    @contextlib.contextmanager
+    def recording_bar(enabled: bool, total: int, description: str):  # noqa: ANN202
+        totals.append(total)
+        yield lambda n=1, **kw: calls.append(n)
+
+    monkeypatch.setattr(bench_module, "progress_bar", recording_bar)
+    x = digits(24).x_test[:24]
+    with Chip.open("sim://?profile=ideal") as chip:
+        run = bench_module.run_on_chip(cnn_pkg, chip, x, batch_size=24, progress=True, max_rewrites=1)
+    tiles = sum(len(lm.tiles) for _, lm in cnn_pkg.schedule.layers)
+    assert totals == [tiles] and len(calls) == tiles == run.runner.calls  # one batch, several steps, not 0/N

@@ -13,6 +13,8 @@ from deploy_helpers import DEFAULT_SPEC, make_checkpoint
 
 from cimlab.firmware_bridge.errors import ArtifactError, VersionMismatch
 from cimlab.deploy.compile import compile_checkpoint
+from cimlab.firmware_bridge.files import text_sha256
+from cimlab.deploy import package as package_module
 from cimlab.deploy.package import DeployPackage, build_pages
 from cimlab.driver import Chip
 from cimlab.training.api import model_from_checkpoint
@@ -52,7 +54,7 @@ def test_manifest_and_plain_numpy_reading(mlp_ckpt: Path, mlp_pkg: DeployPackage
         manifest = json.loads(str(z["manifest"]))
         assert z["page.0"].dtype == DEFAULT_SPEC.weight_dtype
         names = set(z.files)
-    assert manifest["format"] == "cimlab.deploy" and manifest["version"] == 1
+    assert manifest["format"] == "cimlab.deploy" and manifest["version"] == 2
     assert manifest["spec"] == DEFAULT_SPEC.to_dict()
     assert manifest["protocol_version"] == 1 and manifest["regmap_version"] == 1
     assert manifest["task"] == "digits" and manifest["mode"] == "quant"
@@ -76,6 +78,8 @@ def _rewrite(src: Path, dst: Path, edit) -> None:  # noqa: ANN001
     with np.load(src, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     edit(arrays)
+    if arrays["manifest"].dtype.kind == "U":  # keep the manifest's hash right, so the edit meets its own check
+        arrays["manifest_sha256"] = np.array(text_sha256(str(arrays["manifest"])))
     with open(dst, "wb") as f:
         np.savez(f, **arrays)
 
@@ -99,6 +103,40 @@ def test_corrupt_or_foreign_files_are_refused(mlp_pkg: DeployPackage, tmp_path: 
 
     _rewrite(mlp_pkg.path, bad, other_format)
     with pytest.raises(ArtifactError, match="format"):
+        DeployPackage.load(bad)
+
+    def edited_manifest(a: dict) -> None:
+        m = json.loads(str(a["manifest"]))
+        m["task"] = "cifar10"
+        a["manifest"] = np.array(json.dumps(m))
+
+    _rewrite(mlp_pkg.path, bad, edited_manifest)
+    with np.load(bad) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["manifest_sha256"] = np.array("0" * 64)  # an edited manifest no longer matches its hash
+    np.savez(bad, **arrays)
+    with pytest.raises(ArtifactError, match="manifest_sha256"):
+        DeployPackage.load(bad)
+
+    def wrong_types(a: dict) -> None:
+        m = json.loads(str(a["manifest"]))
+        m["model"]["kwargs"] = [1, 2]
+        a["manifest"] = np.array(json.dumps(m))
+
+    _rewrite(mlp_pkg.path, bad, wrong_types)
+    with pytest.raises(ArtifactError, match=r"model.kwargs' must be dict"):
+        DeployPackage.load(bad)
+
+
+def test_a_package_bomb_is_refused_before_it_is_decompressed(mlp_pkg: DeployPackage, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(package_module, "MAX_STATE_BYTES", 1 << 20)  # 1 MiB here instead of 256 MiB
+    with np.load(mlp_pkg.path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["state.huge"] = np.zeros((1 << 21) // 8)  # 2 MiB of zeros, a few kB compressed
+    bad = tmp_path / "bomb.npz"
+    np.savez_compressed(bad, **arrays)
+    with pytest.raises(ArtifactError, match="state arrays declare more than 1,048,576 bytes"):
         DeployPackage.load(bad)
 
     def pickled_object(a: dict) -> None:

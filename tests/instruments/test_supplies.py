@@ -1,4 +1,5 @@
-"""Supply drivers: exact SCPI (expected_protocol), validators, safe power-down, and pyvisa-sim."""
+"""Supplies: PyMeasure's drivers behind BenchSupply. Exact SCPI (PyMeasure's expected_protocol), limits checked
+before anything is sent, ramps from 0, output off on every exit, pyvisa-sim, and the charge sampler."""
 
 from __future__ import annotations
 
@@ -6,18 +7,22 @@ import threading
 from pathlib import Path
 
 import pytest
+from pymeasure.instruments.keithley import Keithley2400, Keithley2450
+from pymeasure.instruments.keysight import KeysightE36312A
+from pymeasure.test import expected_protocol
 
+from cimlab.chip_sim.profiles import load_profile
 from cimlab.firmware_bridge.errors import CimTimeoutError, ConfigError, DeviceError
-from cimlab.instruments import (
-    CurrentSampler,
-    Keithley2400,
-    Keithley2450,
-    KeysightE36xx,
-    driver_for_idn,
-    open_supply,
-    sim_bench_yaml,
+from cimlab.instruments import CurrentSampler, Reading, SupplyLimits, open_supply, sim_bench_yaml, source_for_idn
+from cimlab.instruments.keysight import KeysightE364xA
+from cimlab.instruments.supplies import (
+    BenchSupply,
+    Keithley2400Source,
+    Keithley2450Source,
+    KeysightE364xASource,
+    KeysightE3631ASource,
+    KeysightE36312ASource,
 )
-from cimlab.instruments.testing import ProtocolAdapter, expected_protocol
 
 HERE = Path(__file__).parent
 BENCH = f"{sim_bench_yaml()}@sim"
@@ -25,230 +30,208 @@ FAULTY = f"{HERE / 'faulty.yaml'}@sim"
 K2400 = "GPIB0::24::INSTR"
 K2450 = "USB0::0x05E6::0x2450::04000001::INSTR"
 E36312A = "USB0::0x2A8D::0x1102::MY00000001::INSTR"
-
-NO_ERROR = '0,"No error"'
-
-K2400_POWER_UP = [
-    (":SOUR:FUNC VOLT", None),
-    (':SENS:FUNC "CURR"', None),
-    (":FORM:ELEM CURR", None),
-    (":SENS:CURR:PROT 1.000000E-02", None),  # compliance first ...
-    (":SOUR:VOLT 8.000000E-01", None),  # ... then the voltage
-    (":SYST:ERR?", NO_ERROR),
-    (":OUTP 1", None),
-]
+LIMITS = SupplyLimits(v_min=0.6, v_max=1.0, compliance_a=0.01, ramp_step_v=0.25, ramp_dwell_s=0.0, source="test")
+FORMAT = (":FORMAT:ELEMENTS VOLTAGE, CURRENT, RESISTANCE, TIME, STATUS", None)
+NO_ERROR = ("SYST:ERR?", '0,"No error"')
 
 
-class TestExpectedProtocol:
-    def test_k2400_power_cycle_sends_compliance_before_output_on_and_turns_off(self) -> None:
-        pairs = [*K2400_POWER_UP, (":MEAS:CURR?", "+1.500000E-03"), (":OUTP 0", None)]
-        with expected_protocol(Keithley2400, pairs) as smu, smu.powered(0.8, 0.01):
-            assert smu.current == pytest.approx(1.5e-3)
+def no_sleep(_s: float) -> None:
+    """Ramp dwell in tests: none."""
 
-    def test_k2450_uses_its_current_limit_command(self) -> None:
+
+class TestExactCommands:
+    def test_k2400_compliance_and_zero_before_output_on_then_a_ramp_and_off(self) -> None:
         pairs = [
-            (":SOUR:FUNC VOLT", None),
-            (':SENS:FUNC "CURR"', None),
-            (":SOUR:VOLT:ILIM 5.000000E-02", None),
-            (":SOUR:VOLT 7.000000E-01", None),
-            (":SYST:ERR?", NO_ERROR),
-            (":OUTP 1", None),
-            (":OUTP 0", None),
+            FORMAT,
+            ("OUTPUT 0", None), (":SOURCE:FUNCTION VOLT", None),
+            (":SENSE:CURRENT:PROTECTION 0.01", None), (":SOURCE:VOLTAGE 0", None),  # compliance, 0 V ...
+            NO_ERROR,
+            ("OUTPUT 1", None),  # ... before the output turns on
+            (":SOURCE:VOLTAGE 0.2", None), (":SOURCE:VOLTAGE 0.4", None), (":SOURCE:VOLTAGE 0.6", None),
+            (":SOURCE:VOLTAGE 0.8", None),  # ramp from 0 in steps of at most 0.25 V
+            (":MEASURE:CURRENT?", "+8.0E-01,+1.5E-03,+9.91E+37,+2.5E+00,+0.0E+00"),
+            (":SOURCE:VOLTAGE 0.6", None), (":SOURCE:VOLTAGE 0.4", None), (":SOURCE:VOLTAGE 0.2", None),
+            (":SOURCE:VOLTAGE 0", None),  # ramp down ...
+            ("OUTPUT 0", None), (":SOURCE:VOLTAGE 0", None),  # ... and off
         ]
-        with expected_protocol(Keithley2450, pairs) as smu, smu.powered(0.7, 0.05):
-            pass
+        with expected_protocol(Keithley2400, pairs) as inst:
+            supply = BenchSupply(Keithley2400Source(inst), LIMITS, sleep=no_sleep)
+            with supply.powered(0.8):
+                assert supply.read() == Reading(1.5e-3, 2.5)
 
-    def test_e36xx_selects_its_channel_and_applies_both_values_at_once(self) -> None:
+    def test_k2450_reads_the_current_with_its_timestamp(self) -> None:
         pairs = [
-            ("INST:SEL CH2", None),
-            ("APPL 9.000000E-01,2.000000E-01", None),
-            ("SYST:ERR?", '+0,"No error"'),
-            ("OUTP 1", None),
-            ("MEAS:CURR?", "+4.200000E-02"),
-            ("OUTP 0", None),
+            ("OUTPUT OFF", None), (":SOUR:FUNC VOLT", None),
+            (":SENS:FUNC 'CURR';:SENS:CURR:NPLC 1.000000;", None), (":SENS:CURR:RANG:AUTO 1;", None), NO_ERROR,
+            (":SOUR:VOLT:ILIM 0.01", None), (":SOUR:VOLT:LEV 0", None), NO_ERROR, ("OUTPUT ON", None),
+            (":SOUR:VOLT:LEV 0.25", None), (":SOUR:VOLT:LEV 0.5", None), (":SOUR:VOLT:LEV 0.75", None),
+            (':READ? "defbuffer1", READ, REL', "+4.2E-05,+1.25E+00"),
+            ("OUTPUT OFF", None), (":SOUR:VOLT:LEV 0", None),
         ]
-        with expected_protocol(KeysightE36xx, pairs, channel="CH2") as psu, psu.powered(0.9, 0.2):
-            assert psu.current == pytest.approx(0.042)
+        with expected_protocol(Keithley2450, pairs) as inst:
+            supply = BenchSupply(Keithley2450Source(inst), LIMITS, sleep=no_sleep)
+            with pytest.raises(RuntimeError, match="sweep failed"), supply.powered(0.75):
+                assert supply.read() == Reading(4.2e-5, 1.25)
+                raise RuntimeError("sweep failed")  # an error: off at once, no ramp down
 
-    def test_properties_read_and_write_their_commands(self) -> None:
+    def test_e36312a_drives_its_channel(self) -> None:
         pairs = [
-            (":SOUR:VOLT?", "+8.000000E-01"),
-            (":SOUR:VOLT 1.200000E+00", None),
-            (":OUTP?", "0"),
-            (":SENS:CURR:PROT?", "+1.050000E-04"),
+            ("OUTPut 0, (@2)", None), ("CURR 0.01, (@2)", None), ("VOLT 0, (@2)", None), NO_ERROR,
+            ("OUTPut 1, (@2)", None), ("VOLT 0.25, (@2)", None), ("VOLT 0.5, (@2)", None),
+            ("VOLT 0.75, (@2)", None), ("MEAS:CURRent? (@2)", "+4.2E-02"),
+            ("OUTPut 0, (@2)", None), ("VOLT 0, (@2)", None),
         ]
-        with expected_protocol(Keithley2400, pairs) as smu:
-            assert smu.source_voltage == pytest.approx(0.8)
-            smu.source_voltage = 1.2
-            assert smu.output_enabled is False
-            assert smu.current_limit == pytest.approx(1.05e-4)
+        with expected_protocol(KeysightE36312A, pairs) as inst:
+            supply = BenchSupply(KeysightE36312ASource(inst, channel=2), LIMITS, sleep=no_sleep)
+            with pytest.raises(KeyboardInterrupt), supply.powered(0.75):
+                assert supply.read() == Reading(0.042, None)
+                raise KeyboardInterrupt
 
-    @pytest.mark.parametrize("exc", [RuntimeError("sweep failed"), KeyboardInterrupt()])
-    def test_output_turns_off_when_the_block_fails(self, exc: BaseException) -> None:
-        pairs = [*K2400_POWER_UP, (":OUTP 0", None)]
-        with expected_protocol(Keithley2400, pairs) as smu, pytest.raises(type(exc)), smu.powered(0.8, 0.01):
-            raise exc
+    def test_e364xa_driver_in_pymeasure_style(self) -> None:
+        pairs = [("OUTP 0", None), ("INST:NSEL 2", None), ("CURR 0.01", None), ("VOLT 0", None), NO_ERROR,
+                 ("OUTP 1", None), ("VOLT 0.2", None), ("VOLT 0.4", None), ("VOLT 0.6", None),
+                 ("MEAS:CURR?", "1.5E-03"), ("VOLT 0.4", None), ("VOLT 0.2", None), ("VOLT 0", None),
+                 ("OUTP 0", None), ("VOLT 0", None)]
+        with expected_protocol(KeysightE364xA, pairs) as inst:
+            supply = BenchSupply(KeysightE364xASource(inst, channel=2), LIMITS, sleep=no_sleep)
+            with supply.powered(0.6):
+                assert supply.read().amps == pytest.approx(1.5e-3)
 
-    def test_output_turns_off_when_configuration_fails(self) -> None:
-        # the error queue reports a problem: the output must never turn on, and is commanded off
-        pairs = [*K2400_POWER_UP[:5], (":SYST:ERR?", '-222,"Data out of range"'), (":SYST:ERR?", NO_ERROR),
-                 (":OUTP 0", None)]
-        with (
-            expected_protocol(Keithley2400, pairs) as smu,
-            pytest.raises(DeviceError, match="Data out of range"),
-            smu.powered(0.8, 0.01),
-        ):
-            pytest.fail("the block must not run")
+    def test_scpi_errors_after_configuration_keep_the_output_off(self) -> None:
+        pairs = [FORMAT, ("OUTPUT 0", None), (":SOURCE:FUNCTION VOLT", None),
+                 (":SENSE:CURRENT:PROTECTION 0.01", None), (":SOURCE:VOLTAGE 0", None),
+                 ("SYST:ERR?", '-222,"Data out of range"'), NO_ERROR, ("OUTPUT 0", None), (":SOURCE:VOLTAGE 0", None)]
+        with expected_protocol(Keithley2400, pairs) as inst:
+            supply = BenchSupply(Keithley2400Source(inst), LIMITS, sleep=no_sleep)
+            with pytest.raises(DeviceError, match="Data out of range"), supply.powered(0.8):
+                pytest.fail("the block must not run")
 
-    def test_out_of_range_values_name_the_property_range_and_unit_and_send_nothing(self) -> None:
-        with expected_protocol(Keithley2400, []) as smu:
-            with pytest.raises(ConfigError, match=r"source_voltage=300.*-210\.\.210 V"):
-                smu.source_voltage = 300
-            with pytest.raises(ConfigError, match=r"current_limit=2.*1e-09\.\.1\.05 A"):
-                smu.current_limit = 2.0
-            with pytest.raises(ConfigError, match="output_enabled must be a boolean"):
-                smu.output_enabled = "yes"
-            with pytest.raises(ConfigError, match="current_limit"), smu.powered(0.8, 5.0):
+    @pytest.mark.parametrize("volts", [5.0, 800.0, 0.5, -0.8, float("nan")])
+    def test_a_setpoint_outside_the_limits_sends_nothing(self, volts: float) -> None:
+        with expected_protocol(Keithley2400, [FORMAT]) as inst:
+            supply = BenchSupply(Keithley2400Source(inst), LIMITS, sleep=no_sleep)
+            with pytest.raises(ConfigError, match="nothing was sent|not a voltage"), supply.powered(volts):
                 pytest.fail("unreachable")
-        with (
-            expected_protocol(KeysightE36xx, [], v_max=6.18) as psu,
-            pytest.raises(ConfigError, match=r"source_voltage=7.*0\.\.6\.18 V"),
-        ):
-            psu.source_voltage = 7.0
 
-    def test_helper_catches_wrong_and_missing_commands(self) -> None:
-        with (
-            pytest.raises(AssertionError, match="expected ':SOUR:VOLT 8.000000E-01'"),
-            expected_protocol(Keithley2400, [(":SOUR:VOLT 8.000000E-01", None)]) as smu,
-        ):
-            smu.source_voltage = 0.9
-        unused = [(":OUTP 0", None)]
-        with pytest.raises(AssertionError, match="never sent"), expected_protocol(Keithley2400, unused):
-            pass
-        adapter = ProtocolAdapter([(":OUTP?", "1")])
-        with pytest.raises(AssertionError, match="only written"):
-            adapter.write(":OUTP?")
+    def test_set_voltage_is_checked_and_ramped(self) -> None:
+        pairs = [FORMAT, ("OUTPUT 0", None), (":SOURCE:FUNCTION VOLT", None),
+                 (":SENSE:CURRENT:PROTECTION 0.01", None), (":SOURCE:VOLTAGE 0", None), NO_ERROR,
+                 ("OUTPUT 1", None), (":SOURCE:VOLTAGE 0.2", None), (":SOURCE:VOLTAGE 0.4", None),
+                 (":SOURCE:VOLTAGE 0.6", None), (":SOURCE:VOLTAGE 0.8", None), (":SOURCE:VOLTAGE 1", None),
+                 NO_ERROR, ("OUTPUT 0", None), (":SOURCE:VOLTAGE 0", None)]
+        with expected_protocol(Keithley2400, pairs) as inst:
+            supply = BenchSupply(Keithley2400Source(inst), LIMITS, sleep=no_sleep)
+            with pytest.raises(ConfigError, match="1.2 V is outside"), supply.powered(0.6):
+                supply.set_voltage(1.0)
+                supply.set_voltage(1.2)  # refused before anything is sent; the output goes off
+
+
+class TestLimits:
+    def test_from_the_profile_and_the_user_cap(self) -> None:
+        profile = load_profile("default")
+        lim = SupplyLimits.from_profile(profile)
+        assert (lim.v_min, lim.v_max) == (0.6, 1.0)
+        assert lim.compliance_a == pytest.approx(profile.supply.compliance_ma / 1000)
+        assert SupplyLimits.from_profile(profile, vdd_max_v=0.85).v_max == 0.85
+        with pytest.raises(ConfigError, match="--vdd-max 1.2 V is above the chip's maximum 1 V"):
+            SupplyLimits.from_profile(profile, vdd_max_v=1.2)
+        with pytest.raises(ConfigError, match="millivolts"):
+            lim.check(800.0)
+
+    def test_ramp_steps_never_exceed_the_step(self) -> None:
+        steps = LIMITS.ramp(0.0, 0.8)
+        assert steps[-1] == 0.8 and max(b - a for a, b in zip([0.0, *steps], steps, strict=False)) <= 0.25 + 1e-12
 
 
 class TestIdentification:
     @pytest.mark.parametrize(
         ("idn", "cls"),
         [
-            ("KEITHLEY INSTRUMENTS INC.,MODEL 2400,1234567,C30", Keithley2400),
-            ("KEITHLEY INSTRUMENTS INC.,MODEL 2410,1234567,C30", Keithley2400),
-            ("KEITHLEY INSTRUMENTS,MODEL 2450,04000001,1.7.12b", Keithley2450),
-            ("Keysight Technologies,E36312A,MY1234,2.1.0", KeysightE36xx),
-            ("Agilent Technologies,E3631A,0,2.1-5.0-1.0", KeysightE36xx),
+            ("KEITHLEY INSTRUMENTS INC.,MODEL 2400,1234567,C30", Keithley2400Source),
+            ("KEITHLEY INSTRUMENTS INC.,MODEL 2410,1234567,C30", Keithley2400Source),
+            ("KEITHLEY INSTRUMENTS,MODEL 2450,04000001,1.7.12b", Keithley2450Source),
+            ("Keysight Technologies,E36312A,MY1234,2.1.0", KeysightE36312ASource),
+            ("Agilent Technologies,E3631A,0,2.1-5.0-1.0", KeysightE3631ASource),
+            ("Agilent Technologies,E3646A,0,1.7-5.0-1.0", KeysightE364xASource),
         ],
     )
     def test_idn_picks_the_driver(self, idn: str, cls: type) -> None:
-        assert driver_for_idn(idn) is cls
+        assert source_for_idn(idn) is cls
 
     def test_unknown_instrument_is_named(self) -> None:
         with pytest.raises(ConfigError, match="RIGOL.*known models"):
-            driver_for_idn("RIGOL TECHNOLOGIES,DP832,DP8A1,00.01.14")
+            source_for_idn("RIGOL TECHNOLOGIES,DP832,DP8A1,00.01.14")
 
 
 class TestPyvisaSim:
-    @pytest.mark.parametrize(
-        ("resource", "cls", "current"),
-        [(K2400, Keithley2400, 1.25e-3), (K2450, Keithley2450, 2.5e-3), (E36312A, KeysightE36xx, 5e-4)],
-    )
-    def test_power_cycle_on_the_simulated_bench(self, resource: str, cls: type, current: float) -> None:
-        channel = "CH1" if cls is KeysightE36xx else None
-        supply = open_supply(resource, BENCH, channel=channel)
+    @pytest.mark.parametrize(("resource", "model", "current"),
+                             [(K2400, "keithley2400", 1.25e-3), (K2450, "keithley2450", 2.5e-3),
+                              (E36312A, "e36312a", 5e-4)])
+    def test_power_cycle_on_the_simulated_bench(self, resource: str, model: str, current: float) -> None:
+        supply = open_supply(resource, LIMITS, BENCH)
+        supply._sleep = no_sleep
         try:
-            assert type(supply) is cls
-            assert supply.output_enabled is False
-            with supply.powered(0.8, 0.1):
-                assert supply.output_enabled is True
-                assert supply.current == pytest.approx(current)
-                if cls is not KeysightE36xx:  # the E36xx sets both with APPL (see test above)
-                    assert supply.source_voltage == pytest.approx(0.8)
-                    assert supply.current_limit == pytest.approx(0.1)
-            assert supply.output_enabled is False
+            assert supply.source.model == model
+            with supply.powered(0.8):
+                assert supply.volts == 0.8
+                assert supply.read().amps == pytest.approx(current)
+            assert supply.volts == 0.0
         finally:
             supply.close()
 
-    def test_explicit_model_and_channel_rules(self) -> None:
-        with pytest.raises(ConfigError, match="E36xx supplies only"):
-            open_supply(K2400, BENCH, channel="CH1")
+    def test_a_silent_instrument_times_out(self) -> None:
+        supply = open_supply(K2400, LIMITS, FAULTY, timeout_s=0.2)
+        try:
+            with pytest.raises(CimTimeoutError, match=r"GPIB0::24::INSTR.*reading the current"):
+                supply.read()
+        finally:
+            supply.close()
+
+    def test_model_and_channel_rules(self) -> None:
         with pytest.raises(ConfigError, match="supply model 'hp6632'"):
-            open_supply(K2400, BENCH, model="hp6632")
-        smu = open_supply(K2400, BENCH, model="keithley2400")
-        smu.close()
-
-    def test_scpi_errors_surface_as_device_errors(self) -> None:
-        smu = open_supply(K2400, BENCH)
-        try:
-            smu.write(":SOUR:VOLT:MODE SWEEP")  # not in the simulated subset: the instrument queues -100
-            with pytest.raises(DeviceError, match="-100"):
-                smu.check_errors()
-            smu.check_errors()  # the queue is empty again
-        finally:
-            smu.close()
-
-    def test_a_silent_instrument_times_out_with_the_command_named(self) -> None:
-        supply = open_supply(K2400, FAULTY, model="keithley2400", timeout=0.2)
-        try:
-            with pytest.raises(CimTimeoutError, match=r"GPIB0::24::INSTR.*:MEAS:CURR\?"):
-                _ = supply.current
-        finally:
-            supply.close()
-
-    def test_output_is_off_after_a_failure_inside_the_block(self) -> None:
-        smu = open_supply(K2450, BENCH)
-        try:
-            with pytest.raises(KeyboardInterrupt), smu.powered(0.75, 0.02):
-                assert smu.output_enabled is True
-                raise KeyboardInterrupt
-            assert smu.output_enabled is False
-        finally:
-            smu.close()
-
-    def test_an_instrument_without_identity_needs_an_explicit_model(self) -> None:
-        with pytest.warns(UserWarning), pytest.raises(ConfigError, match=r"GPIB0::7::INSTR.*--smu-model"):
-            open_supply("GPIB0::7::INSTR", BENCH)  # pyvisa-sim opens it, but nothing answers
+            open_supply(K2400, LIMITS, BENCH, model="hp6632")
+        with pytest.raises(ConfigError, match="multi-output"):
+            open_supply(K2400, LIMITS, BENCH, channel=2)
+        with pytest.warns(UserWarning), pytest.raises(ConfigError, match=r"GPIB0::99::INSTR.*--smu-model"):
+            open_supply("GPIB0::99::INSTR", LIMITS, BENCH)  # pyvisa-sim opens it, but nothing answers
 
 
 class _Meter:
-    def __init__(self, values: list[float], fail_after: int | None = None) -> None:
-        self.values = values
-        self.calls = 0
-        self.fail_after = fail_after
-        self.gate = threading.Event()
+    """Readings of a scripted current, timestamped on a clock that advances 1 s a reading."""
 
-    @property
-    def current(self) -> float:
+    def __init__(self, amps: list[float], stamped: bool = True, fail_after: int | None = None) -> None:
+        self.amps = amps
+        self.calls = 0
+        self.stamped = stamped
+        self.fail_after = fail_after
+
+    def read(self) -> Reading:
         self.calls += 1
         if self.fail_after is not None and self.calls > self.fail_after:
             raise CimTimeoutError("meter silent")
-        return self.values[(self.calls - 1) % len(self.values)]
+        return Reading(self.amps[(self.calls - 1) % len(self.amps)], float(self.calls) if self.stamped else None)
 
 
 class TestCurrentSampler:
-    def test_mean_of_readings_over_the_block(self) -> None:
-        meter = _Meter([1.0e-3, 3.0e-3])
-        with CurrentSampler(meter, period_s=0.001) as s:
-            deadline = threading.Event()
-            deadline.wait(0.05)
-        assert s.summary is not None
-        assert s.summary.samples >= 2
-        assert 1.0e-3 <= s.summary.mean_a <= 3.0e-3
-        assert s.summary.min_a == 1.0e-3
-        assert s.summary.duration_s >= 0.05
-
-    def test_a_short_block_still_gets_one_reading(self) -> None:
-        meter = _Meter([2.0e-3])
+    def test_charge_is_each_reading_times_the_time_since_the_one_before(self) -> None:
+        meter = _Meter([5.0, 1.0e-3, 3.0e-3])  # the first reading (5 A) covers the time before the block
         with CurrentSampler(meter, period_s=10.0) as s:
-            pass
-        assert s.summary is not None and s.summary.samples >= 1
-        assert s.summary.mean_a == 2.0e-3
+            pass  # one reading at the start, one at the end
+        assert s.summary is not None and s.summary.clock == "instrument"
+        assert s.summary.samples == 2 and s.summary.duration_s == 1.0
+        assert s.summary.charge_c == pytest.approx(1.0e-3) and s.summary.mean_a == pytest.approx(1.0e-3)
+
+    def test_background_readings_use_the_host_clock_without_timestamps(self) -> None:
+        meter = _Meter([2.0e-3], stamped=False)
+        with CurrentSampler(meter, period_s=0.001) as s:
+            threading.Event().wait(0.05)
+        assert s.summary is not None and s.summary.clock == "host" and s.summary.samples >= 3
+        assert s.summary.mean_a == pytest.approx(2.0e-3)
 
     def test_a_failing_meter_raises_in_the_caller(self) -> None:
-        meter = _Meter([1.0e-3], fail_after=0)
+        meter = _Meter([1.0e-3], fail_after=1)
         with pytest.raises(CimTimeoutError, match="meter silent"), CurrentSampler(meter, period_s=0.0):
-            threading.Event().wait(0.01)
+            threading.Event().wait(0.02)
 
     def test_bad_arguments(self) -> None:
         with pytest.raises(ConfigError, match="period_s"):

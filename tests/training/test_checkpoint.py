@@ -12,7 +12,8 @@ from training_helpers import SMALL_ODD, SMALL_TWOS, noisy_model
 
 from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
 from cimlab.training.api import evaluate_run, model_from_checkpoint
-from cimlab.training.checkpoint import load_checkpoint, save_checkpoint
+from cimlab.firmware_bridge.files import text_sha256
+from cimlab.training.checkpoint import load_checkpoint, save_checkpoint, tensors_sha256
 from cimlab.training.layers import calibrate, convert
 from cimlab.training.models import digits_mlp
 from cimlab.training.tasks import load_task
@@ -75,10 +76,23 @@ def test_a_safetensors_file_without_manifest_or_with_a_bad_one_is_refused(tmp_pa
     save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")
     with pytest.raises(ArtifactError, match="no cimlab manifest"):
         load_checkpoint(tmp_path / "plain.safetensors")
-    save_file({"w": torch.zeros(2)}, tmp_path / "bad.safetensors",
-              metadata={"cimlab.manifest": json.dumps({"format": "cimlab.checkpoint", "version": 99})})
+    def write(manifest: dict, digest: str | None = None) -> Path:
+        text = json.dumps(manifest)
+        meta = {"cimlab.manifest": text, "cimlab.manifest_sha256": digest or text_sha256(text)}
+        save_file({"w": torch.zeros(2)}, tmp_path / "bad.safetensors", metadata=meta)
+        return tmp_path / "bad.safetensors"
+
     with pytest.raises(ArtifactError, match="version 99"):
-        load_checkpoint(tmp_path / "bad.safetensors")
+        load_checkpoint(write({"format": "cimlab.checkpoint", "version": 99}))
+    good = {"format": "cimlab.checkpoint", "version": 2, "task": "digits", "mode": "float",
+            "model": {"name": "digits_mlp", "kwargs": {}}, "tensors_sha256": tensors_sha256({"w": torch.zeros(2)})}
+    assert load_checkpoint(write(good)).task == "digits"
+    with pytest.raises(ArtifactError, match="cimlab.manifest_sha256 does not match"):
+        load_checkpoint(write(good, digest="0" * 64))  # an edited manifest
+    with pytest.raises(ArtifactError, match=r"'model.kwargs' must be dict, got \[1\]"):
+        load_checkpoint(write({**good, "model": {"name": "digits_mlp", "kwargs": [1]}}))
+    with pytest.raises(ArtifactError, match="'task' must be str"):
+        load_checkpoint(write({**good, "task": 7}))
 
 
 def test_manifest_must_name_task_model_and_mode(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cimlab.firmware_bridge.errmodel import FORMAT, CodeSampler, ErrorModel, count_conversions
+from cimlab.firmware_bridge.errmodel import FORMAT, CodeSampler, ErrorModel, count_conversions, counts_sha256
+from cimlab.firmware_bridge.files import text_sha256
 from cimlab.firmware_bridge.errors import ArtifactError, ShapeError
 from cimlab.firmware_bridge.spec import MacroSpec
 
@@ -59,12 +60,26 @@ def test_counting_accepts_mac_raw_layout() -> None:
 
 
 def _write(path: Path, **arrays: object) -> Path:
+    """An .npz whose meta (when it is text) carries a correct meta_sha256 and counts_sha256, so each case reaches
+    the check it is about."""
+    meta = arrays.get("meta")
+    if isinstance(meta, np.ndarray) and meta.dtype.kind == "U" and meta.shape == ():
+        text = str(meta.item())
+        try:
+            obj = json.loads(text)
+            counts = arrays.get("counts")
+            if isinstance(obj, dict) and isinstance(counts, np.ndarray) and counts.dtype.kind in "iu":
+                obj.setdefault("counts_sha256", counts_sha256(counts))
+                text = json.dumps(obj)
+        except json.JSONDecodeError:
+            pass
+        arrays = {**arrays, "meta": np.array(text), "meta_sha256": np.array(text_sha256(text))}
     np.savez(path, **arrays)
     return path
 
 
 def _meta(**changes: object) -> np.ndarray:
-    meta = {"format": FORMAT, "version": 1, "spec": SPEC.to_dict(), "conditions": {}, "chip_id": "x",
+    meta = {"format": FORMAT, "version": 2, "spec": SPEC.to_dict(), "conditions": {}, "chip_id": "x",
             "provenance": {}}
     meta.update(changes)
     return np.array(json.dumps(meta))
@@ -86,17 +101,40 @@ GOOD = np.zeros((SPEC.physical_cols, SPEC.n_levels, SPEC.n_codes), dtype=np.int6
         ({"counts": GOOD, "meta": _meta(version=99)}, ["version"]),
         ({"counts": GOOD, "meta": _meta(spec={"rows": 0})}, ["MacroSpec", "rows"]),
         ({"counts": GOOD, "meta": _meta(conditions=[1])}, ["conditions"]),
-        ({"counts": GOOD, "meta": np.array([1, 2])}, ["0-d string"]),
-        ({"counts": np.array([object()], dtype=object), "meta": _meta()}, ["pickle"]),
+        ({"counts": GOOD, "meta": np.array([1, 2])}, ["0-d text"]),
+        ({"counts": np.array([object()], dtype=object), "meta": _meta()}, ["holds objects"]),
+        ({"counts": GOOD, "meta": _meta(counts_sha256="0" * 64)}, ["counts_sha256"]),
+        ({"counts": GOOD, "meta": _meta(), "meta_sha256": np.array("0" * 64)}, ["meta_sha256"]),
     ],
 )
 def test_invalid_files_raise_artifact_errors(tmp_path: Path, arrays: dict[str, object], words: list[str]) -> None:
-    path = _write(tmp_path / "bad.npz", **arrays)
+    if "meta_sha256" in arrays:  # the stored hash is what is wrong: write it as given
+        path = tmp_path / "bad.npz"
+        np.savez(path, **arrays)
+    else:
+        path = _write(tmp_path / "bad.npz", **arrays)
     with pytest.raises(ArtifactError) as info:
         ErrorModel.load(path)
     for word in words:
         assert word in str(info.value)
     assert "bad.npz" in str(info.value)
+
+
+def test_a_zip_bomb_is_refused_before_it_is_decompressed(tmp_path: Path) -> None:
+    huge = np.zeros((SPEC.physical_cols * 64, SPEC.n_levels, SPEC.n_codes * 64), dtype=np.int64)  # 75 MB, 80 kB zip
+    path = tmp_path / "bomb.npz"
+    np.savez_compressed(path, counts=huge, meta=_meta(), meta_sha256=np.array(text_sha256(str(_meta().item()))))
+    assert path.stat().st_size < 1_000_000
+    with pytest.raises(ArtifactError, match=r"array 'counts' declares [\d,]+ bytes, more than the"):
+        ErrorModel.load(path)
+
+
+def test_a_text_file_is_not_a_model_and_gets_no_pickle_advice(tmp_path: Path) -> None:
+    path = tmp_path / "notes.npz"
+    path.write_text("counts,meta\n1,2\n", encoding="utf-8")
+    with pytest.raises(ArtifactError, match="not a readable .npz") as info:
+        ErrorModel.load(path)
+    assert "allow_pickle" not in str(info.value)
 
 
 def test_missing_and_foreign_files(tmp_path: Path) -> None:
