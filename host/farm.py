@@ -342,7 +342,10 @@ def gather(ray: Any, actors: dict[str, Any], refs: dict[str, Any], boards: Seque
 
 
 def write_farm_models(out: Path, outcomes: Sequence[BoardOutcome], result: FarmResult) -> None:
-    """``OUT/models/NAME.npz`` for each finished board and ``OUT/models/merged.npz`` when they share a MacroSpec."""
+    """``OUT/models/NAME.npz`` for each finished board and ``OUT/models/merged.npz`` when they share a MacroSpec.
+
+    The merged model is the design's population (every chip id recorded), so chips are mixed on purpose.
+    """
     from cimlab.errmodel import MacErrorModel
     from cimlab.firmware_bridge.errors import ArtifactError
     from cimlab.firmware_bridge.files import atomic_path
@@ -361,7 +364,7 @@ def write_farm_models(out: Path, outcomes: Sequence[BoardOutcome], result: FarmR
     if len(models) < 2:
         return
     try:
-        merged = MacErrorModel.merge(models)
+        merged = MacErrorModel.merge(models, allow_mixed_chips=True)
     except ArtifactError as err:
         result.merge_note = f"no merged model: {err}"
         return
