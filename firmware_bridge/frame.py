@@ -39,7 +39,8 @@ import construct as cs
 from cimlab.firmware_bridge.errors import ConfigError
 
 SYNC = b"\xa7\x3c"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: HELLO states the host's payload cap and token; bulk arrays travel packed at their bit width."""
 REPLY_FLAG = 0x80
 DEFAULT_MAX_PAYLOAD = 64 * 1024
 MAX_PAYLOAD_LIMIT = 16 * 1024 * 1024
