@@ -18,7 +18,7 @@ import click
 from click.core import ParameterSource
 
 from cimlab.firmware_bridge.errors import ConfigError
-from cimlab.cli_common import cim_errors, console, err_console, json_option, link_option
+from cimlab.cli_common import cim_errors, console, err_console, json_option, link_option, open_chip
 
 SUPPLY_MODELS = ("auto", "keithley2400", "keithley2450", "e36xx")
 """``--smu-model`` choices (``cimlab.instruments.supplies.SUPPLIES`` plus auto-detection by ``*IDN?``)."""
@@ -105,7 +105,6 @@ def characterize(link_url: str, timeout: float, out_dir: Path, repeats: int, lev
         parse_index_list,
         store_meta,
     )
-    from cimlab.driver import Chip
 
     ctx = click.get_current_context()
 
@@ -116,7 +115,7 @@ def characterize(link_url: str, timeout: float, out_dir: Path, repeats: int, lev
     if smu_resource and not volts:
         raise ConfigError("--smu needs --vdd: the supply voltage of each condition")
     with ExitStack() as stack:
-        chip = stack.enter_context(Chip.open(link_url, timeout=timeout))
+        chip = stack.enter_context(open_chip(link_url, timeout))
         spec = chip.spec
         opts: dict[str, Any] = {"repeats": repeats, "row_mode": row_mode, "batch_vectors": batch_vectors,
                                 "seed": seed}
