@@ -81,6 +81,11 @@ class BitField:
         u = np.ascontiguousarray(v.ravel().astype(container.str.replace("u", "i")).view(container))
         if self.bits == container.itemsize * 8:
             return u.tobytes()
+        if 8 % self.bits == 0:  # several values a byte: shift them into place
+            per = 8 // self.bits
+            u = np.concatenate([u & ((1 << self.bits) - 1), np.zeros(-len(u) % per, dtype=u.dtype)])
+            shifts = (self.bits * np.arange(per)).astype(np.uint8)
+            return np.bitwise_or.reduce(u.reshape(-1, per) << shifts, axis=1).astype(np.uint8).tobytes()
         bits = np.unpackbits(u.view(np.uint8).reshape(-1, container.itemsize), axis=1, bitorder="little")
         return np.packbits(bits[:, : self.bits], bitorder="little").tobytes()
 
@@ -94,6 +99,9 @@ class BitField:
         width = container.itemsize * 8
         if self.bits == width:
             u = raw.view(container).astype(np.int64)
+        elif 8 % self.bits == 0:  # several values a byte
+            shifts = (self.bits * np.arange(8 // self.bits)).astype(np.uint8)
+            u = ((raw[:, None] >> shifts) & ((1 << self.bits) - 1)).reshape(-1)[:count].astype(np.int64)
         else:
             bits = np.zeros((count, width), dtype=np.uint8)
             bits[:, : self.bits] = np.unpackbits(raw, count=count * self.bits, bitorder="little").reshape(

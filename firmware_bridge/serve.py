@@ -21,7 +21,8 @@ device that is writing large replies.
 With ``baud`` set, bytes in each direction are paced at a UART's line rate (10 bits a byte: start, 8 data, stop),
 so link efficiency measured through a pty or TCP means what it would on the board. The pacing is a token bucket per
 direction whose burst is the UART's DMA FIFO (``fifo_bytes``): while the controller computes, the line keeps
-delivering into the FIFO, as a DMA-fed UART does, but never more than the FIFO holds.
+delivering into the FIFO, as a DMA-fed UART does, but never more than the FIFO holds. Bytes move in blocks of about
+1 ms of line time (``GRANULE_S``), as a USB UART's latency timer delivers them.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ Stop = threading.Event | Callable[[], bool]
 FIFO_BYTES = 16 * 1024
 """Default UART DMA FIFO per direction, bytes: the line runs on this long while the controller is busy."""
 CHUNK = 64 * 1024
+GRANULE_S = 0.001
+"""A paced line moves bytes in blocks of this much line time, seconds."""
 IDLE_TIMEOUT_S = 60.0
 """Default seconds a connected host may send nothing before it is disconnected."""
 REFUSAL_LINGER_S = 2.0
@@ -84,9 +87,9 @@ class _Bucket:
         self.tokens = 0.0
         self.t = time.monotonic()
 
-    def wait_s(self) -> float:
-        """Seconds until at least one byte is available."""
-        return max(0.0, (1.0 - self.tokens) / self.rate)
+    def wait_s(self, n: int = 1) -> float:
+        """Seconds until at least ``n`` bytes are available."""
+        return max(0.0, (n - self.tokens) / self.rate)
 
 
 class _Pump:
@@ -103,38 +106,52 @@ class _Pump:
         burst = float(max(64, fifo_bytes))
         self.rx = _Bucket(baud / 10, burst) if baud else None
         self.tx = _Bucket(baud / 10, burst) if baud else None
+        self.granule = max(1, int(baud / 10 * GRANULE_S)) if baud else 1
         self.outq = bytearray()
         self.last_rx = time.monotonic()
+        self._listening = False  # whether the last wait included reading
+        self._asked_at = 0.0
+        self._streaming = False  # whether bytes have been coming in without a silence
 
     def _rx_ok(self) -> bool:
-        return self.rx is None or self.rx.available() >= 1
+        return self.rx is None or self.rx.available() >= self.granule
 
     def _tx_ok(self) -> bool:
-        return bool(self.outq) and (self.tx is None or self.tx.available() >= 1)
+        return bool(self.outq) and (self.tx is None or self.tx.available() >= min(len(self.outq), self.granule))
 
     def wanted(self) -> tuple[list[int], list[int], float]:
         """Descriptors to wait on for reading and writing, and the longest wait before ``service`` is due (s)."""
         rx_ok, tx_ok = self._rx_ok(), self._tx_ok()
+        self._listening = rx_ok
+        self._asked_at = time.monotonic()
         timeout = float("inf")
         wake = self.bridge.wake_at()
         if wake is not None:
             timeout = max(0.0, wake - time.monotonic())
         if self.rx is not None and not rx_ok:
-            timeout = min(timeout, self.rx.wait_s())
+            timeout = min(timeout, self.rx.wait_s(self.granule))
         if self.tx is not None and self.outq and not tx_ok:
-            timeout = min(timeout, self.tx.wait_s())
+            timeout = min(timeout, self.tx.wait_s(min(len(self.outq), self.granule)))
         return ([self.fd_in] if rx_ok else []), ([self.fd_out] if tx_ok else []), timeout
 
     def service(self, readable: bool, writable: bool) -> bool:
         """Read, run the bridge's timed duties, write; False once the host has gone (EOF)."""
-        if self.rx is not None and not readable and self._rx_ok():
-            self.rx.idle()
+        arriving = readable
+        if self.rx is not None and self._listening:
+            if not readable:
+                self.rx.idle()  # the line carried nothing: no credit builds up
+                self._streaming = False
+            elif not self._streaming and time.monotonic() - self._asked_at > GRANULE_S:
+                # bytes after a silence: their line time starts now, not when the wait began
+                self.rx.idle()
+                self._streaming = True
+                readable = False
         if self.tx is not None and not self.outq:
             self.tx.idle()
         if readable and not self._read():
             return False
         wake = self.bridge.wake_at()
-        if wake is not None and time.monotonic() >= wake:
+        if wake is not None and time.monotonic() >= wake and not arriving:  # bytes waiting are not a silence
             self.outq += b"".join(self.bridge.poll())
         return not (writable and self.outq) or self._write()
 

@@ -208,8 +208,7 @@ def bench_table(r: dict[str, Any]) -> Table:
               help="Prediction with one error table for all columns, or one per physical column (as the chip).")
 @click.option("--seed", type=int, default=0, show_default=True, help="First seed of the prediction's draws.")
 @click.option("--window", type=click.IntRange(1, 256), default=8, show_default=True,
-              help="Frames in flight. On a lossy link a lost frame then executes after later ones, which changes "
-                   "the noise a noisy twin draws (not the statistics); --window 1 keeps results exact.")
+              help="Frames in flight. The chip executes them once each, in order, whatever the link loses.")
 @click.option("--max-rewrites", type=click.IntRange(0, 100), default=3, show_default=True,
               help="Rewrites of weights that read back wrong.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")

@@ -22,7 +22,10 @@ Transactions (the transaction layer of pymodbus, in spirit):
 - every call has a deadline that bounds the whole call whatever arrives (``deadline`` seconds, or by default
   ``DEADLINE_BASE_S`` plus twice the time its bytes need at the line rate); past it, ``CimTimeoutError`` says what
   was outstanding and shows the last frames on the wire;
-- a request or reply larger than the payload both ends agreed at HELLO is split: by batch, then by row group;
+- a request or reply larger than the payload both ends agreed at HELLO is split: by batch, then by row group. Bulk
+  calls aim at a frame size that adapts to the link: halved at each loss, grown by a sixteenth at each reply to a
+  request sent once (never below ``MIN_FRAME_BYTES`` nor above the agreed payload), so a noisy line, on which a
+  long frame rarely arrives whole, carries shorter ones;
 - non-OK statuses raise ``DeviceError`` with the device's message (BUSY is retried after ``timeout`` unless it
   refuses the connection itself); a peer speaking another protocol version raises ``VersionMismatch``.
 """
@@ -204,6 +207,7 @@ class Chip:
         self._pace_s = 0.0  # smoothed seconds between replies while requests wait (the device's pace)
         self._last_reply_t: float | None = None  # arrival of the last reply while others were pending
         self._backoff = 1.0  # the resend interval's factor (Karn): x2 per round of timeouts, 1 after a clean reply
+        self._frame_target: int | None = None  # bulk frame size aimed at, bytes (None: the agreed payload)
 
     # ---- life cycle -------------------------------------------------------------------------------------
     @classmethod
@@ -255,6 +259,22 @@ class Chip:
     def payload_cap(self) -> int:
         """Largest payload both ends accept, bytes: the smaller of what each stated at HELLO."""
         return min(self.max_payload, self.hello.max_payload)
+
+    @property
+    def frame_target(self) -> int:
+        """Payload bytes bulk calls aim at per frame: the agreed payload, lowered while the link loses frames."""
+        cap = self.payload_cap
+        return cap if self._frame_target is None else min(cap, self._frame_target)
+
+    def _frames_lost(self) -> None:
+        if self._hello is not None:  # no payload is agreed before HELLO
+            self._frame_target = max(MIN_FRAME_BYTES, self.frame_target // 2)
+
+    def _frame_arrived(self) -> None:
+        if self._frame_target is not None:
+            self._frame_target += max(1, self._frame_target // 16)
+            if self._frame_target >= self.payload_cap:
+                self._frame_target = None
 
     # ---- commands ---------------------------------------------------------------------------------------
     def identify(self, *, deadline: float | None = None) -> Hello:
@@ -357,11 +377,13 @@ class Chip:
 
     def _rows_per_frame(self) -> int:
         spec = self.spec
-        per_frame = weight_field(spec).capacity(self.payload_cap - m.ROWS_FIXED) // spec.cols
+        field = weight_field(spec)
+        per_frame = field.capacity(self.payload_cap - m.ROWS_FIXED) // spec.cols
         if per_frame < 1:
             raise ConfigError(f"one weight row ({spec.cols} x {spec.weight_bits} bits) does not fit the "
                               f"{self.payload_cap}-byte payload both ends agreed")
-        return min(per_frame, 65535)
+        aimed = max(1, field.capacity(self.frame_target - m.ROWS_FIXED) // spec.cols)
+        return min(per_frame, aimed, 65535)
 
     def mac(self, inputs: np.ndarray, row_start: int = 0) -> np.ndarray:
         """MACs for input codes [batch, n_rows] (or one vector [n_rows]) driving rows ``row_start ..``.
@@ -445,13 +467,13 @@ class Chip:
     ) -> list[tuple[tuple[int, int, int, int], m.MacResult]]:
         """One call of MAC/MAC_RAW frames over the row chunks and batches; ``((r0, n, b0, b1), reply)`` each."""
         spec = self.spec
-        cap = self.payload_cap
+        cap, aim = self.payload_cap, self.frame_target
         reqs: list[_Request] = []
         where: list[tuple[int, int, int, int]] = []
         for r0, n in chunks:
             in_bits, out_bits = self._vector_bytes(op, r0, n)
             per_frame = min((cap - m.MAC_REQUEST_FIXED) * 8 // in_bits, (cap - m.MAC_REPLY_FIXED) * 8 // out_bits,
-                            65535)
+                            max(1, (aim - m.MAC_REPLY_FIXED) * 8 // max(in_bits, out_bits)), 65535)
             # Inputs stream one way and outputs the other: with at least two windows of frames per call, a frame's
             # reply travels while later frames' inputs do, and only one small frame's time fills the pipe.
             min_vectors = max(1, MIN_FRAME_BYTES * 8 // max(in_bits, out_bits))
@@ -545,10 +567,10 @@ class Chip:
         rate = self.link.rate_hint
         return nbytes / rate if rate else 0.0
 
-    def _transmit(self, p: _Pending, now: float) -> None:
+    def _transmit(self, p: _Pending) -> float:
+        """Write ``p``'s frame; returns the time the write returned (a stalled line makes a write wait)."""
         self._order += 1
         p.sent_order = self._order
-        p.sent_at = now
         p.sends += 1
         line = f"-> {m.opcode_name(p.opcode)} seq={p.seq} len={len(p.frame) - OVERHEAD}"
         try:
@@ -561,6 +583,8 @@ class Chip:
         self.stats.frames_out += 1
         self.stats.bytes_out += len(p.frame)
         self.wire.add(line)
+        p.sent_at = time.monotonic()
+        return p.sent_at
 
     @property
     def resend_s(self) -> float:
@@ -571,6 +595,7 @@ class Chip:
         """Update the device's pace from this reply, if it measures one (see the module docstring)."""
         if p.sends == 1:
             self._backoff = 1.0
+            self._frame_arrived()
             if self._last_reply_t is None:
                 sample: float | None = now - p.sent_at  # a round trip: an overestimate of the pace, which is safe
             elif p.sent_at <= self._last_reply_t:
@@ -609,7 +634,7 @@ class _Call:
         chip._last_reply_t = None
         while self.done < len(self.requests):
             now = time.monotonic()
-            self._fill(now)
+            self._fill()
             self._check_deadline(now)
             data = chip.link.read(READ_CHUNK, self._wait_s(now))
             now = time.monotonic()
@@ -619,7 +644,7 @@ class _Call:
         return self.results
 
     # ---- sending ---------------------------------------------------------------------------------------------
-    def _fill(self, now: float) -> None:
+    def _fill(self) -> None:
         chip = self.chip
         while self.next_i < len(self.requests) and len(self.pending) < chip.window:
             req = self.requests[self.next_i]
@@ -629,12 +654,12 @@ class _Call:
             self.pending[seq] = p
             chip.stats.requests += 1
             chip.stats.payload_out += len(payload)
-            self._send(p, now)
+            self._send(p)
             self.next_i += 1
 
-    def _send(self, p: _Pending, now: float) -> None:
-        self.chip._transmit(p, now)
-        p.resend_at = now + self.chip.resend_s + self._queue_s(p)
+    def _send(self, p: _Pending) -> None:
+        sent = self.chip._transmit(p)
+        p.resend_at = sent + self.chip.resend_s + self._queue_s(p)
 
     def _queue_s(self, p: _Pending) -> float:
         """Seconds the requests sent before ``p`` (still pending) and ``p`` itself need at the device's pace and
@@ -647,8 +672,9 @@ class _Call:
         chip = self.chip
         chip.stats.retries += 1
         chip.stats.fast_retransmits += 1
+        chip._frames_lost()
         chip.wire.add(f"   resend seq={p.seq}: {why}")
-        self._send(p, now)
+        self._send(p)
 
     def _resend_overdue(self, now: float) -> None:
         chip = self.chip
@@ -669,8 +695,9 @@ class _Call:
                 )
             chip.stats.retries += 1
             chip.stats.timeouts += 1
+            chip._frames_lost()
             chip.wire.add(f"   resend seq={p.seq}: no reply within {now - p.sent_at:.3g} s")
-            self._send(p, now)
+            self._send(p)
 
     def _check_deadline(self, now: float) -> None:
         if now <= self.deadline:
