@@ -383,6 +383,15 @@ class _Session:
         self.since = time.strftime("%H:%M:%S")
         self.pump = _Pump(bridge, conn.fileno(), conn.fileno(), baud, FIFO_BYTES)
 
+    def gone(self) -> bool:
+        """True when the host has closed its side (nothing left to read but the end)."""
+        try:
+            return self.conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
 
 class _Refusal:
     """A host turned away: it has been sent BUSY; what it sends is read and dropped until it closes or we give up."""
@@ -442,9 +451,9 @@ class _TcpServer:
             readable, writable, _ = select.select(rlist, wlist, [], timeout)
         except InterruptedError:
             return
+        self._serve(readable, writable)  # first: a host that just left must not make the next one look busy
         if self.listener in readable:
             self._accept()
-        self._serve(readable, writable)
         self._expire_refusals(set(readable))
 
     def _accept(self) -> None:
@@ -453,6 +462,8 @@ class _TcpServer:
         except (BlockingIOError, InterruptedError):
             return
         peer = f"{addr[0]}:{addr[1]}"
+        if self.session is not None and self.session.gone():
+            self._end_session("the host closed the connection")
         if self.session is None:
             self.session = _Session(conn, peer, self.bridge, self.baud, self.token)
             log.info("serving %s", peer)
