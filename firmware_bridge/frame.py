@@ -164,6 +164,16 @@ class Framer:
         self._buf.clear()
         self._pos = 0
 
+    def pending_header(self) -> tuple[int, int] | None:
+        """``(opcode, seq)`` of the partial frame held, when its header arrived intact (None otherwise)."""
+        head = bytes(self._buf[self._pos : self._pos + HEADER_SIZE])
+        if len(head) < HEADER_SIZE or not head.startswith(SYNC):
+            return None
+        if binascii.crc_hqx(head[:-2], 0) != int.from_bytes(head[-2:], "little"):
+            return None
+        h = _HEADER_C.parse(head)
+        return h.opcode, h.seq
+
     def drop_partial(self) -> bool:
         """Abandon a partial frame after the caller's inter-frame timeout.
 

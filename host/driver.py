@@ -9,16 +9,17 @@ Transactions (the transaction layer of pymodbus, in spirit):
 - the device executes requests in seq order, exactly once, and answers in that order; a retried request is
   answered from its memory of recent replies. So a loss is repaired by sending the lost request again, once per
   loss event, at once (a *fast retransmit*): when the device reports the seq MISSING or its frame damaged
-  (BAD_CRC), when a damaged reply names it, or when a reply arrives for a request sent after this one's latest
-  transmission and later in seq order (its own reply was lost). Fast retransmits do not spend the retry budget;
+  (BAD_CRC), when a damaged reply names it, when its reply stops arriving halfway (``GAP_S`` without a byte: a
+  lost chunk), or when a reply arrives for a request sent after this one's latest transmission and later in seq
+  order (its own reply was lost). Fast retransmits do not spend the retry budget;
 - a request whose reply shows no sign of coming is resent after the resend interval (``timeout`` seconds) plus what
   the requests ahead of it need at the device's pace and the line rate. ``retries`` bounds these timeouts per
   request. Each pending request has its own resend time: a loss never pushes another request's time back;
 - the device's pace (seconds between consecutive replies while requests wait) is learned from replies only: from
   replies to requests sent once, never across a timeout, so a loss in one call does not slow the next. As in TCP
-  (Karn's algorithm), each round of timeouts doubles the resend interval (at most x8) until a reply to a request
-  sent once shows the device is keeping up, which restores it: a device slower than ``timeout`` is waited for
-  rather than flooded with resends;
+  (Karn's algorithm), each round of timeouts doubles the resend interval (at most x8, and never past half the time
+  left to the call's deadline) until a reply to a request no timer resent shows the device is keeping up, which
+  restores it: a device slower than ``timeout`` is waited for rather than flooded with resends;
 - every call has a deadline that bounds the whole call whatever arrives (``deadline`` seconds, or by default
   ``DEADLINE_BASE_S`` plus twice the time its bytes need at the line rate); past it, ``CimTimeoutError`` says what
   was outstanding and shows the last frames on the wire;
@@ -84,6 +85,9 @@ DEADLINE_BASE_S = 5.0
 """The default call deadline's fixed part, seconds."""
 ASSUMED_RATE = 115200 / 10
 """Bytes/s assumed for the default deadline of a link that does not know its line rate (a 115200-baud UART)."""
+GAP_S = 0.1
+"""Seconds without a byte after which a partly received reply is taken as cut short (resent at once), at most
+``timeout``."""
 MAX_BACKOFF = 8.0
 """The resend interval doubles per round of timeouts, up to this factor, until a clean reply restores it."""
 
@@ -593,8 +597,9 @@ class Chip:
 
     def _learn_pace(self, p: _Pending, now: float, others_pending: bool) -> None:
         """Update the device's pace from this reply, if it measures one (see the module docstring)."""
-        if p.sends == 1:
+        if p.timeouts == 0:  # answered without a timer's resend: the device keeps up with the interval
             self._backoff = 1.0
+        if p.sends == 1:
             self._frame_arrived()
             if self._last_reply_t is None:
                 sample: float | None = now - p.sent_at  # a round trip: an overestimate of the pace, which is safe
@@ -625,6 +630,7 @@ class _Call:
         self.next_i = 0
         self.done = 0
         self.partial = 0
+        self.last_byte_at = 0.0
         self.start = time.monotonic()
         self.deadline_s = deadline_s
         self.deadline = self.start + deadline_s
@@ -640,6 +646,8 @@ class _Call:
             now = time.monotonic()
             if data:
                 self._feed(data, now)
+            else:
+                self._cut_short(now)
             self._resend_overdue(now)
         return self.results
 
@@ -660,6 +668,8 @@ class _Call:
     def _send(self, p: _Pending) -> None:
         sent = self.chip._transmit(p)
         p.resend_at = sent + self.chip.resend_s + self._queue_s(p)
+        # a backed-off interval never leaves a request without another chance before the call's deadline
+        p.resend_at = min(p.resend_at, sent + max(self.chip.timeout, (self.deadline - sent) / 2))
 
     def _queue_s(self, p: _Pending) -> float:
         """Seconds the requests sent before ``p`` (still pending) and ``p`` itself need at the device's pace and
@@ -715,23 +725,47 @@ class _Call:
 
     def _wait_s(self, now: float) -> float:
         soonest = min([p.resend_at for p in self.pending.values()], default=now)
+        if self.partial:
+            soonest = min(soonest, self.last_byte_at + self._gap_s)
         return max(0.0, min(soonest, self.deadline) - now)
+
+    @property
+    def _gap_s(self) -> float:
+        return min(GAP_S, self.chip.timeout)
+
+    def _cut_short(self, now: float) -> None:
+        """A partial reply that stopped arriving lost a chunk: drop it and resend its request at once."""
+        framer = self.chip._framer
+        if not self.partial or now - self.last_byte_at < self._gap_s:
+            return
+        header = framer.pending_header()
+        framer.drop_partial()
+        self.chip.stats.bad_frames += 1
+        p = self.pending.get(header[1]) if header else None
+        if p is not None and header is not None and header[0] in (p.opcode | REPLY_FLAG, REPLY_FLAG):
+            self._fast_retransmit(p, now, "its reply stopped arriving halfway")
+        self._handle(framer.feed(b""), now)  # a frame may hide in the bytes given up
+        self.partial = framer.pending
 
     # ---- receiving -------------------------------------------------------------------------------------------
     def _feed(self, data: bytes, now: float) -> None:
         chip = self.chip
         chip.stats.bytes_in += len(data)
+        self.last_byte_at = now
         events = chip._framer.feed(data)
         growing = chip._framer.pending > self.partial
         self.partial = chip._framer.pending
+        self._handle(events, now)
+        if growing:  # a reply is arriving: none of what is pending is lost yet
+            for q in self.pending.values():
+                q.resend_at = max(q.resend_at, now + chip.resend_s)
+
+    def _handle(self, events: list[Frame | BadFrame], now: float) -> None:
         for ev in events:
             if isinstance(ev, BadFrame):
                 self._on_damaged(ev, now)
             else:
                 self._on_frame(ev, now)
-        if growing:  # a reply is arriving: none of what is pending is lost yet
-            for q in self.pending.values():
-                q.resend_at = max(q.resend_at, now + chip.resend_s)
 
     def _on_damaged(self, ev: BadFrame, now: float) -> None:
         chip = self.chip

@@ -1,15 +1,18 @@
 """Link soak: a served twin behind a damaged link, driven for a bounded time; does every call end right and in time?
 
 For each transport (TCP on 127.0.0.1 and a pty; nothing leaves this machine), ``cimlab sim serve`` serves the
-``ideal`` twin in a separate process, paced at ``--baud``, and this process drives it through
-``URL#<faults>`` (default: 1 % of writes and of chunks read get a flipped bit, 1 % of chunks of replies are lost)
-with a mix of calls: weight writes, read-backs, MACs of up to 128 vectors and MAC_RAWs of up to 4. On the ideal twin every result has an exact
+``ideal`` twin in a separate process, paced at ``--baud`` (0: unpaced), and this process drives it through
+``URL#<faults>`` with a mix of calls: weight writes, read-backs, MACs of up to 128 vectors and MAC_RAWs of up to 4.
+The faults act per write (one frame) and per chunk read; a paced line delivers replies in chunks of about 1 ms of
+line time, so at 3 Mbaud a 40 kB reply spans some 130 chunks. The default, ``flip=0.001&drop=0.001``, damages about
+1 % of the frames; ``flip=0.01&drop=0.01`` damages a third of them (a 40 kB reply arrives whole one time in 14). On the ideal twin every result has an exact
 reference (numpy), so:
 
 - a *silent corruption* is a call that returned a wrong result without raising (must be 0);
 - a *false failure* is a call that raised although the device is healthy (must be 0);
 - *worst call / deadline* is the largest ratio of a call's time to the deadline it ran under (must be <= 1);
-- *damaged frames* counts the writes and chunks the fault wrapper damaged or dropped.
+- *damaged* counts the writes and chunks the fault wrapper damaged or dropped, against the frames that crossed the
+  link (both ways, resends included).
 
 Prints a table, then one JSON object of the figures as the last line.
 
@@ -49,6 +52,7 @@ class Tally:
     damaged_chunks: int = 0
     writes: int = 0
     chunks: int = 0
+    frames: int = 0
     retries: int = 0
     timeouts: int = 0
     failures: list[str] = field(default_factory=list)
@@ -82,8 +86,9 @@ def soak(transport: str, seconds: float, baud: int, faults: str, seed: int, time
     """Drive one served twin through the faults for ``seconds`` (``timeout``: the driver's resend interval, s)."""
     tally = Tally(transport)
     rng = np.random.default_rng(seed)
-    with TwinProcess(pty=transport == "pty", profile="ideal", baud=baud) as url:
-        link = open_link(f"{url}?baud={baud}#{faults}&fault_seed={seed}")
+    with TwinProcess(pty=transport == "pty", profile="ideal", baud=baud or None) as url:
+        rate = f"?baud={baud}" if baud else ""
+        link = open_link(f"{url}{rate}#{faults}&fault_seed={seed}")
         chip = Chip(link, timeout=timeout)
         try:
             spec = chip.spec
@@ -107,6 +112,7 @@ def soak(transport: str, seconds: float, baud: int, faults: str, seed: int, time
             tally.damaged_writes, tally.damaged_chunks = f.damaged_writes, f.damaged_chunks
             tally.writes, tally.chunks = f.writes, f.chunks
             tally.retries, tally.timeouts = chip.stats.retries, chip.stats.timeouts
+            tally.frames = chip.stats.frames_out + chip.stats.frames_in
         finally:
             chip.close()
     return tally
@@ -117,19 +123,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="soak the wire under faults, loopback only, bounded in time")
     ap.add_argument("--seconds", type=float, default=30.0, help="soak time per transport, s")
     ap.add_argument("--transports", default="tcp,pty")
-    ap.add_argument("--baud", type=int, default=3_000_000, help="line rate the served twin paces at")
-    ap.add_argument("--faults", default="flip=0.01&drop=0.01", help="FaultLink options (URL fragment syntax)")
+    ap.add_argument("--baud", type=int, default=3_000_000, help="line rate the served twin paces at (0: unpaced)")
+    ap.add_argument("--faults", default="flip=0.001&drop=0.001", help="FaultLink options (URL fragment syntax)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=1.0, help="the driver's resend interval, s (its default: 1)")
     args = ap.parse_args()
     tallies = [soak(t, args.seconds, args.baud, args.faults, args.seed, args.timeout)
                for t in args.transports.split(",")]
-    t = Table(title=f"link soak: ideal twin at {args.baud:,} baud through #{args.faults}, {args.seconds:g} s each")
-    for col in ("link", "calls", "damaged frames", "of writes+chunks", "retries", "timeouts", "silent corruptions",
-                "false failures", "worst call / deadline"):
+    line = f"{args.baud:,} baud" if args.baud else "unpaced"
+    t = Table(title=f"link soak: ideal twin, {line}, through #{args.faults}, {args.seconds:g} s each")
+    for col in ("link", "calls", "damaged / frames", "retries", "timeouts", "silent corruptions", "false failures",
+                "worst call / deadline"):
         t.add_column(col, justify="right")
     for r in tallies:
-        t.add_row(r.transport, str(r.calls), str(r.damaged_frames), f"{r.writes + r.chunks}", str(r.retries),
+        t.add_row(r.transport, str(r.calls), f"{r.damaged_frames} / {r.frames}", str(r.retries),
                   str(r.timeouts), str(r.silent_corruptions), str(r.false_failures),
                   f"{r.worst_call_s:.2f} s / {r.worst_deadline_s:.2f} s = {r.worst_ratio:.3f}")
     Console().print(t)
@@ -139,8 +146,8 @@ def main() -> None:
     figures = {
         "calls": sum(r.calls for r in tallies),
         "damaged_frames": sum(r.damaged_frames for r in tallies),
-        "damaged_fraction": round(sum(r.damaged_frames for r in tallies)
-                                  / max(1, sum(r.writes + r.chunks for r in tallies)), 4),
+        "frames": sum(r.frames for r in tallies),
+        "damaged_per_frame": round(sum(r.damaged_frames for r in tallies) / max(1, sum(r.frames for r in tallies)), 4),
         "silent_corruptions": sum(r.silent_corruptions for r in tallies),
         "false_failures": sum(r.false_failures for r in tallies),
         "worst_call_over_deadline": round(max(r.worst_ratio for r in tallies), 4),

@@ -27,8 +27,9 @@ class ReplyFilter:
     ``index`` counts the reply frames the twin sent (0 first). Requests always arrive.
     """
 
-    def __init__(self, url: str, drop: Callable[[Frame, int], bool]) -> None:
+    def __init__(self, url: str, drop: Callable[[Frame, int], bool], *, cut: bool = False) -> None:
         self.inner = open_link(url)
+        self.cut = cut  # a dropped reply loses its second half only (a lost chunk), not the whole frame
         self.url = url
         self.rate_hint = None
         self.drop = drop
@@ -48,6 +49,9 @@ class ReplyFilter:
             for f in self.framer.feed(self.inner.read(1 << 24, max(0.0, end - time.monotonic()))):
                 if self.drop(f, self.sent):
                     self.dropped.append(self.sent)
+                    if self.cut:
+                        whole = encode_frame(f.opcode, f.seq, f.payload, status=f.status, version=f.version)
+                        out += whole[: len(whole) // 2]
                 else:
                     out += encode_frame(f.opcode, f.seq, f.payload, status=f.status, version=f.version)
                 self.sent += 1
@@ -88,6 +92,19 @@ def test_a_run_of_lost_replies_costs_one_resend_each() -> None:
     link.sent = 0
     np.testing.assert_array_equal(chip.mac(x), x @ w)
     assert chip.stats.fast_retransmits == 4 and chip.stats.timeouts == 0
+
+
+def test_a_reply_cut_short_is_resent_without_waiting_for_the_timeout() -> None:
+    """The last reply of a call loses its second half (a lost chunk): no later byte will complete it, so the driver
+    gives it up after ``GAP_S`` of silence and resends at once, instead of waiting for the resend interval."""
+    link = ReplyFilter(IDEAL, lambda f, i: f.opcode == Opcode.MAC | 0x80 and i == 0, cut=True)
+    chip = Chip(link, timeout=5.0, retries=0)  # type: ignore[arg-type]
+    w, x = _setup(chip)
+    link.sent = 0
+    np.testing.assert_array_equal(chip.mac(x[:3]), x[:3] @ w)
+    assert link.dropped == [0]
+    assert (chip.stats.fast_retransmits, chip.stats.timeouts) == (1, 0)
+    assert chip.last_call.seconds < 1.0
 
 
 def test_losing_the_last_window_of_replies_costs_one_resend_interval_and_nothing_after() -> None:
