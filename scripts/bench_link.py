@@ -31,7 +31,7 @@ from cimlab.firmware_bridge.packing import output_field
 from cimlab.links import open_link
 from cimlab.twinproc import TwinProcess
 
-ROWS = 4096  # a tall array, so one bulk write is 256 KiB of weights
+ROWS = 8192  # a tall array, so one bulk write is 256 KiB of 4-bit weights
 COLS = 64
 
 
