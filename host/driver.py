@@ -66,7 +66,7 @@ from cimlab.firmware_bridge.frame import (
     encode_frame,
 )
 from cimlab.firmware_bridge.messages import Opcode, Status
-from cimlab.firmware_bridge.packing import code_field, input_field, output_field, weight_field
+from cimlab.firmware_bridge.packing import output_field, weight_field
 from cimlab.firmware_bridge.registers import REGMAP_VERSION, resolve
 from cimlab.firmware_bridge.spec import MacroSpec
 

@@ -3,7 +3,6 @@ payload vectors, and the MacroSpec on the wire."""
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 from typing import Any
 
