@@ -22,7 +22,8 @@ Energy (fJ) scales with (VDD / vdd_nominal)**2 and counts ADC conversions, the s
 Only the row groups holding the requested rows are converted (the sequencer skips idle groups); rows of those
 groups outside the request see input 0. The per-conversion random stream is indexed by a global vector counter
 that RESET does not rewind, so noise stays fresh across resets while a given sequence of operations always gives
-the same codes.
+the same codes. Writing the NOISE_SEED register rekeys the stream and rewinds the counter: the codes after it
+depend only on the key and the operations since (a characterization sweep writes one per batch).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ MIN_GEMM_ROWS = 64
 RECOMBINE_ELEMENTS = 1 << 21
 """Per-plane code sums gathered before one ``MacroSpec.recombine`` call (its overhead is per call)."""
 _ID_MAX = 255  # HELLO's identity strings are Pascal strings with a one-byte length
+_NOISE_SEED = BY_NAME["NOISE_SEED"].addr
 
 
 @dataclass
@@ -108,7 +110,9 @@ class TwinController(Controller):
 
     def _reset_state(self) -> None:
         a = self.profile.analog
+        noise_seed = self._regs.get(_NOISE_SEED, 0)
         self._regs = {r.addr: r.reset for r in REGISTERS}
+        self._regs[_NOISE_SEED] = noise_seed  # held across RESET, as the stream it keys is
         self._regs[BY_NAME["VDD_MV"].addr] = a.vdd_nominal_mv
         self._regs[BY_NAME["TEMP_CC"].addr] = round(a.temp_nominal_c * 100) & 0xFFFFFFFF
         self.converter.set_conditions(a.vdd_nominal_mv, a.temp_nominal_c)
@@ -202,6 +206,11 @@ class TwinController(Controller):
                 )
             self._regs[addr] = value
             self.converter.set_conditions(self.vdd_mv, self.temp_c)
+        elif addr == _NOISE_SEED:
+            self._regs[addr] = value
+            if self._stream is not None:
+                self._stream.rekey(value)
+            self.vector_counter = 0
         else:
             self._regs[addr] = value
         return self.read_reg(addr)

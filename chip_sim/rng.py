@@ -47,7 +47,12 @@ class VectorStream:
         self.dtype = np.dtype(dtype)
         self.per_vector = per_vector
         self.words = math.ceil(per_vector * self.dtype.itemsize / 8)
-        self._seed_seq = np.random.SeedSequence([check_seed(seed), DOMAIN_CONVERSION])
+        self.seed = check_seed(seed)
+        self._seed_seq = np.random.SeedSequence([self.seed, DOMAIN_CONVERSION])
+
+    def rekey(self, key: int) -> None:
+        """Draw from the stream of (seed, ``key``) from now on: another stream, as addressable as the first."""
+        self._seed_seq = np.random.SeedSequence([self.seed, DOMAIN_CONVERSION, int(key)])
 
     def draw(self, first: int, n: int) -> np.ndarray:
         """Items of vectors ``first .. first+n-1``: array [n, per_vector] of ``dtype``."""

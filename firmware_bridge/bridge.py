@@ -10,19 +10,23 @@ sequence:
   does not parse BAD_PAYLOAD, arguments out of range BAD_ARGUMENT: each validated *before* the controller
   is called, so the device state is unchanged and the connection stays usable;
 - the last ``replay_depth`` replies are remembered by ``(seq, request CRC)``: a retried request is answered
-  again from memory, not executed twice. RESET and HELLO (a new session) clear the memory. A reply with a
-  retryable status (BUSY: the request did not execute) is not remembered, so its retry executes;
+  again from memory, not executed twice. RESET and HELLO clear the memory. A reply with a retryable status (BUSY:
+  the controller was occupied and the request did not execute) is not remembered, so its retry executes;
 - requests execute in ``seq`` order, exactly once. A request that arrives ahead of a missing one (lost or damaged
-  on the way, with several in flight) is held, and the device answers MISSING for the gap once, so the host resends
-  it at once; the held requests then execute in order (a further gap gets its own MISSING). This keeps results
-  independent of link faults (a noisy macro's draws follow execution order). A hold gives up ``hold_s`` after it
-  began or after the last byte arrived, whichever is later, and the held requests execute. A request up to the
-  window behind the order (a straggler resent after its hold gave up) executes at once and leaves the order where
-  it is. HELLO starts a session: it executes at once and the order restarts after it; so does any request
-  farther away (a new host). A restart gives up
-  the hold first: held requests that precede it execute before it, in order, never inside the new order. A request
-  refused BUSY keeps its place (the ones after it wait for its retry); one refused TOO_LARGE or BAD_VERSION is
-  answered for good, and the order moves past it.
+  on the way, with several in flight) is held, and the device answers MISSING for the gap once (or BAD_CRC, when
+  the missing request arrived damaged: one answer per loss), so the host resends it at once; the held requests then
+  execute in order (a further gap gets its own answer). This keeps results independent of link faults (a noisy
+  macro's draws follow execution order). A hold gives up ``hold_s`` after it began or after the last byte arrived,
+  whichever is later, and the held requests execute. A request up to the window behind the order (a straggler
+  resent after its hold gave up) executes at once and leaves the order where it is. HELLO executes at once and the
+  order restarts after it; so does any request farther away (a new host). A restart gives up the hold first: held
+  requests that precede it execute before it, in order, never inside the new order. A request refused BUSY keeps
+  its place (the ones after it wait for its retry); one refused TOO_LARGE or BAD_VERSION is answered for good, and
+  the order moves past it.
+
+Sessions: a serving loop calls ``new_session(token)`` when a host connects. The session's largest payload is what
+the device accepts until a HELLO states the host's, then the smaller of the two. With a token, every request but
+HELLO is refused DENIED until a HELLO carries the token (compared in constant time); a wrong token is DENIED too.
 
 Time-based duties (the inter-frame timeout, expiring holds) happen in ``poll(now)``; a serving loop calls it when
 ``wake_at()`` comes.
@@ -30,20 +34,32 @@ Time-based duties (the inter-frame timeout, expiring holds) happen in ``poll(now
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from cimlab.firmware_bridge import messages as m
 from cimlab.firmware_bridge.controller import Controller
 from cimlab.firmware_bridge.errors import CimError, DeviceError, PayloadError
-from cimlab.firmware_bridge.frame import DEFAULT_MAX_PAYLOAD, PROTOCOL_VERSION, REPLY_FLAG, BadFrame, Framer, encode_frame
+from cimlab.firmware_bridge.frame import (
+    DEFAULT_MAX_PAYLOAD,
+    PROTOCOL_VERSION,
+    REPLY_FLAG,
+    BadFrame,
+    Framer,
+    encode_frame,
+)
 from cimlab.firmware_bridge.messages import Opcode, Status
+from cimlab.firmware_bridge.packing import code_field, output_field
 from cimlab.firmware_bridge.registers import ERR_BAD_FRAME, ERR_BAD_REQUEST, REGMAP_VERSION
+from cimlab.firmware_bridge.spec import MacroSpec
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +97,7 @@ class Bridge:
 
     Args:
         controller: what executes the requests.
-        max_payload: largest payload accepted and sent, bytes (reported in HELLO).
+        max_payload: largest payload the device accepts and sends, bytes (reported in HELLO).
         replay_depth: replies remembered for retried requests.
         idle_s: inter-frame timeout, seconds.
         hold_s: how long requests held behind a missing one wait before executing, seconds.
@@ -109,6 +125,30 @@ class Bridge:
         self._held: dict[int, tuple[int, bytes]] = {}
         self._hold_since = 0.0
         self._nacked: int | None = None
+        self._token: bytes | None = None
+        self.authenticated = True
+        """False while a token is required and no HELLO has carried it."""
+        self.session_cap = max_payload
+        """Largest payload of this session: ``max_payload``, or the host's when its HELLO stated less (bytes)."""
+        self._handlers: dict[Opcode, Callable[[Any], m.Message]] = {
+            Opcode.HELLO: self._hello, Opcode.PING: self._ping, Opcode.RESET: self._reset,
+            Opcode.STATUS: self._status, Opcode.READ_REG: self._read_reg, Opcode.WRITE_REG: self._write_reg,
+            Opcode.WRITE_WEIGHTS: self._write_weights, Opcode.READ_WEIGHTS: self._read_weights,
+            Opcode.MAC: self._mac, Opcode.MAC_RAW: self._mac_raw,
+        }
+
+    def new_session(self, token: bytes | None = None) -> None:
+        """A host connected: forget the last one's bytes, order and replies; require ``token`` at HELLO if given.
+
+        The controller's state (weights, registers, counters) is kept, as a board's is.
+        """
+        self.framer.reset()
+        self._replay.clear()
+        self._held.clear()
+        self._next = self._nacked = None
+        self._token = token
+        self.authenticated = token is None
+        self.session_cap = self.max_payload
 
     def receive(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Feed received bytes; return the reply frames to send, in order."""
@@ -121,11 +161,7 @@ class Bridge:
                 if ev.opcode & REPLY_FLAG:
                     self.stats.dropped += 1
                     continue
-                status = Status.BAD_CRC if ev.reason == "crc" else Status.TOO_LARGE
-                text = f"{ev.reason}: {ev.length}-byte payload (cap {self.max_payload})"
-                out.append(self._error(ev.opcode, ev.seq, status, text))
-                if status not in m.RETRYABLE_STATUS:
-                    out += self._refused(ev.seq)
+                out += self._bad_request(ev)
                 continue
             if ev.is_reply:
                 self.stats.dropped += 1  # a device never acts on replies (e.g. our own echo on a loop)
@@ -137,6 +173,16 @@ class Bridge:
                 continue
             out += self._accept(ev.opcode, ev.seq, ev.payload)
         return out
+
+    def _bad_request(self, ev: BadFrame) -> list[bytes]:
+        """BAD_CRC (send it again) or TOO_LARGE (for good) for a damaged or oversize request."""
+        status = Status.BAD_CRC if ev.reason == "crc" else Status.TOO_LARGE
+        reply = self._error(ev.opcode, ev.seq, status, f"{ev.reason}: {ev.length}-byte payload (cap {self.max_payload})")
+        if status == Status.TOO_LARGE:
+            return [reply, *self._refused(ev.seq)]
+        if ev.seq == self._next:
+            self._nacked = ev.seq  # the host now knows it is missing: no MISSING for the same loss
+        return [reply]
 
     def _accept(self, opcode: int, seq: int, payload: bytes) -> list[bytes]:
         """Execute a request in seq order, hold it behind a missing one, or answer it from the replay cache."""
@@ -256,8 +302,9 @@ class Bridge:
                 out += self.idle()
         if self._held and now >= self._hold_expiry():
             self.stats.holds_expired += 1
-            assert self._next is not None
-            self._set_next(min(self._held, key=lambda s: (s - self._next) & 0xFFFF))  # type: ignore[operator]
+            nxt = self._next
+            assert nxt is not None
+            self._set_next(min(self._held, key=lambda s: (s - nxt) & 0xFFFF))
             out += self._drain()
         return out
 
@@ -274,7 +321,7 @@ class Bridge:
     # ---- dispatch ---------------------------------------------------------------------------------------
     def _error(self, opcode: int, seq: int, status: Status, text: str) -> bytes:
         self.stats.error_replies += 1
-        payload = text.encode("utf-8", "replace")[: min(1024, self.max_payload)]
+        payload = text.encode("utf-8", "replace")[: min(1024, self.session_cap)]
         return encode_frame((opcode | REPLY_FLAG) & 0xFF, seq, payload, status=int(status))
 
     def _dispatch(self, opcode: int, seq: int, payload: bytes) -> tuple[Status, bytes]:
@@ -282,35 +329,42 @@ class Bridge:
         try:
             op = Opcode(opcode)
         except ValueError:
-            self.controller.note_error(ERR_BAD_REQUEST)
-            status = Status.UNKNOWN_OPCODE
-            return status, self._error(opcode, seq, status, f"unknown opcode 0x{opcode:02x}")
+            op = None
         try:
-            req = m.parse_request(op, payload)
-            body = getattr(self, f"_do_{op.name.lower()}")(req)
+            self._check_session(op)
+            if op is None:
+                raise DeviceError(f"unknown opcode 0x{opcode:02x}", status=Status.UNKNOWN_OPCODE)
+            reply = self._handlers[op](m.decode_request(op, payload))
+            body = reply.encode()
         except PayloadError as err:
-            self.controller.note_error(ERR_BAD_REQUEST)
-            return Status.BAD_PAYLOAD, self._error(op, seq, Status.BAD_PAYLOAD, str(err))
+            return self._refusal(opcode, seq, Status.BAD_PAYLOAD, str(err))
         except DeviceError as err:
-            self.controller.note_error(ERR_BAD_REQUEST)
             status = err.status if isinstance(err.status, Status) else Status.INTERNAL
-            return status, self._error(op, seq, status, str(err))
+            return self._refusal(opcode, seq, status, str(err))
         except _CONTROLLER_FAULTS as err:
             # A controller bug must not take the device down: report it and keep serving.
-            log.exception("controller failed on %s", op.name)
-            status = Status.INTERNAL
-            return status, self._error(op, seq, status, f"{type(err).__name__}: {err}")
-        if len(body) > self.max_payload:
-            status = Status.TOO_LARGE
-            return status, self._error(op, seq, status, f"reply of {len(body)} bytes exceeds {self.max_payload}")
-        return Status.OK, encode_frame(op | REPLY_FLAG, seq, body, status=int(Status.OK))
+            log.exception("controller failed on %s", m.opcode_name(opcode))
+            return self._refusal(opcode, seq, Status.INTERNAL, f"{type(err).__name__}: {err}")
+        if len(body) > self.session_cap:
+            text = f"reply of {len(body)} bytes exceeds the session's max_payload {self.session_cap}"
+            return self._refusal(opcode, seq, Status.TOO_LARGE, text)
+        return Status.OK, encode_frame(opcode | REPLY_FLAG, seq, body, status=int(Status.OK))
+
+    def _refusal(self, opcode: int, seq: int, status: Status, text: str) -> tuple[Status, bytes]:
+        if status not in (Status.DENIED, Status.BUSY, Status.INTERNAL):
+            self.controller.note_error(ERR_BAD_REQUEST)
+        return status, self._error(opcode, seq, status, text)
+
+    def _check_session(self, op: Opcode | None) -> None:
+        if op != Opcode.HELLO and not self.authenticated:
+            raise DeviceError("this device needs a token: send HELLO with it first", status=Status.DENIED)
 
     @property
-    def spec(self) -> m.MacroSpec:
+    def spec(self) -> MacroSpec:
         """The controller's MacroSpec."""
         return self.controller.spec
 
-    def _rows(self, row_start: int, n_rows: int) -> None:
+    def _check_rows(self, row_start: int, n_rows: int) -> None:
         rows = self.spec.rows
         if n_rows < 1 or row_start + n_rows > rows:
             raise DeviceError(
@@ -318,119 +372,73 @@ class Bridge:
                 status=Status.BAD_ARGUMENT,
             )
 
-    def _array(self, data: bytes, dtype: np.dtype, shape: tuple[int, ...], what: str) -> np.ndarray:
-        expected = int(np.prod(shape)) * dtype.itemsize
-        if len(data) != expected:
-            raise DeviceError(
-                f"{what}: {len(data)} bytes, expected {expected} for shape {shape} {dtype}",
-                status=Status.BAD_ARGUMENT,
-            )
-        return np.frombuffer(data, dtype=dtype).reshape(shape)
-
-    def _do_hello(self, req: object) -> bytes:
+    def _hello(self, req: m.Hello) -> m.Identity:
+        if req.max_payload < m.MIN_PAYLOAD:
+            raise DeviceError(f"HELLO states max_payload {req.max_payload}, below the least {m.MIN_PAYLOAD}",
+                              status=Status.BAD_ARGUMENT)
+        if self._token is not None and not hmac.compare_digest(req.token, self._token):
+            self.authenticated = False
+            raise DeviceError("HELLO carries a wrong token (or none); the device refuses this host",
+                              status=Status.DENIED)
+        self.authenticated = True
+        self.session_cap = min(self.max_payload, req.max_payload)
         ident = self.controller.identity()
-        return m.build_reply(
-            Opcode.HELLO,
-            protocol_version=PROTOCOL_VERSION,
-            max_payload=self.max_payload,
-            regmap_version=REGMAP_VERSION,
-            chip_id=ident.chip_id,
-            firmware_id=ident.firmware_id,
-            bitstream_id=ident.bitstream_id,
-            spec=m.spec_to_wire(self.spec),
+        return m.Identity(
+            protocol_version=PROTOCOL_VERSION, max_payload=self.max_payload, regmap_version=REGMAP_VERSION,
+            chip_id=ident.chip_id, firmware_id=ident.firmware_id, bitstream_id=ident.bitstream_id, spec=self.spec,
         )
 
-    def _do_ping(self, req: bytes) -> bytes:
+    def _ping(self, req: m.Echo) -> m.Echo:
         return req
 
-    def _do_reset(self, req: object) -> bytes:
-        self.controller.reset(clear_weights=bool(req.flags & 1))  # type: ignore[attr-defined]
-        return b""
+    def _reset(self, req: m.Reset) -> m.Empty:
+        self.controller.reset(clear_weights=req.clear_weights)
+        return m.Empty()
 
-    def _do_status(self, req: object) -> bytes:
-        c = self.controller.counters()
-        return m.build_reply(
-            Opcode.STATUS,
-            busy=int(c.busy),
-            error_flags=c.error_flags,
-            cycles=c.cycles,
-            ops=c.ops,
-            conversions=c.conversions,
-            energy_fj=c.energy_fj,
-            last=dict(cycles=c.last.cycles, energy_fj=c.last.energy_fj),
-        )
+    def _status(self, req: m.Empty) -> m.StatusReport:
+        return m.StatusReport(self.controller.counters())
 
-    def _do_read_reg(self, req: object) -> bytes:
-        addr = req.addr  # type: ignore[attr-defined]
-        return m.build_reply(Opcode.READ_REG, addr=addr, value=self.controller.read_reg(addr))
+    def _read_reg(self, req: m.RegAddr) -> m.RegValue:
+        return m.RegValue(req.addr, self.controller.read_reg(req.addr))
 
-    def _do_write_reg(self, req: object) -> bytes:
-        addr, value = req.addr, req.value  # type: ignore[attr-defined]
-        return m.build_reply(Opcode.WRITE_REG, addr=addr, value=self.controller.write_reg(addr, value))
+    def _write_reg(self, req: m.RegValue) -> m.RegValue:
+        return m.RegValue(req.addr, self.controller.write_reg(req.addr, req.value))
 
-    def _do_write_weights(self, req: object) -> bytes:
+    def _write_weights(self, req: m.WeightRows) -> m.WeightsStored:
         spec = self.spec
-        row_start, n_rows = req.row_start, req.n_rows  # type: ignore[attr-defined]
-        self._rows(row_start, n_rows)
-        w = self._array(req.data, spec.weight_dtype, (n_rows, spec.cols), "weights")  # type: ignore[attr-defined]
-        lo, hi = int(w.min()), int(w.max())
-        if lo < spec.weight_min or hi > spec.weight_max:
-            raise DeviceError(
-                f"weights span {lo}..{hi}, outside {spec.weight_min}..{spec.weight_max}",
-                status=Status.BAD_ARGUMENT,
-            )
-        self.controller.write_weights(row_start, w.astype(np.int64))
-        stored = self.controller.read_weights(row_start, n_rows).astype(spec.weight_dtype)
-        crc = zlib.crc32(stored.tobytes())
-        return m.build_reply(Opcode.WRITE_WEIGHTS, row_start=row_start, n_rows=n_rows, crc=crc)
+        self._check_rows(req.row_start, req.n_rows)
+        w = req.weights(spec)
+        self.controller.write_weights(req.row_start, w)
+        return m.WeightsStored.of(spec, req.row_start, self.controller.read_weights(req.row_start, req.n_rows))
 
-    def _do_read_weights(self, req: object) -> bytes:
-        spec = self.spec
-        row_start, n_rows = req.row_start, req.n_rows  # type: ignore[attr-defined]
-        self._rows(row_start, n_rows)
-        w = self.controller.read_weights(row_start, n_rows).astype(spec.weight_dtype)
-        return m.build_reply(Opcode.READ_WEIGHTS, row_start=row_start, n_rows=n_rows, data=w.tobytes())
+    def _read_weights(self, req: m.RowRange) -> m.WeightRows:
+        self._check_rows(req.row_start, req.n_rows)
+        return m.WeightRows.of(self.spec, req.row_start, self.controller.read_weights(req.row_start, req.n_rows))
 
-    def _mac_inputs(self, req: object) -> tuple[int, np.ndarray]:
-        spec = self.spec
-        row_start, n_rows, batch = req.row_start, req.n_rows, req.batch  # type: ignore[attr-defined]
-        self._rows(row_start, n_rows)
-        if batch < 1:
+    def _mac_inputs(self, req: m.MacInputs, reply_bytes: int) -> np.ndarray:
+        """The request's inputs, once its rows are valid and its reply of ``reply_bytes`` data fits the session."""
+        self._check_rows(req.row_start, req.n_rows)
+        if req.batch < 1:
             raise DeviceError("MAC batch must be at least 1", status=Status.BAD_ARGUMENT)
-        x = self._array(req.data, spec.input_dtype, (batch, n_rows), "inputs")  # type: ignore[attr-defined]
-        if int(x.max()) > spec.input_max:
+        if reply_bytes + m.MAC_REPLY_FIXED > self.session_cap:
             raise DeviceError(
-                f"input code {int(x.max())} exceeds {spec.input_max} ({spec.input_bits}-bit inputs)",
-                status=Status.BAD_ARGUMENT,
+                f"reply of {reply_bytes + m.MAC_REPLY_FIXED} bytes would exceed the session's max_payload"
+                f" {self.session_cap}; send a smaller batch", status=Status.TOO_LARGE,
             )
-        return row_start, x
+        return req.inputs(self.spec)  # packed at input_bits: every code is in range
 
-    def _do_mac(self, req: object) -> bytes:
-        row_start, x = self._mac_inputs(req)
-        self._reply_fits(x.shape[0] * self.spec.cols * 4)
-        y, cost = self.controller.mac(row_start, x)
-        data = np.ascontiguousarray(y, dtype=self.spec.output_dtype).tobytes()
-        return m.build_reply(Opcode.MAC, batch=x.shape[0], cost=_cost(cost), data=data)
-
-    def _do_mac_raw(self, req: object) -> bytes:
-        row_start, x = self._mac_inputs(req)
+    def _mac(self, req: m.MacInputs) -> m.MacResult:
         spec = self.spec
-        shape = (x.shape[0], *spec.raw_shape_for(row_start, x.shape[1]))
-        self._reply_fits(int(np.prod(shape)) * spec.code_dtype.itemsize)
-        codes, cost = self.controller.mac_raw(row_start, x)
+        out = output_field(spec, req.row_start, req.n_rows)
+        x = self._mac_inputs(req, out.nbytes(req.batch * spec.cols))
+        y, cost = self.controller.mac(req.row_start, x)
+        return m.MacResult.of_outputs(spec, req, np.asarray(y), cost)
+
+    def _mac_raw(self, req: m.MacInputs) -> m.MacResult:
+        spec = self.spec
+        shape = (req.batch, *spec.raw_shape_for(req.row_start, req.n_rows))
+        x = self._mac_inputs(req, code_field(spec).nbytes(int(np.prod(shape))))
+        codes, cost = self.controller.mac_raw(req.row_start, x)
         if codes.shape != shape:
             raise DeviceError(f"controller returned codes of shape {codes.shape}, not {shape}", status=Status.INTERNAL)
-        data = np.ascontiguousarray(codes, dtype=spec.code_dtype).tobytes()
-        return m.build_reply(Opcode.MAC_RAW, batch=x.shape[0], cost=_cost(cost), data=data)
-
-    def _reply_fits(self, data_bytes: int) -> None:
-        if data_bytes + m.MAC_REPLY_FIXED > self.max_payload:
-            raise DeviceError(
-                f"reply of {data_bytes + m.MAC_REPLY_FIXED} bytes would exceed max_payload {self.max_payload};"
-                " send a smaller batch",
-                status=Status.TOO_LARGE,
-            )
-
-
-def _cost(cost: object) -> dict[str, int]:
-    return dict(cycles=int(cost.cycles), energy_fj=int(cost.energy_fj))  # type: ignore[attr-defined]
+        return m.MacResult.of_codes(spec, req, codes, cost)

@@ -5,8 +5,7 @@
     CimError                      root; every error carries a ``code`` (a StatusCode where one applies)
     ├── ConfigError (ValueError)  a bad argument, URL, profile, spec or file; names the field at fault
     │   └── ShapeError            an array whose shape or dtype does not fit the MacroSpec
-    ├── ProtocolError             bytes that break the wire contract
-    │   ├── FrameError            a frame that cannot be decoded (bad CRC, bad length, bad header)
+    ├── ProtocolError             a peer that breaks the wire contract (e.g. states a payload cap below the least)
     │   ├── VersionMismatch       the peer speaks another protocol version
     │   └── PayloadError          a well-framed payload whose contents do not parse
     ├── LinkError                 the transport failed (open, read, write, closed)
@@ -15,7 +14,8 @@
     ├── CimTimeoutError (TimeoutError)  a deadline passed; says what was outstanding and what was on the wire
     └── ArtifactError             a store, model, checkpoint or package that is unreadable or foreign
 
-Errors are translated at each layer boundary with ``raise ... from err``.
+Errors are translated at each layer boundary with ``raise ... from err``. A frame that cannot be decoded is not an
+error: the framer reports it (``BadFrame``) and the transaction layer resends what it held.
 """
 
 from __future__ import annotations
@@ -50,12 +50,6 @@ class ProtocolError(CimError):
     """Bytes that break the wire contract."""
 
     code = "protocol"
-
-
-class FrameError(ProtocolError):
-    """A frame that cannot be decoded."""
-
-    code = "frame"
 
 
 class VersionMismatch(ProtocolError):

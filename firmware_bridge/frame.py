@@ -39,7 +39,8 @@ import construct as cs
 from cimlab.firmware_bridge.errors import ConfigError
 
 SYNC = b"\xa7\x3c"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: HELLO states the host's payload cap and token; bulk arrays travel packed at their bit width."""
 REPLY_FLAG = 0x80
 DEFAULT_MAX_PAYLOAD = 64 * 1024
 MAX_PAYLOAD_LIMIT = 16 * 1024 * 1024
@@ -162,6 +163,16 @@ class Framer:
         """Forget buffered bytes (counters are kept)."""
         self._buf.clear()
         self._pos = 0
+
+    def pending_header(self) -> tuple[int, int] | None:
+        """``(opcode, seq)`` of the partial frame held, when its header arrived intact (None otherwise)."""
+        head = bytes(self._buf[self._pos : self._pos + HEADER_SIZE])
+        if len(head) < HEADER_SIZE or not head.startswith(SYNC):
+            return None
+        if binascii.crc_hqx(head[:-2], 0) != int.from_bytes(head[-2:], "little"):
+            return None
+        h = _HEADER_C.parse(head)
+        return h.opcode, h.seq
 
     def drop_partial(self) -> bool:
         """Abandon a partial frame after the caller's inter-frame timeout.

@@ -8,8 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.frame import PROTOCOL_VERSION
 
-REGMAP_VERSION = 1
+REGMAP_VERSION = 2
+"""2: NOISE_SEED added."""
 ID_MAGIC = 0xC1A0_5A3D
 
 
@@ -26,7 +28,7 @@ class Register:
 
 REGISTERS: tuple[Register, ...] = (
     Register("ID", 0x00, "ro", ID_MAGIC, "Constant identifying a cimlab controller (0xC1A05A3D)."),
-    Register("PROTO", 0x01, "ro", 1, "Protocol version the controller speaks."),
+    Register("PROTO", 0x01, "ro", PROTOCOL_VERSION, "Protocol version the controller speaks."),
     Register("REGMAP", 0x02, "ro", REGMAP_VERSION, "Version of this register map."),
     Register("SCRATCH", 0x03, "rw", 0, "Free register for link and bring-up tests."),
     Register("CTRL", 0x04, "rw", 0, "Bit 0: clear counters (self-clearing)."),
@@ -36,6 +38,12 @@ REGISTERS: tuple[Register, ...] = (
     Register("CYCLES_LO", 0x08, "ro", 0, "Cycle counter since reset, low 32 bits."),
     Register("CYCLES_HI", 0x09, "ro", 0, "Cycle counter since reset, high 32 bits."),
     Register("OPS", 0x0A, "ro", 0, "MAC vectors processed since reset (low 32 bits)."),
+    Register(
+        "NOISE_SEED", 0x0B, "rw", 0,
+        "Key of a twin's per-conversion random stream: writing it restarts the stream at the key, so the codes that"
+        " follow depend only on the key and the requests since (a sweep writes one per batch; a resumed sweep then"
+        " repeats its codes). Held across RESET. A chip's noise is physical: it stores the value and nothing else.",
+    ),
 )
 
 BY_NAME: dict[str, Register] = {r.name: r for r in REGISTERS}

@@ -23,6 +23,7 @@ from cimlab.cli_common import (
     parse_sets,
 )
 from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.serve import IDLE_TIMEOUT_S
 from cimlab.logs import LEVELS, setup_logging, teardown_logging
 
 
@@ -109,26 +110,44 @@ def sim() -> None:
 
 @sim.command("serve")
 @click.option("--pty", "use_pty", is_flag=True, help="Serve on a new pseudo-terminal; prints its path.")
-@click.option("--tcp", "tcp_addr", metavar="HOST:PORT", help="Serve on TCP (port 0 picks one); prints tcp://HOST:PORT.")
+@click.option("--tcp", "tcp_addr", metavar="HOST:PORT",
+              help="Serve on TCP (port 0 picks one); prints tcp://HOST:PORT. Loopback unless --allow-remote.")
 @click.option("--profile", default="default", show_default=True, help="Profile name or TOML file.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the twin's mismatch and noise.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a profile parameter (repeatable).")
 @click.option("--baud", type=click.IntRange(min=1), default=None, help="Pace bytes at this UART line rate (10 bits/byte).")
 @click.option("--max-payload", type=click.IntRange(256, 16 * 1024 * 1024), default=64 * 1024, show_default=True,
-              help="Largest frame payload, bytes.")
+              help="Largest frame payload the twin accepts, bytes (a host's HELLO may ask for less).")
+@click.option("--allow-remote", is_flag=True,
+              help="Allow a --tcp address other than loopback (needs --token-file).")
+@click.option("--token-file", "server_token_file", type=click.Path(dir_okay=False), default=None,
+              help="File with the token (16..255 bytes) hosts must send in HELLO before anything is served.")
+@click.option("--idle-timeout", type=click.FloatRange(min=0.1), default=IDLE_TIMEOUT_S, show_default=True,
+              help="Seconds a connected TCP host may send nothing before it is disconnected.")
 @click.option("--smu", "smu_addr", metavar="HOST:PORT", default=None,
               help="Also serve a simulated SMU that powers the twin, as a raw SCPI socket on loopback (port 0 picks "
                    "one); the second line of stdout is its VISA resource, TCPIP::HOST::PORT::SOCKET.")
 @cim_errors
 def sim_serve(use_pty: bool, tcp_addr: str | None, profile: str, seed: int, sets: tuple[str, ...],
-              baud: int | None, max_payload: int, smu_addr: str | None) -> None:
-    """Serve a twin until stopped (Ctrl-C or SIGTERM). The first line of stdout is where to connect."""
+              baud: int | None, max_payload: int, allow_remote: bool, server_token_file: str | None,
+              idle_timeout: float, smu_addr: str | None) -> None:
+    """Serve a twin until stopped (Ctrl-C or SIGTERM). The first line of stdout is where to connect.
+
+    Over TCP one host is served at a time: another is refused at once (BUSY), and a host idle for --idle-timeout
+    is disconnected.
+    """
     from cimlab import chip_sim
-    from cimlab.chip_sim.server import parse_hostport, serve_pty, serve_tcp
     from cimlab.firmware_bridge.bridge import Bridge
+    from cimlab.firmware_bridge.serve import check_exposure, parse_hostport, read_token_file, serve_pty, serve_tcp
 
     if use_pty == bool(tcp_addr):
         raise ConfigError("choose exactly one of --pty or --tcp HOST:PORT")
+    token = read_token_file(server_token_file) if server_token_file else None
+    if use_pty and (allow_remote or token):
+        raise ConfigError("--allow-remote and --token-file apply to --tcp only (a pty is local)")
+    host, port = parse_hostport(tcp_addr) if tcp_addr else ("", 0)
+    if tcp_addr:
+        check_exposure(host, allow_remote=allow_remote, token=token)
     controller = chip_sim.make_twin(profile, seed, parse_sets(sets))
     stop = threading.Event()
     smu_resource = ""
@@ -152,13 +171,14 @@ def sim_serve(use_pty: bool, tcp_addr: str | None, profile: str, seed: int, sets
                               highlight=False)
         sys.stdout.flush()
         extra = f", paced at {baud} baud" if baud else ""
+        extra += ", token required" if token else ""
         err_console.print(f"serving twin '{profile}' (seed {seed}){extra} on {where}; Ctrl-C stops", highlight=False)
 
     if use_pty:
         serve_pty(bridge, stop=stop, on_ready=ready, baud=baud)
     else:
-        host, port = parse_hostport(tcp_addr or "")
-        serve_tcp(bridge, host, port, stop=stop, on_ready=ready, baud=baud)
+        serve_tcp(bridge, host, port, stop=stop, on_ready=ready, baud=baud, token=token, allow_remote=allow_remote,
+                  idle_timeout_s=idle_timeout)
 
 
 @sim.command("profiles")

@@ -16,7 +16,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from cimlab.cli_common import cim_errors, console, emit_json, err_console, json_option, link_option
+from cimlab.cli_common import cim_errors, console, emit_json, err_console, json_option, link_option, open_chip
 from cimlab.firmware_bridge.errors import ConfigError
 from cimlab.instruments.supplies import SUPPLY_MODELS
 
@@ -197,7 +197,6 @@ def characterize(link_url: str, timeout: float, out_dir: Path, repeats: int, lev
     supply is touched. Ctrl-C stops after the current batch; run the same command with --resume to finish.
     """
     from cimlab.characterize import MeasurementStore, SweepRunner, store_meta
-    from cimlab.driver import Chip
 
     ctx = click.get_current_context()
 
@@ -208,7 +207,7 @@ def characterize(link_url: str, timeout: float, out_dir: Path, repeats: int, lev
     if smu_resource and not volts and not resume:
         raise ConfigError("--smu needs --vdd: the supply voltage of each condition")
     with ExitStack() as stack:
-        chip = stack.enter_context(Chip.open(link_url, timeout=timeout))
+        chip = stack.enter_context(open_chip(link_url, timeout))
         opts = plan_options(chip.spec, repeats, row_mode, batch_vectors, seed, levels, columns)
         limits = supply_limits(chip, chip_profile, vdd_max, compliance) if smu_resource else None
         if resume:

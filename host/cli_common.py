@@ -1,4 +1,5 @@
-"""What every cimlab command shares: the --link/--timeout/--json options, error reporting, chip opening.
+"""What every cimlab command shares: the --link/--timeout/--deadline/--token-file/--json options, error reporting,
+chip opening.
 
 Command modules (``cimlab.cli``, ``cimlab.cli_characterize``, ``cimlab.cli_train``, ``cimlab.cli_deploy``) import these;
 ``cimlab.cli`` imports the command modules to register them, so nothing here imports ``cimlab.cli``.
@@ -35,10 +36,32 @@ LINK_HELP = (
 )
 
 
+TIMEOUT_HELP = "Resend interval: seconds without a sign of a reply before a request is sent again."
+DEADLINE_HELP = ("Seconds any one call to the chip may take, resends included (default: 5 s plus twice what the "
+                 "call's bytes need at the line rate).")
+TOKEN_HELP = "File holding the token a served device requires (cimlab sim serve --token-file)."
+_LINK_META = "cimlab.link"
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    ctx.meta.setdefault(_LINK_META, {})[param.name] = value
+    return value
+
+
+def call_options(f: F) -> F:
+    """``--deadline`` and ``--token-file``: not passed to the command; ``open_chip`` takes them from its context."""
+    f = click.option("--token-file", type=click.Path(dir_okay=False), default=None, envvar="CIMLAB_TOKEN_FILE",
+                     expose_value=False, callback=_remember, help=TOKEN_HELP)(f)
+    return click.option("--deadline", type=click.FloatRange(min=0.001), default=None, expose_value=False,
+                        callback=_remember, help=DEADLINE_HELP)(f)
+
+
 def link_option(f: F) -> F:
-    """The ``--link`` and ``--timeout`` options every chip command shares."""
+    """The options every chip command shares: ``--link`` and ``--timeout`` (passed to the command as ``link_url``
+    and ``timeout``), and ``call_options``."""
+    f = call_options(f)
     f = click.option("--timeout", type=click.FloatRange(min=0.001), default=1.0, show_default=True,
-                     help="Seconds without progress before a request is resent.")(f)
+                     help=TIMEOUT_HELP)(f)
     return click.option("--link", "link_url", default="sim://", show_default=True, help=LINK_HELP)(f)
 
 
@@ -105,12 +128,25 @@ def cim_errors(f: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def chip_options() -> dict[str, Any]:
+    """``deadline`` and ``token`` as the current command's ``--deadline`` and ``--token-file`` give them."""
+    ctx = click.get_current_context(silent=True)
+    given = ctx.meta.get(_LINK_META, {}) if ctx is not None else {}
+    token = None
+    if given.get("token_file"):
+        from cimlab.firmware_bridge.serve import read_token_file
+
+        token = read_token_file(given["token_file"])
+    return {"deadline": given.get("deadline"), "token": token}
+
+
 @contextmanager
-def open_chip(url: str, timeout: float) -> Iterator[Any]:
-    """Open and identify a chip for one command."""
+def open_chip(url: str, timeout: float, **kwargs: Any) -> Iterator[Any]:
+    """Open and identify a chip for one command, with its ``--deadline`` and ``--token-file``; ``kwargs`` go to
+    ``Chip`` (e.g. ``window``)."""
     from cimlab.driver import Chip
 
-    chip = Chip.open(url, timeout=timeout)
+    chip = Chip.open(url, timeout=timeout, **chip_options(), **kwargs)
     try:
         yield chip
     finally:

@@ -14,11 +14,20 @@ from typing import Any
 import click
 from rich.table import Table
 
-from cimlab.cli_common import LINK_HELP, cim_errors, console, emit_json, err_console, json_option, link_option
+from cimlab.cli_common import (
+    LINK_HELP,
+    TIMEOUT_HELP,
+    call_options,
+    cim_errors,
+    console,
+    emit_json,
+    err_console,
+    json_option,
+    link_option,
+    open_chip,
+)
 from cimlab.deploy.schedule import PACK_MODES
 from cimlab.firmware_bridge.errors import ConfigError
-
-TIMEOUT_HELP = "Seconds without progress before a request is resent."
 
 
 def _fmt(v: Any, spec: str = ".4f") -> str:
@@ -30,6 +39,7 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--link", "link_url", default=None, help="Compile for the chip here. " + LINK_HELP)
 @click.option("--timeout", type=click.FloatRange(min=0.001), default=1.0, show_default=True, help=TIMEOUT_HELP)
+@call_options
 @click.option("--profile", default=None, help="Compile for this twin profile (name or TOML file).")
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The package to write (.npz).")
@@ -53,9 +63,7 @@ def compile_cmd(checkpoint: Path, link_url: str | None, timeout: float, profile:
     spec = hello = None
     source = ""
     if link_url:
-        from cimlab.driver import Chip
-
-        with Chip.open(link_url, timeout=timeout) as chip:
+        with open_chip(link_url, timeout) as chip:
             hello = chip.hello
         spec, source = hello.spec, f"the chip at {link_url}"
     elif profile:
@@ -119,11 +127,10 @@ def deploy_cmd(package: Path, link_url: str, timeout: float, page: int | None, m
     """
     from cimlab.deploy.package import DeployPackage
     from cimlab.deploy.program import deploy_package
-    from cimlab.driver import Chip
 
     pkg = DeployPackage.load(package)
     first = min(t.page for _, lm in pkg.schedule.layers for t in lm.tiles)
-    with Chip.open(link_url, timeout=timeout) as chip:
+    with open_chip(link_url, timeout) as chip:
         rep = deploy_package(chip, pkg, page=first if page is None else page, max_rewrites=max_rewrites)
     state = "[green]verified[/]" if rep.ok else "[red]MISMATCH[/]"
     console.print(f"{package.name} page {rep.page} on {rep.chip_id}: {state}; {rep.rows} rows read back, "
@@ -200,8 +207,7 @@ def bench_table(r: dict[str, Any]) -> Table:
               help="Prediction with one error table for all columns, or one per physical column (as the chip).")
 @click.option("--seed", type=int, default=0, show_default=True, help="First seed of the prediction's draws.")
 @click.option("--window", type=click.IntRange(1, 256), default=8, show_default=True,
-              help="Frames in flight. On a lossy link a lost frame then executes after later ones, which changes "
-                   "the noise a noisy twin draws (not the statistics); --window 1 keeps results exact.")
+              help="Frames in flight. The chip executes them once each, in order, whatever the link loses.")
 @click.option("--max-rewrites", type=click.IntRange(0, 100), default=3, show_default=True,
               help="Rewrites of weights that read back wrong.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
@@ -215,14 +221,13 @@ def bench_cmd(package: Path, link_url: str, timeout: float, task: str | None, da
     latency and energy, and which bound holds."""
     from cimlab.deploy.bench import bench_package, public
     from cimlab.deploy.package import DeployPackage
-    from cimlab.driver import Chip
     from cimlab.training.tasks import load_task
 
     pkg = DeployPackage.load(package)
     if task is not None and task != pkg.task:
         raise ConfigError(f"--task {task!r}: package {package.name} holds a network for task {pkg.task!r}")
     data = load_task(pkg.task, data_dir, limit=limit)
-    with Chip.open(link_url, timeout=timeout, window=window) as chip:
+    with open_chip(link_url, timeout, window=window) as chip:
         err_console.print(f"[bold]bench[/] {pkg.describe()}", highlight=False)
         result = bench_package(pkg, chip, data.x_test, data.y_test, batch_size=batch_size, draws=draws,
                                error_model=error_model, pooled=pooled, seed=seed, progress=progress,

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from cimlab.firmware_bridge.packing import weight_field
 from cimlab.firmware_bridge.registers import ERR_BAD_REQUEST
 from cimlab.driver import Chip
 
@@ -103,7 +104,7 @@ def run_check(chip: Chip, *, seed: int = 0, batch: int = 256, pings: int = 16) -
     w_back = chip.read_weights()
     t_read = time.perf_counter() - t0
     mismatched = np.argwhere(w_back != w)
-    nbytes = w.size * spec.weight_dtype.itemsize
+    nbytes = weight_field(spec).nbytes(w.size)  # the weights' bytes as they travel, packed
     rep.figures["weights_write_Bps"] = nbytes / t_write
     rep.figures["weights_read_Bps"] = nbytes / t_read
     detail = f"{spec.rows}x{spec.cols} written in {t_write * 1e3:.1f} ms, read in {t_read * 1e3:.1f} ms"

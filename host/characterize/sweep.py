@@ -3,7 +3,9 @@
 Per condition (supply voltage), per batch not yet in the store:
 
 1. program the batch's weights (skipped when they equal what the chip already holds) and **read them back**;
-2. stream its inputs with MAC_RAW (the driver windows the frames) while the supply current is sampled;
+2. key the chip's noise to the batch (the NOISE_SEED register: a twin's codes then follow from the batch alone,
+   so a resumed sweep repeats them; a chip's noise is physical) and stream its inputs with MAC_RAW (the driver
+   windows the frames) while the supply current is sampled;
 3. tally (column, ideal level, code) with the ideal levels computed from the weights read back, so cells that
    did not store what was written are accounted for;
 4. commit the tallies and the batch's row in one transaction.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -152,6 +155,11 @@ def check_resume(store: MeasurementStore, chip: Chip, requested: dict[str, Any] 
     return options, stored_conds
 
 
+def noise_key(plan: Plan, condition: int, batch: int) -> int:
+    """The NOISE_SEED of a batch: a 32-bit function of the plan, the condition and the batch index."""
+    return zlib.crc32(f"{plan.digest}:{condition}:{batch}".encode())
+
+
 def ideal_levels(spec: MacroSpec, inputs: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """``spec.ideal_levels`` [B, P, G, K, C]; computed on one column and broadcast when every column of the
     weights is the same (a column's levels depend on its own weights only), which is what the plan programs."""
@@ -272,6 +280,7 @@ class SweepRunner:
             from cimlab.instruments.sampler import CurrentSampler
 
             sampler = CurrentSampler(self.supply.supply, period_s=self.supply.sample_period_s)
+        chip.write_reg("NOISE_SEED", noise_key(plan, ci, index))
         with sampler as s:
             t_mac = time.perf_counter()
             codes = chip.mac_raw(batch.inputs)

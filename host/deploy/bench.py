@@ -24,10 +24,8 @@ Bounds, in images/s:
   overlap in one echo, so this is a lower bound on the line rate);
 - efficiency: images/s ÷ min(link bound, macro bound); the target is >= 0.8.
 
-Determinism: the same package, twin seed and operations give the same result over ``sim://``, TCP and a pty. Over
-a lossy link with several frames in flight, a lost request is executed after later ones (the device runs requests
-as they arrive), and a noisy twin draws its noise in execution order, so the codes change (not their statistics);
-one frame in flight (``Chip(window=1)``) keeps every result exact.
+Determinism: the same package, twin seed and operations give the same result over ``sim://``, TCP and a pty, and
+through a lossy link with any window: the device executes each request once, in seq order.
 """
 
 from __future__ import annotations

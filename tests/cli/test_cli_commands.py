@@ -9,6 +9,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+from cimlab.firmware_bridge.frame import PROTOCOL_VERSION
 from cimlab.cli import cli
 from cimlab.twinproc import TwinProcess
 
@@ -27,7 +28,7 @@ def test_info_json_reports_the_spec() -> None:
     assert code == 0
     info = last_json(out)
     assert info["spec"]["rows"] == 128
-    assert info["protocol_version"] == 1
+    assert info["protocol_version"] == PROTOCOL_VERSION
 
 
 def test_info_table() -> None:

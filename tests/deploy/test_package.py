@@ -12,6 +12,8 @@ import pytest
 from deploy_helpers import DEFAULT_SPEC, make_checkpoint
 
 from cimlab.firmware_bridge.errors import ArtifactError, VersionMismatch
+from cimlab.firmware_bridge.frame import PROTOCOL_VERSION
+from cimlab.firmware_bridge.registers import REGMAP_VERSION
 from cimlab.deploy.compile import compile_checkpoint
 from cimlab.firmware_bridge.files import text_sha256
 from cimlab.deploy import package as package_module
@@ -56,7 +58,7 @@ def test_manifest_and_plain_numpy_reading(mlp_ckpt: Path, mlp_pkg: DeployPackage
         names = set(z.files)
     assert manifest["format"] == "cimlab.deploy" and manifest["version"] == 2
     assert manifest["spec"] == DEFAULT_SPEC.to_dict()
-    assert manifest["protocol_version"] == 1 and manifest["regmap_version"] == 1
+    assert manifest["protocol_version"] == PROTOCOL_VERSION and manifest["regmap_version"] == REGMAP_VERSION
     assert manifest["task"] == "digits" and manifest["mode"] == "quant"
     ck = load_checkpoint(mlp_ckpt)
     assert manifest["checkpoint"]["tensors_sha256"] == ck.manifest["tensors_sha256"]
@@ -182,8 +184,8 @@ def test_check_hello_refuses_other_versions_and_macros(mlp_pkg: DeployPackage) -
     with Chip.open("sim://?profile=default") as chip:
         hello = chip.hello
     mlp_pkg.check_hello(hello)
-    with pytest.raises(VersionMismatch, match="protocol v1.*v2"):
-        mlp_pkg.check_hello(dataclasses.replace(hello, protocol_version=2))
+    with pytest.raises(VersionMismatch, match="protocol v2.*v1"):
+        mlp_pkg.check_hello(dataclasses.replace(hello, protocol_version=1))
     with pytest.raises(VersionMismatch, match="register map"):
         mlp_pkg.check_hello(dataclasses.replace(hello, regmap_version=9))
     with pytest.raises(ArtifactError, match="adc_bits"):

@@ -63,7 +63,7 @@ class TestSim:
         with Chip.open("sim://?profile=ideal&rows=1024&cols=128&max_payload=8192") as chip:
             assert chip.payload_cap == 8192
             exercise(chip, batch=300)
-            assert chip.stats.frames_out > 50
+            assert chip.stats.frames_out > 30
             assert chip.stats.retries == 0
 
     def test_registers_and_status(self) -> None:
@@ -233,7 +233,7 @@ class _GarbageLink:
 def test_a_peer_streaming_garbage_still_times_out_on_schedule() -> None:
     chip = Chip(_GarbageLink(), timeout=0.05, retries=2)  # type: ignore[arg-type]
     t0 = time.monotonic()
-    with pytest.raises(CimTimeoutError, match="3 attempts"):
+    with pytest.raises(CimTimeoutError, match="HELLO sent 3 times"):
         chip.identify()
     assert time.monotonic() - t0 < 0.5  # resends on schedule, not at the call's far deadline
     assert chip.stats.retries == 2
@@ -284,7 +284,7 @@ def test_a_device_working_through_a_full_window_is_not_retried() -> None:
     but replies keep coming, so nothing is resent."""
     chip = Chip(_SlowDeviceLink(0.15), timeout=0.5, window=8)  # type: ignore[arg-type]
     spec = chip.spec
-    x = np.random.default_rng(0).integers(0, spec.input_max + 1, size=(16 * 8, spec.rows))
+    x = np.random.default_rng(0).integers(0, spec.input_max + 1, size=(32 * 16, spec.rows))
     w = np.zeros((spec.rows, spec.cols), dtype=np.int64)
     chip.mac(x)
     assert chip.stats.frames_out >= 8
@@ -293,12 +293,16 @@ def test_a_device_working_through_a_full_window_is_not_retried() -> None:
 
 
 def test_the_driver_learns_a_device_slower_than_its_timeout() -> None:
-    """Each request takes 0.1 s, twice the 0.05 s timeout: after the first replies show the device's pace, the
-    driver waits for it instead of resending everything (which the device would answer from its replay cache)."""
+    """Each request takes 0.1 s, twice the 0.05 s timeout. The first call's timeouts double the resend interval
+    (Karn) until replies to requests sent once show the device's pace; from then on the driver waits for it: the
+    next call resends nothing."""
     chip = Chip(_SlowDeviceLink(0.1), timeout=0.05, window=4, retries=8)  # type: ignore[arg-type]
     spec = chip.spec
-    x = np.random.default_rng(1).integers(0, spec.input_max + 1, size=(16 * 12, spec.rows))
+    x = np.random.default_rng(1).integers(0, spec.input_max + 1, size=(64 * 8, spec.rows))
     chip.mac(x)
+    first = chip.stats.timeouts
     assert chip.stats.requests >= 8
-    assert chip.stats.retries <= 3, chip.stats.as_dict()
+    assert first <= 4 * chip.stats.requests, chip.stats.as_dict()
+    chip.mac(x)
+    assert chip.stats.timeouts == first, chip.stats.as_dict()
     assert chip.stats.fast_retransmits == 0  # replies queued behind a resent request are not mistaken for lost

@@ -68,10 +68,10 @@ def test_hello_through_the_dma(board):
         assert isinstance(link, PynqLink)
         assert fake.loaded == [str(folder / "cimlab_ctrl.bit")]
         assert [len(b) for b in fake.buffers] == [MAX_PAYLOAD + OVERHEAD] * 2
-        link.write(encode_frame(Opcode.HELLO, 9))
+        link.write(encode_frame(Opcode.HELLO, 9, m.Hello(MAX_PAYLOAD).encode()))
         (reply,) = frames_in(read_exactly(link, 1, 1.0) + link.read(1 << 16, 0.05))
         assert reply.opcode == Opcode.HELLO | REPLY_FLAG and reply.seq == 9
-        assert m.parse_reply(Opcode.HELLO, reply.payload).max_payload == MAX_PAYLOAD
+        assert m.Identity.decode(reply.payload).max_payload == MAX_PAYLOAD
     assert all(b.freed for b in fake.buffers)
 
 

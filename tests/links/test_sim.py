@@ -41,27 +41,22 @@ def test_make_controller_argument_is_used():
 def test_hello_and_a_mac_through_real_frames():
     ctrl = FakeController()
     with SimLink("sim://", make_controller=lambda *_: ctrl) as link:
-        link.write(encode_frame(Opcode.HELLO, 1))
+        link.write(encode_frame(Opcode.HELLO, 1, m.Hello(1 << 16).encode()))
         (reply,) = frames_in(read_exactly(link, 1, 1.0) + _drain(link))
         assert reply.opcode == Opcode.HELLO | REPLY_FLAG and reply.seq == 1 and reply.status == Status.OK
-        hello = m.parse_reply(Opcode.HELLO, reply.payload)
-        assert m.spec_from_wire(hello.spec) == SMALL_SPEC
+        hello = m.Identity.decode(reply.payload)
+        assert hello.spec == SMALL_SPEC
         assert hello.chip_id == "fake-0"
 
         rng = np.random.default_rng(1)
         w = rng.integers(SMALL_SPEC.weight_min, SMALL_SPEC.weight_max + 1, (SMALL_SPEC.rows, SMALL_SPEC.cols))
         x = rng.integers(0, SMALL_SPEC.input_max + 1, (3, SMALL_SPEC.rows))
-        rows = SMALL_SPEC.rows
-        wr = m.build_request(
-            Opcode.WRITE_WEIGHTS, row_start=0, n_rows=rows, data=w.astype(SMALL_SPEC.weight_dtype).tobytes()
-        )
-        mac = m.build_request(
-            Opcode.MAC, row_start=0, n_rows=rows, batch=3, data=x.astype(SMALL_SPEC.input_dtype).tobytes()
-        )
-        link.write(encode_frame(Opcode.WRITE_WEIGHTS, 2, wr) + encode_frame(Opcode.MAC, 3, mac))
+        wr = m.WeightRows.of(SMALL_SPEC, 0, w).encode()
+        mac = m.MacInputs.of(SMALL_SPEC, 0, x)
+        link.write(encode_frame(Opcode.WRITE_WEIGHTS, 2, wr) + encode_frame(Opcode.MAC, 3, mac.encode()))
         frames = frames_in(_drain(link, want=2))
         assert [(f.seq, f.status) for f in frames] == [(2, Status.OK), (3, Status.OK)]
-        y = np.frombuffer(m.parse_reply(Opcode.MAC, frames[1].payload).data, dtype="<i4").reshape(3, -1)
+        y = m.MacResult.decode(frames[1].payload).outputs(SMALL_SPEC, 0, SMALL_SPEC.rows)
         np.testing.assert_array_equal(y, x @ w)
 
 

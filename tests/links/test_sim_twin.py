@@ -23,49 +23,38 @@ def _replies(link, want: int, timeout: float = 5.0):
     return frames_in(bytes(data))
 
 
+def _hello(link) -> m.Identity:
+    link.write(encode_frame(Opcode.HELLO, 1, m.Hello(1 << 16).encode()))
+    (reply,) = _replies(link, 1)
+    assert reply.status == Status.OK
+    return m.Identity.decode(reply.payload)
+
+
 def test_hello_reports_the_overridden_spec():
     with open_link("sim://?profile=ideal&seed=3&rows=100&cols=16") as link:
-        link.write(encode_frame(Opcode.HELLO, 1))
-        (reply,) = _replies(link, 1)
-        assert reply.status == Status.OK
-        spec = m.spec_from_wire(m.parse_reply(Opcode.HELLO, reply.payload).spec)
+        spec = _hello(link).spec
         assert (spec.rows, spec.cols) == (100, 16)
 
 
 def test_weights_round_trip_and_an_ideal_mac():
     with open_link("sim://?profile=ideal&rows=64&cols=8") as link:
-        link.write(encode_frame(Opcode.HELLO, 1))
-        (hello,) = _replies(link, 1)
-        spec = m.spec_from_wire(m.parse_reply(Opcode.HELLO, hello.payload).spec)
+        spec = _hello(link).spec
         rng = np.random.default_rng(0)
         w = rng.integers(spec.weight_min, spec.weight_max + 1, (spec.rows, spec.cols))
         x = rng.integers(0, spec.input_max + 1, (4, spec.rows))
         frames = [
-            encode_frame(
-                Opcode.WRITE_WEIGHTS,
-                2,
-                m.build_request(
-                    Opcode.WRITE_WEIGHTS, row_start=0, n_rows=spec.rows, data=w.astype(spec.weight_dtype).tobytes()
-                ),
-            ),
-            encode_frame(
-                Opcode.READ_WEIGHTS, 3, m.build_request(Opcode.READ_WEIGHTS, row_start=0, n_rows=spec.rows)
-            ),
-            encode_frame(
-                Opcode.MAC,
-                4,
-                m.build_request(
-                    Opcode.MAC, row_start=0, n_rows=spec.rows, batch=4, data=x.astype(spec.input_dtype).tobytes()
-                ),
-            ),
+            encode_frame(Opcode.WRITE_WEIGHTS, 2, m.WeightRows.of(spec, 0, w).encode()),
+            encode_frame(Opcode.READ_WEIGHTS, 3, m.RowRange(0, spec.rows).encode()),
+            encode_frame(Opcode.MAC, 4, m.MacInputs.of(spec, 0, x).encode()),
         ]
         for f in frames:  # a window of three requests in flight
             link.write(f)
         replies = _replies(link, 3)
         assert [(r.seq, r.status) for r in replies] == [(2, Status.OK), (3, Status.OK), (4, Status.OK)]
-        back = np.frombuffer(m.parse_reply(Opcode.READ_WEIGHTS, replies[1].payload).data, dtype=spec.weight_dtype)
-        np.testing.assert_array_equal(back.reshape(spec.rows, spec.cols), w)
-        y = np.frombuffer(m.parse_reply(Opcode.MAC, replies[2].payload).data, dtype="<i4").reshape(4, spec.cols)
+        # 4-bit weights and inputs travel two to a byte
+        assert len(replies[1].payload) == m.ROWS_FIXED + spec.rows * spec.cols // 2
+        np.testing.assert_array_equal(m.WeightRows.decode(replies[1].payload).weights(spec), w)
+        y = m.MacResult.decode(replies[2].payload).outputs(spec, 0, spec.rows)
         np.testing.assert_array_equal(y, x @ w)
 
 

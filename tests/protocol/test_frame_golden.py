@@ -22,49 +22,49 @@ from cimlab.firmware_bridge.frame import HEADER_SIZE, OVERHEAD, PROTOCOL_VERSION
 # (name, version, opcode, status, seq, payload, frame hex)
 GOLDEN = [
     (
-        "HELLO request, seq 0, empty payload",
-        1,
+        "HELLO request, seq 0, the host accepts 65536-byte payloads, no token",
+        2,
         0x01,
         0,
         0x0000,
-        b"",
-        "a7 3c 01 01 00 0000 00000000 78ec  eebc2610",
+        bytes.fromhex("0000010000"),
+        "a7 3c 02 01 00 0000 05000000 797d 0000010000 57eb7059",
     ),
     (
         "PING request, seq 0x1234, payload 'hi'",
-        1,
+        2,
         0x02,
         0,
         0x1234,
         b"hi",
-        "a7 3c 01 02 00 3412 02000000 91a0 6869 61fcdbde",
+        "a7 3c 02 02 00 3412 02000000 d58d 6869 768af247",
     ),
     (
         "WRITE_REG reply OK, seq 0xffff, addr 3 value 0xdeadbeef",
-        1,
+        2,
         0x86,
         0,
         0xFFFF,
         bytes.fromhex("0300efbeadde"),
-        "a7 3c 01 86 00 ffff 06000000 68ff 0300efbeadde 95c39c0a",
+        "a7 3c 02 86 00 ffff 06000000 2cd2 0300efbeadde 5a0cbb5a",
     ),
     (
         "error reply UNKNOWN_OPCODE (3) to opcode 0x55, seq 0x0102",
-        1,
+        2,
         0xD5,
         3,
         0x0102,
         b"unknown opcode 0x55",
-        "a7 3c 01 d5 03 0201 13000000 18ac 756e6b6e6f776e206f70636f6465203078353590959eab",
+        "a7 3c 02 d5 03 0201 13000000 5c81 756e6b6e6f776e206f70636f64652030783535 64af8aa5",
     ),
     (
         "PING whose seq and payload contain the sync word",
-        1,
+        2,
         0x02,
         0,
         0xA73C,
         b"\xa7\x3c\xa7",
-        "a7 3c 01 02 00 3ca7 03000000 0ed6 a73ca7 62d18125",
+        "a7 3c 02 02 00 3ca7 03000000 4afb a73ca7 d37dcba6",
     ),
 ]
 IDS = [g[0] for g in GOLDEN]
@@ -175,6 +175,7 @@ def test_any_fields_match_reference_and_decode(version, opcode, status, seq, pay
     assert framer.feed(wire[:cut]) + framer.feed(wire[cut:]) == [Frame(version, opcode, status, seq, payload)]
 
 
-def test_protocol_version_is_one() -> None:
-    # the golden vectors above are written for version 1; a version bump must revisit them
-    assert PROTOCOL_VERSION == 1
+def test_protocol_version_is_two() -> None:
+    # the golden vectors above (and the message vectors in test_messages.py) are written for version 2; a version
+    # bump must revisit them
+    assert PROTOCOL_VERSION == 2

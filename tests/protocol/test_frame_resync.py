@@ -17,6 +17,7 @@ from cimlab.firmware_bridge.frame import (
     HEADER_SIZE,
     MAX_PAYLOAD_LIMIT,
     OVERHEAD,
+    PROTOCOL_VERSION,
     SYNC,
     BadFrame,
     Frame,
@@ -27,12 +28,12 @@ from cimlab.firmware_bridge.frame import (
 A = encode_frame(0x02, 0x0101, b"first frame")
 B = encode_frame(0x10, 0x0202, bytes(range(40)))
 C = encode_frame(0x84, 0x0303, b"", status=5)
-FA = Frame(1, 0x02, 0, 0x0101, b"first frame")
-FB = Frame(1, 0x10, 0, 0x0202, bytes(range(40)))
-FC = Frame(1, 0x84, 5, 0x0303, b"")
+FA = Frame(PROTOCOL_VERSION, 0x02, 0, 0x0101, b"first frame")
+FB = Frame(PROTOCOL_VERSION, 0x10, 0, 0x0202, bytes(range(40)))
+FC = Frame(PROTOCOL_VERSION, 0x84, 5, 0x0303, b"")
 
 
-def header(opcode: int, seq: int, length: int, *, version: int = 1, status: int = 0, good: bool = True) -> bytes:
+def header(opcode: int, seq: int, length: int, *, version: int = PROTOCOL_VERSION, status: int = 0, good: bool = True) -> bytes:
     """A 13-byte header claiming ``length``, with a correct (or deliberately wrong) header CRC."""
     head = SYNC + struct.pack("<BBBHI", version, opcode, status, seq, length)
     crc = binascii.crc_hqx(head, 0) ^ (0 if good else 0x0001)
@@ -121,7 +122,7 @@ def test_bad_payload_crc_reports_seq_and_next_frame_found(where: str) -> None:
     damaged = bytearray(B)
     damaged[HEADER_SIZE + 3 if where == "payload" else -1] ^= 0x01
     for events in feed_ways(bytes(damaged) + A):
-        assert events == [BadFrame(1, 0x10, 0x0202, 40, "crc"), FA]
+        assert events == [BadFrame(PROTOCOL_VERSION, 0x10, 0x0202, 40, "crc"), FA]
     framer = Framer()
     framer.feed(bytes(damaged) + A)
     assert framer.stats.bad_frames == 1 and framer.stats.frames == 1
@@ -133,8 +134,8 @@ def test_good_frame_inside_rejected_frame_is_found() -> None:
     outer[-2] ^= 0xFF  # outer CRC wrong: its bytes must be hunted again
     for events in feed_ways(bytes(outer) + C):
         assert events == [
-            BadFrame(1, 0x02, 0x0909, len(inner) + 4, "crc"),
-            Frame(1, 0x02, 0, 0x0505, b"inner"),
+            BadFrame(PROTOCOL_VERSION, 0x02, 0x0909, len(inner) + 4, "crc"),
+            Frame(PROTOCOL_VERSION, 0x02, 0, 0x0505, b"inner"),
             FC,
         ]
 
@@ -143,16 +144,16 @@ def test_forged_valid_header_swallowing_a_good_frame() -> None:
     # garbage whose header CRC happens to be valid claims 30 bytes: A (28 bytes) and part of B land in it
     forged = header(0x03, 0x0777, 30)
     for events in feed_ways(forged + A + B):
-        assert events == [BadFrame(1, 0x03, 0x0777, 30, "crc"), FA, FB]
+        assert events == [BadFrame(PROTOCOL_VERSION, 0x03, 0x0777, 30, "crc"), FA, FB]
 
 
 @pytest.mark.parametrize("cap", [0, 16, 100, 64 * 1024])
 def test_oversize_length_rejected_at_the_cap(cap: int) -> None:
     at_cap = encode_frame(0x02, 1, bytes(cap))
-    assert Framer(cap).feed(at_cap) == [Frame(1, 0x02, 0, 1, bytes(cap))]
+    assert Framer(cap).feed(at_cap) == [Frame(PROTOCOL_VERSION, 0x02, 0, 1, bytes(cap))]
     over = encode_frame(0x02, 2, bytes(cap + 1))
     events = Framer(cap).feed(over + C)
-    assert events[0] == BadFrame(1, 0x02, 2, cap + 1, "oversize")
+    assert events[0] == BadFrame(PROTOCOL_VERSION, 0x02, 2, cap + 1, "oversize")
     # the oversize frame's payload is then hunted through as garbage; the next frame is still found
     assert events[1:] == [FC]
 
@@ -167,7 +168,7 @@ def test_huge_claimed_length_allocates_nothing() -> None:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert events == [BadFrame(1, 0x10, 0x4242, 0xFFFFFFFF, "oversize"), FA]
+    assert events == [BadFrame(PROTOCOL_VERSION, 0x10, 0x4242, 0xFFFFFFFF, "oversize"), FA]
     assert peak < 256 * 1024, f"framer peaked at {peak} bytes for a 4 GiB claim"
     assert framer.pending == 0 and framer.stats.bad_frames == 1
 

@@ -1,4 +1,5 @@
-"""Every message in messages.MESSAGES: build -> parse round trips, malformed payloads, MacroSpec on the wire."""
+"""Every message class in messages.MESSAGES: bytes -> message -> bytes round trips, malformed payloads, hand-written
+payload vectors, and the MacroSpec on the wire."""
 
 from __future__ import annotations
 
@@ -6,17 +7,19 @@ import struct
 from typing import Any
 
 import construct as cs
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cimlab.firmware_bridge import messages as m
+from cimlab.firmware_bridge.controller import OpCost
 from cimlab.firmware_bridge.errors import PayloadError
 from cimlab.firmware_bridge.messages import MESSAGES, Opcode
 from cimlab.firmware_bridge.spec import WEIGHT_STORAGES, MacroSpec
 
 
-# ---- strategies derived from the construct definitions -------------------------------------------------------
+# ---- strategies derived from the construct layouts -----------------------------------------------------------
 def strategy_for(con: cs.Construct) -> st.SearchStrategy[Any]:
     """Values that ``con`` can build: ints in the field's range, short UTF-8 text, bytes, nested structs.
 
@@ -34,6 +37,8 @@ def strategy_for(con: cs.Construct) -> st.SearchStrategy[Any]:
         return st.text(max_size=60)
     if con is cs.GreedyBytes:
         return st.binary(max_size=200)
+    if isinstance(con, cs.Prefixed):
+        return st.binary(max_size=255)
     if isinstance(con, cs.Struct):
         fields = {sc.name: strategy_for(sc) for sc in con.subcons if sc.name is not None}
         for sc in con.subcons:
@@ -43,132 +48,159 @@ def strategy_for(con: cs.Construct) -> st.SearchStrategy[Any]:
     raise AssertionError(f"no strategy for {con!r}: extend strategy_for")
 
 
-def plain(value: Any) -> Any:
-    """A parsed Container as plain dicts, without construct's private ``_io`` entries."""
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items() if not str(k).startswith("_")}
-    return value
+CLASSES = sorted({c for d in MESSAGES.values() for c in (d.request, d.reply)}, key=lambda c: c.__name__)
+CLASS_IDS = [c.__name__ for c in CLASSES]
 
 
-def build(opcode: Opcode, kind: str, fields: Any) -> bytes:
-    maker = m.build_request if kind == "request" else m.build_reply
-    if isinstance(fields, bytes):  # PING: GreedyBytes, passed as payload=
-        return maker(opcode, payload=fields)
-    return maker(opcode, **fields)
-
-
-def parse(opcode: int, kind: str, payload: bytes) -> Any:
-    return (m.parse_request if kind == "request" else m.parse_reply)(opcode, payload)
-
-
-CASES = [(op, kind) for op in MESSAGES for kind in ("request", "reply")]
-CASE_IDS = [f"{op.name}-{kind}" for op, kind in CASES]
+def wire_values(cls: type[m.Message], data: st.DataObject) -> bytes:
+    """A payload of ``cls`` built from drawn wire values (a valid MacroSpec for Identity)."""
+    if cls is m.Echo:
+        return data.draw(st.binary(max_size=200))
+    fields = data.draw(strategy_for(cls.LAYOUT))
+    for flag in ("flags", "busy"):  # one-bit flags on the wire: other values are malformed
+        if flag in fields:
+            fields[flag] = data.draw(st.integers(0, 1))
+    if cls is m.Identity:
+        fields["spec"] = m.spec_to_wire(data.draw(valid_specs()))
+    return cls.LAYOUT.build(fields)
 
 
 def test_every_opcode_has_a_message() -> None:
     assert set(MESSAGES) == set(Opcode)
 
 
-@pytest.mark.parametrize(("opcode", "kind"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("cls", CLASSES, ids=CLASS_IDS)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_round_trip(opcode: Opcode, kind: str, data: st.DataObject) -> None:
-    con = getattr(MESSAGES[opcode], kind)
-    fields = data.draw(strategy_for(con))
-    payload = build(opcode, kind, fields)
-    assert plain(parse(int(opcode), kind, payload)) == fields
+def test_bytes_round_trip_through_the_message(cls: type[m.Message], data: st.DataObject) -> None:
+    payload = wire_values(cls, data)
+    msg = cls.decode(payload)
+    assert isinstance(msg, cls)
+    assert msg.encode() == payload
+    assert cls.decode(msg.encode()) == msg
 
 
-@pytest.mark.parametrize(("opcode", "kind"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("cls", CLASSES, ids=CLASS_IDS)
 @settings(max_examples=60, deadline=None)
 @given(payload=st.binary(max_size=120))
-def test_random_payload_parses_or_raises_payload_error(opcode: Opcode, kind: str, payload: bytes) -> None:
+def test_random_payload_decodes_or_raises_payload_error(cls: type[m.Message], payload: bytes) -> None:
     try:
-        parse(opcode, kind, payload)
+        cls.decode(payload)
     except PayloadError as err:
-        assert opcode.name in str(err)
+        assert cls.__name__ in str(err) or "MacroSpec" in str(err)
 
 
-@pytest.mark.parametrize(("opcode", "kind"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("cls", [c for c in CLASSES if c is not m.Echo], ids=[c.__name__ for c in CLASSES
+                                                                               if c is not m.Echo])
 @settings(max_examples=15, deadline=None)
 @given(data=st.data())
-def test_truncated_and_extended_payloads_are_payload_errors(
-    opcode: Opcode, kind: str, data: st.DataObject
-) -> None:
-    con = getattr(MESSAGES[opcode], kind)
-    if con is cs.GreedyBytes:
-        return  # PING carries any bytes
-    payload = build(opcode, kind, data.draw(strategy_for(con)))
-    greedy_tail = any(sc.name == "data" for sc in con.subcons)
-    fixed = len(payload) - len(plain(parse(opcode, kind, payload)).get("data", b""))
+def test_truncated_and_extended_payloads_are_payload_errors(cls: type[m.Message], data: st.DataObject) -> None:
+    payload = wire_values(cls, data)
+    greedy_tail = any(sc.name == "data" for sc in cls.LAYOUT.subcons)
+    fixed = len(payload) - len(getattr(cls.decode(payload), "data", b""))
     for cut in range(len(payload)):
         if cut < fixed or not greedy_tail:
             with pytest.raises(PayloadError):
-                parse(opcode, kind, payload[:cut])
+                cls.decode(payload[:cut])
     if not greedy_tail:
         with pytest.raises(PayloadError, match="malformed"):
-            parse(opcode, kind, payload + b"\x00")
+            cls.decode(payload + b"\x00")
 
 
 def test_fixed_sizes_match_the_definitions() -> None:
-    assert len(m.build_request(Opcode.MAC, row_start=0, n_rows=0, batch=0, data=b"")) == m.MAC_REQUEST_FIXED
-    zero_cost = dict(cycles=0, energy_fj=0)
-    assert len(m.build_reply(Opcode.MAC_RAW, batch=0, cost=zero_cost, data=b"")) == m.MAC_REPLY_FIXED
-    assert len(m.build_request(Opcode.WRITE_WEIGHTS, row_start=0, n_rows=0, data=b"")) == m.ROWS_FIXED
-    assert len(m.build_reply(Opcode.READ_WEIGHTS, row_start=0, n_rows=0, data=b"")) == m.ROWS_FIXED
+    assert len(m.MacInputs(0, 0, 0, b"").encode()) == m.MAC_REQUEST_FIXED == 6
+    assert len(m.MacResult(0, OpCost(0, 0), b"").encode()) == m.MAC_REPLY_FIXED == 18
+    assert len(m.WeightRows(0, 0, b"").encode()) == m.ROWS_FIXED == 4
 
 
 def test_wire_layout_of_a_few_payloads() -> None:
     # little-endian, no padding, fields in the documented order
-    assert m.build_request(Opcode.READ_REG, addr=0x0203) == bytes.fromhex("0302")
-    assert m.build_request(Opcode.WRITE_REG, addr=3, value=0xDEADBEEF) == bytes.fromhex("0300efbeadde")
-    assert m.build_request(Opcode.MAC, row_start=1, n_rows=2, batch=3, data=b"\x09") == bytes.fromhex(
-        "01000200030009"
-    )
-    assert m.build_request(Opcode.RESET, flags=1) == b"\x01"
-    assert m.build_request(Opcode.HELLO) == b""
+    assert m.RegAddr(0x0203).encode() == bytes.fromhex("0302")
+    assert m.RegValue(3, 0xDEADBEEF).encode() == bytes.fromhex("0300efbeadde")
+    assert m.MacInputs(1, 2, 3, b"\x09").encode() == bytes.fromhex("01000200030009")
+    assert m.Reset(True).encode() == b"\x01" and m.Reset().encode() == b"\x00"
+    # HELLO: max_payload (LE32), then the token with a one-byte length
+    assert m.Hello(65536).encode() == bytes.fromhex("0000010000")
+    assert m.Hello(300, b"k3y").encode() == bytes.fromhex("2c010000036b3379")
+    assert m.Empty().encode() == b""
+
+
+def test_packed_arrays_by_hand() -> None:
+    """Bulk arrays travel at their bit width, least significant bits first (vectors written out by hand)."""
+    spec = MacroSpec(rows=4, cols=2, rows_per_conversion=4)  # 4-bit two's complement weights, 4-bit inputs
+    # weights [[1, -2], [3, -8], [7, 0], [-1, 5]] -> nibbles 1, e, 3, 8, 7, 0, f, 5 -> bytes e1 83 07 5f
+    rows = m.WeightRows.of(spec, 2, np.array([[1, -2], [3, -8], [7, 0], [-1, 5]]))
+    assert rows.encode() == bytes.fromhex("02000400") + bytes.fromhex("e183075f")
+    np.testing.assert_array_equal(m.WeightRows.decode(rows.encode()).weights(spec), [[1, -2], [3, -8], [7, 0], [-1, 5]])
+    # inputs [[15, 0, 9]] at row 1 -> nibbles f, 0, 9 -> 0f 09
+    assert m.MacInputs.of(spec, 1, np.array([[15, 0, 9]])).encode() == bytes.fromhex("010003000100") + bytes.fromhex(
+        "0f09")
+    # MAC outputs of one row group: -(31*15*8) .. 31*15*7 = -3720 .. 3255 -> 13-bit two's complement
+    req = m.MacInputs.of(spec, 0, np.zeros((1, 4), dtype=np.int64))
+    reply = m.MacResult.of_outputs(spec, req, np.array([[-1, 1]]), OpCost(2, 3))
+    # -1 = 1fff (13 bits), then 1 << 13: bits 0..12 set, bit 13 set -> ff 3f 00 00 (26 bits in 4 bytes)
+    assert reply.data == bytes.fromhex("ff3f0000")
+    np.testing.assert_array_equal(reply.outputs(spec, 0, 4), [[-1, 1]])
+    # MAC_RAW codes at adc_bits = 5: 31, 1, 2, 0 ... -> bits 11111 10000 01000 00000 ... -> bytes 3f 08 ...
+    codes = np.array([31, 1, 2] + [0] * (spec.n_planes * spec.n_slices * spec.cols - 3)).reshape(
+        1, spec.n_planes, 1, spec.n_slices, spec.cols)
+    raw = m.MacResult.of_codes(spec, req, codes, OpCost(0, 0))
+    assert raw.data[:2] == bytes.fromhex("3f08") and len(raw.data) == 4 * 4 * 2 * 5 // 8
+    np.testing.assert_array_equal(raw.codes(spec, 0, 4), codes)
+
+
+def test_undefined_flag_values_are_payload_errors() -> None:
+    with pytest.raises(PayloadError, match="Reset flags"):
+        m.Reset.decode(b"\x02")
+    busy = m.StatusReport.LAYOUT.build(dict(busy=2, error_flags=0, cycles=0, ops=0, conversions=0, energy_fj=0,
+                                            last=dict(cycles=0, energy_fj=0)))
+    with pytest.raises(PayloadError, match="busy"):
+        m.StatusReport.decode(busy)
+
+
+def test_arrays_that_do_not_match_their_header_are_payload_errors() -> None:
+    spec = MacroSpec(rows=4, cols=2, rows_per_conversion=4)
+    with pytest.raises(PayloadError, match="weight rows"):
+        m.WeightRows(0, 4, b"\x00" * 3).weights(spec)
+    with pytest.raises(PayloadError, match="input vectors"):
+        m.MacInputs(0, 4, 2, b"\x00" * 5).inputs(spec)
 
 
 def test_unknown_opcodes_are_payload_errors() -> None:
     for opcode in (0x00, 0x7F, 0x81, 0xFF):
         with pytest.raises(PayloadError, match=f"0x{opcode:02x}"):
-            m.parse_request(opcode, b"")
+            m.decode_request(opcode, b"")
         with pytest.raises(PayloadError):
-            m.parse_reply(opcode, b"")
+            m.decode_reply(opcode, b"")
+
+
+def _identity(**changes: Any) -> m.Identity:
+    fields = dict(protocol_version=2, max_payload=65536, regmap_version=2, chip_id="ab", firmware_id="",
+                  bitstream_id="", spec=MacroSpec())
+    fields.update(changes)
+    return m.Identity(**fields)
 
 
 def test_bad_utf8_in_hello_is_a_payload_error() -> None:
-    good = m.build_reply(
-        Opcode.HELLO,
-        protocol_version=1,
-        max_payload=65536,
-        regmap_version=1,
-        chip_id="ab",
-        firmware_id="",
-        bitstream_id="",
-        spec=m.spec_to_wire(MacroSpec()),
-    )
+    good = _identity().encode()
     assert good[7:10] == b"\x02ab"  # chip_id: length byte, then its UTF-8 bytes
     bad = good[:8] + b"\xff\xfe" + good[10:]
-    with pytest.raises(PayloadError, match="HELLO reply"):
-        m.parse_reply(Opcode.HELLO, bad)
+    with pytest.raises(PayloadError, match="Identity"):
+        m.Identity.decode(bad)
 
 
 @pytest.mark.parametrize(
-    ("opcode", "fields", "field"),
+    ("message", "field"),
     [
-        (Opcode.READ_REG, {}, "addr"),
-        (Opcode.WRITE_REG, {"addr": 1}, "value"),
-        (Opcode.READ_REG, {"addr": 70000}, "addr"),
-        (Opcode.WRITE_REG, {"addr": 1, "value": -1}, "value"),
-        (Opcode.MAC, {"row_start": 0, "n_rows": 1, "batch": 1, "data": 5}, "MAC request"),
+        (m.RegAddr(70000), "addr"),
+        (m.RegValue(1, -1), "value"),
+        (m.MacInputs(0, 1, 1, 5), "MacInputs"),  # type: ignore[arg-type]
+        (m.Hello(65536, bytes(256)), "token"),
     ],
 )
-def test_build_with_bad_fields_is_a_payload_error_naming_the_field(
-    opcode: Opcode, fields: dict, field: str
-) -> None:
+def test_encoding_bad_fields_is_a_payload_error_naming_it(message: m.Message, field: str) -> None:
     with pytest.raises(PayloadError, match=field):
-        m.build_request(opcode, **fields)
+        message.encode()
 
 
 def test_opcode_names() -> None:
@@ -224,20 +256,11 @@ def valid_specs(draw: st.DrawFn) -> MacroSpec:
 @given(spec=valid_specs())
 def test_spec_round_trips_through_the_wire(spec: MacroSpec) -> None:
     fields = m.spec_to_wire(spec)
-    raw = m.MACRO_SPEC.build(fields)
-    assert len(raw) == m.MACRO_SPEC.sizeof()
-    assert m.spec_from_wire(m.MACRO_SPEC.parse(raw)) == spec
-    hello = m.build_reply(
-        Opcode.HELLO,
-        protocol_version=1,
-        max_payload=65536,
-        regmap_version=1,
-        chip_id="chip",
-        firmware_id="fw",
-        bitstream_id="bs",
-        spec=fields,
-    )
-    assert m.spec_from_wire(m.parse_reply(Opcode.HELLO, hello).spec) == spec
+    raw = m._MACRO_SPEC.build(fields)
+    assert len(raw) == m._MACRO_SPEC.sizeof()
+    assert m.spec_from_wire(m._MACRO_SPEC.parse(raw)) == spec
+    hello = _identity(chip_id="chip", firmware_id="fw", bitstream_id="bs", spec=spec)
+    assert m.Identity.decode(hello.encode()) == hello
 
 
 def test_spec_at_its_field_maxima_round_trips() -> None:
@@ -263,7 +286,7 @@ def test_spec_at_its_field_maxima_round_trips() -> None:
         adc_full_scale=r["adc_full_scale"][1],
     )
     for spec in (wide, deep):
-        assert m.spec_from_wire(m.MACRO_SPEC.parse(m.MACRO_SPEC.build(m.spec_to_wire(spec)))) == spec
+        assert m.spec_from_wire(m._MACRO_SPEC.parse(m._MACRO_SPEC.build(m.spec_to_wire(spec)))) == spec
 
 
 @pytest.mark.parametrize(
@@ -279,6 +302,6 @@ def test_spec_at_its_field_maxima_round_trips() -> None:
 def test_invalid_spec_from_the_wire_is_a_payload_error(change: dict, field: str) -> None:
     fields = m.spec_to_wire(MacroSpec())
     fields.update(change)
-    parsed = m.MACRO_SPEC.parse(m.MACRO_SPEC.build(fields))
+    parsed = m._MACRO_SPEC.parse(m._MACRO_SPEC.build(fields))
     with pytest.raises(PayloadError, match=field):
         m.spec_from_wire(parsed)

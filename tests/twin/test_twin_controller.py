@@ -13,7 +13,7 @@ from cimlab.firmware_bridge.bridge import Bridge
 from cimlab.firmware_bridge.controller import Controller
 from cimlab.firmware_bridge.errors import ConfigError, DeviceError, ShapeError
 from cimlab.firmware_bridge.frame import Framer, encode_frame
-from cimlab.firmware_bridge.messages import Opcode, Status, build_request, parse_reply
+from cimlab.firmware_bridge.messages import MacInputs, MacResult, Opcode, Status, WeightRows
 from cimlab.firmware_bridge.registers import BY_NAME, ERR_BAD_FRAME, ERR_BAD_REQUEST, ID_MAGIC
 
 
@@ -242,15 +242,13 @@ def test_twin_behind_the_bridge_answers_mac_frames() -> None:
     bridge = Bridge(twin)
     w, x = _random(twin, 3)
     frames = [
-        encode_frame(Opcode.WRITE_WEIGHTS, 1, build_request(
-            Opcode.WRITE_WEIGHTS, row_start=0, n_rows=spec.rows, data=w.astype(spec.weight_dtype).tobytes())),
-        encode_frame(Opcode.MAC, 2, build_request(
-            Opcode.MAC, row_start=0, n_rows=spec.rows, batch=3, data=x.tobytes())),
+        encode_frame(Opcode.WRITE_WEIGHTS, 1, WeightRows.of(spec, 0, w).encode()),
+        encode_frame(Opcode.MAC, 2, MacInputs.of(spec, 0, x).encode()),
     ]
     framer = Framer()
     replies = [ev for f in frames for out in bridge.receive(f) for ev in framer.feed(out)]
     assert [r.status for r in replies] == [Status.OK, Status.OK]
-    body = parse_reply(Opcode.MAC, replies[1].payload)
-    y = np.frombuffer(body.data, dtype=spec.output_dtype).reshape(3, spec.cols)
+    body = MacResult.decode(replies[1].payload)
+    y = body.outputs(spec, 0, spec.rows)
     np.testing.assert_array_equal(y, x.astype(np.int64) @ w)
     assert body.cost.cycles == twin.counters().last.cycles
