@@ -320,6 +320,11 @@ class MacroSpec:
         """
         c = np.asarray(codes, dtype=np.int64)
         acc = np.einsum("bpgkc,p,k->bc", c, self.plane_weights(), self.slice_weights(), optimize=True)
+        return self.outputs_from_code_sums(acc, inputs)
+
+    def outputs_from_code_sums(self, acc: np.ndarray, inputs: np.ndarray) -> np.ndarray:
+        """The last step of ``recombine``: codes summed with their plane and slice weights [batch, cols] (int64)
+        -> MAC outputs [batch, cols] int64 (scaled to levels, rounded; ``offset`` storage corrected)."""
         out = acc
         if self.adc_full_scale != self.adc_max:
             out = np.rint(acc * self.adc_full_scale / self.adc_max).astype(np.int64)

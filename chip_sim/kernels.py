@@ -1,0 +1,454 @@
+"""The fused fast path of the twin's MAC on the CPU, compiled by numba (on first use, cached beside this file).
+
+A batch is cut into chunks of vectors (the tasks of numba's thread pool) and each chunk into row groups and tiles
+of columns (``cimlab.chip_sim.fastpath.plan_for`` sizes both to the caches). Per chunk the kernel
+
+1. draws the chunk's random items straight from the PCG64 stream of ``cimlab.chip_sim.rng.VectorStream``: the same
+   128-bit LCG and XSL-RR output as numpy's ``PCG64.random_raw``, each vector's words jumped to at once
+   (``pcg_advance``) and four vectors' streams stepped side by side (independent multiply chains);
+2. turns each vector's input slices into row patterns: ``block_rows`` rows' slices of one plane packed into one
+   small integer per (plane, row group, block);
+3. per row group and tile of columns, and per (vector, plane) of the chunk, sums the compute weights of the
+   pattern of every block from the pattern tables (``build_tables``: the sum of the weights each pattern selects,
+   one row per pattern, exact integers in float32); where a pattern would be too wide it sums the rows one by one;
+4. converts the tile's sums at once, 16 lanes at a time with vector gathers for the table look-ups: the analytic
+   converter's three float32 operations, noise-table and ADC look-ups, or the data-driven converter's
+   inverse-CDF draw (most conversions read their row's most likely code; the others run a binary search).
+   The analytic code is a nondecreasing function of the noise item (the noise table is sorted), so both ends of
+   the item's bin (small tables that stay in L1) decide it, with one look-up that gives the code and the
+   distance to the next code; only where a threshold lies between them (about 0.1 % of conversions) is the
+   item's own entry of the 256 KiB noise table read;
+5. writes the codes (MAC_RAW) or adds them, weighted by their input slice, to the vector's column sums (MAC).
+
+Partial sums are sums of integers below 2**24, exact in float32 in any order; after them every step is the one
+``Converter.convert`` defines, in the same order and precision (no fast-math, so no fused multiply-add), so the
+codes are bit-identical to the numpy definition and to the reference mode.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+PCG_MULT_HI = np.uint64(0x2360ED051FC65DA4)
+PCG_MULT_LO = np.uint64(0x4385DF649FCCF645)
+"""numpy's PCG64 multiplier (PCG_DEFAULT_MULTIPLIER_128), split in 64-bit halves."""
+
+KIND_ANALYTIC = 0
+KIND_SAMPLED = 1
+LANES = 16
+"""Lanes of one vector gather (a 512-bit register of 32-bit values; narrower machines split it)."""
+STREAMS = 4
+"""PCG64 streams (vectors) stepped side by side when drawing a chunk's items."""
+
+_I1 = ir.IntType(1)
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_I128 = ir.IntType(128)
+
+
+# ---- 128-bit LCG (PCG64) ---------------------------------------------------------------------------------------
+def _wide(builder: ir.IRBuilder, hi: ir.Value, lo: ir.Value) -> ir.Value:
+    return builder.or_(builder.shl(builder.zext(hi, _I128), ir.Constant(_I128, 64)), builder.zext(lo, _I128))
+
+
+@intrinsic
+def _mul_add_128(typingctx, ahi, alo, bhi, blo, chi, clo):  # noqa: ANN001, ANN202, ARG001
+    """``(a * b + c) mod 2**128`` of 128-bit numbers given as (hi, lo) uint64 halves; returns (hi, lo)."""
+    u64 = types.uint64
+    sig = types.UniTuple(u64, 2)(u64, u64, u64, u64, u64, u64)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
+        a = _wide(builder, args[0], args[1])
+        b = _wide(builder, args[2], args[3])
+        c = _wide(builder, args[4], args[5])
+        r = builder.add(builder.mul(a, b), c)
+        lo = builder.trunc(r, _I64)
+        hi = builder.trunc(builder.lshr(r, ir.Constant(_I128, 64)), _I64)
+        return context.make_tuple(builder, signature.return_type, (hi, lo))
+
+    return sig, codegen
+
+
+@intrinsic
+def _xsl_rr(typingctx, hi, lo):  # noqa: ANN001, ANN202, ARG001
+    """PCG64's output function: ``rotr64(hi ^ lo, hi >> 58)``."""
+    sig = types.uint64(types.uint64, types.uint64)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
+        h, lo_ = args
+        x = builder.xor(h, lo_)
+        rot = builder.lshr(h, ir.Constant(_I64, 58))
+        back = builder.and_(builder.sub(ir.Constant(_I64, 64), rot), ir.Constant(_I64, 63))
+        return builder.or_(builder.lshr(x, rot), builder.shl(x, back))
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def pcg_advance(state: np.ndarray, delta: int) -> tuple[np.uint64, np.uint64]:
+    """The LCG state ``delta`` steps after ``state`` = [state hi, state lo, inc hi, inc lo] (numpy's
+    ``PCG64.advance``, Brown's jump-ahead); returns (hi, lo)."""
+    zero = np.uint64(0)
+    m_hi, m_lo = zero, np.uint64(1)  # accumulated multiplier
+    p_hi, p_lo = zero, zero  # accumulated increment
+    c_hi, c_lo = PCG_MULT_HI, PCG_MULT_LO
+    d_hi, d_lo = state[2], state[3]
+    while delta > 0:
+        if delta & 1:
+            m_hi, m_lo = _mul_add_128(m_hi, m_lo, c_hi, c_lo, zero, zero)
+            p_hi, p_lo = _mul_add_128(p_hi, p_lo, c_hi, c_lo, d_hi, d_lo)
+        d_hi, d_lo = _mul_add_128(c_hi, c_lo, d_hi, d_lo, d_hi, d_lo)  # (mult + 1) * inc
+        c_hi, c_lo = _mul_add_128(c_hi, c_lo, c_hi, c_lo, zero, zero)
+        delta >>= 1
+    return _mul_add_128(m_hi, m_lo, state[0], state[1], p_hi, p_lo)
+
+
+@njit(cache=True)
+def pcg_fill(out: np.ndarray, state: np.ndarray, first_word: int) -> None:
+    """``out[k]`` = raw word ``first_word + k`` of the PCG64 stream whose state (at word 0) is ``state``:
+    what ``PCG64.advance(first_word)`` then ``random_raw(out.size)`` give."""
+    hi, lo = pcg_advance(state, first_word)
+    inc_hi, inc_lo = state[2], state[3]
+    for k in range(out.size):
+        hi, lo = _mul_add_128(hi, lo, PCG_MULT_HI, PCG_MULT_LO, inc_hi, inc_lo)
+        out[k] = _xsl_rr(hi, lo)
+
+
+@njit(cache=True)
+def pcg_fill_vectors(out: np.ndarray, state: np.ndarray, first_vector: int) -> None:
+    """``out[b]`` [n, words] = the words of vector ``first_vector + b`` (words ``(first_vector + b) * words ..``),
+    ``STREAMS`` vectors' streams stepped side by side."""
+    n, words = out.shape
+    inc_hi, inc_lo = state[2], state[3]
+    mh, ml = PCG_MULT_HI, PCG_MULT_LO
+    b = 0
+    while b + STREAMS <= n:
+        h0, l0 = pcg_advance(state, (first_vector + b) * words)
+        h1, l1 = pcg_advance(state, (first_vector + b + 1) * words)
+        h2, l2 = pcg_advance(state, (first_vector + b + 2) * words)
+        h3, l3 = pcg_advance(state, (first_vector + b + 3) * words)
+        for k in range(words):
+            h0, l0 = _mul_add_128(h0, l0, mh, ml, inc_hi, inc_lo)
+            h1, l1 = _mul_add_128(h1, l1, mh, ml, inc_hi, inc_lo)
+            h2, l2 = _mul_add_128(h2, l2, mh, ml, inc_hi, inc_lo)
+            h3, l3 = _mul_add_128(h3, l3, mh, ml, inc_hi, inc_lo)
+            out[b, k] = _xsl_rr(h0, l0)
+            out[b + 1, k] = _xsl_rr(h1, l1)
+            out[b + 2, k] = _xsl_rr(h2, l2)
+            out[b + 3, k] = _xsl_rr(h3, l3)
+        b += STREAMS
+    for r in range(b, n):
+        pcg_fill(out[r], state, (first_vector + r) * words)
+
+
+# ---- vector gathers --------------------------------------------------------------------------------------------
+@intrinsic
+def _gather16(typingctx, table, index, start, out):  # noqa: ANN001, ANN202, ARG001
+    """``out[start : start + 16] = table[index[start : start + 16]]``: 32-bit elements, int32 indices, one
+    ``llvm.masked.gather`` (a vector gather where the machine has one, scalar loads elsewhere)."""
+    if not (table.dtype.bitwidth == 32 and out.dtype == table.dtype and index.dtype == types.int32):
+        return None
+    sig = types.void(table, index, start, out)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        t_ty, i_ty, _, o_ty = signature.args
+        tab = context.make_array(t_ty)(context, builder, value=args[0])
+        ind = context.make_array(i_ty)(context, builder, value=args[1])
+        dst = context.make_array(o_ty)(context, builder, value=args[3])
+        elt = context.get_data_type(t_ty.dtype)
+        vec = ir.VectorType(elt, LANES)
+        v_i32 = ir.VectorType(_I32, LANES)
+        v_i64 = ir.VectorType(_I64, LANES)
+        idx = builder.load(builder.bitcast(builder.gep(ind.data, [args[2]]), v_i32.as_pointer()), align=4)
+        base = builder.insert_element(ir.Constant(v_i64, None), builder.ptrtoint(tab.data, _I64), ir.Constant(_I32, 0))
+        base = builder.shuffle_vector(base, base, ir.Constant(v_i32, [0] * LANES))
+        offset = builder.mul(builder.sext(idx, v_i64), ir.Constant(v_i64, [4] * LANES))
+        ptrs = builder.inttoptr(builder.add(base, offset), ir.VectorType(elt.as_pointer(), LANES))
+        name = "llvm.masked.gather.v16{0}.v16p0".format("f32" if isinstance(elt, ir.FloatType) else "i32")
+        fnty = ir.FunctionType(vec, [ptrs.type, _I32, ir.VectorType(_I1, LANES), vec])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+        got = builder.call(fn, [ptrs, ir.Constant(_I32, 4), ir.Constant(ir.VectorType(_I1, LANES), [1] * LANES),
+                                ir.Constant(vec, None)])
+        builder.store(got, builder.bitcast(builder.gep(dst.data, [args[2]]), vec.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def _gather(table, index, n, out):  # noqa: ANN001
+    """``out[:n] = table[index[:n]]`` in blocks of ``LANES`` (the buffers are padded; extra lanes hold valid
+    indices)."""
+    for start in range(0, n, LANES):
+        _gather16(table, index, start, out)
+
+
+# ---- pattern tables --------------------------------------------------------------------------------------------
+@njit(cache=True, parallel=True)
+def build_tables(w, rowsum, slice_bits, block_rows, groups, table, level_table):  # noqa: ANN001
+    """Pattern tables of the row groups flagged in ``groups``: ``table[g, k, pat]`` [J] = the weights block ``k``
+    of group ``g`` sums for input pattern ``pat`` (digit ``i`` of ``pat``, ``slice_bits`` wide, drives row
+    ``k * block_rows + i``), and ``level_table[g, k, pat]`` the matching sum of ``rowsum`` (energy estimate)."""
+    G, R, J = w.shape
+    n_blocks, n_patterns = table.shape[1], table.shape[2]
+    digit_max = (1 << slice_bits) - 1
+    for g in prange(G):
+        if not groups[g]:
+            continue
+        for k in range(n_blocks):
+            table[g, k, 0, :] = 0.0
+            level_table[g, k, 0] = 0
+            for pat in range(1, n_patterns):
+                top = 0  # highest nonzero digit of pat
+                for i in range(block_rows):
+                    if (pat >> (i * slice_bits)) & digit_max:
+                        top = i
+                d = (pat >> (top * slice_bits)) & digit_max
+                rest = pat - (d << (top * slice_bits))
+                r = k * block_rows + top
+                if r < R:
+                    for j in range(J):
+                        table[g, k, pat, j] = table[g, k, rest, j] + np.float32(d) * w[g, r, j]
+                    level_table[g, k, pat] = level_table[g, k, rest] + d * rowsum[g * R + r]
+                else:
+                    table[g, k, pat, :] = table[g, k, rest, :]
+                    level_table[g, k, pat] = level_table[g, k, rest]
+
+
+@njit(cache=True)
+def _patterns(x, b, row_start, n_planes, slice_bits, rows_per_group, block_rows, g0, g1, pats):  # noqa: ANN001
+    """Vector ``b``'s row patterns: ``pats[p, g - g0, k]`` packs the slices of plane ``p`` of the rows of block
+    ``k`` of group ``g`` (rows outside the request are 0)."""
+    pats[:] = 0
+    digit_max = (1 << slice_bits) - 1
+    lo = max(row_start, g0 * rows_per_group)
+    hi = min(row_start + x.shape[1], g1 * rows_per_group)
+    for row in range(lo, hi):
+        v = np.int64(x[b, row - row_start])
+        if v == 0:
+            continue
+        g = row // rows_per_group
+        r = row - g * rows_per_group
+        k = r // block_rows
+        sh = (r - k * block_rows) * slice_bits
+        for p in range(n_planes):
+            pats[p, g - g0, k] |= ((v >> (p * slice_bits)) & digit_max) << sh
+
+
+# ---- the fused MAC ---------------------------------------------------------------------------------------------
+# Inner loops index 1-D arrays at an offset: numba's multi-dimensional indexing keeps LLVM from vectorizing them,
+# and a slice made in a hot loop costs two atomic reference-count updates.
+@njit(cache=True, inline="always")
+def _convert_analytic(acc, sc, sh, items, noise, noise_lo, noise_hi, bin_shift, lut,  # noqa: ANN001
+                      fbuf, hbuf, ibuf, kbuf, packed, codes, tn):
+    """Codes of one tile of partial sums ``acc[:tn]`` with its columns' scale and shift and its noise items
+    (``items`` empty: no noise). ``lut`` packs each bin's code (low 16 bits) with the number of bins from it to
+    the next bin of another code (high 16 bits, at most 65535)."""
+    lut_top = np.int32(lut.size - 1)
+    for jj in range(tn):
+        t = acc[jj] * sc[jj]
+        fbuf[jj] = t + sh[jj]
+    if items.size == 0:
+        for jj in range(tn):
+            ibuf[jj] = min(max(np.int32(fbuf[jj]), np.int32(0)), lut_top)
+        _gather(lut, ibuf, tn, packed)
+        for jj in range(tn):
+            codes[jj] = np.int32(packed[jj] & np.uint32(0xFFFF))
+        return
+    # the code is nondecreasing in the item (sorted noise table): the two ends of the item's bin decide it unless
+    # a code threshold lies between them; then the item's own noise does
+    for jj in range(tn):
+        ibuf[jj] = np.int32(items[jj] >> bin_shift)
+    _gather(noise_lo, ibuf, tn, acc)
+    _gather(noise_hi, ibuf, tn, hbuf)
+    for jj in range(tn):
+        ibuf[jj] = min(max(np.int32(fbuf[jj] + acc[jj]), np.int32(0)), lut_top)
+        kbuf[jj] = min(max(np.int32(fbuf[jj] + hbuf[jj]), np.int32(0)), lut_top)
+    _gather(lut, ibuf, tn, packed)
+    for jj in range(tn):
+        codes[jj] = np.int32(packed[jj] & np.uint32(0xFFFF))
+        kbuf[jj] = np.int32(kbuf[jj] - ibuf[jj] >= np.int32(packed[jj] >> np.uint32(16)))
+    for q0 in range(0, tn, LANES):
+        open_ = np.int32(0)
+        for q in range(LANES):
+            open_ |= kbuf[q0 + q]
+        if open_ != 0:
+            for jj in range(q0, min(q0 + LANES, tn)):
+                if kbuf[jj]:
+                    c = np.int32(fbuf[jj] + noise[items[jj]])
+                    codes[jj] = np.int32(lut[min(max(c, np.int32(0)), lut_top)] & np.uint32(0xFFFF))
+
+
+@njit(cache=True, inline="always")
+def _convert_sampled(acc, j0, J, items, mode, mode_lo, mode_hi_m1, bounds, width, ibuf, lo_buf, hi_buf,  # noqa: ANN001
+                     codes, tn):
+    """Codes of one tile of levels ``acc[:tn]`` of columns ``j0 ..`` (of ``J``) drawn with 32-bit uniforms
+    ``items``."""
+    for jj in range(tn):
+        ibuf[jj] = np.int32(acc[jj]) * np.int32(J) + np.int32(j0 + jj)
+    _gather(mode, ibuf, tn, codes)
+    _gather(mode_lo, ibuf, tn, lo_buf)
+    _gather(mode_hi_m1, ibuf, tn, hi_buf)
+    for q0 in range(0, tn, LANES):
+        miss = False
+        for jj in range(q0, min(q0 + LANES, tn)):
+            miss |= (items[jj] < lo_buf[jj]) | (items[jj] > hi_buf[jj])
+        if miss:
+            for jj in range(q0, min(q0 + LANES, tn)):
+                u = items[jj]
+                if u < lo_buf[jj] or u > hi_buf[jj]:
+                    codes[jj] = _binary_count(bounds, np.int64(ibuf[jj]) * width, width, np.int64(u))
+
+
+@njit(cache=True)
+def _tally(pats, g0, rpg, use_table, level_table, pulse_table, rowsum):  # noqa: ANN001
+    """A vector's (level sum, word-line pulses) from its patterns [P, groups spanned, blocks]."""
+    level_sum = 0
+    pulses = 0
+    P, gs, n_blocks = pats.shape
+    for p in range(P):
+        for gi in range(gs):
+            for k in range(n_blocks):
+                pat = pats[p, gi, k]
+                if use_table:
+                    level_sum += level_table[g0 + gi, k, pat]
+                    pulses += pulse_table[pat]
+                elif pat != 0:
+                    level_sum += pat * rowsum[(g0 + gi) * rpg + k]
+                    pulses += 1
+    return level_sum, pulses
+
+
+@njit(parallel=True, cache=True)
+def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng, raw, out, col_sums, tally):  # noqa: ANN001, C901, PLR0912, PLR0915
+    """Codes (``raw``) or slice-weighted column sums of a batch; see the module docstring.
+
+    Args:
+        x: input codes [n, n_rows] (uint16) of rows ``row_start ..``.
+        geometry: (n_planes, slice_bits, n_groups, rows per group, J, g0, g1, chunk vectors, tile columns,
+            block_rows).
+        w: compute weights [n_groups, rows per group, J] float32 (exact integers).
+        sums_from: (pattern table [n_groups, blocks, patterns, J] f32, its level sums [n_groups, blocks,
+            patterns] int64, pulses per pattern [patterns] int64, use the table (else sum rows one by one),
+            rowsum [n_groups * rows per group] int64).
+        kind: ``KIND_ANALYTIC`` or ``KIND_SAMPLED``.
+        analytic: (scale [J] f32, shift [J] f32, noise table [65536] f32 (nondecreasing) or empty, its first and
+            last value in each bin of ``2**bin_shift`` items, ``bin_shift``, ADC look-up table packed with its
+            distance to the next code (``cimlab.chip_sim.fastpath.packed_lut``), uint32).
+        sampled: (mode [L*J] int32, interval low [L*J] uint32, interval high - 1 [L*J] uint32,
+            bounds [L*J*width] int64, width).
+        rng: (PCG64 state at word 0 as uint64[4], first vector, words per vector, item bytes: 0, 2 or 4).
+        raw: write codes to ``out`` [n, P, g1-g0, J]; otherwise add ``code << (p * slice_bits)`` into
+            ``col_sums`` [n, J] (int64, zeroed by the caller).
+        tally: [n, 2] int64 out: per vector, level sum and word-line pulses.
+    """
+    n_planes, slice_bits, n_groups, rpg, J, g0, g1, chunk, tile, block_rows = geometry
+    table, level_table, pulse_table, use_table, rowsum = sums_from
+    scale, shift, noise, noise_lo, noise_hi, bin_shift, lut = analytic
+    mode, mode_lo, mode_hi_m1, bounds, width = sampled
+    state, first_vector, words, item_bytes = rng
+    n = x.shape[0]
+    gs = g1 - g0
+    n_blocks = (rpg + block_rows - 1) // block_rows
+    n_patterns = table.shape[2]
+    noisy = kind == KIND_ANALYTIC and noise.size > 0 and item_bytes > 0
+    items_per_vector = words * 8 // item_bytes if item_bytes else 0
+    tile_pad = (tile + LANES - 1) // LANES * LANES
+    table1 = table.reshape(-1)
+    w1 = w.reshape(-1)
+    out1 = out.reshape(-1)
+    sums1 = col_sums.reshape(-1)
+    n_chunks = (n + chunk - 1) // chunk
+    for ci in prange(n_chunks):
+        b0 = ci * chunk
+        nb = min(n, b0 + chunk) - b0
+        words_buf = np.empty((nb, max(words, 1)), dtype=np.uint64)
+        if item_bytes > 0:
+            pcg_fill_vectors(words_buf, state, first_vector + b0)
+        items16 = words_buf.reshape(-1).view(np.uint16)
+        items32 = words_buf.reshape(-1).view(np.uint32)
+        pats = np.empty((nb, n_planes, gs, n_blocks), dtype=np.int32)
+        for bb in range(nb):
+            _patterns(x, b0 + bb, row_start, n_planes, slice_bits, rpg, block_rows, g0, g1, pats[bb])
+            level_sum, pulses = _tally(pats[bb], g0, rpg, use_table, level_table, pulse_table, rowsum)
+            tally[b0 + bb, 0] = level_sum
+            tally[b0 + bb, 1] = pulses
+        pats1 = pats.reshape(-1)
+        acc = np.zeros(tile_pad, dtype=np.float32)
+        fbuf = np.zeros(tile_pad, dtype=np.float32)
+        hbuf = np.zeros(tile_pad, dtype=np.float32)
+        ibuf = np.zeros(tile_pad, dtype=np.int32)
+        kbuf = np.zeros(tile_pad, dtype=np.int32)
+        codes = np.zeros(tile_pad, dtype=np.int32)
+        packed = np.zeros(tile_pad, dtype=np.uint32)
+        lo_buf = np.zeros(tile_pad, dtype=np.uint32)
+        hi_buf = np.zeros(tile_pad, dtype=np.uint32)
+        for gi in range(gs):
+            g = g0 + gi
+            for t0 in range(0, J, tile):
+                tn = min(tile, J - t0)
+                for jj in range(tn, tile_pad):  # lanes past the tile gather from index 0
+                    ibuf[jj] = 0
+                    kbuf[jj] = 0
+                sc = scale[t0 : t0 + tn]
+                sh = shift[t0 : t0 + tn]
+                for bb in range(nb):
+                    for p in range(n_planes):
+                        # 1. the tile's partial sums (exact integers)
+                        for jj in range(tn):
+                            acc[jj] = 0.0
+                        pat0 = ((bb * n_planes + p) * gs + gi) * n_blocks
+                        for k in range(n_blocks):
+                            pat = pats1[pat0 + k]
+                            if pat == 0:
+                                continue
+                            if use_table:
+                                off = ((g * n_blocks + k) * n_patterns + pat) * J + t0
+                                row = table1[off : off + tn]
+                                for jj in range(tn):
+                                    acc[jj] += row[jj]
+                            else:
+                                v = np.float32(pat)
+                                off = (g * rpg + k) * J + t0
+                                row = w1[off : off + tn]
+                                for jj in range(tn):
+                                    acc[jj] += v * row[jj]
+                        # 2. their codes
+                        i0 = bb * items_per_vector + (p * n_groups + g) * J + t0
+                        if kind == KIND_ANALYTIC:
+                            items = items16[i0 : i0 + tn] if noisy else items16[:0]
+                            _convert_analytic(acc, sc, sh, items, noise, noise_lo, noise_hi, bin_shift, lut,
+                                              fbuf, hbuf, ibuf, kbuf, packed, codes, tn)
+                        else:
+                            _convert_sampled(acc, t0, J, items32[i0 : i0 + tn], mode, mode_lo, mode_hi_m1, bounds,
+                                             width, ibuf, lo_buf, hi_buf, codes, tn)
+                        # 3. out
+                        if raw:
+                            o0 = (((b0 + bb) * n_planes + p) * gs + gi) * J + t0
+                            dst = out1[o0 : o0 + tn]
+                            for jj in range(tn):
+                                dst[jj] = codes[jj]
+                        else:
+                            o0 = (b0 + bb) * J + t0
+                            dst64 = sums1[o0 : o0 + tn]
+                            shift_p = p * slice_bits
+                            for jj in range(tn):
+                                dst64[jj] += np.int64(codes[jj]) << shift_p
+
+
+@njit(cache=True)
+def _binary_count(bounds, start, width, u):  # noqa: ANN001
+    """How many of ``bounds[start : start + width]`` (nondecreasing) are <= ``u``."""
+    lo = 0
+    hi = width
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if bounds[start + mid] <= u:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
