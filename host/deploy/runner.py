@@ -88,7 +88,7 @@ class ChipMacro(LayerMacro):
         """Never: every MAC goes to the chip."""
         return False
 
-    def forward_values(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    def mac_values(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """MAC outputs [N, M] from the chip for input codes x [N, K]; q must be the weights the chip holds."""
         if q.shape != self.weights.shape or not torch.equal(torch.round(q).to(torch.int64), self.weights):
             raise ArtifactError(f"layer {self.name!r} asks for other weights than the chip was programmed with")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cimlab.firmware_bridge.errors import ConfigError, ShapeError
-from cimlab.training.layers import cim_layers, reseed
+from cimlab.training.layers import calibrate_columns, cim_layers, reseed, set_columns, set_transfer
+from cimlab.training.macro import ColumnCorrection
 from cimlab.training.tasks import TaskData
+from cimlab.training.transfer import Transfer
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -123,9 +125,23 @@ def progress_bar(enabled: bool, total: int, description: str) -> Iterator[Any]:
 
 
 def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = False,
-        evaluate_each_epoch: bool = True, description: str = "train") -> TrainResult:
-    """Train ``model`` on ``data`` with cross entropy (see ``TrainConfig``); returns what happened."""
+        evaluate_each_epoch: bool = True, description: str = "train",
+        population: Sequence[Transfer] = (), calibration: Sequence[torch.Tensor] = ()) -> TrainResult:
+    """Train ``model`` on ``data`` with cross entropy (see ``TrainConfig``); returns what happened.
+
+    ``population``: error models of several chips of one design; each step draws one of them (uniformly, from
+    the seeded generator) and runs the whole batch through it, so the network learns what the chips share rather
+    than one chip's columns. The model keeps the last one drawn; evaluate with the transfer you mean.
+
+    ``calibration``: input batches (no labels) for the deploy-time step. When given, training sees every chip as
+    it will be deployed: at the start of each epoch each chip's per-column corrections are fitted for the current
+    weights (``layers.calibrate_columns``; the model's own transfer when there is no population) and applied to
+    the steps through that chip. Afterwards the model holds the corrections of the last chip it used.
+    """
     _check_data(model, data)
+    population = list(population)
+    if any(t.spec != population[0].spec for t in population):
+        raise ConfigError("the population's error models are for different MacroSpecs")
     reseed(model, cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     n = data.x_train.shape[0]
@@ -140,6 +156,7 @@ def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = 
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)))
+    chips = population or [None]
     result = TrainResult()
     t_start = time.perf_counter()
     step_time = 0.0
@@ -147,6 +164,7 @@ def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = 
         for epoch in range(cfg.epochs):
             if result.steps >= total:
                 break
+            corrections = _chip_corrections(model, chips, calibration) if calibration else None
             model.train()
             order = torch.randperm(n, generator=gen)
             loss_sum, correct, seen = 0.0, 0, 0
@@ -159,6 +177,11 @@ def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = 
                 xb, yb = data.x_train[idx], data.y_train[idx]
                 if data.augment is not None:
                     xb = data.augment(xb, gen)
+                if population:
+                    chip = int(torch.randint(len(population), (1,), generator=gen))
+                    set_transfer(model, population[chip])
+                    if corrections is not None:
+                        set_columns(model, corrections[chip])
                 t0 = time.perf_counter()
                 out = model(xb)
                 loss = F.cross_entropy(out, yb)
@@ -181,6 +204,49 @@ def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = 
     result.step_time_s = step_time / max(result.steps, 1)
     model.eval()
     return result
+
+
+def _chip_corrections(model: nn.Module, chips: list[Transfer | None],
+                      calibration: Sequence[torch.Tensor]) -> list[dict[str, ColumnCorrection]]:
+    """Each chip's per-column corrections for the current weights (``None``: the model's transfer as it is)."""
+    out = []
+    for chip in chips:
+        if chip is not None:
+            set_transfer(model, chip)
+        out.append(calibrate_columns(model, calibration))
+    return out
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Re-estimate every batch-norm layer's running mean and variance from ``batches`` as the model computes now
+    (through the chip's error model or on the chip itself): the cheap per-chip step that re-centres each channel
+    after the chip's static per-column errors shifted it. Nothing else changes; no labels are needed.
+
+    Returns the number of samples seen.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    saved = [(m, m.momentum) for m in norms]
+    was = model.training
+    model.eval()
+    seen = 0
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over all batches
+            m.train()
+        for xb in batches:
+            model(xb)
+            seen += int(xb.shape[0])
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.train(was)
+    if seen == 0:
+        raise ConfigError("batch-norm recalibration saw no samples")
+    return seen
 
 
 @torch.no_grad()
@@ -242,4 +308,4 @@ def time_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, *
 
 
 __all__ = ["OPTIMIZERS", "TrainConfig", "TrainResult", "accuracy", "accuracy_draws", "fit", "progress_bar",
-           "time_steps"]
+           "recalibrate_batchnorm", "time_steps"]

@@ -59,6 +59,49 @@ class _TilePlan:
 
 
 @dataclass
+class ColumnCorrection:
+    """The per-chip step at deploy time: each output column's MAC outputs corrected digitally,
+    ``y = (mac - offset) / gain``, with ``gain`` and ``offset`` fitted on the chip against the exact integer MACs
+    the host knows for the same inputs (``cimlab.training.layers.calibrate_columns``). It removes what a chip's
+    static per-column errors (offset, gain) do to a column's sum; what varies conversion to conversion stays.
+
+    Attributes:
+        gain: float64 [n_cols], measured MAC per ideal MAC unit.
+        offset: float64 [n_cols], ``adc_lsb`` level units.
+    """
+
+    gain: torch.Tensor
+    offset: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.gain.shape != self.offset.shape or self.gain.ndim != 1:
+            raise ShapeError(f"gain {list(self.gain.shape)} and offset {list(self.offset.shape)} must be one "
+                             "value per column")
+        if not bool(torch.isfinite(self.gain).all() and (self.gain > 0).all() and torch.isfinite(self.offset).all()):
+            raise ConfigError("a column correction needs finite offsets and positive finite gains")
+
+    @classmethod
+    def fit(cls, measured: torch.Tensor, ideal: torch.Tensor, *, min_gain: float = 0.25) -> ColumnCorrection:
+        """Least-squares line ``measured = gain * ideal + offset`` per column of [N, M] outputs. A column whose
+        ideal outputs do not vary gets gain 1 (its offset still fitted); gains are kept >= ``min_gain``."""
+        if measured.shape != ideal.shape or measured.ndim != 2 or measured.shape[0] < 1:
+            raise ShapeError(f"measured {list(measured.shape)} and ideal {list(ideal.shape)} outputs must be the "
+                             "same [N, M] shape")
+        y, x = measured.to(torch.float64), ideal.to(torch.float64)
+        mx, my = x.mean(0), y.mean(0)
+        sxx = ((x - mx) ** 2).sum(0)
+        sxy = ((x - mx) * (y - my)).sum(0)
+        flat = sxx <= 1e-9 * (1.0 + (mx * mx) * x.shape[0])
+        gain = torch.where(flat, torch.ones_like(sxx), sxy / torch.where(flat, torch.ones_like(sxx), sxx))
+        gain = gain.clamp_min(min_gain)
+        return cls(gain, my - gain * mx)
+
+    def apply(self, mac: torch.Tensor) -> torch.Tensor:
+        """Corrected outputs of MAC outputs [N, n_cols]."""
+        return (mac - self.offset) / self.gain
+
+
+@dataclass
 class MacroStats:
     """What the last forward/backward did (for tests and reports)."""
 
@@ -83,6 +126,7 @@ class LayerMacro:
     rng: np.random.Generator = field(default_factory=lambda: np.random.Generator(np.random.PCG64(0)))
     chunk_conversions: int = DEFAULT_CHUNK_CONVERSIONS
     stats: MacroStats = field(default_factory=MacroStats)
+    correction: ColumnCorrection | None = None
 
     def __post_init__(self) -> None:
         spec = self.spec
@@ -132,7 +176,14 @@ class LayerMacro:
     def fast_exact(self) -> bool:
         """The ideal transfer of a macro whose ADC resolves every level: the MAC is exactly ``x @ W``."""
         tr = self.transfer
-        return tr.kind == "ideal" and tr.lossless and tr.shortcut
+        return tr.kind == "ideal" and tr.lossless and tr.shortcut and self.correction is None
+
+    def set_correction(self, correction: ColumnCorrection | None) -> None:
+        """Correct the MAC outputs per column (None: no correction)."""
+        if correction is not None and correction.gain.shape != (self.layer_map.n_cols,):
+            raise ShapeError(f"the correction has {correction.gain.shape[0]} columns, the layer "
+                             f"{self.layer_map.n_cols}")
+        self.correction = correction
 
     def chunk_bound(self) -> int:
         """The most conversions one chunk holds for this layer (a vector is never split)."""
@@ -186,6 +237,12 @@ class LayerMacro:
 
     # ---- forward / backward ---------------------------------------------------------------------------------
     def forward_values(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """The layer's outputs [N, M] (float64, ``adc_lsb`` level units): the MACs (``mac_values``), corrected per
+        column when a correction is set; no autograd."""
+        mac = self.mac_values(x, q)
+        return mac if self.correction is None else self.correction.apply(mac)
+
+    def mac_values(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """MAC outputs [N, M] (float64, in ``adc_lsb`` level units, integer valued: exact) for input codes x [N, K]
         and logical weights q [K, M]; no autograd."""
         lm = self.layer_map
@@ -230,6 +287,8 @@ class LayerMacro:
         spec = self.spec
         lm = self.layer_map
         N = x.shape[0]
+        if self.correction is not None:
+            grad = grad / self.correction.gain
         if self.fast_exact:
             g = grad.to(torch.float32)
             return g @ q.to(torch.float32).T, x.to(torch.float32).T @ g
@@ -307,4 +366,4 @@ def macro_matmul(x: torch.Tensor, q: torch.Tensor, macro: LayerMacro) -> torch.T
     return _MacroMatmul.apply(x, q, macro)
 
 
-__all__ = ["DEFAULT_CHUNK_CONVERSIONS", "LayerMacro", "MacroStats", "macro_matmul"]
+__all__ = ["DEFAULT_CHUNK_CONVERSIONS", "ColumnCorrection", "LayerMacro", "MacroStats", "macro_matmul"]
