@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from training_helpers import SMALL_ODD, SMALL_TWOS, noisy_model
+from training_helpers import SMALL_LOSSY, SMALL_ODD, SMALL_TWOS, noisy_model
 
 from cimlab.mapping import map_layer
 from cimlab.training.layers import CIMLinear, convert, reseed
@@ -141,3 +141,28 @@ def test_evaluation_leaves_the_training_streams_where_they_were() -> None:
     a = accuracy(model, data.x_test, data.y_test, seed=0)
     assert a == accuracy(model, data.x_test, data.y_test, seed=0)  # evaluation itself is reproducible
     assert np.array_equal(layer.macro.rng.bit_generator.random_raw(4), expected)
+
+
+@pytest.mark.parametrize("spec", [SMALL_TWOS, SMALL_LOSSY], ids=["twos", "offset-clip"])
+def test_fused_layer_forward_equals_the_twins_sampler_on_numpy_levels(spec) -> None:  # noqa: ANN001
+    """The fused chunk kernel (guide index from one matmul, code, recombination) against an independent numpy
+    computation: ``MacroSpec.ideal_levels``, the twin's ``CodeSampler`` on the same 32-bit uniforms, and
+    ``MacroSpec.recombine``."""
+    from cimlab.training.transfer import uniform32
+
+    model = noisy_model(spec, seed=12, noise=0.5)
+    tr = Transfer.from_model(model, pooled=False)
+    assert tr.layout == "packed"  # the fused path
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, spec.input_max + 1, (9, spec.rows))
+    w = rng.integers(spec.weight_min, spec.weight_max + 1, (spec.rows, spec.cols))
+    macro = LayerMacro(map_layer(spec, spec.rows, spec.cols), tr)
+    macro.reseed(4)
+    got = macro.mac_values(torch.tensor(x, dtype=torch.float32), torch.tensor(w, dtype=torch.float32))
+    levels = spec.ideal_levels(x, w)  # [n, P, G, S, C]
+    order = levels.transpose(2, 0, 1, 3, 4)  # the kernel draws its uniforms in [G, n, P, S, C] order
+    bits = uniform32(np.random.Generator(np.random.PCG64(4)), order.size).view(np.uint32).reshape(order.shape)
+    flat = order.reshape(-1, spec.physical_cols)
+    codes = model.sampler().sample_bits(flat, bits.reshape(flat.shape)).reshape(order.shape)
+    want = spec.recombine(codes.transpose(1, 2, 0, 3, 4), x)
+    assert np.array_equal(got.numpy().astype(np.int64), want)
