@@ -47,9 +47,9 @@ from cimlab.deploy.package import DeployPackage
 from cimlab.deploy.program import DEFAULT_MAX_REWRITES, PageLoader
 from cimlab.deploy.runner import attach_chip, build_model, predict
 from cimlab.driver import Chip
-from cimlab.training.layers import set_transfer
+from cimlab.training.layers import calibrate_columns, set_transfer
 from cimlab.training.loop import accuracy_draws, progress_bar
-from cimlab.training.transfer import Transfer, check_spec, file_sha256
+from cimlab.training.transfer import ColumnTrim, Transfer, check_spec, file_sha256
 
 SPREAD_SIGMAS = 3.0
 """Standard deviations of the prediction within which the chip's accuracy counts as predicted."""
@@ -105,7 +105,8 @@ def _gap(chip_acc: float, mean: float | None, std: float | None, n: int) -> tupl
 def bench_package(pkg: DeployPackage, chip: Chip, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512,
                   draws: int = 5, error_model: str | os.PathLike | None = None, pooled: bool = False,
                   seed: int = 0, progress: bool = False, max_rewrites: int = DEFAULT_MAX_REWRITES,
-                  link_rate: float | None = None) -> dict[str, Any]:
+                  link_rate: float | None = None, trim: ColumnTrim | None = None,
+                  calibration: torch.Tensor | None = None) -> dict[str, Any]:
     """Benchmark the package on the chip with test inputs ``x`` and labels ``y`` (see the module docstring).
 
     Args:
@@ -117,6 +118,11 @@ def bench_package(pkg: DeployPackage, chip: Chip, x: torch.Tensor, y: torch.Tens
         seed: first seed of the prediction's draws.
         progress: show a progress bar on stderr.
         link_rate: the link's rate, bytes/s (default: its ``rate_hint``, else measured with PING).
+        trim, calibration: the per-chip deploy step. ``trim``: each physical column's gain and offset from a short
+            characterization of this chip (the chip then returns raw codes, MAC_RAW, and the host recombines
+            them trimmed); ``calibration``: inputs (no labels) on which each layer's per-output gain and offset
+            are fitted on the chip against the exact MACs (``cimlab.training.layers.calibrate_columns``) before
+            the timed run. The prediction applies the same step under the error model.
 
     Returns:
         The figures (JSON-friendly), plus ``"_chip_logits"`` and ``"_ideal_logits"`` (torch tensors, dropped by
@@ -134,6 +140,9 @@ def bench_package(pkg: DeployPackage, chip: Chip, x: torch.Tensor, y: torch.Tens
         raise ConfigError(f"draws must be >= 0, got {draws}")
     n = int(x.shape[0])
     spec = pkg.spec
+    if trim is not None and trim.offset.shape != (spec.physical_cols,):
+        raise ConfigError(f"the trim has {trim.offset.shape[0]} physical columns; this macro has "
+                          f"{spec.physical_cols} ({spec.describe()})")
     hello = chip.hello
     pkg.check_hello(hello, f"the chip at {chip.link.url}")
 
@@ -142,7 +151,12 @@ def bench_package(pkg: DeployPackage, chip: Chip, x: torch.Tensor, y: torch.Tens
     loader = PageLoader(chip, pkg, max_rewrites=max_rewrites)
     first_page = min(t.page for lm in (lm for _, lm in pkg.schedule.layers) for t in lm.tiles)
     deploy_rep = loader.verify(first_page)
-    runner = attach_chip(model, pkg, chip, loader)
+    runner = attach_chip(model, pkg, chip, loader, trim)
+    batches = _batches(calibration, batch_size)
+    t_cal = time.perf_counter()
+    if batches:
+        calibrate_columns(model, batches)
+    calibration_s = time.perf_counter() - t_cal
     st0 = chip.status()
     s0 = chip.stats.as_dict()
     t0 = time.perf_counter()
@@ -163,9 +177,11 @@ def bench_package(pkg: DeployPackage, chip: Chip, x: torch.Tensor, y: torch.Tens
     prediction: dict[str, Any] = {"ideal": acc_ideal, "error_model": em_path, "note": em_note, "pooled": None,
                                   "draws": [], "mean": None, "std": None}
     if em_path is not None and draws > 0:
-        transfer = Transfer.load(em_path, pooled=pooled)
+        transfer = Transfer.load(em_path, pooled=pooled).trimmed(trim)
         check_spec(spec, transfer.spec, f"error model {em_path!r}")
         set_transfer(host, transfer)
+        if batches:
+            calibrate_columns(host, batches)
         accs = accuracy_draws(host, x, y, draws, seed=seed, batch_size=batch_size)
         prediction.update(pooled=pooled, sha256=transfer.info.sha256, draws=accs, mean=statistics.fmean(accs),
                           std=statistics.stdev(accs) if len(accs) > 1 else 0.0)
@@ -215,9 +231,20 @@ def bench_package(pkg: DeployPackage, chip: Chip, x: torch.Tensor, y: torch.Tens
         "schedule": {**pkg.schedule.summary(), "page_loads": loader.loads, "rows_written": loader.rows_written},
         "deploy": deploy_rep.as_dict(max_cells=20),
         "weight_mismatches": len(loader.mismatches),
+        "deploy_step": {"trim": trim.source if trim is not None else None,
+                        "calibration_images": int(calibration.shape[0]) if calibration is not None else 0,
+                        "calibration_s": calibration_s},
         "_chip_logits": chip_logits, "_ideal_logits": ideal_logits,
     }
     return result
+
+
+def _batches(x: torch.Tensor | None, batch_size: int) -> list[torch.Tensor]:
+    if x is None:
+        return []
+    if x.shape[0] == 0:
+        raise ConfigError("the deploy step's calibration needs at least one input")
+    return [x[i : i + batch_size] for i in range(0, x.shape[0], batch_size)]
 
 
 def _finite(v: float) -> float | None:

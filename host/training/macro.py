@@ -51,14 +51,16 @@ EXACT_F32 = 1 << 24
 
 
 def packed_sample_sum(planes: torch.Tensor, digits_idx: torch.Tensor, bias_idx: torch.Tensor, u: torch.Tensor,
-                      guide: torch.Tensor, shift: int, buckets: int, pw_sw: torch.Tensor) -> torch.Tensor:
+                      guide: torch.Tensor, shift: int, buckets: int, pw_sw: torch.Tensor,
+                      trim_offset: torch.Tensor, trim_scale: torch.Tensor) -> torch.Tensor:
     """One chunk of the forward for a measured transfer in the ``packed`` layout, fused: every conversion's guide
     index ``(s * n_tables + j) * T + bucket(u)`` straight from one batched matmul (the digits pre-scaled by
     ``n_tables * T``, each column's table as the bias; exact in float32, as it stays below 2**22), its code read
     and finished with one comparison (as ``Transfer.codes_from_uniforms``), and the codes recombined.
 
     Args: planes [G, n*P, R]; digits_idx [G, R, S*M]; bias_idx [1, 1, S*M]; u [G, n*P, S*M] int32 uniforms;
-    guide, shift, buckets: the transfer's table; pw_sw [P, S] (float32 or float64: the type of the sum).
+    guide, shift, buckets: the transfer's table; pw_sw [P, S] (float32 or float64: the type of the sum);
+    trim_offset, trim_scale [S*M]: each column's code becomes ``(code - offset) * scale`` (0 and 1: untrimmed).
     Returns ``sum code * plane_weight * slice_weight`` per vector and column, [n, M].
     """
     P, S = pw_sw.shape
@@ -68,7 +70,8 @@ def packed_sample_sum(planes: torch.Tensor, digits_idx: torch.Tensor, bias_idx: 
     entry = guide[idx]
     code = (entry >> (shift + 1)) + ((u & ((1 << shift) - 1)) >= (entry & ((2 << shift) - 1))).to(torch.int32)
     # [G, n, P, S, M] weighted and summed over groups, planes and slices in one reduction (exact: integers)
-    code = code.reshape(G, nP // P, P, S, SM // S).to(pw_sw.dtype)
+    code = (code.to(pw_sw.dtype) - trim_offset) * trim_scale
+    code = code.reshape(G, nP // P, P, S, SM // S)
     return (code * pw_sw[None, None, :, :, None]).sum(dim=(0, 2, 3))
 
 
@@ -108,6 +111,7 @@ class _TilePlan:
     tables: torch.Tensor  # [n_slices * n_cols] int32, transfer table index per (k, c)
     vectors_per_chunk: int
     bias_rows: torch.Tensor  # [1, 1, n_slices * n_cols] float32: the table index, the bias of a row matmul
+    trim: tuple[torch.Tensor, torch.Tensor] | None  # per (k, c): the transfer's trim offset and scale
 
 
 @dataclass
@@ -223,6 +227,7 @@ class LayerMacro:
                 tables=tables,
                 vectors_per_chunk=max(1, self.chunk_conversions // per_vector),
                 bias_rows=tables.to(torch.float32).reshape(1, 1, -1),
+                trim=self.transfer.trim_vectors(t.physical_columns(spec)),
             ))
         return plans
 
@@ -230,7 +235,7 @@ class LayerMacro:
     def fast_exact(self) -> bool:
         """The ideal transfer of a macro whose ADC resolves every level: the MAC is exactly ``x @ W``."""
         tr = self.transfer
-        return tr.kind == "ideal" and tr.lossless and tr.shortcut and self.correction is None
+        return tr.kind == "ideal" and tr.lossless and tr.shortcut and self.correction is None and tr.trim is None
 
     def set_correction(self, correction: ColumnCorrection | None) -> None:
         """Correct the MAC outputs per column (None: no correction)."""
@@ -279,14 +284,18 @@ class LayerMacro:
         t = plan.tile
         n = x.shape[0]
         dtype = self._sum_dtype()
+        if plan.trim is not None:
+            codes = (codes.to(dtype) - plan.trim[0].to(dtype)) * plan.trim[1].to(dtype)
         total = codes.sum(dim=0, dtype=dtype) if plan.groups > 1 else codes[0].to(dtype)
         per_plane = total.reshape(n, spec.n_planes * spec.n_slices, t.n_cols)
         acc = torch.einsum("nqm,q->nm", per_plane, self.pw_sw.reshape(-1).to(dtype))
         return self._tile_outputs(acc, x, plan)
 
     def _sum_dtype(self) -> torch.dtype:
-        # float32 is exact while |sum code * pw * sw| stays below 2**24 (true for most macros); else float64
-        return torch.float32 if self._acc_bound < EXACT_F32 else torch.float64
+        # float32 is exact while |sum code * pw * sw| stays below 2**24 (true for most macros); else float64;
+        # trimmed codes are not integers: float64
+        exact = self._acc_bound < EXACT_F32 and self.transfer.trim is None
+        return torch.float32 if exact else torch.float64
 
     def _tile_outputs(self, acc: torch.Tensor, x: torch.Tensor, plan: _TilePlan) -> torch.Tensor:
         """``sum code * pw * sw`` [n, M] of a tile -> its MAC outputs (float64): ADC step and weight offset."""
@@ -328,6 +337,8 @@ class LayerMacro:
             if fused:
                 digits_idx = digits * float(tr.n_tables * tr.guide_buckets)
                 bias_idx = plan.bias_rows * float(tr.guide_buckets)
+                trim_off, trim_scale = plan.trim or (torch.zeros(1), torch.ones(1))
+                trim_off, trim_scale = trim_off.to(pw_sw.dtype), trim_scale.to(pw_sw.dtype)
             for n0 in range(0, N, plan.vectors_per_chunk):
                 xc = x[n0 : n0 + plan.vectors_per_chunk]
                 planes = self._planes(xc, plan)
@@ -335,7 +346,7 @@ class LayerMacro:
                     shape = (plan.groups, planes.shape[1], digits.shape[2])
                     u = torch.from_numpy(uniform32(self.rng, math.prod(shape))).reshape(shape)
                     acc = KERNELS["sample"](planes, digits_idx, bias_idx, u, tr.guide, tr.guide_shift,
-                                            tr.guide_buckets, pw_sw)
+                                            tr.guide_buckets, pw_sw, trim_off, trim_scale)
                     mac = self._tile_outputs(acc, xc, plan)
                 else:
                     codes = tr.codes(torch.bmm(planes, digits), plan.tables, self.rng)
@@ -389,6 +400,8 @@ class LayerMacro:
                 planes = self._planes(xc, plan)  # [G, n*P, R]
                 gc = grad[n0 : n0 + n, t.col0 : t.col1].to(torch.float32)  # [n, M]
                 g_conv = (gc[:, None, None, :] * pw_sw[None, :, :, None]).reshape(n * spec.n_planes, -1)
+                if plan.trim is not None:
+                    g_conv = g_conv * plan.trim[1]
                 g_planes, g_digits = KERNELS["grads"](planes, digits, digits_rows, plan.bias_rows,
                                                       self.transfer.slope_table, g_conv)
                 gd += g_digits

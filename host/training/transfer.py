@@ -28,6 +28,7 @@ coarser ADC the slope of its staircase averaged over one step.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from dataclasses import dataclass
@@ -106,6 +107,40 @@ def smoothed_transfer(m: np.ndarray, t: np.ndarray, rows: np.ndarray, h: float) 
 
 
 @dataclass(frozen=True)
+class ColumnTrim:
+    """The per-chip step at deploy time, per physical column: the host recombines ``(code - offset) * scale``
+    instead of ``code`` (``scale = 1 / gain``), with each column's gain and offset from a short characterization
+    of the chip (``from_model``). It takes the chip's static per-column line out of every conversion, which a
+    correction of the recombined outputs cannot do: in two's complement a column's slices carry large terms of
+    opposite sign, and a gain error on one slice does not cancel. Needs the raw codes (MAC_RAW) on the chip path.
+
+    Attributes:
+        offset: float64 [J], codes.
+        scale: float64 [J], ideal codes per measured code (1 / gain).
+        source: where the fit came from.
+    """
+
+    offset: np.ndarray
+    scale: np.ndarray
+    source: str = ""
+
+    @classmethod
+    def from_model(cls, model: ErrorModel, *, source: str = "") -> ColumnTrim:
+        """Each physical column's least-squares line ``mean_code = gain * s / adc_lsb + offset`` over its unclipped
+        levels (``cimlab.errmodel.MacErrorModel.gain_offset``); a column without a fit is left as it is."""
+        from cimlab.errmodel import MacErrorModel
+
+        fit = MacErrorModel(getattr(model, "model", model)).gain_offset()
+        ok = np.isfinite(fit.gain) & np.isfinite(fit.offset) & (fit.gain > 0.25)
+        return cls(np.where(ok, fit.offset, 0.0), np.where(ok, 1.0 / np.where(ok, fit.gain, 1.0), 1.0), source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ColumnTrim:
+        """The trim fitted from an error model file (a short ``cimlab characterize`` of the chip)."""
+        return cls.from_model(ErrorModel.load(path), source=str(path))
+
+
+@dataclass(frozen=True)
 class TransferInfo:
     """Where a transfer came from (goes into checkpoints and reports)."""
 
@@ -158,6 +193,7 @@ class Transfer:
         self.lossless = bool(np.array_equal(ideal, np.arange(L)))
         """The ideal ADC returns every level as its own code (no rounding, no clipping)."""
         self.shortcut = True
+        self.trim: ColumnTrim | None = None
         self.layout = ""
         self.guide_buckets = 0
         self.guide_steps = 0
@@ -300,6 +336,23 @@ class Transfer:
         # bound - 1 as signed int32 after flipping the top bit; bounds of 0 are never compared (see steps)
         self.cum = torch.from_numpy((np.maximum(padded - 1, 0) - (1 << 31)).ravel().astype(np.int32))
 
+    def trimmed(self, trim: ColumnTrim | None) -> Transfer:
+        """This chip with its codes trimmed per physical column in the recombination (a shallow copy sharing the
+        tables; None: untrimmed)."""
+        if trim is not None and trim.offset.shape != (self.spec.physical_cols,):
+            raise ConfigError(f"the trim has {trim.offset.shape[0]} columns, the macro {self.spec.physical_cols}")
+        out = copy.copy(self)
+        out.trim = trim
+        return out
+
+    def trim_vectors(self, columns: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(offset, scale) float32 [n] of the given physical columns, or None when untrimmed."""
+        if self.trim is None:
+            return None
+        j = np.asarray(columns).ravel()
+        return (torch.from_numpy(self.trim.offset[j].astype(np.float32)),
+                torch.from_numpy(self.trim.scale[j].astype(np.float32)))
+
     # ---- torch side ---------------------------------------------------------------------------------------
     def table_index(self, columns: np.ndarray) -> torch.Tensor:
         """Per physical column index into the tables (0 when pooled), int32 [n]."""
@@ -390,5 +443,5 @@ def check_spec(expected: MacroSpec, got: MacroSpec, what: str) -> None:
         raise ArtifactError(f"{what} is for another MacroSpec ({diff})")
 
 
-__all__ = ["KINDS", "Transfer", "TransferInfo", "check_spec", "file_sha256", "smoothed_transfer",
+__all__ = ["KINDS", "ColumnTrim", "Transfer", "TransferInfo", "check_spec", "file_sha256", "smoothed_transfer",
            "smoothing_half_width"]
