@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -218,38 +218,6 @@ def _chip_corrections(model: nn.Module, chips: list[Transfer | None],
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
-    """Re-estimate every batch-norm layer's running mean and variance from ``batches`` as the model computes now
-    (through the chip's error model or on the chip itself): the cheap per-chip step that re-centres each channel
-    after the chip's static per-column errors shifted it. Nothing else changes; no labels are needed.
-
-    Returns the number of samples seen.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return 0
-    saved = [(m, m.momentum) for m in norms]
-    was = model.training
-    model.eval()
-    seen = 0
-    try:
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over all batches
-            m.train()
-        for xb in batches:
-            model(xb)
-            seen += int(xb.shape[0])
-    finally:
-        for m, momentum in saved:
-            m.momentum = momentum
-        model.train(was)
-    if seen == 0:
-        raise ConfigError("batch-norm recalibration saw no samples")
-    return seen
-
-
-@torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256, seed: int = 0) -> float:
     """Top-1 accuracy (0..1) of ``model`` in eval mode, the CIM random streams seeded from ``seed`` (the streams
     in use before are put back afterwards, so an evaluation between epochs does not replay training's draws)."""
@@ -308,4 +276,4 @@ def time_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, *
 
 
 __all__ = ["OPTIMIZERS", "TrainConfig", "TrainResult", "accuracy", "accuracy_draws", "fit", "progress_bar",
-           "recalibrate_batchnorm", "time_steps"]
+           "time_steps"]

@@ -1,5 +1,4 @@
-"""One network for many chips: the per-column deploy-time correction, batch-norm recalibration, population
-training."""
+"""One network for many chips: the per-output deploy-time correction and population training."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ from training_helpers import SMALL_TWOS, noisy_model
 
 from cimlab.firmware_bridge.errors import ConfigError, ShapeError
 from cimlab.training.layers import CIMLinear, calibrate, calibrate_columns, cim_layers, clear_columns, convert
-from cimlab.training.loop import TrainConfig, fit, recalibrate_batchnorm
+from cimlab.training.loop import TrainConfig, fit
 from cimlab.training.macro import ColumnCorrection
 from cimlab.training.models import digits_mlp
 from cimlab.training.tasks import load_task
@@ -61,20 +60,6 @@ def test_calibrated_layer_matches_the_exact_matmul_on_a_chip_with_column_offsets
     assert err_after < 0.25 * err_before
     clear_columns(model)
     assert layer.macro.correction is None
-
-
-def test_batchnorm_recalibration_takes_the_statistics_of_the_given_batches() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4))
-    x = torch.randn(64, 5) * 3 + 1
-    model.eval()
-    recalibrate_batchnorm(model, [x[:32], x[32:]])
-    with torch.no_grad():
-        pre = model[0](x)
-    assert torch.allclose(model[1].running_mean, pre.mean(0), atol=1e-5)
-    # torch's cumulative average of each batch's (unbiased) variance
-    assert torch.allclose(model[1].running_var, (pre[:32].var(0) + pre[32:].var(0)) / 2, rtol=1e-4)
-    assert model[1].momentum == 0.1 and not model.training and not model[1].training
 
 
 def test_population_training_with_calibration_is_deterministic_and_ends_on_a_chip_of_the_population() -> None:
