@@ -77,7 +77,7 @@ class Plan:
     dnat_epochs: int = 8
     bound_epochs: int = 8
     repeats: int = 512
-    calibration: int = 256
+    calibration: int = 128
     limit: int | None = None
     models: tuple[str, ...] = ("digits_mlp", "digits_cnn")
     model_kwargs: dict[str, dict[str, Any]] = field(default_factory=lambda: {"digits_cnn": {"width": 8}})
@@ -453,7 +453,7 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="folder for error models and checkpoints (default: a temp folder)")
-    ap.add_argument("--draws", type=int, default=5, help="draws of each error model per evaluation")
+    ap.add_argument("--draws", type=int, default=3, help="draws of each error model per evaluation")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; figures not meaningful)")
@@ -474,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t_start:6.1f} s] {msg}", file=sys.stderr, flush=True)
+        print(f"[{time.perf_counter() - t_start:6.1f} s, cpu {time.process_time():6.1f} s] {msg}", file=sys.stderr,
+              flush=True)
 
     plan = quick_plan() if args.quick else Plan()
     draws = 1 if args.quick else args.draws

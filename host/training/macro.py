@@ -97,6 +97,10 @@ def compile_kernels(enabled: bool = True) -> None:
     """Run the chunk kernels through ``torch.compile`` (fused loops: about 5x faster on a CPU; needs a C++ compiler
     there, and the first call of each takes tens of seconds) or, with ``enabled=False``, as plain torch."""
     if enabled:
+        # sizes that happen to be equal (a batch and a column count) must not become guards: one graph per kernel
+        import torch.fx.experimental._config as fx_config
+
+        fx_config.use_duck_shape = False
         KERNELS["sample"] = torch.compile(packed_sample_sum, dynamic=True)
         KERNELS["grads"] = torch.compile(slope_grads, dynamic=True)
     else:
