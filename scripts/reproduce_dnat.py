@@ -59,10 +59,10 @@ class ErrorCase:
 CASES = (
     ErrorCase("static", "per-column offsets 0.5 LSB, gains 5 %", DEFAULT_TWIN + "&offset_sigma_lsb=0.5&gain_sigma=0.05"),
     ErrorCase("nonlinear", "ADC INL bow 1.5 LSB, DNL 0.35 LSB",
-              DEFAULT_TWIN + "&adc_inl_bow_lsb=1.5&adc_dnl_sigma_lsb=0.35", noise_bound=True),
+              DEFAULT_TWIN + "&adc_inl_bow_lsb=1.5&adc_dnl_sigma_lsb=0.35"),
     ErrorCase("noise", "read noise 0.8 LSB", DEFAULT_TWIN + "&noise_sigma_lsb=0.8", noise_bound=True),
     ErrorCase("low-supply", "default at 0.6 V (gain -15 %, noise +50 %)", DEFAULT_TWIN, vdd="0.6"),
-    ErrorCase("nvm", "nvm-2bit profile", "sim://?profile=nvm-2bit", noise_bound=True),
+    ErrorCase("nvm", "nvm-2bit profile", "sim://?profile=nvm-2bit"),
 )
 POPULATION = ErrorCase("static", "", CASES[0].url)
 SHORT_REPEATS = 16
