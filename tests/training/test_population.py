@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -88,3 +89,18 @@ def test_population_of_other_macros_is_refused() -> None:
     chips = [Transfer.from_model(noisy_model(SMALL_TWOS, seed=1)), Transfer.from_model(noisy_model(SMALL_ODD))]
     with pytest.raises(ConfigError, match="MacroSpecs"):
         fit(model, data, TrainConfig(epochs=1), population=chips)
+
+
+def test_trim_fitted_from_a_characterization_recovers_each_columns_gain_and_offset() -> None:
+    """The error model is drawn from known per-column gains and offsets (dithered by noise): the trim's line fit
+    gives them back."""
+    from cimlab.training.transfer import ColumnTrim
+
+    spec = SMALL_TWOS
+    rng = np.random.default_rng(1)  # noisy_model's own draws, repeated: gain first, then offset
+    gain = 1.0 + 0.05 * rng.standard_normal(spec.physical_cols)
+    offset = 0.4 * rng.standard_normal(spec.physical_cols)
+    model = noisy_model(spec, seed=1, noise=0.6, offset=0.4, gain=0.05, draws=2000)
+    trim = ColumnTrim.from_model(model)
+    assert np.allclose(1.0 / trim.scale, gain, atol=0.02)
+    assert np.allclose(trim.offset, offset, atol=0.08)
