@@ -194,7 +194,7 @@ def estimate(spec: MacroSpec, tiles_by_layer: dict[str, list[Tile]], vectors: di
         v = vectors[name]
         for t in tiles:
             pair = tile_pair_factor(t)
-            conv = t.conversions_per_vector(spec) * pair
+            conv = t.conversions_per_vector(spec)  # a paired tile's counts both columns of each pair
             conversions += v * conv
             energy["adcs"] += v * conv * adc_e
             energy["drivers"] += v * conv * tech.get("driver", "energy_pj")
