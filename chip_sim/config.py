@@ -13,6 +13,7 @@ Every parameter is a dataclass field whose metadata gives its unit, its allowed 
     [timing]  ...                     # TimingParams
     [energy]  ...                     # EnergyParams
     [supply]  ...                     # SupplyParams: how a bench supply may power the macro
+    [device]  ...                     # cimlab.chip_sim.devices.DeviceParams: errors of multi-level NVM cells
 
 Fields left out keep their defaults (the analog defaults are an ideal macro). Overrides (``--set key=value``,
 ``sim://?key=value``) name a field either bare (``rows``, ``noise_sigma_lsb``) or dotted (``spec.rows``); their
@@ -32,6 +33,7 @@ from typing import Any
 
 import tomli_w
 
+from cimlab.chip_sim.devices import DeviceParams
 from cimlab.firmware_bridge.errors import ConfigError
 from cimlab.firmware_bridge.spec import MacroSpec
 
@@ -142,6 +144,7 @@ class SupplyParams:
 
 SECTIONS: dict[str, type] = {
     "analog": AnalogParams, "timing": TimingParams, "energy": EnergyParams, "supply": SupplyParams,
+    "device": DeviceParams,
 }
 TOP_LEVEL = ("name", "description", "mode", "error_model")
 
@@ -156,7 +159,7 @@ class Profile:
         spec: the macro's MacroSpec.
         mode: one of ``MODES``.
         error_model: absolute path of a ``.npz`` error model (data-driven twin), or ``""`` (analytic model).
-        analog, timing, energy, supply: the parameter groups.
+        analog, timing, energy, supply, device: the parameter groups.
     """
 
     name: str
@@ -168,6 +171,7 @@ class Profile:
     timing: TimingParams = field(default_factory=TimingParams)
     energy: EnergyParams = field(default_factory=EnergyParams)
     supply: SupplyParams = field(default_factory=SupplyParams)
+    device: DeviceParams = field(default_factory=DeviceParams)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, every field present (what ``to_toml`` writes)."""
@@ -351,6 +355,8 @@ def profile_from_dict(data: Mapping[str, Any], *, source: str, base_dir: Path | 
         )
     if analog.stuck_at_0 + analog.stuck_at_1 > 0.5:
         raise ConfigError(f"{source}: AnalogParams.stuck_at_0 + stuck_at_1 must not exceed 0.5")
+    device: DeviceParams = sections["device"]
+    device.check(source)
     error_model = data.get("error_model", "")
     if error_model:
         path = Path(os.path.expanduser(error_model))
@@ -367,6 +373,7 @@ def profile_from_dict(data: Mapping[str, Any], *, source: str, base_dir: Path | 
         timing=sections["timing"],
         energy=sections["energy"],
         supply=sections["supply"],
+        device=device,
     )
 
 
@@ -386,6 +393,6 @@ def parameter_table() -> list[dict[str, Any]]:
             lo, hi = f.metadata["range"]
             rows.append(
                 {"key": f"{section}.{f.name}", "unit": f.metadata["unit"], "min": lo, "max": hi,
-                 "default": f.default, "doc": f.metadata["doc"]}
+                 "default": f.default, "doc": f.metadata["doc"], "source": f.metadata.get("source", "")}
             )
     return rows

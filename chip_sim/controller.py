@@ -86,7 +86,7 @@ class TwinController(Controller):
         if profile.error_model:
             self.converter = DataDrivenConverter(spec, ErrorModel.load(profile.error_model))
         else:
-            self.converter = AnalyticConverter(spec, profile.analog, self.seed)
+            self.converter = AnalyticConverter(spec, profile.analog, self.seed, profile.device)
         self._stream = self.converter.stream(self.seed)
         self._rows_pad = spec.n_groups * spec.rows_per_conversion
         J = spec.physical_cols

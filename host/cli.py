@@ -230,6 +230,10 @@ from cimlab.cli_export import register as _register_export  # noqa: E402
 
 _register_export(cli)
 
+from cimlab.cli_estimate import register as _register_estimate  # noqa: E402
+
+_register_estimate(cli)
+
 from cimlab.cli_train import evaluate as _evaluate_cmd
 from cimlab.cli_train import train as _train_cmd
 

@@ -228,6 +228,7 @@ def bench_cmd(package: Path, link_url: str, timeout: float, task: str | None, da
     latency and energy, and which bound holds."""
     from cimlab.deploy.bench import bench_package, public
     from cimlab.deploy.package import DeployPackage
+    from cimlab.estimate import estimate_package
     from cimlab.training.tasks import load_task
     from cimlab.training.transfer import ColumnTrim
 
@@ -243,7 +244,12 @@ def bench_cmd(package: Path, link_url: str, timeout: float, task: str | None, da
                                error_model=error_model, pooled=pooled, seed=seed, progress=progress,
                                max_rewrites=max_rewrites, trim=trim, calibration=calibration)
     out = public(result)
+    out["estimate"] = estimate_package(pkg).as_dict()
     console.print(bench_table(out))
+    e = out["estimate"]
+    console.print(f"estimated on a resident crossbar design ({e['tech']}): {e['total_area_um2']:,.0f} um^2, "
+                  f"{e['total_energy_pj_per_inference']:,.1f} pJ per inference (cimlab estimate: by component)",
+                  highlight=False)
     emit_json(as_json, out)
 
 
