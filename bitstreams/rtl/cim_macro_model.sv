@@ -1,8 +1,10 @@
 // A behavioural model of a CIM macro behind the macro port: for simulation only (not synthesizable as a macro).
 //
 // Digital behaviour: the SRAM (write on every cycle m_sram_we is high, combinational read), and the ADC handshake:
-// m_adc_done comes ADC_CYCLES cycles after m_adc_start counted inclusively (plus `adc_extra` for this conversion,
-// a test hook for conversion times that vary), with the codes valid while it is high.
+// m_adc_done comes ADC_CYCLES cycles after m_adc_start counted inclusively (at least 2: done is registered), with
+// the codes valid while it is high.
+// Test hooks: `adc_extra` lengthens this conversion (conversion times that vary), `adc_stall` holds it (a hung
+// macro: the sequencer stays busy until SOFT_RESET).
 // Analog behaviour: the codes are `ext_code`, driven by the twin's converter (cimlab.chip_sim.rtl.macro) as each
 // conversion starts; it reads m_grp, m_wl_plane, m_wl_data and the condition outputs, and mirrors SRAM writes.
 // A chip team replaces this module by its pad wrapper (bitstreams/README.md).
@@ -25,7 +27,8 @@ module cim_macro_model #(
   output wire                                 m_adc_done,
   output wire [N_SLICES*COLS*ADC_BITS-1:0]    m_adc_code,
   input  wire [N_SLICES*COLS*ADC_BITS-1:0]    ext_code,
-  input  wire [15:0]                          adc_extra
+  input  wire [15:0]                          adc_extra,
+  input  wire                                 adc_stall
 );
   reg [N_SLICES*COLS*CELL_BITS-1:0] sram [0:ROWS-1];
   integer i;
@@ -38,8 +41,8 @@ module cim_macro_model #(
   initial remaining = 0;
   always @(posedge clk)
     if (m_adc_start) remaining <= ADC_CYCLES - 1 + adc_extra;
-    else if (remaining != 0) remaining <= remaining - 1;
-  assign m_adc_done = (remaining == 1) || (m_adc_start && ADC_CYCLES == 1 && adc_extra == 0);
+    else if (remaining != 0 && !adc_stall) remaining <= remaining - 1;
+  assign m_adc_done = (remaining == 1 && !adc_stall);
   assign m_adc_code = ext_code;
 endmodule
 `default_nettype wire

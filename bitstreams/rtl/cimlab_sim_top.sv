@@ -1,4 +1,6 @@
 // Simulation top: the controller and the behavioural macro model, as cocotb drives them (cimlab.chip_sim.rtl).
+// The macro port's signals that the model's analog half watches are ports here, so the simulation needs no
+// internal signals made public (a faster Verilator build).
 `default_nettype none
 module cimlab_sim_top #(
   parameter integer ROWS = 1,
@@ -59,18 +61,22 @@ module cimlab_sim_top #(
   input  wire        s_axi_rready,
   output wire        irq,
   input  wire [N_SLICES*COLS*ADC_BITS-1:0] ext_code,
-  input  wire [15:0] adc_extra
+  input  wire [15:0] adc_extra,
+  input  wire        adc_stall,
+  output wire [15:0] m_sram_addr,
+  output wire        m_sram_we,
+  output wire [N_SLICES*COLS*CELL_BITS-1:0] m_sram_wdata,
+  output wire        m_adc_start,
+  output wire [$clog2(N_PLANES+1)-1:0] m_wl_plane,
+  output wire [$clog2(N_GROUPS+1)-1:0] m_grp,
+  output wire [ROWS_PER_CONV*SLICE_BITS-1:0] m_wl_data,
+  output wire [15:0] m_vdd_mv,
+  output wire [31:0] m_temp_cc
 );
   localparam integer J = N_SLICES * COLS;
-  wire [15:0] m_sram_addr;
-  wire m_sram_we, m_sram_re, m_wl_pulse, m_adc_start, m_adc_done;
-  wire [J*CELL_BITS-1:0] m_sram_wdata, m_sram_rdata;
-  wire [$clog2(N_PLANES+1)-1:0] m_wl_plane;
-  wire [$clog2(N_GROUPS+1)-1:0] m_grp;
-  wire [ROWS_PER_CONV*SLICE_BITS-1:0] m_wl_data;
+  wire m_sram_re, m_wl_pulse, m_adc_done;
+  wire [J*CELL_BITS-1:0] m_sram_rdata;
   wire [J*ADC_BITS-1:0] m_adc_code;
-  wire [15:0] m_vdd_mv;
-  wire [31:0] m_temp_cc;
 
   cimlab_ctrl #(
     .ROWS(ROWS), .COLS(COLS), .WEIGHT_BITS(WEIGHT_BITS), .WEIGHT_STORAGE(WEIGHT_STORAGE), .CELL_BITS(CELL_BITS),
@@ -102,7 +108,7 @@ module cimlab_sim_top #(
   ) u_macro (
     .clk(aclk), .m_sram_addr(m_sram_addr), .m_sram_we(m_sram_we), .m_sram_wdata(m_sram_wdata),
     .m_sram_re(m_sram_re), .m_sram_rdata(m_sram_rdata), .m_adc_start(m_adc_start), .m_adc_done(m_adc_done),
-    .m_adc_code(m_adc_code), .ext_code(ext_code), .adc_extra(adc_extra)
+    .m_adc_code(m_adc_code), .ext_code(ext_code), .adc_extra(adc_extra), .adc_stall(adc_stall)
   );
 endmodule
 `default_nettype wire

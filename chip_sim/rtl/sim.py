@@ -114,13 +114,16 @@ async def rtl_twin(dut: Any) -> None:
     dut.aresetn.value = 0
     dut.ext_code.value = 0
     dut.adc_extra.value = 0
+    dut.adc_stall.value = 0
     master = AxiLiteMaster(AxiLiteBus.from_prefix(dut, "s_axi"), dut.aclk, dut.aresetn, reset_active_level=False)
     master.write_if.log.setLevel("WARNING")
     master.read_if.log.setLevel("WARNING")
     await ClockCycles(dut.aclk, 4)
     dut.aresetn.value = 1
     await ClockCycles(dut.aclk, 2)
-    macro = AnalogMacro(dut, twin.converter, config["seed"])
+    hooks = config.get("macro", {})
+    macro = AnalogMacro(dut, twin.converter, config["seed"], adc_extra=hooks.get("adc_extra"),
+                        adc_stall_at=hooks.get("adc_stall_at"))
     cocotb.start_soon(macro.watch_writes())
     cocotb.start_soon(macro.watch_conversions())
     bus = SimBus(dut, master, period_ns)

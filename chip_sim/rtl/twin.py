@@ -43,6 +43,8 @@ class RtlTwin:
         serve: ``channel``, ``pty`` or ``tcp``.
         host, port: for ``tcp``.
         baud: pace a served port like a UART.
+        run_timeout_s: the board controller's deadline for one run of the sequencer (wall-clock seconds).
+        macro_hooks: test hooks of the behavioural macro (``AnalogMacro``'s ``adc_extra``, ``adc_stall_at``).
     """
 
     def __init__(
@@ -57,6 +59,8 @@ class RtlTwin:
         host: str = "127.0.0.1",
         port: int = 0,
         baud: int | None = None,
+        run_timeout_s: float = 60.0,
+        macro_hooks: Mapping[str, object] | None = None,
     ) -> None:
         prof = load_profile(profile, dict(overrides or {}))
         self.profile = prof
@@ -74,7 +78,8 @@ class RtlTwin:
             config = {
                 "profile": prof.to_toml(), "seed": check_seed(seed), "socket": str(path), "serve": serve,
                 "host": host, "port": port, "baud": baud, "max_payload": max_payload, "simulator": simulator,
-                "chip_id": f"rtl-{prof.name}-s{seed}"[:255],
+                "chip_id": f"rtl-{prof.name}-s{seed}"[:255], "run_timeout_s": run_timeout_s,
+                "macro": dict(macro_hooks or {}),
             }
             env = self.build.environment({CONFIG_ENV: json.dumps(config)})
             with open(self._log_path, "wb") as log:
