@@ -105,9 +105,13 @@ def sim() -> None:
 @click.option("--baud", type=click.IntRange(min=1), default=None, help="Pace bytes at this UART line rate (10 bits/byte).")
 @click.option("--max-payload", type=click.IntRange(256, 16 * 1024 * 1024), default=64 * 1024, show_default=True,
               help="Largest frame payload, bytes.")
+@click.option("--backend", type=click.Choice(["python", "rtl"]), default="python", show_default=True,
+              help="python: the Python twin; rtl: the RTL (bitstreams/rtl) simulated behind the board's device end.")
+@click.option("--simulator", type=click.Choice(["verilator", "icarus"]), default="verilator", show_default=True,
+              help="With --backend rtl: the simulator.")
 @cim_errors
 def sim_serve(use_pty: bool, tcp_addr: str | None, profile: str, seed: int, sets: tuple[str, ...],
-              baud: int | None, max_payload: int) -> None:
+              baud: int | None, max_payload: int, backend: str, simulator: str) -> None:
     """Serve a twin until stopped (Ctrl-C or SIGTERM). The first line of stdout is where to connect."""
     from cimlab import chip_sim
     from cimlab.chip_sim.server import parse_hostport, serve_pty, serve_tcp
@@ -115,6 +119,12 @@ def sim_serve(use_pty: bool, tcp_addr: str | None, profile: str, seed: int, sets
 
     if use_pty == bool(tcp_addr):
         raise ConfigError("choose exactly one of --pty or --tcp HOST:PORT")
+    if backend == "rtl":
+        from cimlab.cli_board import serve_rtl
+
+        serve_rtl(use_pty=use_pty, tcp_addr=tcp_addr, profile=profile, seed=seed, overrides=parse_sets(sets),
+                  baud=baud, max_payload=max_payload, simulator=simulator)
+        return
     bridge = Bridge(chip_sim.make_twin(profile, seed, parse_sets(sets)), max_payload=max_payload)
     stop = threading.Event()
 
@@ -177,6 +187,10 @@ _register_characterize(cli)
 from cimlab.cli_deploy import register as _register_deploy
 
 _register_deploy(cli)
+
+from cimlab.cli_board import register as _register_board  # noqa: E402
+
+_register_board(cli)
 
 from cimlab.cli_train import evaluate as _evaluate_cmd, train as _train_cmd  # noqa: E402
 
