@@ -23,13 +23,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tomllib
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # a PYNQ image's Python 3.10
+    import tomli as tomllib
 
 from cimlab.firmware_bridge.errors import ConfigError
 from cimlab.firmware_bridge.spec import MacroSpec
