@@ -103,12 +103,20 @@ module cimlab_seq #(
   assign busy = (state != S_IDLE);
 
   // ---- start: validate, then run ---------------------------------------------------------------------------
-  wire [47:0] rows_in  = count * ROW_WORDS;
-  wire [47:0] vec_in   = count * span * GROUP_WORDS;
-  wire [47:0] vec_out  = (op == OP_RAW) ? count * span * (N_PLANES * CONV_WORDS) : count * MAC_WORDS;
-  wire weights_ok = first + count <= ROWS && rows_in <= ((op == OP_WRITE) ? IN_WORDS : OUT_WORDS);
-  wire mac_ok = span != 0 && first + span <= N_GROUPS && vec_in <= IN_WORDS && vec_out <= OUT_WORDS;
-  wire start_ok = count != 0 && first < 65536 &&
+  // The products are registered from the (stable) run registers every cycle, so the check at SEQ_START is short;
+  // the processor writes SEQ_FIRST/SPAN/COUNT at least one AXI write (two cycles) before SEQ_START.
+  reg [31:0] count_span;
+  reg        small_args;
+  always @(posedge clk) begin
+    count_span <= count[15:0] * span[15:0];
+    small_args <= count[31:16] == 0 && span[31:16] == 0 && first[31:16] == 0;
+  end
+  wire [47:0] rows_in  = count[15:0] * ROW_WORDS;
+  wire [47:0] vec_in   = count_span * GROUP_WORDS;
+  wire [47:0] vec_out  = (op == OP_RAW) ? count_span * (N_PLANES * CONV_WORDS) : count[15:0] * MAC_WORDS;
+  wire weights_ok = first[15:0] + count[15:0] <= ROWS && rows_in <= ((op == OP_WRITE) ? IN_WORDS : OUT_WORDS);
+  wire mac_ok = span != 0 && first[15:0] + span[15:0] <= N_GROUPS && vec_in <= IN_WORDS && vec_out <= OUT_WORDS;
+  wire start_ok = small_args && count != 0 &&
                   (((op == OP_WRITE || op == OP_READ) && weights_ok) || ((op == OP_MAC || op == OP_RAW) && mac_ok));
   wire is_raw = (op_q == OP_RAW);
   wire last_item = (item + 1 == count_q);
