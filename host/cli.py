@@ -107,7 +107,7 @@ def sim() -> None:
               help="Largest frame payload, bytes.")
 @click.option("--backend", type=click.Choice(["python", "rtl"]), default="python", show_default=True,
               help="python: the Python twin; rtl: the RTL (bitstreams/rtl) simulated behind the board's device end.")
-@click.option("--simulator", type=click.Choice(["verilator", "icarus"]), default="verilator", show_default=True,
+@click.option("--simulator", type=click.Choice(["verilator"]), default="verilator", show_default=True,
               help="With --backend rtl: the simulator.")
 @cim_errors
 def sim_serve(use_pty: bool, tcp_addr: str | None, profile: str, seed: int, sets: tuple[str, ...],

@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="random operations in the agreement check")
     ap.add_argument("--batch", type=int, default=64, help="MAC vectors in the speed run")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--simulator", default="verilator", choices=["verilator", "icarus"])
+    ap.add_argument("--simulator", default="verilator", choices=["verilator"])
     args = ap.parse_args()
     sets = {"rows": "64", **dict(s.split("=", 1) for s in args.sets)}
     urls = {b: _url(b, args.profile, args.seed, sets, args.simulator) for b in ("python", "rtl")}

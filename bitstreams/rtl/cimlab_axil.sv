@@ -34,7 +34,12 @@ module cimlab_axil #(
   output wire [ADDR_BITS-1:0] rd_addr,
   input  wire [31:0]          rd_data
 );
-  reg aw_held, w_held, r_wait;
+  // power-up values (FPGA registers have them) keep the handshakes defined before the first reset
+  reg aw_held = 1'b0, w_held = 1'b0, r_wait = 1'b0;
+  initial begin
+    s_axi_bvalid = 1'b0;
+    s_axi_rvalid = 1'b0;
+  end
   assign s_axi_awready = !aw_held;
   assign s_axi_wready  = !w_held;
   assign s_axi_bresp   = 2'b00;

@@ -20,7 +20,7 @@ module cimlab_inbuf #(
   localparam integer LANES = BUS_BITS / 32;
   reg [BUS_BITS-1:0] mem [0:DEPTH-1];
   integer i;
-  always @(posedge clk) begin
+  always @(posedge clk) begin  // the byte/lane-write template block RAM inference expects
     for (i = 0; i < LANES; i = i + 1)
       if (a_we && a_lane == i) mem[a_addr][i*32 +: 32] <= a_wdata;
   end

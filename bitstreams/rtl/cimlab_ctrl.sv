@@ -169,18 +169,18 @@ module cimlab_ctrl #(
   wire [OUT_AW-1:0] out_addr;
   wire [BUS_BITS-1:0] in_rdata, out_wdata;
   wire [31:0] out_rdata;
+  // the 32-bit lane of a bus word that a byte address falls in
+  wire [LANE_BITS:0] wr_lane = (wr_addr >> 2) & ((1 << LANE_BITS) - 1);
+  wire [LANE_BITS:0] rd_lane = (rd_addr >> 2) & ((1 << LANE_BITS) - 1);
   cimlab_inbuf #(.BUS_BITS(BUS_BITS), .DEPTH(IN_WORDS), .AW(IN_AW)) u_inbuf (
-    .clk(aclk), .a_we(wr_in), .a_addr(wr_addr[2 + LANE_BITS +: IN_AW]), .a_lane(lane_of(wr_addr)),
+    .clk(aclk), .a_we(wr_in), .a_addr(wr_addr[2 + LANE_BITS +: IN_AW]), .a_lane(wr_lane),
     .a_wdata(wr_data), .b_re(in_re), .b_addr(in_addr), .b_rdata(in_rdata)
   );
   cimlab_outbuf #(.BUS_BITS(BUS_BITS), .DEPTH(OUT_WORDS), .AW(OUT_AW)) u_outbuf (
     .clk(aclk), .b_we(out_we), .b_addr(out_addr), .b_wdata(out_wdata),
-    .a_re(rd_out), .a_addr(rd_addr[2 + LANE_BITS +: OUT_AW]), .a_lane(lane_of(rd_addr)), .a_rdata(out_rdata)
+    .a_re(rd_out), .a_addr(rd_addr[2 + LANE_BITS +: OUT_AW]), .a_lane(rd_lane), .a_rdata(out_rdata)
   );
 
-  function automatic [LANE_BITS:0] lane_of(input [19:0] addr);
-    lane_of = (LANE_BITS == 0) ? 0 : ((addr >> 2) & ((1 << LANE_BITS) - 1));
-  endfunction
 
   always @* begin
     case (rd_region)

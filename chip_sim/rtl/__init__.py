@@ -1,4 +1,4 @@
-"""The RTL twin: ``bitstreams/rtl`` simulated with cocotb (Verilator or Icarus) behind the board's device end.
+"""The RTL twin: ``bitstreams/rtl`` simulated with cocotb on Verilator behind the board's device end.
 
 ``RtlTwin`` (``cimlab.chip_sim.rtl.twin``) starts one; ``sim://?backend=rtl&...`` and ``cimlab sim serve --backend
 rtl`` use it. ``rtl_parameters`` (``cimlab.chip_sim.rtl.params``) gives every build of the RTL its parameters.

@@ -110,11 +110,15 @@ async def rtl_twin(dut: Any) -> None:
     profile = profile_from_toml(config["profile"], source="the RTL twin's profile")
     twin = TwinController(profile, config["seed"])
     period_ns = max(1, round(1e9 / profile.spec.clock_hz))
-    Clock(dut.aclk, period_ns, unit="ns", impl="gpi").start()
     dut.aresetn.value = 0
     dut.ext_code.value = 0
     dut.adc_extra.value = 0
     dut.adc_stall.value = 0
+    for name in ("awvalid", "wvalid", "bready", "arvalid", "rready", "awaddr", "araddr", "wdata", "wstrb",
+                 "awprot", "arprot"):  # defined before the master drives them (4-state simulators start at Z)
+        getattr(dut, f"s_axi_{name}").value = 0
+    await Timer(1, unit="ns")
+    Clock(dut.aclk, period_ns, unit="ns", impl="gpi").start()
     master = AxiLiteMaster(AxiLiteBus.from_prefix(dut, "s_axi"), dut.aclk, dut.aresetn, reset_active_level=False)
     master.write_if.log.setLevel("WARNING")
     master.read_if.log.setLevel("WARNING")

@@ -28,7 +28,7 @@ from cimlab.firmware_bridge.errors import CimTimeoutError, LinkError
 START_TIMEOUT_S = 120.0
 """How long the simulator may take to start and connect (it loads Python and the design)."""
 STOP_TIMEOUT_S = 10.0
-LOG_TAIL = 3000
+LOG_TAIL = 6000
 
 
 class RtlTwin:
@@ -38,7 +38,7 @@ class RtlTwin:
         profile: profile name or file.
         seed: the twin's seed (mismatch and noise, as for the Python twin).
         overrides: profile parameter overrides.
-        simulator: ``verilator`` or ``icarus``.
+        simulator: ``verilator`` (``cimlab.chip_sim.rtl.build.SIMULATORS``).
         max_payload: the bridge's largest payload, bytes.
         serve: ``channel``, ``pty`` or ``tcp``.
         host, port: for ``tcp``.
@@ -152,7 +152,7 @@ class RtlTwin:
         try:
             data = self.channel.recv(max_bytes)
         except OSError as err:
-            raise LinkError(f"the RTL twin's channel failed: {err}") from err
+            raise LinkError(f"the RTL twin's channel failed: {err}\n{self.log_tail()}") from err
         if not data:
             raise LinkError(f"the RTL twin stopped:\n{self.log_tail()}")
         return data

@@ -10,7 +10,7 @@
 #   max_payload=BYTES   largest frame payload the bridge accepts and sends, 256..16777216 (default 65536)
 #   backend=python|rtl  python: the Python twin in this process (default); rtl: the RTL of bitstreams/rtl in a
 #                       simulator process (cocotb), behind the same bridge and board controller a PYNQ board runs
-#   simulator=NAME      with backend=rtl: verilator (default) or icarus
+#   simulator=NAME      with backend=rtl: verilator (the default and, for now, the only one)
 """The twin in-process, still through real frames.
 
 ``write`` feeds the bytes to a ``cimlab.firmware_bridge.bridge.Bridge`` in front of the twin's controller and queues
