@@ -110,7 +110,9 @@ class TimingParams:
     runs, each paying ``op_overhead_cycles``.
     """
 
-    op_overhead_cycles: int = _param(8, 0, 1_000_000, "cycles", "Command decode and set-up per run of the sequencer.")
+    op_overhead_cycles: int = _param(
+        8, 0, 1_000_000, "cycles", "Command decode and set-up per run of the sequencer."
+    )
     bus_bits: int = _param(
         64, 32, 4096, "bits", "Width of the buffers' sequencer port (32 x a power of two: 32, 64, 128, ...)."
     )

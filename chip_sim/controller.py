@@ -252,8 +252,9 @@ class TwinController(Controller):
             if self.profile.mode == "reference":
                 out, cycles = self._reference().read_weights(row_start, n_rows)
             else:
-                d = self._digits[row_start : row_start + n_rows].reshape(n_rows, self.spec.n_slices, self.spec.cols)
-                out, cycles = self.spec.slices_to_weights(d), self.layout.weight_cycles(n_rows, False, self.timing)
+                spec = self.spec
+                d = self._digits[row_start : row_start + n_rows].reshape(n_rows, spec.n_slices, spec.cols)
+                out, cycles = spec.slices_to_weights(d), self.layout.weight_cycles(n_rows, False, self.timing)
         self._account(Tally(cycles=cycles), vectors=0)
         return out
 

@@ -254,10 +254,10 @@ class ReferenceFSM:
         compute = twin._compute[g * R : (g + 1) * R].tolist()
         rowsum = twin._rowsum[g * R : (g + 1) * R].tolist()
         for j in range(J):
-            s = sum(x * row[j] for x, row in zip(xp, compute) if x)
+            s = sum(x * row[j] for x, row in zip(xp, compute, strict=True) if x)
             item = self.items[(self.plane * G + g) * J + j] if self.items is not None else 0
             self.codes[self.plane, self.group, j] = twin.converter.convert_one(s, j, item)
-        self.tally.level_sum += sum(x * r for x, r in zip(xp, rowsum))
+        self.tally.level_sum += sum(x * r for x, r in zip(xp, rowsum, strict=True))
         self.tally.conversions += J
 
     # ---- operations -------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
-
 from cimlab.firmware_bridge.controller import Controller, Counters, Identity, OpCost
 from cimlab.firmware_bridge.errors import ArtifactError, BackendUnavailable, DeviceError, VersionMismatch
 from cimlab.firmware_bridge.fabric import Activity, FabricLayout, input_activity
@@ -105,15 +104,17 @@ class FabricController(Controller):
             raise ArtifactError(f"no cimlab controller on this bus: ID reads 0x{magic:08x}, not 0x{ID_MAGIC:08x}")
         regmap = bus.read32(byte_offset("REGMAP"))
         if regmap != REGMAP_VERSION:
-            raise VersionMismatch(f"the fabric implements register map v{regmap}; this software expects"
-                                  f" v{REGMAP_VERSION}")
+            raise VersionMismatch(
+                f"the fabric implements register map v{regmap}; this software expects v{REGMAP_VERSION}"
+            )
         self.spec = self._read_spec()
         self.layout = FabricLayout(self.spec, self._g("G_BUS_BITS"), self._g("G_IN_WORDS"), self._g("G_OUT_WORDS"))
         self.vdd_range = (self._g("G_VDD_MIN_MV"), self._g("G_VDD_MAX_MV"))
         self.temp_range = (_signed(self._g("G_TEMP_MIN_CC")), _signed(self._g("G_TEMP_MAX_CC")))
         build = self._g("BUILD_ID")
-        self._identity = Identity(chip_id, f"cimlab-board {package_version()}",
-                                  bitstream_id or f"cimlab_ctrl-{build:08x}")
+        self._identity = Identity(
+            chip_id, f"cimlab-board {package_version()}", bitstream_id or f"cimlab_ctrl-{build:08x}"
+        )
         rows_pad = self.spec.n_groups * self.spec.rows_per_conversion
         self._rowsum = np.zeros(rows_pad, dtype=np.int64)
         self._energy = 0
@@ -130,10 +131,16 @@ class FabricController(Controller):
         if storage is None:
             raise ArtifactError("the fabric reports an unknown weight storage code")
         return MacroSpec(
-            rows=self._g("G_ROWS"), cols=self._g("G_COLS"), weight_bits=self._g("G_WEIGHT_BITS"),
-            weight_storage=storage, cell_bits=self._g("G_CELL_BITS"), input_bits=self._g("G_INPUT_BITS"),
-            input_slice_bits=self._g("G_INPUT_SLICE_BITS"), rows_per_conversion=self._g("G_ROWS_PER_CONV"),
-            adc_bits=self._g("G_ADC_BITS"), adc_full_scale=self._g("G_ADC_FULL_SCALE"),
+            rows=self._g("G_ROWS"),
+            cols=self._g("G_COLS"),
+            weight_bits=self._g("G_WEIGHT_BITS"),
+            weight_storage=storage,
+            cell_bits=self._g("G_CELL_BITS"),
+            input_bits=self._g("G_INPUT_BITS"),
+            input_slice_bits=self._g("G_INPUT_SLICE_BITS"),
+            rows_per_conversion=self._g("G_ROWS_PER_CONV"),
+            adc_bits=self._g("G_ADC_BITS"),
+            adc_full_scale=self._g("G_ADC_FULL_SCALE"),
             clock_hz=self._g("G_CLOCK_HZ"),
         )
 
@@ -181,11 +188,15 @@ class FabricController(Controller):
         if not 0 <= value <= 0xFFFFFFFF:
             raise DeviceError(f"{reg.name}: value {value} is not a 32-bit word", status=Status.BAD_ARGUMENT)
         if reg.name == "VDD_MV" and not self.vdd_range[0] <= value <= self.vdd_range[1]:
-            raise DeviceError(f"VDD_MV={value} is outside the operating range {self.vdd_range[0]}.."
-                              f"{self.vdd_range[1]} mV", status=Status.BAD_ARGUMENT)
+            raise DeviceError(
+                f"VDD_MV={value} is outside the operating range {self.vdd_range[0]}..{self.vdd_range[1]} mV",
+                status=Status.BAD_ARGUMENT,
+            )
         if reg.name == "TEMP_CC" and not self.temp_range[0] <= _signed(value) <= self.temp_range[1]:
-            raise DeviceError(f"TEMP_CC={_signed(value)} is outside {self.temp_range[0]}..{self.temp_range[1]}"
-                              " centi-degC", status=Status.BAD_ARGUMENT)
+            raise DeviceError(
+                f"TEMP_CC={_signed(value)} is outside {self.temp_range[0]}..{self.temp_range[1]} centi-degC",
+                status=Status.BAD_ARGUMENT,
+            )
         self.bus.write32(4 * addr, value)
         if reg.name == "CTRL" and value & 1:
             self._energy = 0
@@ -199,7 +210,9 @@ class FabricController(Controller):
         """One run of the sequencer; returns the cycles it took (the fabric's RUN_CYCLES)."""
         bus = self.bus
         if bus.read32(byte_offset("SEQ_STATUS")) & SEQ_BUSY:
-            raise DeviceError("the sequencer is still busy with an earlier run (RESET stops it)", status=Status.BUSY)
+            raise DeviceError(
+                "the sequencer is still busy with an earlier run (RESET stops it)", status=Status.BUSY
+            )
         bus.write32(byte_offset("SEQ_FIRST"), first)
         bus.write32(byte_offset("SEQ_SPAN"), span)
         bus.write32(byte_offset("SEQ_COUNT"), count)
@@ -207,11 +220,16 @@ class FabricController(Controller):
         bus.wait_irq(self.run_timeout_s)
         status = bus.read32(byte_offset("SEQ_STATUS"))
         if status & SEQ_REFUSED:
-            raise DeviceError(f"the fabric refused a run (op {op}, first {first}, span {span}, count {count})",
-                              status=Status.INTERNAL)
+            raise DeviceError(
+                f"the fabric refused a run (op {op}, first {first}, span {span}, count {count})",
+                status=Status.INTERNAL,
+            )
         if not status & SEQ_DONE:
-            raise DeviceError(f"the sequencer did not finish a run within {self.run_timeout_s:g} s (op {op});"
-                              " it stays busy until RESET", status=Status.INTERNAL)
+            raise DeviceError(
+                f"the sequencer did not finish a run within {self.run_timeout_s:g} s (op {op});"
+                " it stays busy until RESET",
+                status=Status.INTERNAL,
+            )
         return bus.read32(byte_offset("RUN_CYCLES"))
 
     def _account(self, cycles: int, activity: Activity) -> OpCost:
@@ -258,8 +276,11 @@ class FabricController(Controller):
         span = g1 - g0
         records = lay.pack_inputs(row_start, x)
         per_out = lay.out_words_per_vector(span, raw) * lay.lanes
-        out = np.empty((batch, *spec.raw_shape_for(row_start, n_rows)), spec.code_dtype) if raw else \
-            np.empty((batch, spec.cols), np.int64)
+        out = (
+            np.empty((batch, *spec.raw_shape_for(row_start, n_rows)), spec.code_dtype)
+            if raw
+            else np.empty((batch, spec.cols), np.int64)
+        )
         cycles = 0
         for first, n in lay.runs(batch, lay.vectors_per_run(span, raw)):
             self.bus.write_block(IN_BUF_BASE, records[first : first + n].ravel())
@@ -267,8 +288,12 @@ class FabricController(Controller):
             words = self.bus.read_block(OUT_BUF_BASE, n * per_out).reshape(n, per_out)
             out[first : first + n] = lay.unpack_raw(words, span) if raw else lay.unpack_mac(words)
         pulses, level_sum = input_activity(spec, self._rowsum, row_start, x)
-        activity = Activity(conversions=batch * spec.n_planes * span * spec.physical_cols, level_sum=level_sum,
-                            wordline_pulses=pulses, vectors=batch)
+        activity = Activity(
+            conversions=batch * spec.n_planes * span * spec.physical_cols,
+            level_sum=level_sum,
+            wordline_pulses=pulses,
+            vectors=batch,
+        )
         return out, self._account(cycles, activity)
 
     def mac(self, row_start: int, inputs: np.ndarray) -> tuple[np.ndarray, OpCost]:
@@ -320,12 +345,13 @@ class PynqBus:
 
 
 def open_pynq_overlay(bitfile: str, ip_name: str = "cimlab_ctrl_0") -> tuple[object, PynqBus]:
-    """Load an overlay with ``pynq`` and return it and a bus on its controller IP (BackendUnavailable without pynq)."""
+    """Load an overlay with ``pynq``; return it and a bus on its controller IP (BackendUnavailable: no pynq)."""
     try:
         import pynq  # noqa: PLC0415 - only on a board
     except (ImportError, OSError, RuntimeError) as err:
-        raise BackendUnavailable(f"the board needs the pynq package ({err}); install cimlab[board] on the board"
-                                 ) from err
+        raise BackendUnavailable(
+            f"the board needs the pynq package ({err}); install cimlab[board] on the board"
+        ) from err
     overlay = pynq.Overlay(bitfile)
     try:
         ip = getattr(overlay, ip_name)

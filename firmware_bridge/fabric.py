@@ -31,7 +31,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-
 from cimlab.firmware_bridge.errors import ConfigError
 from cimlab.firmware_bridge.spec import MacroSpec
 
@@ -81,21 +80,30 @@ class FabricLayout:
             need = max(self.group_words * spec.n_groups, self.row_words)
             object.__setattr__(self, "in_words", _next_pow2(AUTO_VECTORS * need))
         if self.out_words == 0:
-            need = max(AUTO_VECTORS * self.mac_words, AUTO_VECTORS * self.row_words,
-                       spec.n_planes * spec.n_groups * self.conv_words)
+            need = max(
+                AUTO_VECTORS * self.mac_words,
+                AUTO_VECTORS * self.row_words,
+                spec.n_planes * spec.n_groups * self.conv_words,
+            )
             object.__setattr__(self, "out_words", _next_pow2(need))
         for name in ("in_words", "out_words"):
             words = getattr(self, name)
             if words < 2 or words & (words - 1):
                 raise ConfigError(f"{name}={words}: a buffer's depth must be a power of two, at least 2")
             if words * self.bus_bits // 8 > 0x40000:
-                raise ConfigError(f"{name}={getattr(self, name)} bus words of {self.bus_bits} bits exceed the "
-                                  "buffer's 256 KiB address window")
+                raise ConfigError(
+                    f"{name}={getattr(self, name)} bus words of {self.bus_bits} bits exceed the "
+                    "buffer's 256 KiB address window"
+                )
         checks = (
             ("in_words", self.in_words, self.group_words * spec.n_groups, "one full-row input vector"),
             ("in_words", self.in_words, self.row_words, "one weight row"),
-            ("out_words", self.out_words, spec.n_planes * spec.n_groups * self.conv_words,
-             "one vector's raw codes"),
+            (
+                "out_words",
+                self.out_words,
+                spec.n_planes * spec.n_groups * self.conv_words,
+                "one vector's raw codes",
+            ),
         )
         for name, have, need, what in checks:
             if have < need:
@@ -156,7 +164,9 @@ class FabricLayout:
 
     def vectors_per_run(self, span: int, raw: bool) -> int:
         """Most vectors one run takes over ``span`` row groups."""
-        return min(self.in_words // (span * self.group_words), self.out_words // self.out_words_per_vector(span, raw))
+        return min(
+            self.in_words // (span * self.group_words), self.out_words // self.out_words_per_vector(span, raw)
+        )
 
     def rows_per_run(self, write: bool) -> int:
         """Most weight rows one run writes (``write``) or reads."""
@@ -228,7 +238,7 @@ class FabricLayout:
     def unpack_weight_rows(self, words: np.ndarray) -> np.ndarray:
         """Output buffer records [n, row_words * lanes] -> logical weights [n, cols] (int64)."""
         stored = self._unpack(words, self.stored_bits, self.spec.cols)
-        digits = (stored[:, None, :] >> (self.spec.cell_bits * np.arange(self.spec.n_slices))[None, :, None])
+        digits = stored[:, None, :] >> (self.spec.cell_bits * np.arange(self.spec.n_slices))[None, :, None]
         return self.spec.slices_to_weights(digits & self.spec.cell_max)
 
     def unpack_mac(self, words: np.ndarray) -> np.ndarray:

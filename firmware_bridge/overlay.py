@@ -57,7 +57,9 @@ class OverlayEntry:
     description: str = ""
 
 
-def _field(entry: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, optional: bool = False) -> Any:
+def _field(
+    entry: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, optional: bool = False
+) -> Any:
     if key not in entry or entry[key] is None:
         if optional:
             return None
@@ -163,7 +165,9 @@ def check_overlay(name: str, directory: Path | str = BITSTREAMS_DIR) -> tuple[Ov
         if expected is not None:
             actual = sha256_file(path)
             if actual != expected:
-                raise ArtifactError(f"overlay {name!r}: {path} has SHA-256 {actual}, the manifest lists {expected}")
+                raise ArtifactError(
+                    f"overlay {name!r}: {path} has SHA-256 {actual}, the manifest lists {expected}"
+                )
     return entry, directory / entry.file
 
 
@@ -180,6 +184,8 @@ def open_board(
     _, bus = open_pynq_overlay(str(bitfile), ip or entry.ctrl)
     build = bus.read32(byte_offset("BUILD_ID"))
     if entry.build_id is not None and build != entry.build_id:
-        raise ArtifactError(f"overlay {name!r}: the fabric reports BUILD_ID 0x{build:08x}, the manifest lists"
-                            f" 0x{entry.build_id:08x}")
+        raise ArtifactError(
+            f"overlay {name!r}: the fabric reports BUILD_ID 0x{build:08x}, the manifest lists"
+            f" 0x{entry.build_id:08x}"
+        )
     return FabricController(bus, chip_id=chip_id, energy=energy, bitstream_id=f"{name}-{build:08x}")

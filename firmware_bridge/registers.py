@@ -48,8 +48,10 @@ REGISTERS: tuple[Register, ...] = (
     Register("SCRATCH", 0x03, "rw", 0, "Free register for link and bring-up tests."),
     Register("CTRL", 0x04, "rw", 0, "Bit 0: clear counters (self-clearing).", pulse_mask=0x1),
     Register("ERR_FLAGS", 0x05, "w1c", 0, "Sticky error flags: bit 0 bad frame, bit 1 bad request.", "flags"),
-    Register("VDD_MV", 0x06, "rw", 800, "Macro supply voltage setpoint, millivolts.", reset_param="VDD_NOMINAL_MV"),
-    Register("TEMP_CC", 0x07, "rw", 2500, "Die temperature, centi-degrees Celsius.", reset_param="TEMP_NOMINAL_CC"),
+    Register("VDD_MV", 0x06, "rw", 800, "Macro supply voltage setpoint, millivolts.",
+             reset_param="VDD_NOMINAL_MV"),
+    Register("TEMP_CC", 0x07, "rw", 2500, "Die temperature, centi-degrees Celsius.",
+             reset_param="TEMP_NOMINAL_CC"),
     Register("CYCLES_LO", 0x08, "ro", 0, "Cycle counter since reset, low 32 bits.", "input"),
     Register("CYCLES_HI", 0x09, "ro", 0, "Cycle counter since reset, high 32 bits.", "input"),
     Register("OPS", 0x0A, "ro", 0, "MAC vectors processed since reset (low 32 bits).", "input"),
@@ -66,7 +68,9 @@ SEQ_WRITE_WEIGHTS = 1
 SEQ_READ_WEIGHTS = 2
 SEQ_MAC = 3
 SEQ_MAC_RAW = 4
-SEQ_OPS = {SEQ_WRITE_WEIGHTS: "WRITE_WEIGHTS", SEQ_READ_WEIGHTS: "READ_WEIGHTS", SEQ_MAC: "MAC", SEQ_MAC_RAW: "MAC_RAW"}
+SEQ_OPS = {
+    SEQ_WRITE_WEIGHTS: "WRITE_WEIGHTS", SEQ_READ_WEIGHTS: "READ_WEIGHTS", SEQ_MAC: "MAC", SEQ_MAC_RAW: "MAC_RAW"
+}
 """Sequencer operation codes written to SEQ_START."""
 
 SEQ_BUSY = 1 << 0
@@ -83,8 +87,10 @@ def _geometry(name: str, addr: int, param: str, doc: str) -> Register:
 FABRIC_REGISTERS: tuple[Register, ...] = (
     Register("SEQ_START", 0x40, "wo", 0, "Start a run: bits 2:0 the operation (SEQ_OPS).", "strobe"),
     Register("SEQ_STATUS", 0x41, "ro", 0,
-             "Bit 0 busy; bit 1 done (the last run finished); bit 2 refused (the last start was invalid).", "input"),
-    Register("SEQ_FIRST", 0x42, "rw", 0, "First weight row (WRITE/READ_WEIGHTS) or first row group (MAC, MAC_RAW)."),
+             "Bit 0 busy; bit 1 done (the last run finished); bit 2 refused (the last start was invalid).",
+             "input"),
+    Register("SEQ_FIRST", 0x42, "rw", 0,
+             "First weight row (WRITE/READ_WEIGHTS) or first row group (MAC, MAC_RAW)."),
     Register("SEQ_SPAN", 0x43, "rw", 0, "Row groups a MAC or MAC_RAW run converts."),
     Register("SEQ_COUNT", 0x44, "rw", 0, "Weight rows or input vectors in the next run."),
     Register("SOFT_RESET", 0x45, "wo", 0,

@@ -1,4 +1,4 @@
-"""Generate the fabric's register file (``bitstreams/rtl/cimlab_regs.sv``) from ``cimlab.firmware_bridge.registers``.
+"""Generate the fabric's register file (``bitstreams/rtl/cimlab_regs.sv``) from the register map.
 
 The generated file is committed; ``tests/rtl`` fails when it differs from what this module generates, and the RTL
 tests read every register back through simulated AXI4-Lite. Regenerate after changing the register map::
@@ -81,7 +81,7 @@ def _body(regs: tuple[Register, ...]) -> list[str]:
             out += [
                 f"  // {r.name} (0x{r.addr:02x}): {r.doc}",
                 f"  reg [31:0] {n}_r;",
-                f"  always @(posedge clk)",
+                "  always @(posedge clk)",
                 f"    if (rst) {n}_r <= {_reset(r)} & {keep};",
                 f"    else if {hit} {n}_r <= (({n}_r & ~mask) | (wr_data & mask)) & {keep};",
                 f"  assign {n}_q = {n}_r;",
@@ -92,7 +92,7 @@ def _body(regs: tuple[Register, ...]) -> list[str]:
             out += [
                 f"  // {r.name} (0x{r.addr:02x}): {r.doc}",
                 f"  reg [31:0] {n}_r;",
-                f"  always @(posedge clk)",
+                "  always @(posedge clk)",
                 f"    if (rst) {n}_r <= {_reset(r)};",
                 f"    else {n}_r <= ({n}_r & ~({hit} ? (wr_data & mask) : 32'h0)) | {n}_set;",
                 f"  assign {n}_q = {n}_r;",

@@ -3,7 +3,8 @@
 ``cimlab board serve`` runs on a PYNQ board (``pip install 'cimlab[board]'``): it loads the overlay the manifest
 lists, and serves the protocol's device end (``Bridge`` over ``FabricController``) on a TCP port or the board's
 UART. ``serve_rtl`` puts the RTL twin behind a pty or a TCP port for ``cimlab sim serve --backend rtl``.
-Registered into the ``cimlab`` group by ``cimlab.cli`` (``register(cli)``); imports neither ``cimlab.cli`` nor torch.
+Registered into the ``cimlab`` group by ``cimlab.cli`` (``register(cli)``); imports neither ``cimlab.cli`` nor
+torch.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import threading
 from collections.abc import Callable
 
 import click
-
 from cimlab.cli_common import cim_errors, err_console
 from cimlab.firmware_bridge.errors import ConfigError, LinkError
 
@@ -39,16 +39,34 @@ def _announce(what: str) -> Callable[[str], None]:
     return ready
 
 
-def serve_rtl(*, use_pty: bool, tcp_addr: str | None, profile: str, seed: int, overrides: dict[str, str],
-              baud: int | None, max_payload: int, simulator: str) -> None:
+def serve_rtl(
+    *,
+    use_pty: bool,
+    tcp_addr: str | None,
+    profile: str,
+    seed: int,
+    overrides: dict[str, str],
+    baud: int | None,
+    max_payload: int,
+    simulator: str,
+) -> None:
     """Serve an RTL twin on a new pty or a TCP port until SIGINT/SIGTERM; the first stdout line is where."""
     from cimlab.chip_sim.rtl.twin import RtlTwin
     from cimlab.chip_sim.server import parse_hostport
 
     host, port = parse_hostport(tcp_addr) if tcp_addr else ("127.0.0.1", 0)
     stop = _until_signal()
-    with RtlTwin(profile, seed, overrides, simulator=simulator, max_payload=max_payload,
-                 serve="pty" if use_pty else "tcp", host=host, port=port, baud=baud) as twin:
+    with RtlTwin(
+        profile,
+        seed,
+        overrides,
+        simulator=simulator,
+        max_payload=max_payload,
+        serve="pty" if use_pty else "tcp",
+        host=host,
+        port=port,
+        baud=baud,
+    ) as twin:
         _announce(f"RTL twin '{profile}' (seed {seed}, {simulator})")(twin.where())
         while not stop.wait(0.2):
             if twin.proc is None or twin.proc.poll() is not None:
@@ -69,11 +87,23 @@ def register(cli: click.Group) -> None:
     @click.option("--overlay", default="cimlab_ctrl", show_default=True, help="Overlay name in the manifest.")
     @click.option("--dir", "directory", default=None, help="Folder of manifest.json and the .bit/.hwh files.")
     @click.option("--chip-id", default="board", show_default=True, help="The chip id HELLO reports.")
-    @click.option("--max-payload", type=click.IntRange(256, 16 * 1024 * 1024), default=64 * 1024,
-                  show_default=True, help="Largest frame payload, bytes.")
+    @click.option(
+        "--max-payload",
+        type=click.IntRange(256, 16 * 1024 * 1024),
+        default=64 * 1024,
+        show_default=True,
+        help="Largest frame payload, bytes.",
+    )
     @cim_errors
-    def board_serve(tcp_addr: str | None, uart: str | None, baud: int, overlay: str, directory: str | None,
-                    chip_id: str, max_payload: int) -> None:
+    def board_serve(
+        tcp_addr: str | None,
+        uart: str | None,
+        baud: int,
+        overlay: str,
+        directory: str | None,
+        chip_id: str,
+        max_payload: int,
+    ) -> None:
         """Load the overlay and serve the device end until stopped (Ctrl-C or SIGTERM).
 
         The first line of stdout is where to connect. TCP binds the address given: use 127.0.0.1 unless the

@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "rtl"))
-from rtl_helpers import assert_same, exercise  # noqa: E402
-
 from cimlab.driver import Chip  # noqa: E402
+from rtl_helpers import assert_same, exercise  # noqa: E402
 
 
 def _url(backend: str, profile: str, seed: int, sets: dict[str, str], simulator: str) -> str:
@@ -79,22 +78,32 @@ def main() -> None:
     speed = {b: _speed(url, args.batch, args.repeat) for b, url in urls.items()}
     ratio = {k: speed["rtl"][k] / speed["python"][k] for k in ("vectors_per_s", "cycles_per_s")}
     print(f"{spec.describe()}; profile {args.profile}, overrides {sets}, seed {args.seed}")
-    print(f"agreement: {args.steps} random operations, {len(runs['rtl'])} replies and STATUS ({n_arrays} arrays)"
-          f" identical between the RTL twin ({args.simulator}) and the Python twin [{agree_s:.1f} s]")
+    print(
+        f"agreement: {args.steps} random operations, {len(runs['rtl'])} replies and STATUS ({n_arrays} arrays)"
+        f" identical between the RTL twin ({args.simulator}) and the Python twin [{agree_s:.1f} s]"
+    )
     print(f"{'twin':8} {'MAC vectors/s':>14} {'sim cycles/s':>14} {'batch s':>8} {'chip cycles':>12}")
     for backend, s in speed.items():
-        print(f"{backend:8} {s['vectors_per_s']:>14.1f} {s['cycles_per_s']:>14.3g} {s['seconds']:>8.3f}"
-              f" {s['cycles']:>12}")
+        print(
+            f"{backend:8} {s['vectors_per_s']:>14.1f} {s['cycles_per_s']:>14.3g} {s['seconds']:>8.3f}"
+            f" {s['cycles']:>12}"
+        )
     print(f"RTL / Python: vectors/s {ratio['vectors_per_s']:.4f}, simulated cycles/s {ratio['cycles_per_s']:.4f}")
-    print(json.dumps({
-        "identical": True, "operations": args.steps, "replies": len(runs["rtl"]),
-        "rtl_vectors_per_s": round(speed["rtl"]["vectors_per_s"], 2),
-        "python_vectors_per_s": round(speed["python"]["vectors_per_s"], 1),
-        "rtl_cycles_per_s": round(speed["rtl"]["cycles_per_s"]),
-        "python_cycles_per_s": round(speed["python"]["cycles_per_s"]),
-        "rtl_over_python_vectors_per_s": round(ratio["vectors_per_s"], 5),
-        "rtl_over_python_cycles_per_s": round(ratio["cycles_per_s"], 5),
-    }))
+    print(
+        json.dumps(
+            {
+                "identical": True,
+                "operations": args.steps,
+                "replies": len(runs["rtl"]),
+                "rtl_vectors_per_s": round(speed["rtl"]["vectors_per_s"], 2),
+                "python_vectors_per_s": round(speed["python"]["vectors_per_s"], 1),
+                "rtl_cycles_per_s": round(speed["rtl"]["cycles_per_s"]),
+                "python_cycles_per_s": round(speed["python"]["cycles_per_s"]),
+                "rtl_over_python_vectors_per_s": round(ratio["vectors_per_s"], 5),
+                "rtl_over_python_cycles_per_s": round(ratio["cycles_per_s"], 5),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

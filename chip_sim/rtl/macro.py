@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
 from cimlab.chip_sim.analog import Converter
 
 
@@ -60,7 +59,9 @@ class AnalogMacro:
         self.stream = converter.stream(seed)
         rows_pad = spec.n_groups * spec.rows_per_conversion
         self.compute = np.zeros((rows_pad, spec.physical_cols), dtype=np.float32)
-        self.compute[: spec.rows] = converter.compute_digits(np.zeros((spec.rows, spec.physical_cols), np.uint8), 0)
+        self.compute[: spec.rows] = converter.compute_digits(
+            np.zeros((spec.rows, spec.physical_cols), np.uint8), 0
+        )
         self.vector_counter = 0
         self.conversions = 0
         self._items: np.ndarray | None = None
@@ -105,7 +106,7 @@ class AnalogMacro:
             self.converter.set_conditions(vdd_mv, signed / 100.0)
 
     def convert(self, group: int, plane: int, wl_data: int) -> np.ndarray:
-        """Codes [physical_cols] of one conversion of ``group`` for input ``plane`` (slices packed in ``wl_data``)."""
+        """Codes [physical_cols] of one conversion of ``group`` for input ``plane`` (its slices in ``wl_data``)."""
         spec = self.spec
         key = (spec.n_planes - 1 - plane, group)
         if self._last_key is None or key <= self._last_key:
@@ -124,5 +125,6 @@ class AnalogMacro:
         spec = self.spec
         if self.stream is not None:
             self._items = self.stream.draw(self.vector_counter, 1)[0].reshape(
-                spec.n_planes, spec.n_groups, spec.physical_cols)
+                spec.n_planes, spec.n_groups, spec.physical_cols
+            )
         self.vector_counter += 1

@@ -85,6 +85,8 @@ def sim_parameters(profile: Profile) -> dict[str, int]:
     cycles (ConfigError for a profile with ``adc_cycles`` = 1).
     """
     if profile.timing.adc_cycles < 2:
-        raise ConfigError(f"adc_cycles={profile.timing.adc_cycles}: the behavioural macro takes at least 2 cycles a "
-                          "conversion (start, then a registered done)")
+        raise ConfigError(
+            f"adc_cycles={profile.timing.adc_cycles}: the behavioural macro takes at least 2 cycles a "
+            "conversion (start, then a registered done)"
+        )
     return {**rtl_parameters(profile), "ADC_CYCLES": profile.timing.adc_cycles}

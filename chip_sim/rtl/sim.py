@@ -3,11 +3,11 @@
 ``cimlab.chip_sim.rtl.twin`` starts the simulator with this module as cocotb's test; it reads its configuration
 from ``$CIMLAB_RTL_CONFIG`` (JSON: the profile as TOML, the seed, the channel's socket path, and what to serve).
 It starts the clock and the behavioural macro's analog half (``cimlab.chip_sim.rtl.macro``), then runs, in a thread
-that cocotb's ``bridge`` pauses the simulation for, exactly what runs on a board's ARM: a
+that ``cocotb.task.bridge`` pauses the simulation for, exactly what runs on a board's ARM: a
 ``cimlab.firmware_bridge.bridge.Bridge`` over a ``cimlab.firmware_bridge.board.FabricController``. The
-controller's bus (``SimBus``) turns every register and buffer access into AXI4-Lite transactions
-(cocotbext-axi) through ``cocotb.task.resume``: simulated time passes only while the processor touches the fabric or
-waits for it, as on a board. The simulation ends when the channel closes.
+controller's bus (``SimBus``) turns every register and buffer access into AXI4-Lite transactions (cocotbext-axi)
+through ``cocotb.task.resume``: simulated time passes only while the processor touches the fabric or waits for
+it, as on a board. The simulation ends when the channel closes.
 """
 
 from __future__ import annotations
@@ -19,14 +19,8 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
-
 import cocotb
-from cocotb.task import bridge, resume
-from cocotb.clock import Clock
-from cocotb.triggers import ClockCycles, First, RisingEdge, Timer
-from cocotbext.axi import AxiLiteBus, AxiLiteMaster
-
+import numpy as np
 from cimlab.chip_sim.controller import TwinController
 from cimlab.chip_sim.profiles import profile_from_toml
 from cimlab.chip_sim.rtl.build import CONFIG_ENV
@@ -34,6 +28,10 @@ from cimlab.chip_sim.rtl.macro import AnalogMacro
 from cimlab.firmware_bridge.board import FabricController
 from cimlab.firmware_bridge.bridge import Bridge
 from cimlab.firmware_bridge.serve import serve_fd
+from cocotb.clock import Clock
+from cocotb.task import bridge, resume
+from cocotb.triggers import ClockCycles, First, RisingEdge, Timer
+from cocotbext.axi import AxiLiteBus, AxiLiteMaster
 
 WAIT_CHUNK_CYCLES = 4096
 """Cycles simulated between two checks of the wall-clock deadline while waiting for a run."""
@@ -114,8 +112,19 @@ async def rtl_twin(dut: Any) -> None:
     dut.ext_code.value = 0
     dut.adc_extra.value = 0
     dut.adc_stall.value = 0
-    for name in ("awvalid", "wvalid", "bready", "arvalid", "rready", "awaddr", "araddr", "wdata", "wstrb",
-                 "awprot", "arprot"):  # defined before the master drives them (4-state simulators start at Z)
+    for name in (
+        "awvalid",
+        "wvalid",
+        "bready",
+        "arvalid",
+        "rready",
+        "awaddr",
+        "araddr",
+        "wdata",
+        "wstrb",
+        "awprot",
+        "arprot",
+    ):  # defined before the master drives them (4-state simulators start at Z)
         getattr(dut, f"s_axi_{name}").value = 0
     await Timer(1, unit="ns")
     Clock(dut.aclk, period_ns, unit="ns", impl="gpi").start()
@@ -126,8 +135,13 @@ async def rtl_twin(dut: Any) -> None:
     dut.aresetn.value = 1
     await ClockCycles(dut.aclk, 2)
     hooks = config.get("macro", {})
-    macro = AnalogMacro(dut, twin.converter, config["seed"], adc_extra=hooks.get("adc_extra"),
-                        adc_stall_at=hooks.get("adc_stall_at"))
+    macro = AnalogMacro(
+        dut,
+        twin.converter,
+        config["seed"],
+        adc_extra=hooks.get("adc_extra"),
+        adc_stall_at=hooks.get("adc_stall_at"),
+    )
     cocotb.start_soon(macro.watch_writes())
     cocotb.start_soon(macro.watch_conversions())
     bus = SimBus(dut, master, period_ns)

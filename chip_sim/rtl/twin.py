@@ -10,7 +10,6 @@ the socket (``cimlab sim serve --backend rtl``). Closing the twin closes the soc
 from __future__ import annotations
 
 import json
-import os
 import select
 import shutil
 import socket
@@ -21,8 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from cimlab.chip_sim.profiles import load_profile
-from cimlab.chip_sim.rtl.build import CONFIG_ENV, build
 from cimlab.chip_sim.rng import check_seed
+from cimlab.chip_sim.rtl.build import CONFIG_ENV, build
 from cimlab.firmware_bridge.errors import CimTimeoutError, LinkError
 
 START_TIMEOUT_S = 120.0
@@ -76,15 +75,29 @@ class RtlTwin:
             listener.bind(str(path))
             listener.listen(1)
             config = {
-                "profile": prof.to_toml(), "seed": check_seed(seed), "socket": str(path), "serve": serve,
-                "host": host, "port": port, "baud": baud, "max_payload": max_payload, "simulator": simulator,
-                "chip_id": f"rtl-{prof.name}-s{seed}"[:255], "run_timeout_s": run_timeout_s,
+                "profile": prof.to_toml(),
+                "seed": check_seed(seed),
+                "socket": str(path),
+                "serve": serve,
+                "host": host,
+                "port": port,
+                "baud": baud,
+                "max_payload": max_payload,
+                "simulator": simulator,
+                "chip_id": f"rtl-{prof.name}-s{seed}"[:255],
+                "run_timeout_s": run_timeout_s,
                 "macro": dict(macro_hooks or {}),
             }
             env = self.build.environment({CONFIG_ENV: json.dumps(config)})
             with open(self._log_path, "wb") as log:
-                self.proc = subprocess.Popen(self.build.command(), cwd=self._dir, env=env, stdout=log,
-                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                self.proc = subprocess.Popen(
+                    self.build.command(),
+                    cwd=self._dir,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
             self.channel = self._accept(listener)
         except BaseException:
             listener.close()
@@ -101,8 +114,9 @@ class RtlTwin:
                 return conn
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise LinkError(f"the RTL simulator exited ({self.proc.returncode}) before it connected:\n"
-                                f"{self.log_tail()}")
+                raise LinkError(
+                    f"the RTL simulator exited ({self.proc.returncode}) before it connected:\n{self.log_tail()}"
+                )
             if time.monotonic() > deadline:
                 raise CimTimeoutError(f"the RTL simulator did not connect within {START_TIMEOUT_S:g} s")
 

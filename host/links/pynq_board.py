@@ -1,10 +1,10 @@
 # URL format: pynq://OVERLAY[?dir=PATH&ip=NAME&max_payload=BYTES]
 #
-#   pynq://cimlab_ctrl                  on the board: load overlay "cimlab_ctrl" as bitstreams/manifest.json lists it
+#   pynq://cimlab_ctrl                  on the board: overlay "cimlab_ctrl" as bitstreams/manifest.json lists it
 #   pynq://cimlab_ctrl?ip=cimlab_ctrl_1 another controller IP of the overlay
 #
 # Options:
-#   dir=PATH            folder holding manifest.json and the .bit/.hwh files (default: the repository's bitstreams/)
+#   dir=PATH            folder of manifest.json and the .bit/.hwh files (default: the repository's bitstreams/)
 #   ip=NAME             the controller IP in the overlay (default: the manifest's interfaces.ctrl)
 #   max_payload=BYTES   largest frame payload the bridge accepts and sends, 256..16777216 (default 65536)
 #
@@ -52,11 +52,15 @@ class PynqLink(Link):
         params = parse_params(parts.query, where)
         reject_unknown(params, ("dir", "ip", "max_payload"), where)
         max_payload = int_param(params, "max_payload", MIN_PAYLOAD, MAX_PAYLOAD_LIMIT, DEFAULT_MAX_PAYLOAD, where)
-        self.controller = open_board(name, params.get("dir", BITSTREAMS_DIR), ip=params.get("ip"),
-                                     chip_id=f"pynq-{name}")
+        self.controller = open_board(
+            name, params.get("dir", BITSTREAMS_DIR), ip=params.get("ip"), chip_id=f"pynq-{name}"
+        )
         controller = self.controller
-        self._inner = SimLink(f"sim://?max_payload={max_payload}", timeout=timeout,
-                              make_controller=lambda profile, seed, overrides: controller)
+        self._inner = SimLink(
+            f"sim://?max_payload={max_payload}",
+            timeout=timeout,
+            make_controller=lambda profile, seed, overrides: controller,
+        )
 
     def _write(self, data: memoryview) -> None:
         self._inner.write(data)

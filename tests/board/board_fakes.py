@@ -11,7 +11,6 @@ from __future__ import annotations
 import types
 
 import numpy as np
-
 from cimlab.firmware_bridge.fabric import FabricLayout
 from cimlab.firmware_bridge.registers import (
     BY_NAME,
@@ -38,14 +37,27 @@ class FakeFabric:
         self.layout = FabricLayout(spec, bus_bits)
         lay = self.layout
         params = {
-            "ROWS": spec.rows, "COLS": spec.cols, "WEIGHT_BITS": spec.weight_bits,
-            "WEIGHT_STORAGE": STORAGE_CODES[spec.weight_storage], "CELL_BITS": spec.cell_bits,
-            "INPUT_BITS": spec.input_bits, "SLICE_BITS": spec.input_slice_bits,
-            "ROWS_PER_CONV": spec.rows_per_conversion, "ADC_BITS": spec.adc_bits,
-            "ADC_FULL_SCALE": spec.adc_full_scale, "CLOCK_HZ": spec.clock_hz, "BUS_BITS": bus_bits,
-            "IN_WORDS": lay.in_words, "OUT_WORDS": lay.out_words, "VDD_MIN_MV": 600, "VDD_MAX_MV": 1000,
-            "TEMP_MIN_CC": (-4000) & 0xFFFFFFFF, "TEMP_MAX_CC": 12500, "VDD_NOMINAL_MV": 800,
-            "TEMP_NOMINAL_CC": 2500, "BUILD_ID": build_id,
+            "ROWS": spec.rows,
+            "COLS": spec.cols,
+            "WEIGHT_BITS": spec.weight_bits,
+            "WEIGHT_STORAGE": STORAGE_CODES[spec.weight_storage],
+            "CELL_BITS": spec.cell_bits,
+            "INPUT_BITS": spec.input_bits,
+            "SLICE_BITS": spec.input_slice_bits,
+            "ROWS_PER_CONV": spec.rows_per_conversion,
+            "ADC_BITS": spec.adc_bits,
+            "ADC_FULL_SCALE": spec.adc_full_scale,
+            "CLOCK_HZ": spec.clock_hz,
+            "BUS_BITS": bus_bits,
+            "IN_WORDS": lay.in_words,
+            "OUT_WORDS": lay.out_words,
+            "VDD_MIN_MV": 600,
+            "VDD_MAX_MV": 1000,
+            "TEMP_MIN_CC": (-4000) & 0xFFFFFFFF,
+            "TEMP_MAX_CC": 12500,
+            "VDD_NOMINAL_MV": 800,
+            "TEMP_NOMINAL_CC": 2500,
+            "BUILD_ID": build_id,
         }
         self.params = params
         self.array = np.zeros(WINDOW_WORDS, dtype=np.uint32)

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from board_fakes import FakeFabric, make_fake_pynq
 from cimlab.firmware_bridge.overlay import sha256_file
 from cimlab.firmware_bridge.registers import REGMAP_VERSION
@@ -19,8 +18,14 @@ SPEC = MacroSpec(rows=24, cols=5, rows_per_conversion=8)
 def write_manifest(folder: Path, **changes: object) -> dict:
     """A bitstreams folder's manifest with one overlay, ``cimlab_ctrl``."""
     entry = {
-        "name": "cimlab_ctrl", "file": "cimlab_ctrl.bit", "sha256": None, "hwh": "cimlab_ctrl.hwh",
-        "hwh_sha256": None, "regmap_version": REGMAP_VERSION, "profile": "default", "build_id": None,
+        "name": "cimlab_ctrl",
+        "file": "cimlab_ctrl.bit",
+        "sha256": None,
+        "hwh": "cimlab_ctrl.hwh",
+        "hwh_sha256": None,
+        "regmap_version": REGMAP_VERSION,
+        "profile": "default",
+        "build_id": None,
         "interfaces": {"ctrl": "cimlab_ctrl_0"},
     }
     entry.update(changes)
@@ -34,8 +39,12 @@ def board(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     (tmp_path / "cimlab_ctrl.bit").write_bytes(b"\x00bitstream\xff" * 100)
     (tmp_path / "cimlab_ctrl.hwh").write_text("<hwh/>")
     fabric = FakeFabric(SPEC)
-    write_manifest(tmp_path, sha256=sha256_file(tmp_path / "cimlab_ctrl.bit"),
-                   hwh_sha256=sha256_file(tmp_path / "cimlab_ctrl.hwh"), build_id=fabric.params["BUILD_ID"])
+    write_manifest(
+        tmp_path,
+        sha256=sha256_file(tmp_path / "cimlab_ctrl.bit"),
+        hwh_sha256=sha256_file(tmp_path / "cimlab_ctrl.hwh"),
+        build_id=fabric.params["BUILD_ID"],
+    )
     fake = make_fake_pynq(fabric)
     monkeypatch.setitem(sys.modules, "pynq", fake)
     return tmp_path, fake, fabric

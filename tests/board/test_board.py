@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from board_fakes import FakeFabric, FakeMMIO
 from cimlab.driver import Chip
 from cimlab.firmware_bridge.board import FabricController, PynqBus
@@ -85,8 +84,11 @@ def test_without_pynq_the_board_is_unavailable(monkeypatch: pytest.MonkeyPatch, 
 
 @pytest.mark.parametrize(
     ("url", "words"),
-    [("pynq://", ["pynq://OVERLAY"]), ("pynq://x/y", ["pynq://OVERLAY"]),
-     ("pynq://cimlab_ctrl?dma=axi_dma_0", ["unknown option", "dma"])],
+    [
+        ("pynq://", ["pynq://OVERLAY"]),
+        ("pynq://x/y", ["pynq://OVERLAY"]),
+        ("pynq://cimlab_ctrl?dma=axi_dma_0", ["unknown option", "dma"]),
+    ],
 )
 def test_bad_pynq_urls(url: str, words: list[str]) -> None:
     with pytest.raises(ConfigError) as info:
@@ -143,11 +145,16 @@ def test_board_serve_puts_the_device_end_on_tcp(board) -> None:
         "from cimlab.firmware_bridge.spec import MacroSpec\n"
         "sys.modules['pynq'] = make_fake_pynq(FakeFabric(MacroSpec(rows=24, cols=5, rows_per_conversion=8)))\n"
         "from cimlab.cli import main\n"
-        "sys.argv = ['cimlab', 'board', 'serve', '--tcp', '127.0.0.1:0', '--dir', sys.argv[2], '--chip-id', 'b1']\n"
+        "sys.argv = ['cimlab', 'board', 'serve', '--tcp', '127.0.0.1:0', '--dir', sys.argv[2],\n"
+        "            '--chip-id', 'b1']\n"
         "main()\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", program, str(Path(__file__).parent), str(folder)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", program, str(Path(__file__).parent), str(folder)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
     try:
         assert select.select([proc.stdout], [], [], 30)[0], proc.stderr.read1() if proc.poll() else "no output"
         url = proc.stdout.readline().decode().strip()
@@ -163,9 +170,8 @@ def test_board_serve_puts_the_device_end_on_tcp(board) -> None:
 
 
 def test_board_serve_needs_one_port() -> None:
-    from click.testing import CliRunner
-
     from cimlab.cli import cli
+    from click.testing import CliRunner
 
     result = CliRunner().invoke(cli, ["board", "serve"])
     assert result.exit_code == 2 and "exactly one of --tcp" in result.output

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from cimlab.chip_sim.profiles import load_profile
 from cimlab.chip_sim.rtl.build import SimBuild, build
 from rtl_helpers import GEOMETRIES

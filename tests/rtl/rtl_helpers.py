@@ -7,7 +7,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
-
 from cimlab.chip_sim.rtl.twin import RtlTwin
 from cimlab.driver import Chip
 from cimlab.firmware_bridge.errors import DeviceError
@@ -17,8 +16,17 @@ from cimlab.links.base import Link
 # Small geometries whose Verilator builds the suite shares (one build each per session, cached across sessions).
 # TWOS: two's-complement bit slices, 1-bit planes, a partial last row group, the shortest conversions (2 cycles:
 # back to back), no decode overhead, buffers small enough that requests take several runs.
-TWOS = ("default", {"rows": "40", "cols": "3", "adc_cycles": "2", "op_overhead_cycles": "0",
-                    "in_buffer_words": "16", "out_buffer_words": "32"})
+TWOS = (
+    "default",
+    {
+        "rows": "40",
+        "cols": "3",
+        "adc_cycles": "2",
+        "op_overhead_cycles": "0",
+        "in_buffer_words": "16",
+        "out_buffer_words": "32",
+    },
+)
 # NVM: offset storage in 2-bit cells, 2-bit input slices, an ADC whose full scale is not its top code, stuck cells,
 # 200-cycle writes.
 NVM = ("nvm-2bit", {"rows": "24", "cols": "2", "rows_per_conversion": "8", "stuck_at_0": "0.05"})
@@ -102,7 +110,7 @@ def exercise(chip: Chip, seed: int, steps: int) -> list[Any]:
 def assert_same(a: list[Any], b: list[Any]) -> None:
     """Two runs of ``exercise`` agree item by item: arrays bit for bit, counters and costs exactly."""
     assert len(a) == len(b)
-    for i, (u, v) in enumerate(zip(a, b)):
+    for i, (u, v) in enumerate(zip(a, b, strict=True)):
         if isinstance(u, np.ndarray):
             assert u.dtype == v.dtype and u.shape == v.shape, i
             assert np.array_equal(u, v), f"item {i}: {np.argwhere(u != v)[:5]}"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from cimlab.firmware_bridge.errors import DeviceError
 from cimlab.firmware_bridge.messages import Status
 from rtl_helpers import GEOMETRIES, NVM, TWOS, assert_same, exercise, python_chip, rtl_chip
@@ -41,9 +40,11 @@ def test_reset_and_counters_behave_alike(rtl_builds: dict) -> None:
             chip.write_reg("CTRL", 1)  # clears the counters
             after_clear = chip.status()
             chip.reset(clear_weights=True)
-            seen.append((y, after_clear, chip.status(), chip.read_reg("SCRATCH"), chip.read_weights(), chip.mac(x)))
+            seen.append(
+                (y, after_clear, chip.status(), chip.read_reg("SCRATCH"), chip.read_weights(), chip.mac(x))
+            )
     rtl, python = seen
-    for u, v in zip(rtl, python):
+    for u, v in zip(rtl, python, strict=True):
         assert np.array_equal(u, v) if isinstance(u, np.ndarray) else u == v
     assert rtl[1].cycles == 0 and rtl[3] == 0 and not rtl[4].any()
 
