@@ -78,3 +78,23 @@ def test_a_hung_macro_keeps_the_sequencer_busy_until_reset(rtl_builds: dict) -> 
         assert not chip.status().busy
         chip.write_weights(np.ones((40, 3), dtype=np.int64))
         assert chip.mac(x).shape == (2, 3)
+
+
+def test_characterize_on_the_rtl_twin_measures_what_the_python_twin_does(rtl_builds: dict, tmp_path) -> None:
+    """``cimlab characterize`` through sim://?backend=rtl: the same error model, count for count."""
+    from click.testing import CliRunner
+
+    from cimlab.cli import cli
+
+    profile, overrides = TWOS
+    query = "&".join(f"{k}={v}" for k, v in {"profile": profile, "seed": 4, **overrides}.items())
+    models = []
+    for backend, link in (("rtl", f"sim://?backend=rtl&{query}"), ("python", f"sim://?{query}")):
+        out = tmp_path / backend
+        args = ["characterize", "--link", link, "--timeout", "10", "--out", str(out), "--repeats", "4",
+                "--batch-vectors", "48"]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        with np.load(out / "dmacem.npz", allow_pickle=False) as model:
+            models.append(model["counts"].copy())
+    assert models[0].sum() > 0 and np.array_equal(models[0], models[1])
