@@ -35,8 +35,11 @@ module cimlab_axil #(
   input  wire [31:0]          rd_data
 );
   // power-up values (FPGA registers have them) keep the handshakes defined before the first reset
-  reg aw_held = 1'b0, w_held = 1'b0, r_wait = 1'b0;
+  reg aw_held, w_held, r_wait;
   initial begin
+    aw_held = 1'b0;
+    w_held = 1'b0;
+    r_wait = 1'b0;
     s_axi_bvalid = 1'b0;
     s_axi_rvalid = 1'b0;
   end

@@ -92,6 +92,7 @@ module cimlab_seq #(
   reg [31:0] first_q, span_q, count_q, item, cnt;
   reg [PW-1:0] plane;
   reg [GW-1:0] gi;
+  reg [GW-1:0] gsel;    // where group gi's record sits in vec_reg: N_GROUPS - span + gi, kept as a register
   reg        conv_started, acc_pend, shift_pend;
   reg [IN_AW:0]  in_ptr;
   reg [OUT_AW:0] out_ptr;
@@ -156,11 +157,11 @@ module cimlab_seq #(
 
   // the word lines of group gi for plane `plane`: the loaded records sit at the top of vec_reg
   reg [REC-1:0] grp_rec;
-  integer gsel;
+  integer g;
   always @* begin
     grp_rec = {REC{1'b0}};
-    for (gsel = 0; gsel < N_GROUPS; gsel = gsel + 1)
-      if (N_GROUPS - span_q + gi == gsel) grp_rec = vec_reg[gsel*REC +: REC];
+    for (g = 0; g < N_GROUPS; g = g + 1)
+      if (gsel == g) grp_rec = vec_reg[g*REC +: REC];
   end
   generate
     for (gr = 0; gr < ROWS_PER_CONV; gr = gr + 1) begin : wl_rows
@@ -246,10 +247,12 @@ module cimlab_seq #(
       conv_started <= 1'b0;
       if (gi + 1 < span_q) begin
         gi <= gi + 1;
+        gsel <= gsel + 1;
         state <= S_VCONV;
       end else if (plane != 0) begin
         plane <= plane - 1;
         gi <= 0;
+        gsel <= N_GROUPS - span_q;
         state <= S_VPULSE;
         cnt <= T_WL - 1;
         shift_pend <= 1'b1;
@@ -337,6 +340,7 @@ module cimlab_seq #(
             in_ptr <= in_ptr + vload_words;
             plane <= N_PLANES - 1;
             gi <= 0;
+            gsel <= N_GROUPS - span_q;
             state <= S_VPULSE;
             cnt <= T_WL - 1;
             shift_pend <= 1'b1;

@@ -101,6 +101,10 @@ module cimlab_fmax_top #(
     .m_adc_start(macro_out[OUT_BITS - 49]), .m_vdd_mv(macro_out[OUT_BITS - 48 +: 16]),
     .m_temp_cc(macro_out[OUT_BITS - 32 +: 32])
   );
-  always @(posedge aclk) macro_fold <= ^macro_out;
+  reg [OUT_BITS-1:0] macro_out_q;  // registered first, so the fold is a path of its own
+  always @(posedge aclk) begin
+    macro_out_q <= macro_out;
+    macro_fold <= ^macro_out_q;
+  end
 endmodule
 `default_nettype wire
