@@ -189,20 +189,23 @@ module cimlab_seq #(
   end
 
   // ---- the accumulators: acc[c] = sum over planes (MSB first, Horner) and groups of the column's code sum ----
+  // a column's sum of codes over its slices fits CS bits signed: no wider adders than that before the accumulate
+  localparam integer CS = ADC_BITS + N_SLICES * CELL_BITS + 1;
   wire [ACC_W-1:0] acc_next;
   generate
     for (gc = 0; gc < COLS; gc = gc + 1) begin : accumulate
-      reg [31:0] colsum;
+      reg signed [CS-1:0] colsum;
       integer k;
       always @* begin
-        colsum = 32'd0;
+        colsum = {CS{1'b0}};
         for (k = 0; k < N_SLICES; k = k + 1)
           if (SIGNED_MSB != 0 && k == N_SLICES - 1)
-            colsum = colsum - ({{(32-ADC_BITS){1'b0}}, code_reg[(k*COLS + gc)*ADC_BITS +: ADC_BITS]} << (k*CELL_BITS));
+            colsum = colsum - ($signed({1'b0, code_reg[(k*COLS + gc)*ADC_BITS +: ADC_BITS]}) <<< (k*CELL_BITS));
           else
-            colsum = colsum + ({{(32-ADC_BITS){1'b0}}, code_reg[(k*COLS + gc)*ADC_BITS +: ADC_BITS]} << (k*CELL_BITS));
+            colsum = colsum + ($signed({1'b0, code_reg[(k*COLS + gc)*ADC_BITS +: ADC_BITS]}) <<< (k*CELL_BITS));
       end
-      wire [31:0] summed = acc[gc*32 +: 32] + (acc_pend ? colsum : 32'd0);
+      wire [31:0] colsum32 = {{(32-CS){colsum[CS-1]}}, colsum};
+      wire [31:0] summed = acc[gc*32 +: 32] + (acc_pend ? colsum32 : 32'd0);
       assign acc_next[gc*32 +: 32] = shift_pend ? (summed << SLICE_BITS) : summed;
     end
     if (ACC_W > COLS*32) begin : acc_pad
