@@ -8,7 +8,7 @@ formulas; ``tests/rtl`` checks the cycle counts against the RTL's counters)::
     READ_WEIGHTS   per row:    RREAD(read_row_cycles) -> RSTORE(row_words)
     MAC, MAC_RAW   per vector: VLOAD(span * group_words + 1) -> per input plane, most significant first:
                                VPULSE(wl_pulse) -> per row group: VCONV(adc_cycles) [-> VCODES(conv_words) raw]
-                               -> MAC: VDRAIN(1) -> VOUT(mac_words)
+                               -> MAC: VDRAIN(2: the accumulate pipeline) -> VOUT(mac_words)
 
 A request runs as several runs when its data do not fit the fabric's buffers (``FabricLayout.runs``). A state's
 action happens on its last clock: WWRITE stores the row, RREAD takes the row from the SRAM, VLOAD latches the
@@ -25,6 +25,8 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from cimlab.firmware_bridge.fabric import ACC_PIPELINE
 
 if TYPE_CHECKING:
     from cimlab.chip_sim.controller import Tally, TwinController
@@ -215,7 +217,10 @@ class ReferenceFSM:
             self.count += 1
 
     def _tick_vdrain(self) -> None:
-        self.state, self.count = State.VOUT, 0
+        if self.count == ACC_PIPELINE - 1:
+            self.state, self.count = State.VOUT, 0
+        else:
+            self.count += 1
 
     def _tick_vout(self) -> None:
         if self.count == self.layout.mac_words - 1:
@@ -235,7 +240,7 @@ class ReferenceFSM:
         elif run.op is Op.RAW:
             self._finish_vector()
         else:
-            self.state = State.VDRAIN
+            self.state, self.count = State.VDRAIN, 0
 
     def _finish_vector(self) -> None:
         run = self.run_

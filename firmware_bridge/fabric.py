@@ -19,7 +19,7 @@ overhead. The sequencer's cycles (``Timing``; ``A`` = the macro's conversion tim
     run            op_overhead + items x per item
     WRITE row      row_words + 1 + write_row_cycles          (+1: the buffer's read latency)
     READ row       read_row_cycles + row_words
-    MAC vector     Gs * group_words + 1 + P * (wl_pulse + Gs * A) + 1 + mac_words   (+1: the last accumulate)
+    MAC vector     Gs * group_words + 1 + P * (wl_pulse + Gs * A) + 2 + mac_words   (+2: the accumulate pipeline)
     MAC_RAW vector Gs * group_words + 1 + P * (wl_pulse + Gs * (A + conv_words))
 
 Input planes are converted most significant first (the accumulators shift by ``input_slice_bits`` per plane).
@@ -36,6 +36,8 @@ from cimlab.firmware_bridge.spec import MacroSpec
 
 ACC_BITS = 32
 """Width of a MAC accumulator in the fabric (and of a MAC output on the wire)."""
+ACC_PIPELINE = 2
+"""Cycles between a MAC vector's last conversion and its accumulators being final (slice sum, then accumulate)."""
 AUTO_VECTORS = 32
 """An automatically sized buffer holds this many full-row vectors (or weight rows)."""
 
@@ -184,7 +186,7 @@ class FabricLayout:
         P = self.spec.n_planes
         if raw:
             return load + P * (t.wl_pulse_cycles + span * (t.adc_cycles + self.conv_words))
-        return load + P * (t.wl_pulse_cycles + span * t.adc_cycles) + 1 + self.mac_words
+        return load + P * (t.wl_pulse_cycles + span * t.adc_cycles) + ACC_PIPELINE + self.mac_words
 
     def row_cycles(self, write: bool, t: Timing) -> int:
         """Sequencer cycles one weight row takes to write or to read."""

@@ -13,7 +13,7 @@
 //   VPULSE  T_WL                           per input plane (most significant first): m_wl_pulse held
 //   VCONV   until m_adc_done               per row group: m_adc_start on the first cycle, codes taken on done
 //   VCODES  CONV_WORDS                     MAC_RAW: one conversion's codes into the output buffer
-//   VDRAIN  1                              MAC: the last conversion's accumulate
+//   VDRAIN  2                              MAC: the last conversion's accumulate (a two-stage pipeline)
 //   VOUT    MAC_WORDS                      MAC: the accumulators into the output buffer
 `default_nettype none
 module cimlab_seq #(
@@ -93,7 +93,11 @@ module cimlab_seq #(
   reg [PW-1:0] plane;
   reg [GW-1:0] gi;
   reg [GW-1:0] gsel;    // where group gi's record sits in vec_reg: N_GROUPS - span + gi, kept as a register
-  reg        conv_started, acc_pend, shift_pend;
+  reg        conv_started;
+  // the accumulate pipeline: codes (code_reg) -> a column's slice sum (colsum_q) -> acc; each stage carries
+  // whether it holds data (pend) and whether it is the first group of a plane (Horner: acc << SLICE_BITS first)
+  reg        code_pend, code_first, sum_pend, sum_first;
+  reg        drain;
   reg [IN_AW:0]  in_ptr;
   reg [OUT_AW:0] out_ptr;
   reg [ROW_WORDS*BUS_BITS-1:0] row_reg;
@@ -189,8 +193,10 @@ module cimlab_seq #(
   end
 
   // ---- the accumulators: acc[c] = sum over planes (MSB first, Horner) and groups of the column's code sum ----
-  // a column's sum of codes over its slices fits CS bits signed: no wider adders than that before the accumulate
+  // a column's sum of codes over its slices fits CS bits signed
   localparam integer CS = ADC_BITS + N_SLICES * CELL_BITS + 1;
+  wire [COLS*CS-1:0] colsum_all;
+  reg  [COLS*CS-1:0] colsum_q;
   wire [ACC_W-1:0] acc_next;
   generate
     for (gc = 0; gc < COLS; gc = gc + 1) begin : accumulate
@@ -204,9 +210,10 @@ module cimlab_seq #(
           else
             colsum = colsum + ($signed({1'b0, code_reg[(k*COLS + gc)*ADC_BITS +: ADC_BITS]}) <<< (k*CELL_BITS));
       end
-      wire [31:0] colsum32 = {{(32-CS){colsum[CS-1]}}, colsum};
-      wire [31:0] summed = acc[gc*32 +: 32] + (acc_pend ? colsum32 : 32'd0);
-      assign acc_next[gc*32 +: 32] = shift_pend ? (summed << SLICE_BITS) : summed;
+      assign colsum_all[gc*CS +: CS] = colsum;
+      wire [CS-1:0] cs_q = colsum_q[gc*CS +: CS];
+      wire [31:0] base = sum_first ? (acc[gc*32 +: 32] << SLICE_BITS) : acc[gc*32 +: 32];
+      assign acc_next[gc*32 +: 32] = base + {{(32-CS){cs_q[CS-1]}}, cs_q};
     end
     if (ACC_W > COLS*32) begin : acc_pad
       assign acc_next[ACC_W-1:COLS*32] = 0;
@@ -214,9 +221,17 @@ module cimlab_seq #(
   endgenerate
 
   always @(posedge clk) begin
+    if (rst) begin
+      sum_pend <= 1'b0;
+      sum_first <= 1'b0;
+    end else begin
+      colsum_q <= colsum_all;
+      sum_pend <= code_pend;
+      sum_first <= code_first;
+    end
     if (rst || (state == S_VLOAD && cnt == 0)) acc <= {ACC_W{1'b0}};
     else if (state == S_VOUT) acc <= acc >> BUS_BITS;
-    else acc <= acc_next;
+    else if (sum_pend) acc <= acc_next;
   end
 
   // ---- the state machine -------------------------------------------------------------------------------------
@@ -258,11 +273,11 @@ module cimlab_seq #(
         gsel <= N_GROUPS - span_q;
         state <= S_VPULSE;
         cnt <= T_WL - 1;
-        shift_pend <= 1'b1;
       end else if (is_raw) begin
         end_item();
       end else begin
         state <= S_VDRAIN;
+        drain <= 1'b0;
       end
     end
   endtask
@@ -272,12 +287,11 @@ module cimlab_seq #(
       state <= S_IDLE;
       done <= 1'b0;
       refused <= 1'b0;
-      acc_pend <= 1'b0;
-      shift_pend <= 1'b0;
+      code_pend <= 1'b0;
+      code_first <= 1'b0;
       conv_started <= 1'b0;
     end else begin
-      if (acc_pend) acc_pend <= 1'b0;
-      if (shift_pend) shift_pend <= 1'b0;
+      code_pend <= 1'b0;
       case (state)
         S_IDLE:
           if (start) begin
@@ -346,7 +360,6 @@ module cimlab_seq #(
             gsel <= N_GROUPS - span_q;
             state <= S_VPULSE;
             cnt <= T_WL - 1;
-            shift_pend <= 1'b1;
           end else begin
             cnt <= cnt + 1;
           end
@@ -366,7 +379,8 @@ module cimlab_seq #(
               state <= S_VCODES;
               cnt <= 32'd0;
             end else begin
-              acc_pend <= 1'b1;
+              code_pend <= 1'b1;
+              code_first <= (gi == 0);
               next_conversion();
             end
           end
@@ -380,10 +394,13 @@ module cimlab_seq #(
             cnt <= cnt + 1;
           end
         end
-        S_VDRAIN: begin
-          state <= S_VOUT;
-          cnt <= 32'd0;
-        end
+        S_VDRAIN:
+          if (drain) begin
+            state <= S_VOUT;
+            cnt <= 32'd0;
+          end else begin
+            drain <= 1'b1;
+          end
         S_VOUT:
           if (cnt == MAC_WORDS - 1) begin
             out_ptr <= out_ptr + MAC_WORDS;

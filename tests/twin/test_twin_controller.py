@@ -149,9 +149,9 @@ def test_counters_costs_and_ctrl_clear() -> None:
     twin.write_weights(0, w)
     write_cycles = 2 * 8 + 256 * (4 + 1 + 2)
     assert twin.counters().cycles == write_cycles == 1808
-    # a vector: 16 group words +1, then 4 planes x (2 pulse + 16 groups x 6), +1 accumulate, 32 output words
+    # a vector: 16 group words +1, then 4 planes x (2 pulse + 16 groups x 6), 2 to finish the accumulate, 32 words
     _, cost = twin.mac(0, x)
-    per_vector = 16 + 1 + 4 * (2 + 16 * 6) + 1 + 32
+    per_vector = 16 + 1 + 4 * (2 + 16 * 6) + 2 + 32
     assert twin.vector_cycles(0, spec.rows, raw=False) == per_vector
     assert cost.cycles == 8 + 10 * per_vector
     # raw codes: 32 output words per conversion, and the 2048-word output buffer holds one vector a run
@@ -182,7 +182,7 @@ def test_a_row_range_converts_only_its_groups() -> None:
     assert codes.shape == (3, spec.n_planes, 3, spec.n_slices, spec.cols)
     assert twin.counters().conversions == 3 * spec.n_planes * 3 * spec.physical_cols
     _, mac_cost = twin.mac(30, x)
-    assert mac_cost.cycles == 8 + 3 * (3 + 1 + 4 * (2 + 3 * 6) + 1 + 32)
+    assert mac_cost.cycles == 8 + 3 * (3 + 1 + 4 * (2 + 3 * 6) + 2 + 32)
     assert cost.cycles > mac_cost.cycles
 
 
