@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cimlab.chip_sim.config import AnalogParams
+from cimlab.chip_sim.devices import DeviceParams
 from cimlab.chip_sim.rng import VectorStream, static_generator
 from cimlab.firmware_bridge.errmodel import CodeSampler, ErrorModel
 from cimlab.firmware_bridge.errors import ConfigError
@@ -116,11 +117,14 @@ class AnalyticConverter(Converter):
         spec: the macro.
         params: the profile's analog parameters.
         seed: the twin's seed (static mismatch is drawn from it).
+        device: errors of multi-level NVM cells (``cimlab.chip_sim.devices``), applied to the stored digits before
+            the cell variation; None or a disabled one leaves the digits as they are.
     """
 
-    def __init__(self, spec: MacroSpec, params: AnalogParams, seed: int) -> None:
+    def __init__(self, spec: MacroSpec, params: AnalogParams, seed: int, device: DeviceParams | None = None) -> None:
         self.spec = spec
         self.params = params
+        self.device = device if device is not None and device.enabled else None
         self.code_dtype = spec.code_dtype
         J = spec.physical_cols
         rows_pad = spec.n_groups * spec.rows_per_conversion
@@ -131,10 +135,12 @@ class AnalyticConverter(Converter):
         z_cell = rng.standard_normal((rows_pad, J))
         u_stuck = rng.random((rows_pad, J))
         z_thr = rng.standard_normal(spec.adc_max)
+        # the device stage's per-cell draws come last, so profiles without it keep the maps they always had
+        self.z_device = rng.standard_normal((rows_pad, J)) if self.device is not None else None
 
         self.gain = 1.0 + params.gain_sigma * z_gain
         self.offset_lsb = params.offset_sigma_lsb * z_offset
-        self.cell_grid = self._cell_grid(params.cell_sigma)
+        self.cell_grid = self._cell_grid(params.cell_sigma, self.device is not None)
         if params.cell_sigma > 0:
             q = np.rint(self.cell_grid * (1.0 + params.cell_sigma * z_cell))
             self.cell_units = np.maximum(q, 0).astype(np.int64)
@@ -142,7 +148,7 @@ class AnalyticConverter(Converter):
             self.cell_units = np.full((rows_pad, J), self.cell_grid, dtype=np.int64)
         self.stuck0 = u_stuck < params.stuck_at_0
         self.stuck1 = (~self.stuck0) & (u_stuck < params.stuck_at_0 + params.stuck_at_1)
-        s_eff_max = spec.s_max * int(self.cell_units.max(initial=1))
+        s_eff_max = spec.s_max * int(self.cell_units.max(initial=1)) * self._device_headroom()
         if s_eff_max >= EXACT_LIMIT:
             raise ConfigError(
                 f"partial sums up to {s_eff_max} grid units exceed 2**24 and would not be exact in float32; "
@@ -158,14 +164,21 @@ class AnalyticConverter(Converter):
         self._build_lut()
         # a noisy profile draws its items even at a supply where the noise vanishes, so the items of later
         # vectors do not depend on the VDD history
-        self.item_dtype = np.dtype(np.uint16) if params.noise_sigma_lsb > 0 else None
+        self.read_noise_lsb = 0.0 if self.device is None else self.device.read_noise_levels(spec) / spec.adc_lsb
+        self.item_dtype = np.dtype(np.uint16) if params.noise_sigma_lsb > 0 or self.read_noise_lsb > 0 else None
         self.set_conditions(params.vdd_nominal_mv, params.temp_nominal_c)
 
-    def _cell_grid(self, cell_sigma: float) -> int:
-        if cell_sigma == 0:
+    def _device_headroom(self) -> int:
+        """How far programmed levels may exceed the top digit, as a factor on ``s_max`` (1 without the stage)."""
+        if self.device is None:
+            return 1
+        return math.ceil(1.0 + 8.0 * float(self.device.sigma_levels(self.spec).max()) / self.spec.cell_max)
+
+    def _cell_grid(self, cell_sigma: float, device: bool = False) -> int:
+        if cell_sigma == 0 and not device:
             return 1
         grid = CELL_GRID
-        top = 1.0 + 8.0 * cell_sigma
+        top = (1.0 + 8.0 * cell_sigma) * self._device_headroom()
         while grid > 1 and self.spec.s_max * grid * top >= EXACT_LIMIT:
             grid //= 2
         return grid
@@ -197,6 +210,8 @@ class AnalyticConverter(Converter):
         self.shift = ((offset_levels - self.lut_low) * SUB_LEVEL).astype(np.float32)
         kelvin = math.sqrt((temp_c + 273.15) / (p.temp_nominal_c + 273.15))
         self.noise_lsb = p.noise_sigma_lsb * max(0.0, 1.0 + p.noise_vdd_coeff * rel_v) * kelvin
+        if self.read_noise_lsb:  # the cells' read noise, relative to their conductance: follows the gain only
+            self.noise_lsb = math.hypot(self.noise_lsb, self.read_noise_lsb)
         self.noise_table = None
         if self.noise_lsb > 0:
             self.noise_table = (normal_quantiles() * (self.noise_lsb * lsb * SUB_LEVEL)).astype(np.float32)
@@ -205,7 +220,11 @@ class AnalyticConverter(Converter):
         rows = slice(row0, row0 + digits.shape[0])
         d = digits.astype(np.int64)
         d = np.where(self.stuck0[rows], 0, np.where(self.stuck1[rows], self.spec.cell_max, d))
-        return d * self.cell_units[rows]
+        if self.device is None:
+            return d * self.cell_units[rows]
+        levels = self.device.programmed_levels(self.spec, d, self.z_device[rows])
+        levels = np.where(self.stuck0[rows] | self.stuck1[rows], d, levels)  # stuck cells are not programmed
+        return np.rint(levels * self.cell_units[rows]).astype(np.int64)
 
     def convert(self, sums: np.ndarray, items: np.ndarray | None) -> np.ndarray:
         np.multiply(sums, self.scale, out=sums)

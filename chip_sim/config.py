@@ -13,6 +13,7 @@ Every parameter is a dataclass field whose metadata gives its unit, its allowed 
     [timing]  ...                     # TimingParams
     [energy]  ...                     # EnergyParams
     [supply]  ...                     # SupplyParams: how a bench supply may power the macro
+    [device]  ...                     # cimlab.chip_sim.devices.DeviceParams: errors of multi-level NVM cells
 
 Fields left out keep their defaults (the analog defaults are an ideal macro). Overrides (``--set key=value``,
 ``sim://?key=value``) name a field either bare (``rows``, ``noise_sigma_lsb``) or dotted (``spec.rows``); their
@@ -24,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tomllib
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,12 @@ from typing import Any
 
 import tomli_w
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # a PYNQ image's Python 3.10
+    import tomli as tomllib
+
+from cimlab.chip_sim.devices import DeviceParams
 from cimlab.firmware_bridge.errors import ConfigError
 from cimlab.firmware_bridge.spec import MacroSpec
 
@@ -101,17 +108,28 @@ class AnalogParams:
 class TimingParams:
     """The controller FSM's cycle costs (clock = ``spec.clock_hz``).
 
-    A MAC vector takes: input load ``ceil(n_rows * input_bits / bus_bits)``, then per input slice one word-line
-    pulse of ``wl_pulse_cycles`` followed by one conversion of ``adc_cycles`` per row group, then readout
-    ``ceil(out_bits / bus_bits)``. An operation adds ``op_overhead_cycles``. A weight row takes its bus words
-    plus ``write_row_cycles``.
+    The sequencer's states and their cycle counts are those of the RTL (``bitstreams/rtl/cimlab_seq.sv``); the
+    formulas are in ``cimlab.firmware_bridge.fabric``. A request whose data do not fit the buffers runs as several
+    runs, each paying ``op_overhead_cycles``.
     """
 
-    op_overhead_cycles: int = _param(8, 0, 1_000_000, "cycles", "Command decode and set-up per operation.")
-    bus_bits: int = _param(64, 8, 4096, "bits", "Width of the controller's data bus to the input/output FIFOs.")
+    op_overhead_cycles: int = _param(
+        8, 0, 1_000_000, "cycles", "Command decode and set-up per run of the sequencer."
+    )
+    bus_bits: int = _param(
+        64, 32, 4096, "bits", "Width of the buffers' sequencer port (32 x a power of two: 32, 64, 128, ...)."
+    )
     write_row_cycles: int = _param(2, 1, 10_000, "cycles", "SRAM write of one weight row (all columns).")
+    read_row_cycles: int = _param(2, 1, 10_000, "cycles", "SRAM read of one weight row (all columns).")
     wl_pulse_cycles: int = _param(2, 1, 10_000, "cycles", "Word-line pulse of one input slice.")
     adc_cycles: int = _param(6, 1, 10_000, "cycles", "One conversion of one row group (all columns in parallel).")
+    in_buffer_words: int = _param(
+        0, 0, 1 << 16, "bus words", "Input buffer depth, a power of two (0: 32 full vectors or weight rows)."
+    )
+    out_buffer_words: int = _param(
+        0, 0, 1 << 16, "bus words",
+        "Output buffer depth, a power of two (0: 32 vectors' outputs or rows, and one vector's raw codes).",
+    )
 
 
 @dataclass(frozen=True)
@@ -142,6 +160,7 @@ class SupplyParams:
 
 SECTIONS: dict[str, type] = {
     "analog": AnalogParams, "timing": TimingParams, "energy": EnergyParams, "supply": SupplyParams,
+    "device": DeviceParams,
 }
 TOP_LEVEL = ("name", "description", "mode", "error_model")
 
@@ -156,7 +175,7 @@ class Profile:
         spec: the macro's MacroSpec.
         mode: one of ``MODES``.
         error_model: absolute path of a ``.npz`` error model (data-driven twin), or ``""`` (analytic model).
-        analog, timing, energy, supply: the parameter groups.
+        analog, timing, energy, supply, device: the parameter groups.
     """
 
     name: str
@@ -168,6 +187,7 @@ class Profile:
     timing: TimingParams = field(default_factory=TimingParams)
     energy: EnergyParams = field(default_factory=EnergyParams)
     supply: SupplyParams = field(default_factory=SupplyParams)
+    device: DeviceParams = field(default_factory=DeviceParams)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, every field present (what ``to_toml`` writes)."""
@@ -351,6 +371,8 @@ def profile_from_dict(data: Mapping[str, Any], *, source: str, base_dir: Path | 
         )
     if analog.stuck_at_0 + analog.stuck_at_1 > 0.5:
         raise ConfigError(f"{source}: AnalogParams.stuck_at_0 + stuck_at_1 must not exceed 0.5")
+    device: DeviceParams = sections["device"]
+    device.check(source)
     error_model = data.get("error_model", "")
     if error_model:
         path = Path(os.path.expanduser(error_model))
@@ -367,6 +389,7 @@ def profile_from_dict(data: Mapping[str, Any], *, source: str, base_dir: Path | 
         timing=sections["timing"],
         energy=sections["energy"],
         supply=sections["supply"],
+        device=device,
     )
 
 
@@ -386,6 +409,6 @@ def parameter_table() -> list[dict[str, Any]]:
             lo, hi = f.metadata["range"]
             rows.append(
                 {"key": f"{section}.{f.name}", "unit": f.metadata["unit"], "min": lo, "max": hi,
-                 "default": f.default, "doc": f.metadata["doc"]}
+                 "default": f.default, "doc": f.metadata["doc"], "source": f.metadata.get("source", "")}
             )
     return rows

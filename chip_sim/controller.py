@@ -8,16 +8,16 @@ Two execution paths give identical codes, cycle counts and energy for the same s
 - ``reference``: ``cimlab.chip_sim.fsm.ReferenceFSM`` advances the controller one clock at a time and computes each
   conversion on its own with integer sums (slow; for tests on small macros).
 
-Cost of one operation (clock cycles at ``spec.clock_hz``), with ``T = profile.timing``::
+Cycles are the RTL sequencer's (``bitstreams/rtl/cimlab_seq.sv``): its states and the buffers' layout are defined
+once in ``cimlab.firmware_bridge.fabric``, whose formulas both paths use (the reference FSM by stepping through
+the states). A request whose data do not fit the fabric's input or output buffer runs as several runs of the
+sequencer, each paying the operation overhead, as on the board. READ_WEIGHTS costs cycles too (the SRAM's read
+port, then the output buffer); WRITE_WEIGHTS is followed by the bridge's read-back. The tests in ``tests/rtl``
+check both paths against the RTL's own counters, codes and weights.
 
-    MAC / MAC_RAW  op_overhead + batch * (load + n_planes * (wl_pulse + groups * adc_cycles) + readout)
-                   groups = the row groups spanned by the request (``MacroSpec.group_span``);
-                   load = ceil(n_rows * input_bits / bus_bits); readout = ceil(out_bits / bus_bits), out_bits
-                   = cols * 32 for MAC, n_planes * groups * physical_cols * 8 * code bytes for MAC_RAW
-    WRITE_WEIGHTS  op_overhead + n_rows * (ceil(cols * weight_bits / bus_bits) + write_row_cycles)
-
-Energy (fJ) scales with (VDD / vdd_nominal)**2 and counts ADC conversions, the sum of the partial sums
-(bit-line discharge), word-line pulses of rows with a nonzero input slice, vectors, and written cell bits.
+Energy (fJ) scales with (VDD / vdd_nominal)**2 and counts ADC conversions, the sum of the ideal partial sums of the
+stored digits (bit-line discharge), word-line pulses of rows with a nonzero input slice, vectors, and written
+cell bits: what a board's processor can count too (``cimlab.firmware_bridge.fabric.Activity``).
 
 Only the row groups holding the requested rows are converted (the sequencer skips idle groups); rows of those
 groups outside the request see input 0. The per-conversion random stream is indexed by a global vector counter
@@ -28,7 +28,8 @@ depend only on the key and the operations since (a characterization sweep writes
 
 from __future__ import annotations
 
-import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,8 +39,10 @@ from cimlab.chip_sim.analog import AnalyticConverter, Converter, DataDrivenConve
 from cimlab.chip_sim.config import Profile
 from cimlab.chip_sim.fastpath import make_engine
 from cimlab.chip_sim.rng import check_seed
+from cimlab.chip_sim.rtl.params import fabric_layout, fabric_timing
 from cimlab.firmware_bridge.controller import Controller, Counters, Identity, OpCost
 from cimlab.firmware_bridge.errmodel import ErrorModel
+from cimlab.firmware_bridge.fabric import Activity
 from cimlab.firmware_bridge.errors import DeviceError, ShapeError
 from cimlab.firmware_bridge.files import package_version
 from cimlab.firmware_bridge.messages import Status
@@ -54,7 +57,7 @@ _NOISE_SEED = BY_NAME["NOISE_SEED"].addr
 
 @dataclass
 class Tally:
-    """Integer event counts of one operation, from which its cost follows."""
+    """Integer event counts of one operation, from which its cost follows (``Activity`` plus cycles)."""
 
     cycles: int = 0
     conversions: int = 0
@@ -87,16 +90,18 @@ class TwinController(Controller):
         if profile.error_model:
             self.converter = DataDrivenConverter(spec, ErrorModel.load(profile.error_model))
         else:
-            self.converter = AnalyticConverter(spec, profile.analog, self.seed)
+            self.converter = AnalyticConverter(spec, profile.analog, self.seed, profile.device)
         self._stream = self.converter.stream(self.seed)
         self._engine = make_engine(spec, device)
+        self.layout = fabric_layout(profile)
+        self.timing = fabric_timing(profile)
+        self.busy = False
         self._rows_pad = spec.n_groups * spec.rows_per_conversion
         J = spec.physical_cols
         self._digits = np.zeros((self._rows_pad, J), dtype=np.uint8)  # what the SRAM stores
         self._compute = np.zeros((self._rows_pad, J), dtype=np.int64)  # what the array computes with
         self._w32 = np.zeros((spec.n_groups, spec.rows_per_conversion, J), dtype=np.float32)
-        self._level_digits = np.zeros((self._rows_pad, J), dtype=np.int64)  # digits with stuck cells applied
-        self._rowsum = np.zeros(self._rows_pad, dtype=np.int64)  # their sum over columns
+        self._rowsum = np.zeros(self._rows_pad, dtype=np.int64)  # stored digits summed over columns (energy)
         self.vector_counter = 0
         self._fsm: ReferenceFSM | None = None
         self._regs: dict[int, int] = {}
@@ -136,7 +141,7 @@ class TwinController(Controller):
 
     def counters(self) -> Counters:
         return Counters(
-            busy=False,
+            busy=self.busy,
             error_flags=self._regs[BY_NAME["ERR_FLAGS"].addr],
             cycles=self._cycles,
             ops=self._ops,
@@ -231,20 +236,9 @@ class TwinController(Controller):
         self._digits[row0 : row0 + n] = digits
         compute = self.converter.compute_digits(digits, row0)
         self._compute[row0 : row0 + n] = compute
-        level_digits = self._effective_digits(digits, row0)
-        self._level_digits[row0 : row0 + n] = level_digits
-        self._rowsum[row0 : row0 + n] = level_digits.sum(axis=1, dtype=np.int64)
+        self._rowsum[row0 : row0 + n] = digits.sum(axis=1, dtype=np.int64)
         self._w32.reshape(self._rows_pad, -1)[row0 : row0 + n] = compute
         self._engine.weights_changed(row0, n)
-
-    def _effective_digits(self, digits: np.ndarray, row0: int) -> np.ndarray:
-        """The digits the cells compute with (stuck cells applied), int64 [n, J]: the ideal levels' weights."""
-        conv = self.converter
-        d = digits.astype(np.int64)
-        if isinstance(conv, AnalyticConverter):
-            rows = slice(row0, row0 + digits.shape[0])
-            d = np.where(conv.stuck0[rows], 0, np.where(conv.stuck1[rows], self.spec.cell_max, d))
-        return d
 
     def write_weights(self, row_start: int, weights: np.ndarray) -> None:
         spec = self.spec
@@ -254,20 +248,35 @@ class TwinController(Controller):
         self._check_rows(row_start, w.shape[0])
         _check_range(w, spec.weight_min, spec.weight_max, "weights")
         n = w.shape[0]
-        if self.profile.mode == "reference":
-            tally = self._reference().write_weights(row_start, spec.weights_to_slices(w))
-        else:
-            self._store_rows(row_start, spec.weights_to_slices(w))
-            t = self.profile.timing
-            per_row = math.ceil(spec.cols * spec.weight_bits / t.bus_bits) + t.write_row_cycles
-            bits = n * spec.physical_cols * spec.cell_bits
-            tally = Tally(cycles=t.op_overhead_cycles + n * per_row, bits_written=bits)
-        self._account(tally, vectors=0)
+        bits = n * spec.physical_cols * spec.cell_bits
+        with self._busy():
+            if self.profile.mode == "reference":
+                cycles = self._reference().write_weights(row_start, spec.weights_to_slices(w))
+            else:
+                self._store_rows(row_start, spec.weights_to_slices(w))
+                cycles = self.layout.weight_cycles(n, True, self.timing)
+        self._account(Tally(cycles=cycles, bits_written=bits), vectors=0)
 
     def read_weights(self, row_start: int, n_rows: int) -> np.ndarray:
         self._check_rows(row_start, n_rows)
-        d = self._digits[row_start : row_start + n_rows].reshape(n_rows, self.spec.n_slices, self.spec.cols)
-        return self.spec.slices_to_weights(d)
+        with self._busy():
+            if self.profile.mode == "reference":
+                out, cycles = self._reference().read_weights(row_start, n_rows)
+            else:
+                spec = self.spec
+                d = self._digits[row_start : row_start + n_rows].reshape(n_rows, spec.n_slices, spec.cols)
+                out, cycles = spec.slices_to_weights(d), self.layout.weight_cycles(n_rows, False, self.timing)
+        self._account(Tally(cycles=cycles), vectors=0)
+        return out
+
+    @contextmanager
+    def _busy(self) -> Iterator[None]:
+        """The sequencer is busy while an operation runs (STATUS's ``busy``)."""
+        self.busy = True
+        try:
+            yield
+        finally:
+            self.busy = False
 
     # ---- MAC --------------------------------------------------------------------------------------------
     def mac(self, row_start: int, inputs: np.ndarray) -> tuple[np.ndarray, OpCost]:
@@ -289,11 +298,12 @@ class TwinController(Controller):
         return x
 
     def _run(self, row_start: int, x: np.ndarray, *, raw: bool) -> tuple[np.ndarray, OpCost]:
-        if self.profile.mode == "reference":
-            codes, tally = self._reference().run(row_start, x, raw=raw)
-            out = codes if raw else self._recombine(codes, x)
-        else:
-            out, tally = self._fast(row_start, x, raw=raw)
+        with self._busy():
+            if self.profile.mode == "reference":
+                codes, tally = self._reference().run(row_start, x, raw=raw)
+                out = codes if raw else self._recombine(codes, x)
+            else:
+                out, tally = self._fast(row_start, x, raw=raw)
         cost = self._account(tally, vectors=x.shape[0])
         return out, cost
 
@@ -301,14 +311,9 @@ class TwinController(Controller):
         return self.spec.recombine(codes, x).astype(np.int32)
 
     def vector_cycles(self, row_start: int, n_rows: int, *, raw: bool) -> int:
-        """Cycles one MAC vector over rows ``row_start .. +n_rows`` takes (see the module docstring)."""
-        spec, t = self.spec, self.profile.timing
-        g0, g1 = spec.group_span(row_start, n_rows)
-        load = math.ceil(n_rows * spec.input_bits / t.bus_bits)
-        conversions = spec.n_planes * (g1 - g0) * spec.physical_cols
-        out_bits = conversions * 8 * spec.code_dtype.itemsize if raw else spec.cols * 32
-        compute = spec.n_planes * (t.wl_pulse_cycles + (g1 - g0) * t.adc_cycles)
-        return load + compute + math.ceil(out_bits / t.bus_bits)
+        """Cycles one MAC vector over rows ``row_start .. +n_rows`` takes (``FabricLayout.vector_cycles``)."""
+        g0, g1 = self.spec.group_span(row_start, n_rows)
+        return self.layout.vector_cycles(g1 - g0, raw, self.timing)
 
     def _fast(self, row_start: int, x: np.ndarray, *, raw: bool) -> tuple[np.ndarray, Tally]:
         spec = self.spec
@@ -325,10 +330,9 @@ class TwinController(Controller):
         else:
             # result[b, k * C + c]: codes summed over groups and planes, each plane weighted
             acc = np.einsum("bkc,k->bc", result.reshape(batch, K, C), spec.slice_weights())
-            out = spec.outputs_from_code_sums(acc, x).astype(np.int32)
-        t = self.profile.timing
+            out = spec.scale_accumulated(acc, x).astype(np.int32)
         tally = Tally(
-            cycles=t.op_overhead_cycles + batch * self.vector_cycles(row_start, n_rows, raw=raw),
+            cycles=self.layout.mac_cycles(batch, Gs, raw, self.timing),
             conversions=batch * P * Gs * spec.physical_cols,
             level_sum=int(events[:, 0].sum()),
             wordline_pulses=int(events[:, 1].sum()),
@@ -344,17 +348,24 @@ class TwinController(Controller):
         return self._fsm
 
     # ---- accounting -------------------------------------------------------------------------------------
-    def _account(self, tally: Tally, *, vectors: int) -> OpCost:
+    def activity_energy(self, activity: Activity | Tally, vdd_mv: int) -> int:
+        """Estimated energy of an operation's activity at supply ``vdd_mv``, femtojoules (rounded).
+
+        The RTL twin's board controller estimates its energy with this, from what its processor counts.
+        """
         e = self.profile.energy
-        vscale = (self.vdd_mv / self.profile.analog.vdd_nominal_mv) ** 2
+        vscale = (vdd_mv / self.profile.analog.vdd_nominal_mv) ** 2
         energy = vscale * (
-            e.adc_fj * tally.conversions
-            + e.bitline_fj_per_level * tally.level_sum
-            + e.wordline_fj * tally.wordline_pulses
-            + e.digital_fj_per_vector * tally.vectors
-            + e.write_fj_per_bit * tally.bits_written
+            e.adc_fj * activity.conversions
+            + e.bitline_fj_per_level * activity.level_sum
+            + e.wordline_fj * activity.wordline_pulses
+            + e.digital_fj_per_vector * activity.vectors
+            + e.write_fj_per_bit * activity.bits_written
         )
-        cost = OpCost(cycles=tally.cycles, energy_fj=round(energy))
+        return round(energy)
+
+    def _account(self, tally: Tally, *, vectors: int) -> OpCost:
+        cost = OpCost(cycles=tally.cycles, energy_fj=self.activity_energy(tally, self.vdd_mv))
         self._cycles += cost.cycles
         self._energy += cost.energy_fj
         self._ops += vectors

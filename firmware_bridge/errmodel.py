@@ -269,6 +269,29 @@ def _validated_counts(spec: MacroSpec, counts: Any, what: str, error: type[Excep
     return arr.astype(np.int64)
 
 
+def _capped_rows(rows: np.ndarray) -> np.ndarray:
+    """Rows of counts whose totals exceed ``_ROW_TOTAL_CAP`` rescaled below it (proportions kept)."""
+    totals = rows.sum(axis=1)
+    big = totals > _ROW_TOTAL_CAP
+    if big.any():
+        rows = rows.copy()
+        scaled = rows[big].astype(object) * _ROW_TOTAL_CAP // totals[big][:, None]
+        rows[big] = scaled.astype(np.int64)
+    return rows
+
+
+def cumulative_bounds(rows: np.ndarray) -> np.ndarray:
+    """The inverse-CDF table of rows of counts [n, n_codes] (each row nonzero): int64 [n, n_codes - 1],
+    ``bound[m] = floor(cum[m] * 2**32 / total)``; a 32-bit uniform ``u`` reads code ``#{m : bound[m] <= u}``.
+    The twin (``CodeSampler``) and training (``cimlab.training.transfer``) both sample from this table."""
+    rows = _capped_rows(np.asarray(rows, dtype=np.int64))
+    totals = rows.sum(axis=1)
+    if (totals <= 0).any():
+        raise ShapeError("every row of counts needs some counts to sample from")
+    cum = np.cumsum(rows, axis=1)
+    return (cum[:, :-1] << 32) // totals[:, None]  # cum < 2**31, so the shift fits int64
+
+
 class CodeSampler:
     """Draws codes for levels by inverse CDF with one 32-bit uniform per conversion (see the module docstring).
 
@@ -301,13 +324,8 @@ class CodeSampler:
                 f"column {j}, level {level} has no counts (every row needs some); sample from "
                 "ErrorModel.effective_counts(), which fills empty rows"
             )
-        big = totals > _ROW_TOTAL_CAP
-        if big.any():
-            scaled = rows[big].astype(object) * _ROW_TOTAL_CAP // totals[big][:, None]
-            rows[big] = scaled.astype(np.int64)
-            totals = rows.sum(axis=1)
-        cum = np.cumsum(rows, axis=1)
-        bounds = (cum[:, : C - 1] << 32) // totals[:, None]  # cum < 2**31, so the shift fits int64
+        rows = _capped_rows(rows)
+        bounds = cumulative_bounds(rows)
         self.width = 1 << max(0, (C - 2).bit_length()) if C > 1 else 1
         table = np.full((L * J, self.width), 1 << 32, dtype=np.int64)
         table[:, : C - 1] = bounds

@@ -10,8 +10,8 @@ The fields of each bulk array follow from the MacroSpec (and, for MAC outputs, f
 ===============  ================================  ============================================================
 array            field                             why
 ===============  ================================  ============================================================
-weights          ``weight_bits``, signed unless    the logical weight range
-                 ``weight_storage == "unsigned"``
+weights          ``weight_bits``, signed unless    the logical weight range (``differential``: a magnitude
+                 ``weight_storage == "unsigned"``  of ``weight_bits`` and its sign, ``weight_bits + 1`` bits)
 inputs           ``input_bits``, unsigned          the input code range
 MAC_RAW codes    ``adc_bits``, unsigned            the ADC's codes
 MAC outputs      the fewest bits that hold every   ``output_range``: every code of the row groups the request
@@ -123,7 +123,10 @@ def signed_bits(lo: int, hi: int) -> BitField:
 
 
 def weight_field(spec: MacroSpec) -> BitField:
-    """Logical weights: ``weight_bits`` bits, signed unless stored unsigned."""
+    """Logical weights: ``weight_bits`` bits, signed unless stored unsigned; a ``differential`` weight is a magnitude
+    of ``weight_bits`` bits with its sign (``weight_bits + 1`` bits, signed)."""
+    if spec.weight_storage == "differential":
+        return BitField(spec.weight_bits + 1, True)
     return BitField(spec.weight_bits, spec.weight_storage != "unsigned")
 
 

@@ -40,12 +40,18 @@ import numpy as np
 
 from cimlab.firmware_bridge.errors import ConfigError
 
-WEIGHT_STORAGES = ("twos", "offset", "unsigned")
-"""How a signed weight becomes stored digits.
+WEIGHT_STORAGES = ("twos", "offset", "unsigned", "differential")
+"""How a signed weight becomes stored digits (the wire carries the index into this tuple).
 
 - ``twos``: bit-sliced two's complement, one cell bit per column; the MSB column counts negative.
 - ``offset``: stored ``w + 2**(weight_bits-1)`` (unsigned), the offset removed digitally using ``sum(x)``.
-- ``unsigned``: unipolar weights ``0 .. 2**weight_bits - 1`` (NVM crossbars without a reference column).
+- ``unsigned``: unipolar weights ``0 .. 2**weight_bits - 1``, one array (NVM crossbars without a reference
+  column). A network's negative-only tiles are programmed as magnitudes and negated digitally; a tile of both signs
+  is stored by the compiler on a pair of adjacent columns (``cimlab.deploy.schedule``).
+- ``differential``: ``w = G+ - G-`` on two arrays of the same size: ``weight_bits`` is the magnitude held by each
+  side, so weights span ``-(2**weight_bits - 1) .. 2**weight_bits - 1``. Slices ``0 .. n_slices/2 - 1`` are the
+  digits of ``max(w, 0)`` (the positive array), the rest the digits of ``max(-w, 0)`` (the negative array, which
+  counts negative in the recombination); every side is converted by its own ADC and subtracted digitally.
 """
 
 
@@ -56,7 +62,7 @@ class MacroSpec:
     Attributes:
         rows: word lines (weight rows = input vector length).
         cols: output channels (logical columns; each uses ``n_slices`` physical columns).
-        weight_bits: bits of each logical weight.
+        weight_bits: bits of each logical weight (for ``differential``: of the magnitude each side holds).
         weight_storage: one of ``WEIGHT_STORAGES``.
         cell_bits: bits per memory cell: 1 for SRAM, 2 or 4 for multi-level (NVM) cells.
         input_bits: bits of each unsigned input code.
@@ -117,7 +123,7 @@ class MacroSpec:
                 f"MacroSpec.rows_per_conversion={self.rows_per_conversion} exceeds rows={self.rows}"
             )
         plane_sum = (2 ** (self.input_slice_bits * self.n_planes) - 1) // self.slice_max
-        slice_sum = (2 ** (self.cell_bits * self.n_slices) - 1) // self.cell_max
+        slice_sum = self.sides * ((2 ** (self.cell_bits * self.slices_per_side) - 1) // self.cell_max)
         bound = self.n_groups * self.adc_full_scale * plane_sum * slice_sum
         bound += self.weight_offset * self.rows * self.input_max
         if bound >= 2**31:
@@ -133,8 +139,18 @@ class MacroSpec:
 
     @property
     def n_slices(self) -> int:
-        """Physical columns (cells) per logical weight."""
+        """Physical columns (cells) per logical weight (both sides of a ``differential`` pair)."""
+        return self.sides * self.slices_per_side
+
+    @property
+    def slices_per_side(self) -> int:
+        """Cells per stored magnitude: ``ceil(weight_bits / cell_bits)``."""
         return math.ceil(self.weight_bits / self.cell_bits)
+
+    @property
+    def sides(self) -> int:
+        """Arrays one logical weight occupies: 2 for ``differential`` (G+ and G-), else 1."""
+        return 2 if self.weight_storage == "differential" else 1
 
     @property
     def n_planes(self) -> int:
@@ -210,12 +226,16 @@ class MacroSpec:
     @property
     def weight_min(self) -> int:
         """Smallest logical weight."""
-        return 0 if self.weight_storage == "unsigned" else -(2 ** (self.weight_bits - 1))
+        if self.weight_storage == "unsigned":
+            return 0
+        if self.weight_storage == "differential":
+            return -(2**self.weight_bits - 1)
+        return -(2 ** (self.weight_bits - 1))
 
     @property
     def weight_max(self) -> int:
         """Largest logical weight."""
-        if self.weight_storage == "unsigned":
+        if self.weight_storage in ("unsigned", "differential"):
             return 2**self.weight_bits - 1
         return 2 ** (self.weight_bits - 1) - 1
 
@@ -253,9 +273,11 @@ class MacroSpec:
 
     def slice_weights(self) -> np.ndarray:
         """Signed weight of each stored digit in the recombination, shape [n_slices], int64."""
-        w = (2 ** (self.cell_bits * np.arange(self.n_slices))).astype(np.int64)
+        w = (2 ** (self.cell_bits * np.arange(self.slices_per_side))).astype(np.int64)
         if self.weight_storage == "twos":
             w[-1] = -w[-1]
+        if self.weight_storage == "differential":
+            w = np.concatenate([w, -w])
         return w
 
     @property
@@ -266,8 +288,11 @@ class MacroSpec:
     def weights_to_slices(self, weights: np.ndarray) -> np.ndarray:
         """Logical weights [rows, cols] -> stored digits [rows, n_slices, cols] (uint8)."""
         w = np.asarray(weights, dtype=np.int64)
+        shifts = (self.cell_bits * np.arange(self.slices_per_side)).reshape(1, -1, 1)
+        if self.weight_storage == "differential":
+            sides = [np.maximum(w, 0), np.maximum(-w, 0)]
+            return np.concatenate([((m[:, None, :] >> shifts) & self.cell_max) for m in sides], axis=1).astype(np.uint8)
         stored = (w + self.weight_offset) & ((1 << (self.n_slices * self.cell_bits)) - 1)
-        shifts = (self.cell_bits * np.arange(self.n_slices)).reshape(1, -1, 1)
         return ((stored[:, None, :] >> shifts) & self.cell_max).astype(np.uint8)
 
     def slices_to_weights(self, digits: np.ndarray) -> np.ndarray:
@@ -320,14 +345,17 @@ class MacroSpec:
         """
         c = np.asarray(codes, dtype=np.int64)
         acc = np.einsum("bpgkc,p,k->bc", c, self.plane_weights(), self.slice_weights(), optimize=True)
-        return self.outputs_from_code_sums(acc, inputs)
+        return self.scale_accumulated(acc, inputs)
 
-    def outputs_from_code_sums(self, acc: np.ndarray, inputs: np.ndarray) -> np.ndarray:
-        """The last step of ``recombine``: codes summed with their plane and slice weights [batch, cols] (int64)
-        -> MAC outputs [batch, cols] int64 (scaled to levels, rounded; ``offset`` storage corrected)."""
-        out = acc
+    def scale_accumulated(self, acc: np.ndarray, inputs: np.ndarray) -> np.ndarray:
+        """Accumulated codes [batch, cols] (``sum code * plane_weight * slice_weight``) -> MAC outputs (int64).
+
+        The last step of ``recombine``: the ADC's full-scale ratio (rounded to the nearest integer) and the
+        ``offset`` storage correction. A controller whose hardware accumulates the codes applies it in software.
+        """
+        out = np.asarray(acc, dtype=np.int64)
         if self.adc_full_scale != self.adc_max:
-            out = np.rint(acc * self.adc_full_scale / self.adc_max).astype(np.int64)
+            out = np.rint(out * self.adc_full_scale / self.adc_max).astype(np.int64)
         if self.weight_offset:
             xsum = np.asarray(inputs, dtype=np.int64).sum(axis=1, keepdims=True)
             out = out - self.weight_offset * xsum

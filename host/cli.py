@@ -127,10 +127,14 @@ def sim() -> None:
 @click.option("--smu", "smu_addr", metavar="HOST:PORT", default=None,
               help="Also serve a simulated SMU that powers the twin, as a raw SCPI socket on loopback (port 0 picks "
                    "one); the second line of stdout is its VISA resource, TCPIP::HOST::PORT::SOCKET.")
+@click.option("--backend", type=click.Choice(["python", "rtl"]), default="python", show_default=True,
+              help="python: the Python twin; rtl: the RTL (bitstreams/rtl) simulated behind the board's device end.")
+@click.option("--simulator", type=click.Choice(["verilator"]), default="verilator", show_default=True,
+              help="With --backend rtl: the simulator.")
 @cim_errors
 def sim_serve(use_pty: bool, tcp_addr: str | None, profile: str, seed: int, sets: tuple[str, ...],
               baud: int | None, max_payload: int, allow_remote: bool, server_token_file: str | None,
-              idle_timeout: float, smu_addr: str | None) -> None:
+              idle_timeout: float, smu_addr: str | None, backend: str, simulator: str) -> None:
     """Serve a twin until stopped (Ctrl-C or SIGTERM). The first line of stdout is where to connect.
 
     Over TCP one host is served at a time: another is refused at once (BUSY), and a host idle for --idle-timeout
@@ -148,6 +152,15 @@ def sim_serve(use_pty: bool, tcp_addr: str | None, profile: str, seed: int, sets
     host, port = parse_hostport(tcp_addr) if tcp_addr else ("", 0)
     if tcp_addr:
         check_exposure(host, allow_remote=allow_remote, token=token)
+    if backend == "rtl":
+        if smu_addr:
+            raise ConfigError("--smu serves the Python twin's supply; it is not available with --backend rtl")
+        from cimlab.cli_board import serve_rtl
+
+        serve_rtl(use_pty=use_pty, host=host, port=port, profile=profile, seed=seed, overrides=parse_sets(sets),
+                  baud=baud, max_payload=max_payload, simulator=simulator, token=token, allow_remote=allow_remote,
+                  idle_timeout_s=idle_timeout)
+        return
     controller = chip_sim.make_twin(profile, seed, parse_sets(sets))
     stop = threading.Event()
     smu_resource = ""
@@ -229,6 +242,14 @@ _register_farm(cli)
 from cimlab.cli_export import register as _register_export  # noqa: E402
 
 _register_export(cli)
+
+from cimlab.cli_estimate import register as _register_estimate  # noqa: E402
+
+_register_estimate(cli)
+
+from cimlab.cli_board import register as _register_board  # noqa: E402
+
+_register_board(cli)
 
 from cimlab.cli_train import evaluate as _evaluate_cmd
 from cimlab.cli_train import train as _train_cmd

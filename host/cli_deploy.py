@@ -210,30 +210,46 @@ def bench_table(r: dict[str, Any]) -> Table:
               help="Frames in flight. The chip executes them once each, in order, whatever the link loses.")
 @click.option("--max-rewrites", type=click.IntRange(0, 100), default=3, show_default=True,
               help="Rewrites of weights that read back wrong.")
+@click.option("--trim", "trim_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Per-chip step: trim each physical column by the gain and offset of this short characterization "
+                   "of the chip (cimlab characterize --repeats 16); the chip then returns raw codes (MAC_RAW).")
+@click.option("--calibrate", "calibrate_n", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Per-chip step: fit each layer's per-output gain and offset on the chip with N training images "
+                   "(no labels) before the run.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @json_option
 @cim_errors
 def bench_cmd(package: Path, link_url: str, timeout: float, task: str | None, data_dir: Path | None,
               limit: int | None, batch_size: int, draws: int, error_model: Path | None, pooled: bool, seed: int,
-              window: int, max_rewrites: int, progress: bool, as_json: bool) -> None:
+              window: int, max_rewrites: int, trim_file: Path | None, calibrate_n: int, progress: bool,
+              as_json: bool) -> None:
     """Run PACKAGE's network on the chip at --link over the task's test set: accuracy on the chip against the
     host's prediction (ideal MACs, and the error model: mean ± std over draws), images/s, link bytes, chip cycles,
     latency and energy, and which bound holds."""
     from cimlab.deploy.bench import bench_package, public
     from cimlab.deploy.package import DeployPackage
+    from cimlab.estimate import estimate_package
     from cimlab.training.tasks import load_task
+    from cimlab.training.transfer import ColumnTrim
 
     pkg = DeployPackage.load(package)
     if task is not None and task != pkg.task:
         raise ConfigError(f"--task {task!r}: package {package.name} holds a network for task {pkg.task!r}")
     data = load_task(pkg.task, data_dir, limit=limit)
+    trim = ColumnTrim.load(trim_file) if trim_file is not None else None
+    calibration = data.x_train[:calibrate_n] if calibrate_n else None
     with open_chip(link_url, timeout, window=window) as chip:
         err_console.print(f"[bold]bench[/] {pkg.describe()}", highlight=False)
         result = bench_package(pkg, chip, data.x_test, data.y_test, batch_size=batch_size, draws=draws,
                                error_model=error_model, pooled=pooled, seed=seed, progress=progress,
-                               max_rewrites=max_rewrites)
+                               max_rewrites=max_rewrites, trim=trim, calibration=calibration)
     out = public(result)
+    out["estimate"] = estimate_package(pkg).as_dict()
     console.print(bench_table(out))
+    e = out["estimate"]
+    console.print(f"estimated on a resident crossbar design ({e['tech']}): {e['total_area_um2']:,.0f} um^2, "
+                  f"{e['total_energy_pj_per_inference']:,.1f} pJ per inference (cimlab estimate: by component)",
+                  highlight=False)
     emit_json(as_json, out)
 
 

@@ -13,6 +13,11 @@ the tile's rows (other rows see input 0), so only the row groups the tile spans 
 Placement is explicit so that a later packer may put tiles elsewhere: the row offset inside a row group changes
 which rows share a conversion, the column offset changes which physical columns (``j = k * cols + c``) and so which
 columns' errors a tile sees. Training and deploy both read these fields; neither assumes the defaults.
+
+A **paired** tile (``Tile.paired``) holds weights of both signs on a unipolar (``unsigned``) macro: output column
+``i`` of the tile sits on the adjacent macro columns ``macro_col + 2 i`` (its positive part, ``max(w, 0)``) and
+``macro_col + 2 i + 1`` (its magnitude where negative, ``max(-w, 0)``), and the host subtracts the second from the
+first. The pair is one unit of the tile: both columns are on the same page and rows, always.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class Tile:
         macro_row: macro row of the tile's first row.
         macro_col: macro column of the tile's first column.
         page: which load of the macro holds this tile (tiles of one page share the macro's contents).
+        paired: each output on a pair of adjacent columns (positive, negative) of a unipolar macro.
     """
 
     row0: int
@@ -44,6 +50,7 @@ class Tile:
     macro_row: int = 0
     macro_col: int = 0
     page: int = 0
+    paired: bool = False
 
     @property
     def n_rows(self) -> int:
@@ -54,6 +61,25 @@ class Tile:
     def n_cols(self) -> int:
         """Columns (outputs) in the tile."""
         return self.col1 - self.col0
+
+    @property
+    def macro_cols(self) -> int:
+        """Macro columns the tile occupies: ``n_cols``, twice that when paired."""
+        return self.n_cols * (2 if self.paired else 1)
+
+    def split_pairs(self, block: np.ndarray) -> np.ndarray:
+        """A paired tile's signed weights [n_rows, n_cols] -> what its macro columns hold [n_rows, 2 n_cols]:
+        ``max(w, 0)`` on even and ``max(-w, 0)`` on odd columns (unpaired tiles: the block as it is)."""
+        if not self.paired:
+            return block
+        out = np.empty((block.shape[0], 2 * block.shape[1]), dtype=block.dtype)
+        out[:, 0::2] = np.maximum(block, 0)
+        out[:, 1::2] = np.maximum(-block, 0)
+        return out
+
+    def join_pairs(self, y: np.ndarray) -> np.ndarray:
+        """MAC outputs of the tile's macro columns [N, macro_cols] -> its outputs [N, n_cols] (pairs subtracted)."""
+        return y[:, 0::2] - y[:, 1::2] if self.paired else y
 
     def group_span(self, spec: MacroSpec) -> tuple[int, int]:
         """Row groups ``(first, end)`` of the macro that this tile's rows occupy."""
@@ -69,14 +95,16 @@ class Tile:
         return self.macro_row - self.group_span(spec)[0] * spec.rows_per_conversion
 
     def physical_columns(self, spec: MacroSpec) -> np.ndarray:
-        """Physical column ``j = k * cols + c`` of each (weight slice k, tile column), shape [n_slices, n_cols]."""
+        """Physical column ``j = k * cols + c`` of each (weight slice k, macro column of the tile), shape
+        [n_slices, macro_cols]."""
         k = np.arange(spec.n_slices)[:, None]
-        c = self.macro_col + np.arange(self.n_cols)[None, :]
+        c = self.macro_col + np.arange(self.macro_cols)[None, :]
         return k * spec.cols + c
 
     def conversions_per_vector(self, spec: MacroSpec) -> int:
-        """ADC conversions one input vector takes on this tile: planes x groups spanned x slices x tile columns."""
-        return spec.n_planes * self.n_groups(spec) * spec.n_slices * self.n_cols
+        """ADC conversions one input vector takes on this tile: planes x groups spanned x slices x its macro
+        columns."""
+        return spec.n_planes * self.n_groups(spec) * spec.n_slices * self.macro_cols
 
     def weights(self, matrix: np.ndarray) -> np.ndarray:
         """The tile's block ``matrix[row0:row1, col0:col1]`` of a layer matrix [K, M]."""
@@ -112,9 +140,11 @@ class LayerMap:
             if not (0 <= t.macro_row and t.macro_row + t.n_rows <= spec.rows):
                 raise ShapeError(f"tile {t} needs macro rows {t.macro_row}..{t.macro_row + t.n_rows - 1}, "
                                  f"outside 0..{spec.rows - 1}")
-            if not (0 <= t.macro_col and t.macro_col + t.n_cols <= spec.cols):
-                raise ShapeError(f"tile {t} needs macro columns {t.macro_col}..{t.macro_col + t.n_cols - 1}, "
+            if not (0 <= t.macro_col and t.macro_col + t.macro_cols <= spec.cols):
+                raise ShapeError(f"tile {t} needs macro columns {t.macro_col}..{t.macro_col + t.macro_cols - 1}, "
                                  f"outside 0..{spec.cols - 1}")
+            if t.paired and spec.weight_storage != "unsigned":
+                raise ShapeError(f"tile {t} is paired, which only a unipolar (unsigned) macro needs")
             cover[t.row0 : t.row1, t.col0 : t.col1] += 1
         if cover.size and not (cover == 1).all():
             raise ShapeError("the tiles must cover every (row, column) of the layer exactly once")
@@ -148,10 +178,11 @@ class LayerMap:
         out = np.zeros((x.shape[0], self.n_cols), dtype=np.int64)
         for t in self.tiles:
             macro_w = np.zeros((spec.rows, spec.cols), dtype=np.int64)
-            macro_w[t.macro_row : t.macro_row + t.n_rows, t.macro_col : t.macro_col + t.n_cols] = t.weights(w)
+            cols = slice(t.macro_col, t.macro_col + t.macro_cols)
+            macro_w[t.macro_row : t.macro_row + t.n_rows, cols] = t.split_pairs(t.weights(w))
             levels = spec.ideal_levels(t.inputs(x), macro_w, t.macro_row)
             y = spec.recombine(spec.ideal_codes(levels), t.inputs(x))
-            out[:, t.col0 : t.col1] += y[:, t.macro_col : t.macro_col + t.n_cols]
+            out[:, t.col0 : t.col1] += t.join_pairs(y[:, cols])
         return out
 
 

@@ -1,30 +1,36 @@
 #!/usr/bin/env python3
-"""The D-NAT study on the twin: does training through the measured error model recover the ideal accuracy?
+"""The D-NAT study on the twin: what the chip loses, what D-NAT and the per-chip deploy step win back, for one chip
+and for chips never seen in training, and what a training step costs.
 
-Steps (all offline, on the CPU):
+Steps (offline, on the CPU):
 
-1. Characterize two twins with the harness (``cimlab characterize``): the ``default`` profile, and a harsher one
-   (``default`` with larger per-column offsets and gains) where the ideal quantized model loses over 20 points.
-2. On digits (and HAR when ``--har DIR`` holds the UCI HAR archive): train ``float``, then ``quant`` (the ideal
-   quantized model, the upper bound) from it, then ``dnat`` from ``quant`` through each error model (per physical
-   column), with E-PACT input bounds.
-3. Evaluate ``quant`` with ideal MACs, ``naive`` (the quant model under the error model) and ``dnat`` under the
-   error model, mean +- std over ``--draws`` draws; ``recovery = (dnat - naive) / (quant - naive)``.
-4. Ablation on the harsh model: E-PACT (both bounds learned) against PACT (upper bound only) and fixed clipping,
-   each through its own quant and dnat training; and dnat trained with the pooled table or with a Gaussian of the
-   measured mean and sigma instead of the per-column table (all evaluated under the per-column table).
-5. Step time: one training step through the error model / one step of the quant model, same model and batch,
-   measured here; also against the quant model pushed through the conversions with ideal codes.
+1. Error models, by characterizing twins (``cimlab characterize``): a static per-column model (offsets 0.5 LSB,
+   gains 5 %), a non-linear ADC (strong INL bow and DNL), a noise-dominated one (read noise 0.8 LSB), low supply
+   (``default`` at 0.6 V), and the ``nvm-2bit`` crossbar; six seeds of the static design for the population. Each
+   chip also gets a *short* characterization (16 conversions per column and level): the deploy-time step's data.
+2. Digits, ``digits_mlp`` and ``digits_cnn``: ``float``, then ``quant`` (the ideal quantized model, the upper
+   bound) per MacroSpec.
+3. Per error model and network: ``naive`` (quant under the chip), ``naive + deploy step`` (each physical column's
+   gain trimmed from the short characterization, then each output column's gain and offset fitted on the chip
+   against the exact MACs), ``D-NAT`` (fine-tuned from quant through the chip with the deploy step in the loop,
+   evaluated with it), mean over ``--draws`` draws. ``recovery = (D-NAT - naive) / (quant - naive)``, ``null``
+   where naive loses less than the evaluation's noise. Where read noise bounds what any training can reach, the
+   bound is D-NAT on the chip's read noise alone (ideal mean, the measured per-level sigma).
+4. One network for many chips: D-NAT through chips 1-4 (one chip per batch, each as deployed), evaluated on chips 5
+   and 6 with their own deploy step, next to D-NAT trained on chip 5 itself.
+5. Input bounds where the lower one could matter: signed (standardised) digits, E-PACT vs PACT vs fixed clipping.
+6. Step time: a D-NAT training step (per-column error model) / the quant model's step (a plain convolution /
+   matmul), same model and batch, best of interleaved repeats.
 
-Prints the table and, as the last line, one JSON object with every figure. Checkpoints and error models are left
-in ``--out`` (default: a new temporary folder) for ``cimlab evaluate``.
+Prints the table and, as the last line, one JSON object. Checkpoints and error models stay in ``--out``.
 
-Usage: python scripts/reproduce_dnat.py [--out DIR] [--har DIR] [--draws K] [--quick] [--threads N]
+Usage: python scripts/reproduce_dnat.py [--out DIR] [--draws K] [--quick] [--threads N] [--no-compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -36,284 +42,457 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HARSH = {"offset_sigma_lsb": 0.5, "gain_sigma": 0.05}
-"""Overrides of the ``default`` profile for the harsh twin: per-column offsets of 0.5 LSB and gains of 5 %
-(1 sigma), against 0.08 LSB and 0.8 % in ``default``."""
+DEFAULT_TWIN = "sim://?profile=default"
+
+
+@dataclass(frozen=True)
+class ErrorCase:
+    """One error model of the study: the twin that is characterized, and how it is read."""
+
+    name: str
+    description: str
+    url: str
+    vdd: str | None = None
+    noise_bound: bool = False  # read noise bounds what training can reach: measure the bound
+
+
+CASES = (
+    ErrorCase("static", "per-column offsets 0.5 LSB, gains 5 %", DEFAULT_TWIN + "&offset_sigma_lsb=0.5&gain_sigma=0.05"),
+    ErrorCase("nonlinear", "ADC INL bow 1.5 LSB, DNL 0.35 LSB",
+              DEFAULT_TWIN + "&adc_inl_bow_lsb=1.5&adc_dnl_sigma_lsb=0.35"),
+    ErrorCase("noise", "read noise 0.8 LSB", DEFAULT_TWIN + "&noise_sigma_lsb=0.8", noise_bound=True),
+    ErrorCase("low-supply", "default at 0.6 V (gain -15 %, noise +50 %)", DEFAULT_TWIN, vdd="0.6"),
+    ErrorCase("nvm", "nvm-2bit profile", "sim://?profile=nvm-2bit"),
+)
+POPULATION = ErrorCase("static", "", CASES[0].url)
+SHORT_REPEATS = 16
 
 
 @dataclass
-class TaskPlan:
-    """How one task is trained in the study."""
+class Plan:
+    """Training lengths (epochs) and sizes of the study."""
 
-    task: str
-    model: str
-    model_kwargs: dict[str, Any]
-    float_epochs: int
-    quant_epochs: int
-    dnat_epochs: int
-    batch_size: int = 64
-    float_lr: float = 3e-3
-    lr: float = 1e-3
-    data_dir: str | None = None
+    float_epochs: int = 20
+    quant_epochs: int = 8
+    dnat_epochs: int = 8
+    bound_epochs: int = 8
+    repeats: int = 512
+    calibration: int = 128
     limit: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    models: tuple[str, ...] = ("digits_mlp", "digits_cnn")
+    model_kwargs: dict[str, dict[str, Any]] = field(default_factory=lambda: {"digits_cnn": {"width": 8}})
+    cases: tuple[ErrorCase, ...] = CASES
+    train_chips: tuple[int, ...] = (1, 2, 3, 4)
+    held_out: tuple[int, ...] = (5, 6)
+    step_repeats: int = 3
 
 
-def characterize(url: str, out: Path, repeats: int) -> Path:
-    """Run the characterization harness on the twin at ``url``; returns the error model file."""
+def quick_plan() -> Plan:
+    """A smoke-test plan for the test suite: every step once, on the MLP, tiny (figures not meaningful)."""
+    return Plan(float_epochs=1, quant_epochs=1, dnat_epochs=1, bound_epochs=1, repeats=8, calibration=32,
+                limit=96, models=("digits_mlp",), cases=(CASES[2],), train_chips=(1,), held_out=(2,),
+                step_repeats=1)
+
+
+# ---- error models ----------------------------------------------------------------------------------------------
+def characterize(url: str, out: Path, repeats: int, vdd: str | None = None, seed: int = 0) -> Path:
+    """Run ``cimlab characterize`` on the twin at ``url``; returns the error model file (the last condition's).
+    A folder that already holds a finished run (``--out`` of an earlier study) is read back."""
+    done = out / "study-model.txt"
+    if done.is_file():
+        return Path(done.read_text().strip())
     cmd = [sys.executable, "-m", "cimlab.cli", "characterize", "--link", url, "--out", str(out),
-           "--repeats", str(repeats), "--no-progress", "--json"]
+           "--repeats", str(repeats), "--seed", str(seed), "--no-progress", "--json"]
+    if vdd is not None:
+        cmd += ["--vdd", vdd]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     if res.returncode != 0:
         raise SystemExit(f"characterization of {url} failed ({res.returncode}):\n{res.stderr or res.stdout}")
-    info = json.loads(res.stdout.strip().splitlines()[-1])
-    return Path(info["models"][0])
+    model = Path(json.loads(res.stdout.strip().splitlines()[-1])["models"][-1])
+    done.write_text(str(model))
+    return model
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+@dataclass
+class Chip:
+    """A characterized twin: its error model and the short characterization its deploy step uses."""
+
+    case: ErrorCase
+    seed: int
+    model_file: Path
+    short_file: Path
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, help="folder for error models and checkpoints (default: a temp folder)")
-    ap.add_argument("--har", help="folder holding the UCI HAR archive ('UCI HAR Dataset'); else HAR is skipped")
-    ap.add_argument("--draws", type=int, default=10, help="draws of each error model per evaluation")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--twin-seed", type=int, default=1, help="seed of the twins' mismatch")
-    ap.add_argument("--repeats", type=int, default=1024, help="characterization: conversions per column and level")
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    ap.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; figures not meaningful)")
-    args = ap.parse_args(argv)
+def characterize_chip(case: ErrorCase, seed: int, out: Path, plan: Plan) -> Chip:
+    """Both characterizations of one chip (the twin ``case`` with mismatch seed ``seed``)."""
+    url = f"{case.url}&seed={seed}"
+    folder = out / f"em-{case.name}-s{seed}"
+    full = characterize(url, folder / "full", plan.repeats, case.vdd)
+    short = characterize(url, folder / "short", min(SHORT_REPEATS, plan.repeats), case.vdd, seed=7)
+    return Chip(case, seed, full, short)
 
-    import torch
 
-    from cimlab.training.api import error_model_info, evaluate_model, prepare_model, recovery
-    from cimlab.training.checkpoint import load_checkpoint, save_checkpoint
-    from cimlab.training.layers import set_transfer
-    from cimlab.training.loop import TrainConfig, accuracy_draws, fit, time_steps
-    from cimlab.training.tasks import load_task
+def chip_transfer(chip: Chip) -> Any:
+    """The chip as deployed: its per-column error model, trimmed per physical column from the short
+    characterization (gain only: the offsets are left to the per-output step, which sees the clipping)."""
+    import numpy as np
+
+    from cimlab.training.transfer import ColumnTrim, Transfer
+
+    trim = ColumnTrim.load(chip.short_file)
+    return Transfer.load(chip.model_file, pooled=False).trimmed(
+        ColumnTrim(np.zeros_like(trim.offset), trim.scale, trim.source))
+
+
+def raw_transfer(chip: Chip) -> Any:
+    """The chip without any deploy step."""
     from cimlab.training.transfer import Transfer
 
-    torch.set_num_threads(args.threads)
-    bars = sys.stderr.isatty()
-    t_start = time.perf_counter()
-    out = args.out or Path(tempfile.mkdtemp(prefix="cimlab-dnat-"))
-    out.mkdir(parents=True, exist_ok=True)
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t_start:6.1f} s] {msg}", file=sys.stderr, flush=True)
+    return Transfer.load(chip.model_file, pooled=False)
 
-    # ---- 1. error models ------------------------------------------------------------------------------------
-    base = f"sim://?profile=default&seed={args.twin_seed}"
-    harsh_url = base + "".join(f"&{k}={v}" for k, v in HARSH.items())
-    em_paths = {}
-    for name, url in (("default", base), ("harsh", harsh_url)):
-        folder = out / f"em-{name}"
-        if (folder / "dmacem.npz").is_file():
-            em_paths[name] = folder / "dmacem.npz"
-        else:
-            em_paths[name] = characterize(url, folder, args.repeats if not args.quick else 64)
-        log(f"error model {name}: {em_paths[name]} ({url})")
-    transfers = {name: Transfer.load(p, pooled=False) for name, p in em_paths.items()}
-    spec = transfers["default"].spec
 
-    plans = [TaskPlan("digits", "digits_cnn", {"width": 8}, 20, 8, 8)]
-    if args.har:
-        plans.append(TaskPlan("har", "har_cnn", {"width": 8}, 8, 3, 3, data_dir=args.har))
-    if args.quick:
-        for p in plans:
-            p.float_epochs, p.quant_epochs, p.dnat_epochs, p.limit = 2, 1, 1, 256
+def noise_only(transfer: Any) -> Any:
+    """The chip's read noise alone: ideal mean code, the measured sigma per column and level (Gaussian)."""
+    import numpy as np
 
-    results: dict[str, Any] = {"spec": spec.describe(), "error_models": {}, "tasks": {}, "ablation": {},
-                               "injection": {},
-                               "draws": args.draws, "seed": args.seed, "out": str(out)}
-    for name, url in (("default", base), ("harsh", harsh_url)):
-        results["error_models"][name] = {"link": url, "file": str(em_paths[name]),
-                                         "sha256": transfers[name].info.sha256}
+    from cimlab.errmodel import MacErrorModel
+    from cimlab.firmware_bridge.errmodel import ErrorModel
+    from cimlab.training.transfer import Transfer
 
-    def under(model: torch.nn.Module, transfer: Transfer, data: Any) -> list[float]:
-        set_transfer(model, transfer)
-        return accuracy_draws(model, data.x_test, data.y_test, args.draws, seed=args.seed + 1000)
+    model = ErrorModel.load(transfer.info.source)
+    spec = model.spec
+    sigma = np.nan_to_num(MacErrorModel(model).sigma())
+    ideal = np.broadcast_to(spec.ideal_codes(np.arange(spec.n_levels)).astype(float), sigma.shape).copy()
+    return Transfer(spec, "gaussian", False, ideal, sigma=sigma)
 
-    step_figures: dict[str, float] = {}
-    for plan in plans:
-        data = load_task(plan.task, plan.data_dir, limit=plan.limit)
-        def cfg(epochs: int, lr: float, plan: TaskPlan = plan) -> TrainConfig:
-            return TrainConfig(epochs=epochs, batch_size=plan.batch_size, lr=lr, seed=args.seed)
-        task_res: dict[str, Any] = {"model": plan.model, "model_kwargs": plan.model_kwargs}
 
-        # ---- 2. float and quant (one quant model per input-bound variant) ---------------------------------
-        model, info = prepare_model(data, "float", model_name=plan.model, model_kwargs=plan.model_kwargs,
-                                    seed=args.seed)
-        fit(model, data, cfg(plan.float_epochs, plan.float_lr), evaluate_each_epoch=False, progress=bars,
-            description=f"{plan.task} float")
-        task_res["float"] = evaluate_model(model, data, transfer=None, draws=1)["accuracy_float"]
-        float_path = save_checkpoint(out / f"{plan.task}-float.ckpt", model,
-                                     {"task": plan.task, "model": info, "mode": "float"})
-        log(f"{plan.task}: float {task_res['float']:.4f}")
-        float_ck = load_checkpoint(float_path)
-        variants = ("epact", "pact", "fixed") if plan.task == "digits" else ("epact",)
-        quant_paths: dict[str, Path] = {}
-        quant_acc: dict[str, float] = {}
-        for learn in variants:
-            qm, _ = prepare_model(data, "quant", spec=spec, init=float_ck, learn=learn, seed=args.seed)
-            fit(qm, data, cfg(plan.quant_epochs, plan.lr), evaluate_each_epoch=False, progress=bars,
-                description=f"{plan.task} quant {learn}")
-            acc = evaluate_model(qm, data, transfer=None, draws=1)["accuracy_ideal"]
-            quant_paths[learn] = save_checkpoint(
-                out / f"{plan.task}-quant-{learn}.ckpt", qm,
-                {"task": plan.task, "model": info, "mode": "quant", "spec": spec.to_dict(), "quantizer": learn,
-                 "metrics": {"accuracy_ideal": acc}})
-            quant_acc[learn] = acc
-            if learn == "epact":
-                task_res["quant"] = acc
-            if plan.task == "digits":
-                results["ablation"].setdefault(learn, {})["quant"] = acc
-            log(f"{plan.task}: quant ({learn}) {acc:.4f}")
+# ---- networks --------------------------------------------------------------------------------------------------
+class Study:
+    """Shared state: data, plan, output folder, and the float and quant networks per model and MacroSpec."""
 
-        # ---- 3. naive and dnat under each error model -------------------------------------------------------
-        runs = [(em, "epact") for em in ("default", "harsh")]
-        if plan.task == "digits":
-            runs += [("harsh", "pact"), ("harsh", "fixed")]
-        for em, learn in runs:
-            tr = transfers[em]
-            qck = load_checkpoint(quant_paths[learn])
-            dm, _ = prepare_model(data, "dnat", spec=spec, transfer=tr, init=qck, learn=learn, seed=args.seed)
-            naive = under(dm, tr, data)
-            t0 = time.perf_counter()
-            fit(dm, data, cfg(plan.dnat_epochs, plan.lr), evaluate_each_epoch=False, progress=bars,
-                description=f"{plan.task} dnat {em} {learn}")
-            seconds = time.perf_counter() - t0
-            dnat = under(dm, tr, data)
-            save_checkpoint(out / f"{plan.task}-dnat-{em}-{learn}.ckpt", dm,
-                            {"task": plan.task, "model": info, "mode": "dnat", "spec": spec.to_dict(),
-                             "quantizer": learn, "error_model": error_model_info(tr)})
-            (nm, ns), (dmn, dsd) = mean_std(naive), mean_std(dnat)
-            # recovery is a ratio over the loss the error model causes; below the noise of the evaluation (two
-            # standard deviations of the naive draws, and at least one test sample) it means nothing
-            floor = max(2 * ns, 1.0 / data.y_test.shape[0])
-            q_acc = quant_acc[learn]
-            measurable = q_acc - nm > floor
-            entry = {"quant": q_acc, "naive": nm, "naive_std": ns, "dnat": dmn, "dnat_std": dsd,
-                     "recovery": recovery(nm, dmn, q_acc) if measurable else None,
-                     "recovery_raw": recovery(nm, dmn, q_acc), "loss_points": 100 * (q_acc - nm),
-                     "loss_measurable": measurable, "dnat_train_s": seconds}
-            if learn == "epact":
-                task_res[em] = entry
-            if plan.task == "digits" and em == "harsh":
-                results["ablation"][learn].update(entry)
-            log(f"{plan.task}: {em}/{learn}: naive {nm:.4f} +- {ns:.4f}, dnat {dmn:.4f} +- {dsd:.4f}, "
-                f"recovery {entry['recovery']}")
+    def __init__(self, out: Path, plan: Plan, draws: int, seed: int, log: Any) -> None:
+        from cimlab.training.tasks import load_task
 
-        # ---- 4b. what the injection needs: per-column table vs pooled table vs a Gaussian with its moments -----
-        if plan.task == "digits":
-            tr_true = transfers["harsh"]
-            results["injection"]["measured, per column"] = task_res["harsh"]["dnat"]
-            for label, tr in (("measured, pooled", Transfer.load(em_paths["harsh"], pooled=True)),
-                              ("gaussian, per column", Transfer.load(em_paths["harsh"], pooled=False,
-                                                                     kind="gaussian"))):
-                qck = load_checkpoint(quant_paths["epact"])
-                dm, _ = prepare_model(data, "dnat", spec=spec, transfer=tr, init=qck, seed=args.seed)
-                fit(dm, data, cfg(plan.dnat_epochs, plan.lr), evaluate_each_epoch=False, progress=bars,
-                    description=f"{plan.task} dnat harsh {label}")
-                acc = mean_std(under(dm, tr_true, data))[0]
-                results["injection"][label] = acc
-                log(f"{plan.task}: dnat trained with {label}, evaluated per column: {acc:.4f}")
+        self.out = out
+        self.plan = plan
+        self.draws = draws
+        self.seed = seed
+        self.log = log
+        self.data = load_task("digits", limit=plan.limit)
+        self._quant: dict[tuple[str, str, str], Path] = {}
+        self._float: dict[tuple[str, str], Path] = {}
 
-        # ---- 5. step time, same model and batch --------------------------------------------------------------
-        if plan.task == "digits":
-            model = prepare_model(data, "dnat", spec=spec, transfer=transfers["harsh"],
-                                  init=load_checkpoint(quant_paths["epact"]), seed=args.seed)[0]
-            xb, yb = data.x_train[: plan.batch_size], data.y_train[: plan.batch_size]
-            timings: dict[str, list[float]] = {"quant": [], "quant_conversions": [], "dnat": [], "dnat_pooled": []}
-            pooled = Transfer.load(em_paths["harsh"], pooled=True)
-            paths = {"quant": Transfer.ideal(spec), "quant_conversions": Transfer.ideal(spec, shortcut=False),
-                     "dnat": transfers["harsh"], "dnat_pooled": pooled}
-            for _ in range(3):  # interleaved, best of 3: robust to other load on the machine
-                for key, tr in paths.items():
-                    set_transfer(model, tr)
-                    timings[key].append(time_steps(model, xb, yb, steps=3))
-            best = {k: min(v) for k, v in timings.items()}
-            step_figures = {
-                "batch": plan.batch_size,
-                "quant_step_s": best["quant"],
-                "quant_conversions_step_s": best["quant_conversions"],
-                "dnat_step_s": best["dnat"],
-                "dnat_pooled_step_s": best["dnat_pooled"],
-                "step_ratio": best["dnat"] / best["quant"],
-                "step_ratio_vs_quant_conversions": best["dnat"] / best["quant_conversions"],
-                "step_ratio_pooled_vs_quant_conversions": best["dnat_pooled"] / best["quant_conversions"],
-            }
-            log(f"step time: {step_figures}")
-        results["tasks"][plan.task] = task_res
+    def cfg(self, epochs: int, lr: float = 1e-3) -> Any:
+        from cimlab.training.loop import TrainConfig
 
-    results["step_time"] = step_figures
-    results["seconds"] = time.perf_counter() - t_start
-    results["summary"] = {
-        **{f"{task}_recovery_{em}": r[em]["recovery"]
-           for task, r in results["tasks"].items() for em in ("default", "harsh")},
-        "step_ratio": step_figures.get("step_ratio"),
-        "step_ratio_vs_quant_conversions": step_figures.get("step_ratio_vs_quant_conversions"),
-        "seconds": results["seconds"],
+        return TrainConfig(epochs=epochs, batch_size=64, lr=lr, seed=self.seed)
+
+    def calibration(self) -> list[Any]:
+        x = self.data.x_train[: self.plan.calibration]
+        return [x[i : i + 128] for i in range(0, x.shape[0], 128)]
+
+    def float_net(self, name: str, data: Any = None, tag: str = "") -> Path:
+        from cimlab.training.api import prepare_model
+        from cimlab.training.checkpoint import save_checkpoint
+        from cimlab.training.loop import fit
+
+        key = (name, tag)
+        if key not in self._float:
+            data = data or self.data
+            model, info = prepare_model(data, "float", model_name=name,
+                                        model_kwargs=self.plan.model_kwargs.get(name), seed=self.seed)
+            fit(model, data, self.cfg(self.plan.float_epochs, 3e-3), evaluate_each_epoch=False)
+            self._float[key] = save_checkpoint(self.out / f"{name}{tag}-float.ckpt", model,
+                                               {"task": "digits", "model": info, "mode": "float"})
+        return self._float[key]
+
+    def quant_net(self, name: str, spec: Any, learn: str = "epact", data: Any = None, tag: str = "") -> Path:
+        """The ideal quantized network (path of its checkpoint), trained once per model, MacroSpec and bounds."""
+        from cimlab.training.api import prepare_model
+        from cimlab.training.checkpoint import load_checkpoint, save_checkpoint
+        from cimlab.training.loop import fit
+
+        key = (name + tag, spec.describe(), learn)
+        if key not in self._quant:
+            data = data or self.data
+            fck = load_checkpoint(self.float_net(name, data, tag))
+            model, info = prepare_model(data, "quant", spec=spec, init=fck, learn=learn, seed=self.seed)
+            fit(model, data, self.cfg(self.plan.quant_epochs), evaluate_each_epoch=False)
+            path = self.out / f"{name}{tag}-quant-{learn}-{len(self._quant)}.ckpt"
+            self._quant[key] = save_checkpoint(path, model, {"task": "digits", "model": info, "mode": "quant",
+                                                             "spec": spec.to_dict(), "quantizer": learn})
+        return self._quant[key]
+
+    def accuracy(self, model: Any, transfer: Any, data: Any = None) -> float:
+        """Mean test accuracy over the study's draws under ``transfer`` (a deep copy of ``model`` is used)."""
+        from cimlab.training.layers import set_transfer
+        from cimlab.training.loop import accuracy_draws
+
+        data = data or self.data
+        m = copy.deepcopy(model)
+        set_transfer(m, transfer)
+        return statistics.fmean(accuracy_draws(m, data.x_test, data.y_test, self.draws, seed=self.seed + 1000))
+
+    def deployed(self, model: Any, transfer: Any) -> Any:
+        """A copy of ``model`` on ``transfer`` with the per-output deploy step fitted there."""
+        from cimlab.training.layers import calibrate_columns, clear_columns, set_transfer
+
+        m = copy.deepcopy(model)
+        clear_columns(m)
+        set_transfer(m, transfer)
+        calibrate_columns(m, self.calibration())
+        return m
+
+    def dnat(self, quant: Path, chips: list[Any], *, learn: str = "epact", data: Any = None,
+             epochs: int | None = None, deploy_step: bool = True) -> tuple[Any, float]:
+        """D-NAT from the quant checkpoint through ``chips`` (one per batch); (model, seconds)."""
+        from cimlab.training.api import prepare_model
+        from cimlab.training.checkpoint import load_checkpoint
+        from cimlab.training.loop import fit
+
+        data = data or self.data
+        model, _ = prepare_model(data, "dnat", spec=chips[0].spec, transfer=chips[0], init=load_checkpoint(quant),
+                                 learn=learn, seed=self.seed)
+        t0 = time.perf_counter()
+        fit(model, data, self.cfg(epochs or self.plan.dnat_epochs), evaluate_each_epoch=False,
+            population=chips, calibration=self.calibration() if deploy_step else ())
+        return model, time.perf_counter() - t0
+
+
+def quant_model(path: Path) -> Any:
+    from cimlab.training.api import model_from_checkpoint
+    from cimlab.training.checkpoint import load_checkpoint
+
+    return model_from_checkpoint(load_checkpoint(path))
+
+
+def recovery(naive: float, dnat: float, top: float, floor: float) -> float | None:
+    """``(dnat - naive) / (top - naive)``; None when the gap is within the evaluation's noise ``floor``."""
+    return None if top - naive <= floor else (dnat - naive) / (top - naive)
+
+
+# ---- 3. the error models ---------------------------------------------------------------------------------------
+def run_case(study: Study, chip: Chip, name: str) -> dict[str, Any]:
+    """naive, naive + deploy step, D-NAT (and the noise bound where it applies) for one network on one chip."""
+    from cimlab.training.transfer import Transfer
+
+    raw, deployed_chip = raw_transfer(chip), chip_transfer(chip)
+    spec = raw.spec
+    qpath = study.quant_net(name, spec)
+    qm = quant_model(qpath)
+    quant = study.accuracy(qm, Transfer.ideal(spec))
+    naive = study.accuracy(qm, raw)
+    naive_deployed = study.accuracy(study.deployed(qm, deployed_chip), deployed_chip)
+    model, seconds = study.dnat(qpath, [deployed_chip])
+    dnat = study.accuracy(model, deployed_chip)
+    floor = 2.0 / study.data.y_test.shape[0]
+    entry: dict[str, Any] = {
+        "error_model": chip.case.name, "description": chip.case.description, "model": name,
+        "spec": spec.describe(), "quant": quant, "naive": naive, "naive_deployed": naive_deployed, "dnat": dnat,
+        "loss_points": 100 * (quant - naive), "recovery": recovery(naive, dnat, quant, floor),
+        "dnat_train_s": seconds, "bound": None, "recovery_vs_bound": None,
     }
-    print_table(results)
-    print(json.dumps(results))
-    return 0
+    if chip.case.noise_bound:
+        nz = noise_only(raw)
+        bound_model, _ = study.dnat(qpath, [nz], epochs=study.plan.bound_epochs, deploy_step=False)
+        bound = study.accuracy(bound_model, nz)
+        entry["bound"] = bound
+        entry["bound_naive"] = study.accuracy(qm, nz)
+        entry["recovery_vs_bound"] = recovery(naive, dnat, bound, floor)
+    study.log(f"{chip.case.name}/{name}: quant {quant:.3f} naive {naive:.3f} naive+deploy {naive_deployed:.3f} "
+              f"dnat {dnat:.3f} bound {entry['bound']} recovery {entry['recovery']}")
+    return entry
 
 
+# ---- 4. many chips ---------------------------------------------------------------------------------------------
+def run_population(study: Study, chips: dict[int, Chip], name: str) -> dict[str, Any]:
+    """D-NAT through the training chips, evaluated on held-out chips, next to D-NAT trained on each held-out chip."""
+    transfers = {s: chip_transfer(c) for s, c in chips.items()}
+    spec = transfers[study.plan.train_chips[0]].spec
+    qpath = study.quant_net(name, spec)
+    qm = quant_model(qpath)
+    pop_model, seconds = study.dnat(qpath, [transfers[s] for s in study.plan.train_chips])
+    held: dict[str, Any] = {}
+    for s in study.plan.held_out:
+        t = transfers[s]
+        own, _ = study.dnat(qpath, [t])
+        held[f"chip{s}"] = {
+            "naive": study.accuracy(qm, raw_transfer(chips[s])),
+            "naive_deployed": study.accuracy(study.deployed(qm, t), t),
+            "population_no_step": study.accuracy(pop_model, raw_transfer(chips[s])),
+            "population_deployed": study.accuracy(study.deployed(pop_model, t), t),
+            "chip_trained": study.accuracy(study.deployed(own, t), t),
+        }
+        h = held[f"chip{s}"]
+        h["gap_points"] = 100 * (h["chip_trained"] - h["population_deployed"])
+        study.log(f"population/{name} chip {s}: {h}")
+    worst = max(h["gap_points"] for h in held.values())
+    return {"model": name, "train_chips": list(study.plan.train_chips), "held_out": held, "worst_gap_points": worst,
+            "train_s": seconds}
+
+
+# ---- 5. input bounds -------------------------------------------------------------------------------------------
+def signed_digits(data: Any) -> Any:
+    """Digits standardised with the training set's per-pixel mean and spread: inputs that go negative."""
+    x = data.x_train.reshape(data.x_train.shape[0], -1)
+    mean, std = x.mean(0), x.std(0) + 1e-3
+    out = copy.copy(data)
+    out.x_train = ((x - mean) / std).reshape(data.x_train.shape)
+    out.x_test = ((data.x_test.reshape(data.x_test.shape[0], -1) - mean) / std).reshape(data.x_test.shape)
+    return out
+
+
+def run_bounds_ablation(study: Study, chip: Chip) -> dict[str, Any]:
+    """E-PACT, PACT and fixed clipping on signed digits (MLP), quant and D-NAT on the chip (deploy step in)."""
+    from cimlab.training.layers import cim_layers
+    from cimlab.training.transfer import Transfer
+
+    data = signed_digits(study.data)
+    t = chip_transfer(chip)
+    out = {}
+    for learn in ("epact", "pact", "fixed"):
+        qpath = study.quant_net("digits_mlp", t.spec, learn=learn, data=data, tag="-signed")
+        qm = quant_model(qpath)
+        model, _ = study.dnat(qpath, [t], learn=learn, data=data)
+        lo = [layer.act.lo.item() for _, layer in cim_layers(model)]
+        out[learn] = {"quant": study.accuracy(qm, Transfer.ideal(t.spec), data),
+                      "naive": study.accuracy(qm, raw_transfer(chip), data), "dnat": study.accuracy(model, t, data),
+                      "lower_bounds": lo}
+        study.log(f"bounds {learn}: {out[learn]}")
+    return out
+
+
+# ---- 6. step time ----------------------------------------------------------------------------------------------
+def step_times(study: Study, chip: Chip, name: str) -> dict[str, float]:
+    """Median-of-steps, best-of-``repeats`` training step of the quant model (exact shortcut: a plain convolution
+    or matmul) and of D-NAT through the chip, same model and batch, interleaved."""
+    from cimlab.training.layers import set_transfer
+    from cimlab.training.loop import time_steps
+    from cimlab.training.transfer import Transfer
+
+    t = raw_transfer(chip)
+    model = quant_model(study.quant_net(name, t.spec))
+    xb, yb = study.data.x_train[:64], study.data.y_train[:64]
+    paths = {"quant": Transfer.ideal(t.spec), "dnat": t}
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(study.plan.step_repeats):
+        for key, tr in paths.items():
+            set_transfer(model, tr)
+            times[key].append(time_steps(model, xb, yb, steps=3))
+    best = {k: min(v) for k, v in times.items()}
+    study.log(f"step time {name}: {best}")
+    return {"model": name, "batch": 64, "quant_step_s": best["quant"], "dnat_step_s": best["dnat"],
+            "step_ratio": best["dnat"] / best["quant"]}
+
+
+# ---- report ----------------------------------------------------------------------------------------------------
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+def _ratio(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
 def print_table(results: dict[str, Any]) -> None:
-    """The study's table (rich), on stdout."""
+    """The study's tables (rich), on stdout."""
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    t = Table(title=f"D-NAT on the twin ({results['spec']}); accuracy %, mean +- std over "
-                    f"{results['draws']} draws")
-    for col in ("task", "error model", "float", "quant (ideal)", "naive", "dnat", "recovery"):
-        t.add_column(col, justify="right" if col not in ("task", "error model") else "left")
-    for task, r in results["tasks"].items():
-        for em in ("default", "harsh"):
-            e = r.get(em)
-            if e is None:
-                continue
-            rec = f"n/a (loss {e['loss_points']:.2f} pts)" if e["recovery"] is None else f"{e['recovery']:.2f}"
-            t.add_row(task, em, _pct(r["float"]), _pct(e["quant"]),
-                      f"{_pct(e['naive'])} +- {_pct(e['naive_std'])}",
-                      f"{_pct(e['dnat'])} +- {_pct(e['dnat_std'])}", rec)
+    console = Console(width=160)
+    t = Table(title=f"D-NAT on the twin, digits; accuracy % (mean of {results['draws']} draws)")
+    for col in ("error model", "model", "quant", "naive", "naive + deploy step", "D-NAT", "recovery", "bound",
+                "recovery vs bound"):
+        t.add_column(col)
+    for e in results["cases"]:
+        t.add_row(f"{e['error_model']} ({e['description']})", e["model"], _pct(e["quant"]), _pct(e["naive"]),
+                  _pct(e["naive_deployed"]), _pct(e["dnat"]), _ratio(e["recovery"]), _pct(e["bound"]),
+                  _ratio(e["recovery_vs_bound"]))
     console.print(t)
-    a = Table(title="input bounds ablation (digits, harsh error model)")
-    for col in ("bounds", "quant (ideal)", "naive", "dnat", "recovery"):
-        a.add_column(col)
-    for learn, e in results["ablation"].items():
-        if "dnat" not in e:
-            continue
-        rec = "n/a" if e["recovery"] is None else f"{e['recovery']:.2f}"
-        label = {"epact": "E-PACT (lo, hi learned)", "pact": "PACT (hi learned)", "fixed": "fixed clipping"}
-        a.add_row(label[learn],
-                  _pct(e["quant"]), f"{_pct(e['naive'])} +- {_pct(e['naive_std'])}",
-                  f"{_pct(e['dnat'])} +- {_pct(e['dnat_std'])}", rec)
-    console.print(a)
-    if results.get("injection"):
-        inj = Table(title="what dnat trains with (digits, harsh; evaluated under the per-column measured model)")
-        inj.add_column("training injection")
-        inj.add_column("dnat accuracy %")
-        for label, acc in results["injection"].items():
-            inj.add_row(label, _pct(acc))
-        console.print(inj)
-    s = results.get("step_time") or {}
-    if s:
-        console.print(
-            f"training step, batch {s['batch']}: quant {1e3 * s['quant_step_s']:.1f} ms (exact shortcut), quant "
-            f"through conversions {1e3 * s['quant_conversions_step_s']:.1f} ms, dnat per column "
-            f"{1e3 * s['dnat_step_s']:.1f} ms, dnat pooled {1e3 * s['dnat_pooled_step_s']:.1f} ms; "
-            f"dnat/quant = {s['step_ratio']:.1f}, dnat/quant-through-conversions = "
-            f"{s['step_ratio_vs_quant_conversions']:.2f}", highlight=False)
+    p = Table(title="one network for many chips (static design; trained on chips 1-4)")
+    for col in ("model", "chip", "naive", "naive + step", "population, no step", "population + step",
+                "trained on this chip", "gap (points)"):
+        p.add_column(col)
+    for pop in results["population"]:
+        for chip, h in pop["held_out"].items():
+            p.add_row(pop["model"], chip, _pct(h["naive"]), _pct(h["naive_deployed"]), _pct(h["population_no_step"]),
+                      _pct(h["population_deployed"]), _pct(h["chip_trained"]), f"{h['gap_points']:.1f}")
+    console.print(p)
+    b = Table(title="input bounds on signed digits (digits_mlp, static chip, deploy step in)")
+    for col in ("bounds", "quant", "naive", "D-NAT", "learned lower bounds"):
+        b.add_column(col)
+    for learn, e in results["bounds"].items():
+        b.add_row(learn, _pct(e["quant"]), _pct(e["naive"]), _pct(e["dnat"]),
+                  ", ".join(f"{v:.2f}" for v in e["lower_bounds"]))
+    console.print(b)
+    for s in results["step_time"]:
+        console.print(f"training step, {s['model']}, batch {s['batch']}: quant (plain conv/matmul) "
+                      f"{1e3 * s['quant_step_s']:.1f} ms, D-NAT {1e3 * s['dnat_step_s']:.1f} ms, "
+                      f"ratio {s['step_ratio']:.1f}", highlight=False)
     console.print(f"total {results['seconds']:.0f} s; checkpoints and error models in {results['out']}",
                   highlight=False)
+
+
+def summary(results: dict[str, Any]) -> dict[str, Any]:
+    """The JSON line's figures."""
+    steps = {s["model"]: s for s in results["step_time"]}
+    return {
+        "recovery": {f"{e['error_model']}/{e['model']}": e["recovery"] for e in results["cases"]},
+        "bound": {f"{e['error_model']}/{e['model']}": e["bound"] for e in results["cases"] if e["bound"]},
+        "recovery_vs_bound": {f"{e['error_model']}/{e['model']}": e["recovery_vs_bound"]
+                              for e in results["cases"] if e["bound"]},
+        "held_out_gap_points": {p["model"]: p["worst_gap_points"] for p in results["population"]},
+        "step_ratio": steps.get("digits_cnn", next(iter(steps.values())))["step_ratio"],
+        "step_ratio_mlp": steps["digits_mlp"]["step_ratio"] if "digits_mlp" in steps else None,
+        "step_ratio_denominator": "the quant model's training step (plain convolution / matmul), same batch",
+        "seconds": results["seconds"],
+    }
+
+
+# ---- main ------------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--out", type=Path, help="folder for error models and checkpoints (default: a temp folder)")
+    ap.add_argument("--draws", type=int, default=3, help="draws of each error model per evaluation")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; figures not meaningful)")
+    ap.add_argument("--no-compile", action="store_true", help="run the D-NAT kernels without torch.compile")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from cimlab.training.macro import compile_kernels
+
+    torch.set_num_threads(args.threads)
+    compile_kernels(not args.no_compile and not args.quick)
+    t_start = time.perf_counter()
+    out = args.out or Path(tempfile.mkdtemp(prefix="cimlab-dnat-"))
+    out.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:6.1f} s, cpu {time.process_time():6.1f} s] {msg}", file=sys.stderr,
+              flush=True)
+
+    plan = quick_plan() if args.quick else Plan()
+    draws = 1 if args.quick else args.draws
+    study = Study(out, plan, draws, args.seed, log)
+    chips = {c.name: characterize_chip(c, 1, out, plan) for c in plan.cases}
+    population = {s: characterize_chip(POPULATION, s, out, plan) for s in (*plan.train_chips, *plan.held_out)}
+    log("error models characterized")
+    results: dict[str, Any] = {"draws": draws, "seed": args.seed, "out": str(out), "quick": args.quick}
+    results["cases"] = [run_case(study, chips[c.name], name) for c in plan.cases for name in plan.models]
+    results["population"] = [run_population(study, population, name) for name in plan.models]
+    results["bounds"] = run_bounds_ablation(study, population[plan.train_chips[0]])
+    results["step_time"] = [step_times(study, population[plan.train_chips[0]], name) for name in plan.models]
+    results["seconds"] = time.perf_counter() - t_start
+    results["summary"] = summary(results)
+    print_table(results)
+    print(json.dumps(results))
+    return 0
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,9 +47,9 @@ from cimlab.deploy.runner import ChipRunner, attach_chip, build_model, predict
 from cimlab.driver import Chip
 from cimlab.firmware_bridge.errors import ConfigError
 from cimlab.firmware_bridge.frame import OVERHEAD
-from cimlab.training.layers import set_transfer
+from cimlab.training.layers import calibrate_columns, set_transfer
 from cimlab.training.loop import accuracy_draws, progress_bar
-from cimlab.training.transfer import Transfer, check_spec, file_sha256
+from cimlab.training.transfer import ColumnTrim, Transfer, check_spec, file_sha256
 
 SPREAD_SIGMAS = 3.0
 """Standard deviations of the prediction within which the chip's accuracy counts as predicted."""
@@ -115,17 +116,25 @@ class ChipRun:
     runner: ChipRunner
     loader: PageLoader
     deploy: Any
+    calibration_s: float
+    """Seconds the deploy step's calibration took on the chip (before the timed pass)."""
 
 
 def run_on_chip(pkg: DeployPackage, chip: Chip, x: torch.Tensor, *, batch_size: int, progress: bool,
-                max_rewrites: int) -> ChipRun:
-    """Verify the first page, then run every image with each CIM layer's MACs on the chip; the chip's STATUS and
-    the driver's counters are read around the pass. The progress bar counts tile MACs (``Chip.mac`` calls)."""
+                max_rewrites: int, trim: ColumnTrim | None = None,
+                calibration: Sequence[torch.Tensor] = ()) -> ChipRun:
+    """Verify the first page, apply the deploy step (``trim``, then per-output calibration on the chip with the
+    ``calibration`` batches), then run every image with each CIM layer's MACs on the chip; the chip's STATUS and
+    the driver's counters are read around the timed pass. The progress bar counts tile MACs (``Chip.mac`` calls)."""
     model = build_model(pkg)
     loader = PageLoader(chip, pkg, max_rewrites=max_rewrites)
     first_page = min(t.page for _, lm in pkg.schedule.layers for t in lm.tiles)
     deploy_rep = loader.verify(first_page)
-    runner = attach_chip(model, pkg, chip, loader)
+    runner = attach_chip(model, pkg, chip, loader, trim)
+    t_cal = time.perf_counter()
+    if calibration:
+        calibrate_columns(model, calibration)
+    calibration_s = time.perf_counter() - t_cal
     tiles = sum(len(lm.tiles) for _, lm in pkg.schedule.layers)
     batches = math.ceil(x.shape[0] / batch_size)
     st0, s0 = chip.status(), chip.stats.as_dict()
@@ -136,14 +145,16 @@ def run_on_chip(pkg: DeployPackage, chip: Chip, x: torch.Tensor, *, batch_size: 
     seconds = time.perf_counter() - t0
     s1, st1 = chip.stats.as_dict(), chip.status()
     return ChipRun(logits, seconds, {k: s1[k] - s0[k] for k in s1}, st1.cycles - st0.cycles,
-                   st1.energy_fj - st0.energy_fj, st1.conversions - st0.conversions, runner, loader, deploy_rep)
+                   st1.energy_fj - st0.energy_fj, st1.conversions - st0.conversions, runner, loader, deploy_rep,
+                   calibration_s)
 
 
 def host_prediction(pkg: DeployPackage, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, draws: int,
-                    error_model: str | os.PathLike | None, pooled: bool, seed: int
+                    error_model: str | os.PathLike | None, pooled: bool, seed: int,
+                    trim: ColumnTrim | None = None, calibration: Sequence[torch.Tensor] = ()
                     ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The same network on the host: logits with ideal MACs, and the accuracy under the error model (mean, std
-    over ``draws``)."""
+    over ``draws``) with the same deploy step as the chip path."""
     host = build_model(pkg)
     ideal_logits = predict(host, x, batch_size=batch_size)
     acc_ideal = int((ideal_logits.argmax(1) == y).sum()) / int(x.shape[0])
@@ -151,9 +162,11 @@ def host_prediction(pkg: DeployPackage, x: torch.Tensor, y: torch.Tensor, *, bat
     prediction: dict[str, Any] = {"ideal": acc_ideal, "error_model": em_path, "note": em_note, "pooled": None,
                                   "draws": [], "mean": None, "std": None}
     if em_path is not None and draws > 0:
-        transfer = Transfer.load(em_path, pooled=pooled)
+        transfer = Transfer.load(em_path, pooled=pooled).trimmed(trim)
         check_spec(pkg.spec, transfer.spec, f"error model {em_path!r}")
         set_transfer(host, transfer)
+        if calibration:
+            calibrate_columns(host, calibration)
         accs = accuracy_draws(host, x, y, draws, seed=seed, batch_size=batch_size)
         prediction.update(pooled=pooled, sha256=transfer.info.sha256, draws=accs, mean=statistics.fmean(accs),
                           std=statistics.stdev(accs) if len(accs) > 1 else 0.0)
@@ -185,7 +198,8 @@ def bounds(spec: Any, run: ChipRun, n: int, rate: float) -> dict[str, Any]:
 def bench_package(pkg: DeployPackage, chip: Chip, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512,
                   draws: int = 5, error_model: str | os.PathLike | None = None, pooled: bool = False,
                   seed: int = 0, progress: bool = False, max_rewrites: int = DEFAULT_MAX_REWRITES,
-                  link_rate: float | None = None) -> dict[str, Any]:
+                  link_rate: float | None = None, trim: ColumnTrim | None = None,
+                  calibration: torch.Tensor | None = None) -> dict[str, Any]:
     """Benchmark the package on the chip with test inputs ``x`` and labels ``y`` (see the module docstring).
 
     Args:
@@ -197,6 +211,11 @@ def bench_package(pkg: DeployPackage, chip: Chip, x: torch.Tensor, y: torch.Tens
         seed: first seed of the prediction's draws.
         progress: show a progress bar on stderr.
         link_rate: the link's rate, bytes/s (default: its ``rate_hint``, else measured with PING).
+        trim, calibration: the per-chip deploy step. ``trim``: each physical column's gain and offset from a short
+            characterization of this chip (the chip then returns raw codes, MAC_RAW, and the host recombines
+            them trimmed); ``calibration``: inputs (no labels) on which each layer's per-output gain and offset
+            are fitted on the chip against the exact MACs (``cimlab.training.layers.calibrate_columns``) before
+            the timed run. The prediction applies the same step under the error model.
 
     Returns:
         The figures (JSON-friendly), plus ``"_chip_logits"`` and ``"_ideal_logits"`` (torch tensors, dropped by
@@ -213,10 +232,16 @@ def bench_package(pkg: DeployPackage, chip: Chip, x: torch.Tensor, y: torch.Tens
     if draws < 0:
         raise ConfigError(f"draws must be >= 0, got {draws}")
     n, spec, hello = int(x.shape[0]), pkg.spec, chip.hello
+    if trim is not None and trim.offset.shape != (spec.physical_cols,):
+        raise ConfigError(f"the trim has {trim.offset.shape[0]} physical columns; this macro has "
+                          f"{spec.physical_cols} ({spec.describe()})")
     pkg.check_hello(hello, f"the chip at {chip.link.url}")
-    run = run_on_chip(pkg, chip, x, batch_size=batch_size, progress=progress, max_rewrites=max_rewrites)
+    batches = _batches(calibration, batch_size)
+    run = run_on_chip(pkg, chip, x, batch_size=batch_size, progress=progress, max_rewrites=max_rewrites,
+                      trim=trim, calibration=batches)
     ideal_logits, prediction = host_prediction(pkg, x, y, batch_size=batch_size, draws=draws,
-                                               error_model=error_model, pooled=pooled, seed=seed)
+                                               error_model=error_model, pooled=pooled, seed=seed, trim=trim,
+                                               calibration=batches)
     chip_pred, ideal_pred = run.logits.argmax(1), ideal_logits.argmax(1)
     acc_chip = int((chip_pred == y).sum()) / n
     gap, within = _gap(acc_chip, prediction["mean"], prediction["std"], n)
@@ -250,8 +275,19 @@ def bench_package(pkg: DeployPackage, chip: Chip, x: torch.Tensor, y: torch.Tens
                      "rows_written": run.loader.rows_written},
         "deploy": run.deploy.as_dict(max_cells=20),
         "weight_mismatches": len(run.loader.mismatches),
+        "deploy_step": {"trim": trim.source if trim is not None else None,
+                        "calibration_images": int(calibration.shape[0]) if calibration is not None else 0,
+                        "calibration_s": run.calibration_s},
         "_chip_logits": run.logits, "_ideal_logits": ideal_logits,
     }
+
+
+def _batches(x: torch.Tensor | None, batch_size: int) -> list[torch.Tensor]:
+    if x is None:
+        return []
+    if x.shape[0] == 0:
+        raise ConfigError("the deploy step's calibration needs at least one input")
+    return [x[i : i + batch_size] for i in range(0, x.shape[0], batch_size)]
 
 
 def _finite(v: float) -> float | None:

@@ -370,12 +370,14 @@ def build_pages(spec: MacroSpec, schedule: Schedule, weights: dict[str, np.ndarr
         if w.shape != (lm.n_rows, lm.n_cols):
             raise ShapeError(f"layer {name!r}: weights have shape {list(w.shape)}, expected "
                              f"{[lm.n_rows, lm.n_cols]}")
-        if w.size and (int(w.min()) < spec.weight_min or int(w.max()) > spec.weight_max):
+        paired = any(t.paired for t in lm.tiles)  # signed weights, each stored as a pair of magnitudes
+        lo = -spec.weight_max if paired else spec.weight_min
+        if w.size and (int(w.min()) < lo or int(w.max()) > spec.weight_max):
             raise ShapeError(f"layer {name!r}: weights span {int(w.min())}..{int(w.max())}, outside "
-                             f"{spec.weight_min}..{spec.weight_max}")
+                             f"{lo}..{spec.weight_max}")
         for t in lm.tiles:
             rows = slice(t.macro_row, t.macro_row + t.n_rows)
-            pages[t.page][rows, t.macro_col : t.macro_col + t.n_cols] = t.weights(w)
+            pages[t.page][rows, t.macro_col : t.macro_col + t.macro_cols] = t.split_pairs(t.weights(w))
     return pages
 
 

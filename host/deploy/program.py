@@ -120,7 +120,7 @@ def locate(pkg: DeployPackage, page: int, read: np.ndarray) -> list[CellMismatch
         owner = None
         for p in owners:
             t = p.tile
-            if t.macro_row <= r < t.macro_row + t.n_rows and t.macro_col <= c < t.macro_col + t.n_cols:
+            if t.macro_row <= r < t.macro_row + t.n_rows and t.macro_col <= c < t.macro_col + t.macro_cols:
                 owner = p
                 break
         if owner is None:

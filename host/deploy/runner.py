@@ -32,7 +32,7 @@ from cimlab.training.api import model_from_checkpoint
 from cimlab.training.checkpoint import Checkpoint
 from cimlab.training.layers import CIMLayer, cim_layers, reseed
 from cimlab.training.macro import LayerMacro
-from cimlab.training.transfer import Transfer
+from cimlab.training.transfer import ColumnTrim, Transfer
 
 
 def build_model(pkg: DeployPackage, transfer: Transfer | None = None) -> nn.Module:
@@ -78,22 +78,24 @@ def programmed_weights(layer: CIMLayer) -> np.ndarray:
 class ChipMacro(LayerMacro):
     """A layer's macro whose MACs run on the chip (inference only; see the module docstring)."""
 
-    def __init__(self, layer_map: LayerMap, runner: ChipRunner, name: str, weights: np.ndarray) -> None:
-        super().__init__(layer_map, Transfer.ideal(layer_map.spec))
+    def __init__(self, layer_map: LayerMap, runner: ChipRunner, name: str, weights: np.ndarray,
+                 trim: ColumnTrim | None = None) -> None:
+        super().__init__(layer_map, Transfer.ideal(layer_map.spec).trimmed(trim))
         self.runner = runner
         self.name = name
         self.weights = torch.from_numpy(np.asarray(weights, dtype=np.int64))
+        self.trim = trim
 
     @property
     def fast_exact(self) -> bool:
         """Never: every MAC goes to the chip."""
         return False
 
-    def forward_values(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    def mac_values(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """MAC outputs [N, M] from the chip for input codes x [N, K]; q must be the weights the chip holds."""
         if q.shape != self.weights.shape or not torch.equal(torch.round(q).to(torch.int64), self.weights):
             raise ArtifactError(f"layer {self.name!r} asks for other weights than the chip was programmed with")
-        return self.runner.layer_mac(self.name, self.layer_map, x)
+        return self.runner.layer_mac(self.name, self.layer_map, x, self.trim)
 
     def backward_values(self, x: torch.Tensor, q: torch.Tensor,
                         grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,27 +122,48 @@ class ChipRunner:
         self.calls = 0
         self.on_call: Callable[[], None] | None = None
 
-    def layer_mac(self, name: str, lm: LayerMap, x: torch.Tensor) -> torch.Tensor:
-        """The layer's MAC outputs [N, M] (float64, integer valued): each tile's rows driven on the chip, its
-        columns read, tiles of one column range added."""
+    def layer_mac(self, name: str, lm: LayerMap, x: torch.Tensor, trim: ColumnTrim | None = None) -> torch.Tensor:
+        """The layer's MAC outputs [N, M] (float64): each tile's rows driven on the chip, its columns read, tiles
+        of one column range added. With a ``trim`` the chip returns its raw codes (MAC_RAW) and the host
+        recombines them with each physical column trimmed (``cimlab.training.transfer.ColumnTrim``)."""
         codes = torch.round(x).to(torch.int64).numpy()
-        out = np.zeros((codes.shape[0], lm.n_cols), dtype=np.int64)
+        out = np.zeros((codes.shape[0], lm.n_cols), dtype=np.float64 if trim is not None else np.int64)
         for t in sorted(lm.tiles, key=lambda t: t.page):
             self.loader.ensure(t.page)
-            y = self.chip.mac(codes[:, t.row0 : t.row1], row_start=t.macro_row)
-            out[:, t.col0 : t.col1] += y[:, t.macro_col : t.macro_col + t.n_cols]
+            xt = codes[:, t.row0 : t.row1]
+            if trim is None:
+                y = self.chip.mac(xt, row_start=t.macro_row)[:, t.macro_col : t.macro_col + t.n_cols]
+            else:
+                y = self._trimmed_mac(xt, t, trim)
+            out[:, t.col0 : t.col1] += y
             self.vectors += codes.shape[0]
             self.calls += 1
             if self.on_call is not None:
                 self.on_call()
         return torch.from_numpy(out).to(torch.float64)
 
+    def _trimmed_mac(self, x: np.ndarray, t: Any, trim: ColumnTrim) -> np.ndarray:
+        """One tile's outputs [n, tile columns] from its raw codes, each physical column trimmed, recombined as
+        ``MacroSpec.recombine`` does."""
+        spec = self.chip.spec
+        raw = self.chip.mac_raw(x, row_start=t.macro_row)  # [n, P, G, S, cols]
+        cols = slice(t.macro_col, t.macro_col + t.n_cols)
+        j = t.physical_columns(spec)  # [S, tile columns]
+        trimmed = (raw[..., cols].astype(np.float64) - trim.offset[j]) * trim.scale[j]
+        acc = np.einsum("npgkc,p,k->nc", trimmed, spec.plane_weights(), spec.slice_weights())
+        acc = acc * (spec.adc_full_scale / spec.adc_max)
+        if spec.weight_offset:
+            acc -= spec.weight_offset * x.sum(axis=1, keepdims=True)
+        return acc
 
-def attach_chip(model: nn.Module, pkg: DeployPackage, chip: Chip, loader: PageLoader) -> ChipRunner:
-    """Give every CIM layer of ``model`` (from ``build_model``) a ``ChipMacro``; returns the runner."""
+
+def attach_chip(model: nn.Module, pkg: DeployPackage, chip: Chip, loader: PageLoader,
+                trim: ColumnTrim | None = None) -> ChipRunner:
+    """Give every CIM layer of ``model`` (from ``build_model``) a ``ChipMacro`` (reading raw codes and trimming
+    them per physical column when ``trim`` is given); returns the runner."""
     runner = ChipRunner(chip, pkg, loader)
     for name, layer in cim_layers(model):
-        layer.macro = ChipMacro(pkg.schedule.layer_map(name), runner, name, pkg.layers[name].weights)
+        layer.macro = ChipMacro(pkg.schedule.layer_map(name), runner, name, pkg.layers[name].weights, trim)
     return runner
 
 

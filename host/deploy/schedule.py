@@ -30,6 +30,13 @@ Packing modes (``PACK_MODES``):
   on the columns (or for a model trained at this placement).
 - ``none``: one tile per page at macro row 0, column 0, as ``map_layer`` places them (most reprogramming).
 
+Polarity on a unipolar (``unsigned``) macro: a layer whose weights are all of one sign (trained ``unipolar-pos`` or
+``unipolar-neg``, or found so by the polarity search) is tiled as usual and holds magnitudes, one array; a layer of
+both signs is named in ``plan(paired=...)`` and its tiles are *paired* (``cimlab.mapping.Tile.paired``): each output
+takes two adjacent macro columns (positive and negative part), so its column ranges are ``cols // 2`` wide, and the
+pair is placed, packed and serialised as one unit of its tile: a pair is never split across pages, rows or
+columns. (A ``differential`` macro pairs every weight in hardware, on its second array.)
+
 ``programming_passes_per_batch`` is 0 for a one-page network (programmed once by deploy, never again) and the
 number of pages otherwise (every batch loads page 0, 1, ... in turn).
 """
@@ -37,7 +44,7 @@ number of pages otherwise (every batch loads page 0, 1, ... in turn).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,7 +123,7 @@ class Schedule:
 
     def utilization(self, page: int) -> float:
         """Fraction of the macro's cells holding a tile's weight on ``page``."""
-        used = sum(p.tile.n_rows * p.tile.n_cols for p in self.page_tiles(page))
+        used = sum(p.tile.n_rows * p.tile.macro_cols for p in self.page_tiles(page))
         return used / (self.spec.rows * self.spec.cols)
 
     def summary(self) -> dict[str, Any]:
@@ -142,7 +149,7 @@ class Schedule:
                     "name": name,
                     "n_rows": lm.n_rows,
                     "n_cols": lm.n_cols,
-                    "tiles": [[t.row0, t.row1, t.col0, t.col1, t.macro_row, t.macro_col, t.page]
+                    "tiles": [[t.row0, t.row1, t.col0, t.col1, t.macro_row, t.macro_col, t.page, int(t.paired)]
                               for t in lm.tiles],
                 }
                 for name, lm in self.layers
@@ -155,9 +162,11 @@ class Schedule:
         try:
             layers = []
             for entry in data["layers"]:
-                tiles = tuple(Tile(*(int(v) for v in t)) for t in entry["tiles"])
-                if any(len(t) != 7 for t in entry["tiles"]):
-                    raise ValueError("a tile needs 7 integers (row0 row1 col0 col1 macro_row macro_col page)")
+                if any(len(t) not in (7, 8) for t in entry["tiles"]):
+                    raise ValueError("a tile needs 7 or 8 integers (row0 row1 col0 col1 macro_row macro_col page "
+                                     "[paired])")
+                tiles = tuple(Tile(*(int(v) for v in t[:7]), paired=bool(int(t[7])) if len(t) == 8 else False)
+                              for t in entry["tiles"])
                 lm = LayerMap(spec, int(entry["n_rows"]), int(entry["n_cols"]), tiles)
                 layers.append((str(entry["name"]), lm))
             sched = cls(spec, tuple(layers), str(data["pack"]))
@@ -169,8 +178,9 @@ class Schedule:
 
 
 def footprint(spec: MacroSpec, tile: Tile) -> tuple[int, int]:
-    """(row groups, columns) a tile occupies at a group-aligned placement."""
-    return math.ceil(tile.n_rows / spec.rows_per_conversion), tile.n_cols
+    """(row groups, macro columns) a tile occupies at a group-aligned placement (a paired tile: both columns of
+    every pair)."""
+    return math.ceil(tile.n_rows / spec.rows_per_conversion), tile.macro_cols
 
 
 def check_no_collisions(spec: MacroSpec, placed: Sequence[PlacedTile]) -> None:
@@ -229,21 +239,43 @@ def _place(spec: MacroSpec, items: Sequence[PlacedTile], page: int, keep_columns
             return None
         g, c = pos
         grid[g : g + h, c : c + w] = True
-        moved = Tile(t.row0, t.row1, t.col0, t.col1, macro_row=g * R, macro_col=c, page=page)
+        moved = Tile(t.row0, t.row1, t.col0, t.col1, macro_row=g * R, macro_col=c, page=page, paired=t.paired)
         placed[i] = PlacedTile(items[i].layer, items[i].index, moved)
     return [p for p in placed if p is not None]
 
 
-def plan(spec: MacroSpec, layers: Sequence[tuple[str, int, int]], *, pack: str = "rows") -> Schedule:
+def map_paired_layer(spec: MacroSpec, n_rows: int, n_cols: int) -> LayerMap:
+    """Tiles of a layer of both signs on a unipolar macro: ``map_layer``'s cut with column ranges of ``cols // 2``
+    outputs, every tile paired (two adjacent macro columns per output)."""
+    if spec.weight_storage != "unsigned":
+        raise ConfigError(f"only a unipolar (unsigned) macro stores a layer of both signs on column pairs; this one "
+                          f"stores {spec.weight_storage!r}")
+    if spec.cols < 2:
+        raise ConfigError("a macro of one column holds no column pair")
+    half = spec.cols // 2
+    base = map_layer(spec, n_rows, n_cols)  # validates the dimensions
+    tiles = []
+    page = 0
+    for c0 in range(0, n_cols, half):
+        for r0 in range(0, n_rows, spec.rows):
+            tiles.append(Tile(r0, min(r0 + spec.rows, n_rows), c0, min(c0 + half, n_cols), 0, 0, page, paired=True))
+            page += 1
+    return LayerMap(spec, base.n_rows, base.n_cols, tuple(tiles))
+
+
+def plan(spec: MacroSpec, layers: Sequence[tuple[str, int, int]], *, pack: str = "rows",
+         paired: Collection[str] = ()) -> Schedule:
     """The schedule of a network whose CIM layers are ``(name, rows K, columns M)`` in execution order.
 
     Args:
         spec: the macro.
         layers: the CIM layers in the order the network runs them.
         pack: ``rows``, ``full`` or ``none`` (see the module docstring).
+        paired: layers of both signs to store on column pairs of a unipolar macro (see the module docstring).
 
     Raises:
-        ConfigError: no layers, duplicate names, a dimension below 1, or an unknown packing mode.
+        ConfigError: no layers, duplicate names, a dimension below 1, an unknown packing mode, or ``paired``
+            naming a layer the network does not have or a macro that is not unipolar.
     """
     if pack not in PACK_MODES:
         raise ConfigError(f"packing mode {pack!r} is not one of {', '.join(PACK_MODES)}")
@@ -252,10 +284,15 @@ def plan(spec: MacroSpec, layers: Sequence[tuple[str, int, int]], *, pack: str =
     names = [str(name) for name, _, _ in layers]
     if len(set(names)) != len(names):
         raise ConfigError(f"layer names must be unique, got {names}")
-    maps = [(str(name), map_layer(spec, k, m)) for name, k, m in layers]
+    unknown = sorted(set(paired) - set(names))
+    if unknown:
+        raise ConfigError(f"paired names layer(s) {', '.join(unknown)} the network does not have")
+    maps = [(str(name), map_paired_layer(spec, k, m) if name in paired else map_layer(spec, k, m))
+            for name, k, m in layers]
     items = [PlacedTile(name, i, t) for name, lm in maps for i, t in enumerate(lm.tiles)]
     if pack == "none":
-        placed = [PlacedTile(p.layer, p.index, Tile(p.tile.row0, p.tile.row1, p.tile.col0, p.tile.col1, 0, 0, n))
+        placed = [PlacedTile(p.layer, p.index, Tile(p.tile.row0, p.tile.row1, p.tile.col0, p.tile.col1, 0, 0, n,
+                                                     paired=p.tile.paired))
                   for n, p in enumerate(items)]
     else:
         keep = pack == "rows"
@@ -282,4 +319,4 @@ def plan(spec: MacroSpec, layers: Sequence[tuple[str, int, int]], *, pack: str =
     return Schedule(spec, out, pack)
 
 
-__all__ = ["PACK_MODES", "PlacedTile", "Schedule", "check_no_collisions", "footprint", "plan"]
+__all__ = ["PACK_MODES", "PlacedTile", "Schedule", "check_no_collisions", "footprint", "map_paired_layer", "plan"]

@@ -2,13 +2,15 @@
 
 ::
 
-    transfer.py    Transfer: ideal / measured (per column or pooled) / gaussian ADC transfer as torch tables
-    macro.py       LayerMacro, macro_matmul: conversions in chunks, codes drawn, recombined; statistical gradient
+    transfer.py    Transfer: ideal / measured (per column or pooled) / gaussian ADC transfer as torch tables;
+                   ColumnTrim: the per-chip trim of every physical column (deploy step)
+    macro.py       LayerMacro, macro_matmul: conversions in chunks (fused kernels, compile_kernels), codes drawn,
+                   recombined; statistical gradient; ColumnCorrection (per-output deploy step)
     quant.py       InputQuantizer (E-PACT), quantize_weights
-    layers.py      CIMLinear, CIMConv1d, CIMConv2d, convert, calibrate, set_transfer, reseed
+    layers.py      CIMLinear, CIMConv1d, CIMConv2d, convert, calibrate, calibrate_columns, set_transfer, reseed
     models.py      digits_mlp, digits_cnn, har_cnn, resnet20, vgg8; build_model
     tasks.py       load_task: digits, har, cifar10 (offline)
-    loop.py        fit, accuracy, accuracy_draws, time_steps
+    loop.py        fit (one chip or a population of chips), accuracy, accuracy_draws, time_steps
     checkpoint.py  save_checkpoint, load_checkpoint (safetensors + JSON manifest)
     api.py         train_run, evaluate_run (behind ``cimlab train`` / ``cimlab evaluate``)
 
@@ -22,26 +24,31 @@ from cimlab.training.layers import (
     CIMLayer,
     CIMLinear,
     calibrate,
+    calibrate_columns,
     cim_layers,
     convert,
     reseed,
     set_learn,
     set_transfer,
 )
-from cimlab.training.macro import LayerMacro, macro_matmul
+from cimlab.training.macro import ColumnCorrection, LayerMacro, compile_kernels, macro_matmul
 from cimlab.training.quant import InputQuantizer
-from cimlab.training.transfer import Transfer
+from cimlab.training.transfer import ColumnTrim, Transfer
 
 __all__ = [
     "CIMConv1d",
     "CIMConv2d",
     "CIMLayer",
     "CIMLinear",
+    "ColumnCorrection",
+    "ColumnTrim",
     "InputQuantizer",
     "LayerMacro",
     "Transfer",
     "calibrate",
+    "calibrate_columns",
     "cim_layers",
+    "compile_kernels",
     "convert",
     "macro_matmul",
     "reseed",

@@ -27,7 +27,7 @@ from torch import nn
 from cimlab.firmware_bridge.errors import ConfigError, ShapeError
 from cimlab.firmware_bridge.spec import MacroSpec
 from cimlab.mapping import LayerMap, map_layer
-from cimlab.training.macro import DEFAULT_CHUNK_CONVERSIONS, EXACT_F32, LayerMacro, macro_matmul
+from cimlab.training.macro import DEFAULT_CHUNK_CONVERSIONS, EXACT_F32, ColumnCorrection, LayerMacro, macro_matmul
 from cimlab.training.quant import InputQuantizer, quantize_weights, weight_qmax, weight_zero_point
 from cimlab.training.transfer import Transfer
 
@@ -108,7 +108,7 @@ class CIMLayer(nn.Module):
         codes = self.macro_matrix_inputs(x)
         q, _ = self.quantized_weights()
         weights = (q + self.zero_point).T
-        mac = self.macro.forward_values(codes, weights)
+        mac = self.macro.mac_values(codes, weights)
         return MacroOperands(codes.to(torch.int64).numpy(), weights.to(torch.int64).numpy(),
                              mac.to(torch.int64).numpy(), self.macro.layer_map)
 
@@ -427,5 +427,60 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], *, quantile: fl
     return bounds
 
 
-__all__ = ["CIMConv1d", "CIMConv2d", "CIMLayer", "CIMLinear", "MacroOperands", "calibrate", "cim_layers",
-           "convert", "model_spec", "reseed", "set_learn", "set_transfer"]
+@torch.no_grad()
+def calibrate_columns(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, ColumnCorrection]:
+    """The per-chip deploy-time step: fit each CIM layer's per-column correction (``ColumnCorrection``) on the
+    chip the layers compute on now (an error model, or the chip itself behind ``cimlab.deploy.runner``).
+
+    Layer by layer in module order, with the layers before already corrected: the calibration inputs (no labels)
+    run through the model, the layer's input codes are sent to its macro once more, and its MAC outputs are fitted
+    against the exact integer MACs of the same codes and programmed weights (``codes @ weights``, which the host
+    knows). Costs one pass of ``batches`` per CIM layer. Returns {layer name: correction}, also set on the layers.
+    """
+    batches = list(batches)
+    if not batches:
+        raise ConfigError("column calibration needs at least one batch of inputs")
+    layers = list(cim_layers(model))
+    for _, layer in layers:
+        layer.macro.set_correction(None)
+    was = model.training
+    model.eval()
+    fitted: dict[str, ColumnCorrection] = {}
+    try:
+        for name, layer in layers:
+            codes: list[torch.Tensor] = []
+            handle = layer.register_forward_pre_hook(
+                lambda mod, args: codes.append(mod.macro_matrix_inputs(args[0])))  # type: ignore[misc]
+            try:
+                for xb in batches:
+                    model(xb)
+            finally:
+                handle.remove()
+            x = torch.cat(codes)
+            q, _ = layer.quantized_weights()
+            weights = (torch.round(q) + layer.zero_point).T
+            measured = layer.macro.mac_values(x, weights)
+            ideal = x.to(torch.float64) @ weights.to(torch.float64)
+            fitted[name] = ColumnCorrection.fit(measured, ideal)
+            layer.macro.set_correction(fitted[name])
+    finally:
+        model.train(was)
+    return fitted
+
+
+def set_columns(model: nn.Module, corrections: dict[str, ColumnCorrection] | None) -> None:
+    """Give the CIM layers these per-column corrections (by layer name; None: remove every correction)."""
+    layers = dict(cim_layers(model))
+    if corrections is not None and set(corrections) != set(layers):
+        raise ConfigError(f"corrections for layers {sorted(corrections)}, the model has {sorted(layers)}")
+    for name, layer in layers.items():
+        layer.macro.set_correction(None if corrections is None else corrections[name])
+
+
+def clear_columns(model: nn.Module) -> None:
+    """Remove every CIM layer's per-column correction."""
+    set_columns(model, None)
+
+
+__all__ = ["CIMConv1d", "CIMConv2d", "CIMLayer", "CIMLinear", "MacroOperands", "calibrate", "calibrate_columns",
+           "cim_layers", "clear_columns", "convert", "model_spec", "reseed", "set_columns", "set_learn", "set_transfer"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cimlab.firmware_bridge.errors import ConfigError, ShapeError
-from cimlab.training.layers import cim_layers, reseed
+from cimlab.training.layers import calibrate_columns, cim_layers, reseed, set_columns, set_transfer
+from cimlab.training.macro import ColumnCorrection
 from cimlab.training.tasks import TaskData
+from cimlab.training.transfer import Transfer
 
 if TYPE_CHECKING:
     from cimlab.training.resume import EpochCheckpoint
@@ -127,13 +129,26 @@ def progress_bar(enabled: bool, total: int, description: str) -> Iterator[Any]:
 
 def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = False,
         evaluate_each_epoch: bool = True, description: str = "train",
+        population: Sequence[Transfer] = (), calibration: Sequence[torch.Tensor] = (),
         checkpoint: EpochCheckpoint | None = None) -> TrainResult:
     """Train ``model`` on ``data`` with cross entropy (see ``TrainConfig``); returns what happened.
+
+    ``population``: error models of several chips of one design; each step draws one of them (uniformly, from
+    the seeded generator) and runs the whole batch through it, so the network learns what the chips share rather
+    than one chip's columns. The model keeps the last one drawn; evaluate with the transfer you mean.
+
+    ``calibration``: input batches (no labels) for the deploy-time step. When given, training sees every chip as
+    it will be deployed: at the start of each epoch each chip's per-column corrections are fitted for the current
+    weights (``layers.calibrate_columns``; the model's own transfer when there is no population) and applied to
+    the steps through that chip. Afterwards the model holds the corrections of the last chip it used.
 
     With ``checkpoint``, the whole training state is restored first (``--resume``) and saved at the start of every
     epoch, so an interrupted run continues bit-identically from the epoch it was in.
     """
     _check_data(model, data)
+    population = list(population)
+    if any(t.spec != population[0].spec for t in population):
+        raise ConfigError("the population's error models are for different MacroSpecs")
     reseed(model, cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     n = data.x_train.shape[0]
@@ -148,6 +163,7 @@ def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = 
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)))
+    chips = population or [None]
     result = TrainResult()
     start_epoch = 0
     if checkpoint is not None:
@@ -161,6 +177,7 @@ def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = 
                 break
             if checkpoint is not None:
                 checkpoint.save(model, opt, sched, gen, epoch=epoch, steps=result.steps, history=result.history)
+            corrections = _chip_corrections(model, chips, calibration) if calibration else None
             model.train()
             order = torch.randperm(n, generator=gen)
             loss_sum, correct, seen = 0.0, 0, 0
@@ -173,6 +190,11 @@ def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = 
                 xb, yb = data.x_train[idx], data.y_train[idx]
                 if data.augment is not None:
                     xb = data.augment(xb, gen)
+                if population:
+                    chip = int(torch.randint(len(population), (1,), generator=gen))
+                    set_transfer(model, population[chip])
+                    if corrections is not None:
+                        set_columns(model, corrections[chip])
                 t0 = time.perf_counter()
                 out = model(xb)
                 loss = F.cross_entropy(out, yb)
@@ -195,6 +217,17 @@ def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = 
     result.step_time_s = step_time / max(result.steps, 1)
     model.eval()
     return result
+
+
+def _chip_corrections(model: nn.Module, chips: list[Transfer | None],
+                      calibration: Sequence[torch.Tensor]) -> list[dict[str, ColumnCorrection]]:
+    """Each chip's per-column corrections for the current weights (``None``: the model's transfer as it is)."""
+    out = []
+    for chip in chips:
+        if chip is not None:
+            set_transfer(model, chip)
+        out.append(calibrate_columns(model, calibration))
+    return out
 
 
 @torch.no_grad()

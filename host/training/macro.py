@@ -32,6 +32,7 @@ The statistical gradient (backward):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,12 +42,69 @@ import torch
 from cimlab.firmware_bridge.errors import ConfigError, ShapeError
 from cimlab.firmware_bridge.spec import MacroSpec
 from cimlab.mapping import LayerMap, Tile
-from cimlab.training.transfer import Transfer
+from cimlab.training.transfer import Transfer, uniform32
 
 DEFAULT_CHUNK_CONVERSIONS = 1 << 19
 """Conversions per chunk: a chunk's temporaries (a few tensors of this many 4-byte elements) stay in cache."""
 EXACT_F32 = 1 << 24
 """Integers below this are exact in float32."""
+
+
+def packed_sample_sum(planes: torch.Tensor, digits_idx: torch.Tensor, bias_idx: torch.Tensor, u: torch.Tensor,
+                      guide: torch.Tensor, shift: int, buckets: int, pw_sw: torch.Tensor,
+                      trim_offset: torch.Tensor, trim_scale: torch.Tensor) -> torch.Tensor:
+    """One chunk of the forward for a measured transfer in the ``packed`` layout, fused: every conversion's guide
+    index ``(s * n_tables + j) * T + bucket(u)`` straight from one batched matmul (the digits pre-scaled by
+    ``n_tables * T``, each column's table as the bias; exact in float32, as it stays below 2**22), its code read
+    and finished with one comparison (as ``Transfer.codes_from_uniforms``), and the codes recombined.
+
+    Args: planes [G, n*P, R]; digits_idx [G, R, S*M]; bias_idx [1, 1, S*M]; u [G, n*P, S*M] int32 uniforms;
+    guide, shift, buckets: the transfer's table; pw_sw [P, S] (float32 or float64: the type of the sum);
+    trim_offset, trim_scale [S*M]: each column's code becomes ``(code - offset) * scale`` (0 and 1: untrimmed).
+    Returns ``sum code * plane_weight * slice_weight`` per vector and column, [n, M].
+    """
+    P, S = pw_sw.shape
+    G, nP, SM = u.shape
+    idx = torch.baddbmm(bias_idx, planes, digits_idx).to(torch.int32)
+    idx = idx + ((u >> shift) & (buckets - 1))
+    entry = guide[idx]
+    code = (entry >> (shift + 1)) + ((u & ((1 << shift) - 1)) >= (entry & ((2 << shift) - 1))).to(torch.int32)
+    # [G, n, P, S, M] weighted and summed over groups, planes and slices in one reduction (exact: integers)
+    code = (code.to(pw_sw.dtype) - trim_offset) * trim_scale
+    code = code.reshape(G, nP // P, P, S, SM // S)
+    return (code * pw_sw[None, None, :, :, None]).sum(dim=(0, 2, 3))
+
+
+def slope_grads(planes: torch.Tensor, digits: torch.Tensor, digits_rows: torch.Tensor, bias_rows: torch.Tensor,
+                slope_table: torch.Tensor, g_conv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of the backward, fused: ``dL/ds = m~'(s) * dL/dcode`` per conversion (the slope's table row
+    ``s * n_tables + j`` straight from one batched matmul, as in ``packed_sample_sum``), then its contractions
+    with the digits and the input slices.
+
+    Args: planes [G, n*P, R]; digits, digits_rows (digits * n_tables) [G, R, S*M]; bias_rows [1, 1, S*M];
+    slope_table [rows]; g_conv [n*P, S*M], dL/dcode. Returns (dL/dplanes [G, n*P, R], dL/ddigits [G, R, S*M]).
+    """
+    rows = torch.baddbmm(bias_rows, planes, digits_rows).to(torch.int32)
+    ds = slope_table[rows] * g_conv
+    return torch.bmm(ds, digits.transpose(1, 2)), torch.bmm(planes.transpose(1, 2), ds)
+
+
+KERNELS: dict[str, Any] = {"sample": packed_sample_sum, "grads": slope_grads}
+"""The chunk kernels in use: the plain functions, or their ``torch.compile`` d versions (``compile_kernels``)."""
+
+
+def compile_kernels(enabled: bool = True) -> None:
+    """Run the chunk kernels through ``torch.compile`` (fused loops: about 5x faster on a CPU; needs a C++ compiler
+    there, and the first call of each takes tens of seconds) or, with ``enabled=False``, as plain torch."""
+    if enabled:
+        # sizes that happen to be equal (a batch and a column count) must not become guards: one graph per kernel
+        import torch.fx.experimental._config as fx_config
+
+        fx_config.use_duck_shape = False
+        KERNELS["sample"] = torch.compile(packed_sample_sum, dynamic=True)
+        KERNELS["grads"] = torch.compile(slope_grads, dynamic=True)
+    else:
+        KERNELS.update(sample=packed_sample_sum, grads=slope_grads)
 
 
 @dataclass
@@ -56,6 +114,51 @@ class _TilePlan:
     offset: int  # row offset of the tile's first row inside its first group
     tables: torch.Tensor  # [n_slices * n_cols] int32, transfer table index per (k, c)
     vectors_per_chunk: int
+    bias_rows: torch.Tensor  # [1, 1, n_slices * n_cols] float32: the table index, the bias of a row matmul
+    trim: tuple[torch.Tensor, torch.Tensor] | None  # per (k, c): the transfer's trim offset and scale
+
+
+@dataclass
+class ColumnCorrection:
+    """The per-chip step at deploy time: each output column's MAC outputs corrected digitally,
+    ``y = (mac - offset) / gain``, with ``gain`` and ``offset`` fitted on the chip against the exact integer MACs
+    the host knows for the same inputs (``cimlab.training.layers.calibrate_columns``). It removes what a chip's
+    static per-column errors (offset, gain) do to a column's sum; what varies conversion to conversion stays.
+
+    Attributes:
+        gain: float64 [n_cols], measured MAC per ideal MAC unit.
+        offset: float64 [n_cols], ``adc_lsb`` level units.
+    """
+
+    gain: torch.Tensor
+    offset: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.gain.shape != self.offset.shape or self.gain.ndim != 1:
+            raise ShapeError(f"gain {list(self.gain.shape)} and offset {list(self.offset.shape)} must be one "
+                             "value per column")
+        if not bool(torch.isfinite(self.gain).all() and (self.gain > 0).all() and torch.isfinite(self.offset).all()):
+            raise ConfigError("a column correction needs finite offsets and positive finite gains")
+
+    @classmethod
+    def fit(cls, measured: torch.Tensor, ideal: torch.Tensor, *, min_gain: float = 0.25) -> ColumnCorrection:
+        """Least-squares line ``measured = gain * ideal + offset`` per column of [N, M] outputs. A column whose
+        ideal outputs do not vary gets gain 1 (its offset still fitted); gains are kept >= ``min_gain``."""
+        if measured.shape != ideal.shape or measured.ndim != 2 or measured.shape[0] < 1:
+            raise ShapeError(f"measured {list(measured.shape)} and ideal {list(ideal.shape)} outputs must be the "
+                             "same [N, M] shape")
+        y, x = measured.to(torch.float64), ideal.to(torch.float64)
+        mx, my = x.mean(0), y.mean(0)
+        sxx = ((x - mx) ** 2).sum(0)
+        sxy = ((x - mx) * (y - my)).sum(0)
+        flat = sxx <= 1e-9 * (1.0 + (mx * mx) * x.shape[0])
+        gain = torch.where(flat, torch.ones_like(sxx), sxy / torch.where(flat, torch.ones_like(sxx), sxx))
+        gain = gain.clamp_min(min_gain)
+        return cls(gain, my - gain * mx)
+
+    def apply(self, mac: torch.Tensor) -> torch.Tensor:
+        """Corrected outputs of MAC outputs [N, n_cols]."""
+        return (mac - self.offset) / self.gain
 
 
 @dataclass
@@ -83,6 +186,7 @@ class LayerMacro:
     rng: np.random.Generator = field(default_factory=lambda: np.random.Generator(np.random.PCG64(0)))
     chunk_conversions: int = DEFAULT_CHUNK_CONVERSIONS
     stats: MacroStats = field(default_factory=MacroStats)
+    correction: ColumnCorrection | None = None
 
     def __post_init__(self) -> None:
         spec = self.spec
@@ -119,12 +223,15 @@ class LayerMacro:
         plans = []
         for t in self.layer_map.tiles:
             per_vector = t.conversions_per_vector(spec)
+            tables = self.transfer.table_index(t.physical_columns(spec))
             plans.append(_TilePlan(
                 tile=t,
                 groups=t.n_groups(spec),
                 offset=t.row_offset(spec),
-                tables=self.transfer.table_index(t.physical_columns(spec)),
+                tables=tables,
                 vectors_per_chunk=max(1, self.chunk_conversions // per_vector),
+                bias_rows=tables.to(torch.float32).reshape(1, 1, -1),
+                trim=self.transfer.trim_vectors(t.physical_columns(spec)),
             ))
         return plans
 
@@ -132,7 +239,14 @@ class LayerMacro:
     def fast_exact(self) -> bool:
         """The ideal transfer of a macro whose ADC resolves every level: the MAC is exactly ``x @ W``."""
         tr = self.transfer
-        return tr.kind == "ideal" and tr.lossless and tr.shortcut
+        return tr.kind == "ideal" and tr.lossless and tr.shortcut and self.correction is None and tr.trim is None
+
+    def set_correction(self, correction: ColumnCorrection | None) -> None:
+        """Correct the MAC outputs per column (None: no correction)."""
+        if correction is not None and correction.gain.shape != (self.layer_map.n_cols,):
+            raise ShapeError(f"the correction has {correction.gain.shape[0]} columns, the layer "
+                             f"{self.layer_map.n_cols}")
+        self.correction = correction
 
     def chunk_bound(self) -> int:
         """The most conversions one chunk holds for this layer (a vector is never split)."""
@@ -173,11 +287,25 @@ class LayerMacro:
         spec = self.spec
         t = plan.tile
         n = x.shape[0]
-        # float32 is exact while |sum code * pw * sw| stays below 2**24 (true for most macros); else float64
-        dtype = torch.float32 if self._acc_bound < EXACT_F32 else torch.float64
+        dtype = self._sum_dtype()
+        if plan.trim is not None:
+            codes = (codes.to(dtype) - plan.trim[0].to(dtype)) * plan.trim[1].to(dtype)
         total = codes.sum(dim=0, dtype=dtype) if plan.groups > 1 else codes[0].to(dtype)
         per_plane = total.reshape(n, spec.n_planes * spec.n_slices, t.n_cols)
-        acc = torch.einsum("nqm,q->nm", per_plane, self.pw_sw.reshape(-1).to(dtype)).to(torch.float64)
+        acc = torch.einsum("nqm,q->nm", per_plane, self.pw_sw.reshape(-1).to(dtype))
+        return self._tile_outputs(acc, x, plan)
+
+    def _sum_dtype(self) -> torch.dtype:
+        # float32 is exact while |sum code * pw * sw| stays below 2**24 (true for most macros); else float64;
+        # trimmed codes are not integers: float64
+        exact = self._acc_bound < EXACT_F32 and self.transfer.trim is None
+        return torch.float32 if exact else torch.float64
+
+    def _tile_outputs(self, acc: torch.Tensor, x: torch.Tensor, plan: _TilePlan) -> torch.Tensor:
+        """``sum code * pw * sw`` [n, M] of a tile -> its MAC outputs (float64): ADC step and weight offset."""
+        spec = self.spec
+        t = plan.tile
+        acc = acc.to(torch.float64)
         if spec.adc_full_scale != spec.adc_max:
             acc = torch.round(acc * spec.adc_full_scale / spec.adc_max)
         if spec.weight_offset:
@@ -186,6 +314,12 @@ class LayerMacro:
 
     # ---- forward / backward ---------------------------------------------------------------------------------
     def forward_values(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """The layer's outputs [N, M] (float64, ``adc_lsb`` level units): the MACs (``mac_values``), corrected per
+        column when a correction is set; no autograd."""
+        mac = self.mac_values(x, q)
+        return mac if self.correction is None else self.correction.apply(mac)
+
+    def mac_values(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """MAC outputs [N, M] (float64, in ``adc_lsb`` level units, integer valued: exact) for input codes x [N, K]
         and logical weights q [K, M]; no autograd."""
         lm = self.layer_map
@@ -197,15 +331,31 @@ class LayerMacro:
             if dtype is not None:
                 self.stats.conversions = N * lm.conversions_per_vector()
                 return (x.to(dtype) @ q.to(dtype)).to(torch.float64)
+        tr = self.transfer
+        fused = tr.kind == "measured" and tr.layout == "packed"
+        pw_sw = self.pw_sw.to(self._sum_dtype())
         for plan in self._plans:
             t = plan.tile
             digits = self._digits(q, plan)
             per_vec = t.conversions_per_vector(self.spec)
+            if fused:
+                digits_idx = digits * float(tr.n_tables * tr.guide_buckets)
+                bias_idx = plan.bias_rows * float(tr.guide_buckets)
+                trim_off, trim_scale = plan.trim or (torch.zeros(1), torch.ones(1))
+                trim_off, trim_scale = trim_off.to(pw_sw.dtype), trim_scale.to(pw_sw.dtype)
             for n0 in range(0, N, plan.vectors_per_chunk):
                 xc = x[n0 : n0 + plan.vectors_per_chunk]
-                levels = torch.bmm(self._planes(xc, plan), digits)
-                codes = self.transfer.codes(levels, plan.tables, self.rng)
-                out[n0 : n0 + xc.shape[0], t.col0 : t.col1] += self._recombine(codes, xc, plan)
+                planes = self._planes(xc, plan)
+                if fused:
+                    shape = (plan.groups, planes.shape[1], digits.shape[2])
+                    u = torch.from_numpy(uniform32(self.rng, math.prod(shape))).reshape(shape)
+                    acc = KERNELS["sample"](planes, digits_idx, bias_idx, u, tr.guide, tr.guide_shift,
+                                            tr.guide_buckets, pw_sw, trim_off, trim_scale)
+                    mac = self._tile_outputs(acc, xc, plan)
+                else:
+                    codes = tr.codes(torch.bmm(planes, digits), plan.tables, self.rng)
+                    mac = self._recombine(codes, xc, plan)
+                out[n0 : n0 + xc.shape[0], t.col0 : t.col1] += mac
                 self._count(xc.shape[0] * per_vec)
         return out
 
@@ -230,6 +380,8 @@ class LayerMacro:
         spec = self.spec
         lm = self.layer_map
         N = x.shape[0]
+        if self.correction is not None:
+            grad = grad / self.correction.gain
         if self.fast_exact:
             g = grad.to(torch.float32)
             return g @ q.to(torch.float32).T, x.to(torch.float32).T @ g
@@ -244,19 +396,19 @@ class LayerMacro:
         for plan in self._plans:
             t = plan.tile
             digits = self._digits(q, plan)  # [G, R, S*M]
+            digits_rows = digits * float(self.transfer.n_tables)
             gd = torch.zeros_like(digits)
             for n0 in range(0, N, plan.vectors_per_chunk):
                 xc = x[n0 : n0 + plan.vectors_per_chunk]
                 n = xc.shape[0]
                 planes = self._planes(xc, plan)  # [G, n*P, R]
-                levels = torch.bmm(planes, digits)  # [G, n*P, S*M]
-                slope = self.transfer.slope(levels, plan.tables)
-                del levels
                 gc = grad[n0 : n0 + n, t.col0 : t.col1].to(torch.float32)  # [n, M]
                 g_conv = (gc[:, None, None, :] * pw_sw[None, :, :, None]).reshape(n * spec.n_planes, -1)
-                slope.mul_(g_conv)  # dL/ds per conversion, [G, n*P, S*M]
-                g_planes = torch.bmm(slope, digits.transpose(1, 2))  # [G, n*P, R]
-                gd += torch.bmm(planes.transpose(1, 2), slope)
+                if plan.trim is not None:
+                    g_conv = g_conv * plan.trim[1]
+                g_planes, g_digits = KERNELS["grads"](planes, digits, digits_rows, plan.bias_rows,
+                                                      self.transfer.slope_table, g_conv)
+                gd += g_digits
                 g_planes = g_planes.reshape(plan.groups, n, spec.n_planes, R).sum(dim=2)  # [G, n, R]
                 g_rows = g_planes.permute(1, 0, 2).reshape(n, plan.groups * R)
                 g_rows = g_rows[:, plan.offset : plan.offset + t.n_rows]
@@ -307,4 +459,5 @@ def macro_matmul(x: torch.Tensor, q: torch.Tensor, macro: LayerMacro) -> torch.T
     return _MacroMatmul.apply(x, q, macro)
 
 
-__all__ = ["DEFAULT_CHUNK_CONVERSIONS", "LayerMacro", "MacroStats", "macro_matmul"]
+__all__ = ["DEFAULT_CHUNK_CONVERSIONS", "KERNELS", "ColumnCorrection", "LayerMacro", "compile_kernels",
+           "packed_sample_sum", "slope_grads", "MacroStats", "macro_matmul"]

@@ -29,6 +29,10 @@ HAR_CLASSES = 6
 HAR_WINDOW = 128
 CIFAR_RECORD = 1 + 3 * 32 * 32
 CIFAR_CLASSES = 10
+INPUT_SHAPES: dict[str, tuple[int, ...]] = {
+    "digits": (1, 8, 8), "har": (len(HAR_SIGNALS), HAR_WINDOW), "cifar10": (3, 32, 32),
+}
+"""Shape of one input of each task (what its models take)."""
 
 
 @dataclass
@@ -205,4 +209,4 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torc
     return out
 
 
-__all__ = ["TASKS", "TaskData", "crop_flip", "load_cifar10", "load_digits", "load_har", "load_task"]
+__all__ = ["INPUT_SHAPES", "TASKS", "TaskData", "crop_flip", "load_cifar10", "load_digits", "load_har", "load_task"]

@@ -9,13 +9,13 @@ gives the smoothed expected code ``E[code | s]`` and its slope for the backward 
 - ``gaussian``: a parametric stand-in for comparison: ``round(mean + sigma * z)``, clipped, with the measured
   mean and sigma of each (column, level).
 
-Sampling the measured table is inverse-CDF sampling with one 16-bit uniform ``u`` per conversion (from a numpy
-``Generator``: deterministic given its seed): ``code = #{m : cum[m] <= u}`` with ``cum`` the cumulative
-probabilities in units of 2**-16 (probabilities are resolved to 2**-16, as fine as the twin's own 16-bit noise
-table). Small tables (pooled models) are one look-up per conversion over every value of ``u``; larger ones use a
-guide table (Chen and Asau's indexed search) of ``T`` buckets of ``u`` holding the code at each bucket's left edge,
-with ``T`` chosen so that one vectorised step ``code += (u >= cum[code])`` finishes the search (see
-``Transfer._build_guide``). All layouts give the same code for the same ``u``.
+Sampling the measured table is inverse-CDF sampling with one 32-bit uniform ``u`` per conversion (from a numpy
+``Generator``: deterministic given its seed) on the *twin's own table*:
+``bound[m] = floor(cum_counts[m] * 2**32 / total)`` (``cimlab.firmware_bridge.errmodel.cumulative_bounds``), code
+``#{m : bound[m] <= u}``; so for the same uniform, training and the data-driven twin read the same code, and
+probabilities are resolved to 2**-32 in both. The search runs on a guide table (Chen and Asau's indexed search):
+``T`` buckets of ``u`` per row hold the code at each bucket's left edge, with ``T`` chosen so that, where it can
+be, one vectorised comparison finishes the search (see ``Transfer._build_guide``). Everything is int32 tensors.
 
 The smoothed expected transfer (what the backward pass differentiates): ``m[j, s]`` is the mean code of each
 (column, level); per column it is shrunk toward the pooled mean with ``prior`` pseudo-counts (empirical Bayes:
@@ -28,6 +28,7 @@ coarser ADC the slope of its staircase averaged over one step.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from dataclasses import dataclass
@@ -37,18 +38,18 @@ from typing import Literal
 import numpy as np
 import torch
 
-from cimlab.firmware_bridge.errmodel import ErrorModel
+from cimlab.firmware_bridge.errmodel import ErrorModel, cumulative_bounds
 from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
 from cimlab.firmware_bridge.spec import MacroSpec
 
 Kind = Literal["ideal", "measured", "gaussian"]
 KINDS: tuple[str, ...] = ("ideal", "measured", "gaussian")
-DIRECT_ENTRIES = 1 << 21
-"""A measured table with at most this many (row, 16-bit uniform) entries is sampled with one direct look-up."""
 GUIDE_ENTRIES = 1 << 22
 """Most entries of a guide table (rows x buckets)."""
-UNIFORM_RANGE = 1 << 16
-"""Sampled codes use one 16-bit uniform per conversion: probabilities are resolved to 2**-16."""
+UNIFORM_BITS = 32
+"""Sampled codes use one 32-bit uniform per conversion, as the twin does: probabilities are resolved to 2**-32."""
+MAX_BUCKET_BITS = 16
+"""Most bits of a uniform that choose its guide bucket."""
 DEFAULT_PRIOR = 8.0
 """Pseudo-counts that pull a column's mean code toward the pooled mean (smoothing of sparse rows)."""
 
@@ -62,9 +63,9 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def uniform16(rng: np.random.Generator, n: int) -> np.ndarray:
-    """``n`` uniform 16-bit integers (uint16): the bit generator's raw 64-bit outputs cut in four."""
-    return rng.bit_generator.random_raw((n + 3) // 4).view(np.uint16)[:n]
+def uniform32(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` uniform 32-bit integers as int32 bit patterns: the bit generator's raw 64-bit outputs cut in two."""
+    return rng.bit_generator.random_raw((n + 1) // 2).view(np.int32)[:n]
 
 
 def smoothing_half_width(spec: MacroSpec) -> float:
@@ -106,6 +107,40 @@ def smoothed_transfer(m: np.ndarray, t: np.ndarray, rows: np.ndarray, h: float) 
 
 
 @dataclass(frozen=True)
+class ColumnTrim:
+    """The per-chip step at deploy time, per physical column: the host recombines ``(code - offset) * scale``
+    instead of ``code`` (``scale = 1 / gain``), with each column's gain and offset from a short characterization
+    of the chip (``from_model``). It takes the chip's static per-column line out of every conversion, which a
+    correction of the recombined outputs cannot do: in two's complement a column's slices carry large terms of
+    opposite sign, and a gain error on one slice does not cancel. Needs the raw codes (MAC_RAW) on the chip path.
+
+    Attributes:
+        offset: float64 [J], codes.
+        scale: float64 [J], ideal codes per measured code (1 / gain).
+        source: where the fit came from.
+    """
+
+    offset: np.ndarray
+    scale: np.ndarray
+    source: str = ""
+
+    @classmethod
+    def from_model(cls, model: ErrorModel, *, source: str = "") -> ColumnTrim:
+        """Each physical column's least-squares line ``mean_code = gain * s / adc_lsb + offset`` over its unclipped
+        levels (``cimlab.errmodel.MacErrorModel.gain_offset``); a column without a fit is left as it is."""
+        from cimlab.errmodel import MacErrorModel
+
+        fit = MacErrorModel(getattr(model, "model", model)).gain_offset()
+        ok = np.isfinite(fit.gain) & np.isfinite(fit.offset) & (fit.gain > 0.25)
+        return cls(np.where(ok, fit.offset, 0.0), np.where(ok, 1.0 / np.where(ok, fit.gain, 1.0), 1.0), source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ColumnTrim:
+        """The trim fitted from an error model file (a short ``cimlab characterize`` of the chip)."""
+        return cls.from_model(ErrorModel.load(path), source=str(path))
+
+
+@dataclass(frozen=True)
 class TransferInfo:
     """Where a transfer came from (goes into checkpoints and reports)."""
 
@@ -127,12 +162,12 @@ class Transfer:
         mean: float64 [n_tables, n_levels], the smoothed mean code per (column, level) before the moving average.
         slope_table: float32 tensor [n_tables * n_levels], ``m~'(s)`` at each integer level, codes per level,
             indexed ``s * n_tables + j``.
-        layout: how the measured table is sampled (``direct``, ``packed`` or ``search``; see ``_build_guide``).
+        layout: how the measured table is sampled (``packed`` or ``search``; see ``_build_guide``).
         guide_buckets, guide_steps: ``T`` and ``B`` of the guide table (0 for ``ideal``).
     """
 
     def __init__(self, spec: MacroSpec, kind: Kind, pooled: bool, mean: np.ndarray, *,
-                 probabilities: np.ndarray | None = None, sigma: np.ndarray | None = None,
+                 counts: np.ndarray | None = None, sigma: np.ndarray | None = None,
                  info: TransferInfo | None = None) -> None:
         if kind not in KINDS:
             raise ConfigError(f"transfer kind {kind!r} is not one of {', '.join(KINDS)}")
@@ -158,13 +193,14 @@ class Transfer:
         self.lossless = bool(np.array_equal(ideal, np.arange(L)))
         """The ideal ADC returns every level as its own code (no rounding, no clipping)."""
         self.shortcut = True
+        self.trim: ColumnTrim | None = None
         self.layout = ""
         self.guide_buckets = 0
         self.guide_steps = 0
         if kind == "measured":
-            if probabilities is None:
-                raise ConfigError("a measured transfer needs probabilities [n_tables, n_levels, n_codes]")
-            self._build_guide(np.asarray(probabilities, dtype=np.float64))
+            if counts is None:
+                raise ConfigError("a measured transfer needs counts [n_tables, n_levels, n_codes]")
+            self._build_guide(np.asarray(counts))
         elif kind == "gaussian":
             if sigma is None:
                 raise ConfigError("a gaussian transfer needs sigma [n_tables, n_levels]")
@@ -218,7 +254,7 @@ class Transfer:
             eff = pooled_counts.copy()
             empty = pn == 0
             eff[empty, ideal[empty].astype(np.int64)] = 1.0
-            probs = (eff / eff.sum(axis=1, keepdims=True))[None]
+            table = eff.astype(np.int64)[None]
             mean = pooled_mean[None]
             second = pooled_second[None]
         else:
@@ -231,12 +267,12 @@ class Transfer:
             second = np.where(n + prior > 0, (counts @ codes**2 + prior * pooled_second[None]) / weight,
                               pooled_second[None])
             eff = model.effective_counts().astype(np.float64)
-            probs = eff / eff.sum(axis=2, keepdims=True)
+            table = eff.astype(np.int64)
         var = np.maximum(second - mean**2, 0.0)
         info = TransferInfo(kind, pooled, source, sha256, model.chip_id)
         if kind == "gaussian":
             return cls(spec, "gaussian", pooled, mean, sigma=np.sqrt(var), info=info)
-        return cls(spec, "measured", pooled, mean, probabilities=probs, info=info)
+        return cls(spec, "measured", pooled, mean, counts=table, info=info)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, pooled: bool = True, kind: Kind = "measured",
@@ -247,57 +283,75 @@ class Transfer:
         return cls.from_model(model, pooled=pooled, kind=kind, prior=prior, source=str(p), sha256=file_sha256(p))
 
     # ---- sampling tables ----------------------------------------------------------------------------------
-    def _build_guide(self, probs: np.ndarray) -> None:
-        """Sampling tables. ``code(u) = #{m < C-1 : cum[m] <= u}`` for a 16-bit uniform ``u``; three layouts:
+    def _build_guide(self, counts: np.ndarray) -> None:
+        """Sampling tables from counts [n_tables, n_levels, n_codes] (each row nonzero), on the twin's bounds.
 
-        - ``direct`` (small tables): ``code = table[row * 2**16 + u]``, one gather;
-        - ``packed``: ``T`` buckets of ``u`` chosen so that no bucket holds more than one step of the CDF; each
-          entry packs the code at the bucket's left edge with the CDF step above it (``code << 17 | cum[code]``),
-          so ``code = e >> 17; code += u >= (e & 0x1FFFF)`` finishes the search;
-        - ``search``: guide codes plus ``B`` vectorised steps ``code += (u >= cum[row, code])``.
+        Rows are ordered (level, column): row ``s * n_tables + j``. Uniforms travel as int32 bit patterns; a
+        bucket is the top ``b`` bits of ``u``, the offset inside it the low ``32 - b`` bits. Two layouts:
+
+        - ``packed``: ``b`` chosen so that no bucket holds more than one step of the CDF; each entry packs the code
+          at the bucket's left edge with the offset of the step inside the bucket (``2**(32-b)``: none), so
+          ``code = e >> (33 - b); code += offset(u) >= (e & mask)`` finishes the search;
+        - ``search``: guide codes plus ``B`` vectorised steps ``code += (u > bound[row, code] - 1)``, compared as
+          signed int32 after flipping the top bit (an order-preserving map of unsigned to signed).
         """
         spec = self.spec
         L, C = spec.n_levels, spec.n_codes
-        if probs.shape != (self.n_tables, L, C):
-            raise ConfigError(f"probabilities have shape {probs.shape}, expected {(self.n_tables, L, C)}")
+        if counts.shape != (self.n_tables, L, C):
+            raise ConfigError(f"counts have shape {counts.shape}, expected {(self.n_tables, L, C)}")
         rows = L * self.n_tables
-        # rows ordered (level, column): row = s * n_tables + j
-        p = probs.transpose(1, 0, 2).reshape(rows, C)
-        cum = np.rint(np.cumsum(p, axis=1) * UNIFORM_RANGE).astype(np.int64)
-        cum = np.minimum(np.maximum.accumulate(cum, axis=1), UNIFORM_RANGE)
-        cum[:, -1] = UNIFORM_RANGE  # above every uniform: the search never passes the top code
-        inner = cum[:, : C - 1]
-        row_of = np.broadcast_to(np.arange(rows, dtype=np.int64)[:, None], inner.shape)
+        bounds = cumulative_bounds(counts.transpose(1, 0, 2).reshape(rows, C))  # [rows, C-1] in 0 .. 2**32
+        row_of = np.broadcast_to(np.arange(rows, dtype=np.int64)[:, None], bounds.shape)
+        top = 1 << UNIFORM_BITS
 
         def steps(bits: int) -> int:
-            # CDF steps strictly inside a bucket: cum[m] in (t * w, (t + 1) * w - 1]
-            w = 1 << (16 - bits)
-            inside = (inner % w != 0) & (inner < UNIFORM_RANGE)
-            keys = (row_of[inside] << 17) + (inner[inside] // w)
+            # CDF steps strictly inside a bucket (a step on a bucket's left edge is in its guide code)
+            w = 1 << (UNIFORM_BITS - bits)
+            inside = (bounds % w != 0) & (bounds < top)
+            keys = (row_of[inside] << MAX_BUCKET_BITS) + (bounds[inside] // w)
             return int(np.unique(keys, return_counts=True)[1].max(initial=0))
 
-        if rows << 16 <= DIRECT_ENTRIES:
-            self.layout, bits = "direct", 16
-        else:
-            fits = [b for b in range(17) if rows << b <= GUIDE_ENTRIES] or [0]
-            ok = [b for b in fits if steps(b) <= 1]
-            self.layout, bits = ("packed", ok[0]) if ok else ("search", fits[-1])
+        fits = [b for b in range(spec.adc_bits + 2, MAX_BUCKET_BITS + 1) if rows << b <= GUIDE_ENTRIES]
+        fits = fits or [spec.adc_bits + 2]
+        ok = [b for b in fits if steps(b) <= 1]
+        self.layout, bits = ("packed", ok[0]) if ok else ("search", fits[-1])
         T = 1 << bits
-        shift = 16 - bits
-        offs = np.arange(rows, dtype=np.int64)[:, None] << 17
-        keys = (offs + inner).ravel()
-        left = (np.arange(T, dtype=np.int64) << shift)[None, :]
+        shift = UNIFORM_BITS - bits
+        left = np.arange(T, dtype=np.int64) << shift  # [T]
+        # code at each bucket's left edge: #{m : bound[m] <= left}
+        keys = ((np.arange(rows, dtype=np.int64)[:, None] << 33) + bounds).ravel()  # sorted: rows, then bounds
+        query = (np.arange(rows, dtype=np.int64)[:, None] << 33) + left[None, :]
         base = (np.arange(rows, dtype=np.int64) * (C - 1))[:, None]
-        lo = np.searchsorted(keys, (offs + left).ravel(), side="right").reshape(rows, T) - base
+        lo = np.searchsorted(keys, query.ravel(), side="right").reshape(rows, T) - base  # [rows, T]
         self.guide_buckets = T
         self.guide_shift = shift
-        self.guide_steps = 0 if self.layout == "direct" else steps(bits)
+        self.guide_steps = steps(bits)
+        padded = np.concatenate([bounds, np.full((rows, 1), top, np.int64)], axis=1)  # bound above the top code
         if self.layout == "packed":
-            nxt = np.take_along_axis(cum, lo, axis=1)  # the CDF step above the left-edge code
-            self.guide = torch.from_numpy(((lo << 17) | nxt).ravel().astype(np.int32))
+            nxt = np.take_along_axis(padded, lo, axis=1) - left[None, :]  # the step above, from the left edge
+            offset = np.minimum(nxt, 1 << shift)  # 2**shift: no step inside this bucket
+            self.guide = torch.from_numpy(((lo << (shift + 1)) | offset).ravel().astype(np.int32))
         else:
-            self.guide = torch.from_numpy(lo.ravel().astype(np.int64)).to(torch.uint8 if C <= 256 else torch.int32)
-        self.cum = torch.from_numpy(cum.ravel().astype(np.int32))
+            self.guide = torch.from_numpy(lo.ravel().astype(np.int32))
+        # bound - 1 as signed int32 after flipping the top bit; bounds of 0 are never compared (see steps)
+        self.cum = torch.from_numpy((np.maximum(padded - 1, 0) - (1 << 31)).ravel().astype(np.int32))
+
+    def trimmed(self, trim: ColumnTrim | None) -> Transfer:
+        """This chip with its codes trimmed per physical column in the recombination (a shallow copy sharing the
+        tables; None: untrimmed)."""
+        if trim is not None and trim.offset.shape != (self.spec.physical_cols,):
+            raise ConfigError(f"the trim has {trim.offset.shape[0]} columns, the macro {self.spec.physical_cols}")
+        out = copy.copy(self)
+        out.trim = trim
+        return out
+
+    def trim_vectors(self, columns: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(offset, scale) float32 [n] of the given physical columns, or None when untrimmed."""
+        if self.trim is None:
+            return None
+        j = np.asarray(columns).ravel()
+        return (torch.from_numpy(self.trim.offset[j].astype(np.float32)),
+                torch.from_numpy(self.trim.scale[j].astype(np.float32)))
 
     # ---- torch side ---------------------------------------------------------------------------------------
     def table_index(self, columns: np.ndarray) -> torch.Tensor:
@@ -316,7 +370,7 @@ class Transfer:
         """Codes (integer tensor: float32 levels for a lossless ideal ADC, uint8/int32 otherwise) for levels
         [..., n] (float32, integers 0..s_max) of columns with table index ``tables`` [n] (``table_index``).
 
-        ``measured`` draws one 16-bit uniform per conversion and ``gaussian`` one float32 normal from ``rng``;
+        ``measured`` draws one 32-bit uniform per conversion and ``gaussian`` one float32 normal from ``rng``;
         ``ideal`` draws nothing.
         """
         if self.kind == "ideal":
@@ -333,25 +387,32 @@ class Transfer:
             z.mul_(self.sigma_table.index_select(0, flat).reshape(levels.shape))
             z.add_(self.mu_table.index_select(0, flat).reshape(levels.shape)).round_()
             return z.clamp_(0.0, float(self.spec.adc_max))
-        u = torch.from_numpy(uniform16(rng, n)).reshape(levels.shape).to(torch.int32)
-        if self.layout == "direct":
-            idx = rows.mul_(UNIFORM_RANGE).add_(u)
-            return self.guide.index_select(0, idx.reshape(-1)).reshape(levels.shape)
+        u = torch.from_numpy(uniform32(rng, n)).reshape(levels.shape)
+        return self.codes_from_uniforms(levels, tables, u, rows)
+
+    def codes_from_uniforms(self, levels: torch.Tensor, tables: torch.Tensor, u: torch.Tensor,
+                            rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Codes (int32) of a measured transfer for levels [..., n] and 32-bit uniforms ``u`` (int32 bit
+        patterns, the shape of ``levels``): the code the twin's ``CodeSampler.sample_bits`` reads for the same
+        bits."""
+        if self.kind != "measured":
+            raise ConfigError(f"a {self.kind} transfer does not draw codes from uniforms")
+        if rows is None:
+            rows = self._rows(levels, tables)
+        shape = levels.shape
         idx = rows * self.guide_buckets
-        if self.guide_shift:
-            idx.add_(u >> self.guide_shift)
-        else:
-            idx.add_(u)
-        entry = self.guide.index_select(0, idx.reshape(-1)).reshape(levels.shape)
+        idx.add_((u >> self.guide_shift) & (self.guide_buckets - 1))
+        entry = self.guide.index_select(0, idx.reshape(-1)).reshape(shape)
         if self.layout == "packed":
-            code = entry >> 17
-            code.add_(u >= entry.bitwise_and_(0x1FFFF))
+            code = entry >> (self.guide_shift + 1)
+            code.add_((u & ((1 << self.guide_shift) - 1)) >= entry.bitwise_and_((2 << self.guide_shift) - 1))
             return code
-        code = entry.to(torch.int32)
+        code = entry
         if self.guide_steps:
+            signed = u ^ torch.tensor(-(1 << 31), dtype=torch.int32)
             base = rows.mul_(self.spec.n_codes)
             for _ in range(self.guide_steps):
-                code.add_(u >= self.cum.index_select(0, (base + code).reshape(-1)).reshape(levels.shape))
+                code.add_(signed > self.cum.index_select(0, (base + code).reshape(-1)).reshape(shape))
         return code
 
     def slope(self, levels: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
@@ -382,5 +443,5 @@ def check_spec(expected: MacroSpec, got: MacroSpec, what: str) -> None:
         raise ArtifactError(f"{what} is for another MacroSpec ({diff})")
 
 
-__all__ = ["KINDS", "Transfer", "TransferInfo", "check_spec", "file_sha256", "smoothed_transfer",
+__all__ = ["KINDS", "ColumnTrim", "Transfer", "TransferInfo", "check_spec", "file_sha256", "smoothed_transfer",
            "smoothing_half_width"]

@@ -50,8 +50,10 @@ def test_every_command_prints_one_json_document(tmp_path: Path) -> None:
     assert ok("deploy", pkg, "--link", TINY)["ok"] is True
     bench = ok("bench", pkg, "--link", TINY, "--limit", "20", "--draws", "0")
     assert bench["images"] == 20
+    est = ok("estimate", pkg)
+    assert est["total_energy_pj_per_inference"] > 0 and bench["estimate"]["arrays"] == est["arrays"]
     assert seen >= {"info", "check", "sim profiles", "characterize", "fit", "report", "train", "evaluate",
-                    "compile", "deploy", "bench"}
+                    "compile", "deploy", "bench", "estimate"}
 
 
 def _profile(tmp_path: Path) -> Path:

@@ -87,6 +87,12 @@ def _reference_digits(w: np.ndarray, spec: MacroSpec) -> np.ndarray:
     out = np.zeros((w.shape[0], ns, w.shape[1]), dtype=np.int64)
     for (r, c), value in np.ndenumerate(w):
         value = int(value)
+        if spec.weight_storage == "differential":  # G+ digits, then G- digits
+            half = ns // 2
+            for k in range(half):
+                out[r, k, c] = (max(value, 0) >> (cb * k)) % (2**cb)
+                out[r, half + k, c] = (max(-value, 0) >> (cb * k)) % (2**cb)
+            continue
         if spec.weight_storage == "twos":
             stored = value % (2**spec.weight_bits)
         elif spec.weight_storage == "offset":
@@ -101,10 +107,13 @@ def _reference_digits(w: np.ndarray, spec: MacroSpec) -> np.ndarray:
 def _value_of_digits(d: np.ndarray, spec: MacroSpec) -> np.ndarray:
     """Logical weights from digits: sum of digit * 2**(cell_bits*k), MSB negative for twos, minus the offset."""
     total = np.zeros((d.shape[0], d.shape[2]), dtype=np.int64)
+    half = spec.n_slices // 2
     for k in range(spec.n_slices):
         place = 2 ** (spec.cell_bits * k)
         if spec.weight_storage == "twos" and k == spec.n_slices - 1:
             place = -place
+        if spec.weight_storage == "differential":  # the second array counts negative
+            place = 2 ** (spec.cell_bits * (k % half)) * (1 if k < half else -1)
         total += d[:, k, :].astype(np.int64) * place
     if spec.weight_storage == "offset":
         total -= 2 ** (spec.weight_bits - 1)

@@ -41,7 +41,10 @@ def expected_output(macro: LayerMacro, planes: np.ndarray, digits: np.ndarray, x
         del rows
         levels = np.einsum("npgr,grkm->npgkm", pl.reshape(pl.shape[0], spec.n_planes, g1 - g0, R),
                            dg.reshape(g1 - g0, R, spec.n_slices, t.n_cols))
-        m = tr.expected(levels, t.physical_columns(spec))
+        cols = t.physical_columns(spec)
+        m = tr.expected(levels, cols)
+        if tr.trim is not None:  # the host's per-column trim of every code
+            m = (m - tr.trim.offset[cols]) * tr.trim.scale[cols]
         out = spec.adc_lsb * np.einsum("npgkm,p,k->nm", m, pw, sw)
         out -= spec.weight_offset * x[:, t.row0 : t.row1].sum(axis=1, keepdims=True)
         total += float((g[:, t.col0 : t.col1] * out).sum())
@@ -135,3 +138,14 @@ def test_smoothing_makes_a_coarse_adc_staircase_differentiable() -> None:
     assert torch.allclose(slope, torch.full_like(slope, 0.25))
     top = torch.tensor([[260.0]])
     assert tr.slope(top, torch.zeros(1, dtype=torch.int32)).item() == 0.0  # clipped
+
+
+@pytest.mark.parametrize("spec", [SMALL_TWOS, SMALL_LOSSY], ids=["twos", "offset-clip"])
+def test_backward_of_a_trimmed_chip_equals_finite_differences_of_its_trimmed_expected_transfer(spec: MacroSpec) -> None:
+    from cimlab.training.transfer import ColumnTrim
+
+    rng = np.random.default_rng(4)
+    J = spec.physical_cols
+    trim = ColumnTrim(rng.normal(0.0, 0.5, J), rng.uniform(0.8, 1.25, J))
+    transfer = Transfer.from_model(noisy_model(spec, seed=6), pooled=False).trimmed(trim)
+    check_gradients(spec, transfer, k=spec.rows + 5, m=spec.cols + 2, seed=3)

@@ -2,8 +2,8 @@
 
 ``golden_codes.json`` holds, per case, the SHA-256 of the outputs of a fixed sequence of operations (MAC_RAW codes
 and MAC outputs over whole and partial row ranges, after a VDD change and after a NOISE_SEED rekey; cycle and energy
-counters are checked against the reference mode elsewhere). It was recorded on the twin before the fused fast path
-(issue 15, commit ``recorded_on``) by running this module as a script::
+counters are checked against the reference mode elsewhere). It was recorded on main's twin before the fused fast
+path of issue 15 (commit ``recorded_on``) by running this module as a script on that checkout::
 
     .venv/bin/python tests/twin/test_twin_golden.py --record
 
@@ -40,6 +40,7 @@ CASES: dict[str, tuple[str, int, dict[str, str], int, list[list[int]]]] = {
                                            "stuck_at_1": "0.02"}, 40, [[40], [7, 33]]),
     "large-s1": ("large", 1, {}, 12, [[12], [3, 9], [5, 7]]),
     "nvm-2bit-s5": ("nvm-2bit", 5, {}, 50, [[50], [17, 1, 32]]),
+    "nvm-4bit-s6": ("nvm-4bit", 6, {}, 30, [[30], [29, 1], [8, 22]]),
     "ideal-s0": ("ideal", 0, {}, 40, [[40], [39, 1]]),
     "data-driven-s3": ("default", 3, {"error_model": "*"}, 70, [[70], [1, 69], [40, 30]]),
 }

@@ -11,7 +11,7 @@ from cimlab.chip_sim.config import parameter_table
 from cimlab.chip_sim.profiles import list_profiles, load_profile, profile_from_toml
 from cimlab.firmware_bridge.errors import ConfigError
 
-BUNDLED = ("default", "ideal", "large", "nvm-2bit")
+BUNDLED = ("default", "ideal", "large", "nvm-2bit", "nvm-4bit")
 
 
 def test_bundled_profiles_are_listed_with_descriptions() -> None:
