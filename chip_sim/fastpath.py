@@ -33,8 +33,6 @@ LANES = 16
 """Columns per vector gather (``cimlab.chip_sim.kernels.LANES``)."""
 NOISE_BIN_SHIFT = 6
 """Noise items per bin of the analytic shortcut: 2**6 (1024 bins of a 65536-entry table, 4 KiB per end)."""
-MIN_PAIRS_PER_TILE = 16
-"""Fewest (vector, input slice) pairs that use a tile of the pattern table while it sits in cache."""
 
 
 @lru_cache(maxsize=None)
@@ -84,14 +82,29 @@ def _table_bytes(spec: MacroSpec, block_rows: int) -> int:
 
 
 def plan_for(spec: MacroSpec, item_bytes: int, *, l1: int | None = None, l2: int | None = None) -> Plan:
-    """The plan for ``spec`` on this machine's caches (see ``Plan``)."""
+    """The plan for ``spec`` on this machine's caches (see ``Plan``).
+
+    A chunk holds as many vectors as keep its random items and patterns within a quarter of L2. A pattern covers
+    as many rows as one byte of input slices allows, but no more patterns than half the (vector, slice) pairs of a
+    chunk, so each table row loaded is used about twice; among widths that need as many blocks per group the
+    narrower wins (a smaller table). A tile of columns keeps one group's table rows (or weight rows) in half of L2
+    (of L1).
+    """
     l1 = l1 or cache_bytes(1, L1_DEFAULT)
     l2 = l2 or cache_bytes(2, L2_DEFAULT)
     J, R, P, sb = spec.physical_cols, spec.rows_per_conversion, spec.n_planes, spec.input_slice_bits
-    block_rows = max(1, 8 // sb) if sb <= 8 else 0
-    while block_rows > 1 and _table_bytes(spec, block_rows) > TABLE_BYTES:
-        block_rows -= 1
-    use_table = block_rows >= 1 and _table_bytes(spec, block_rows) <= TABLE_BYTES
+    per_vector = spec.conversions_per_vector * item_bytes + P * spec.n_groups * R * 4
+    chunk = max(1, (l2 // 4) // per_vector)
+    block_rows = 0
+    if sb <= 8:
+        most_patterns = max(16, chunk * P // 2)
+        for b in range(max(1, 8 // sb), 0, -1):
+            if (1 << (b * sb)) <= most_patterns and _table_bytes(spec, b) <= TABLE_BYTES:
+                block_rows = b
+                break
+        while block_rows > 1 and -(-R // (block_rows - 1)) == -(-R // block_rows):
+            block_rows -= 1
+    use_table = block_rows >= 1
     if use_table:
         per_column = -(-R // block_rows) * (1 << (block_rows * sb)) * 4
         tile = (l2 // 2) // per_column
@@ -99,10 +112,7 @@ def plan_for(spec: MacroSpec, item_bytes: int, *, l1: int | None = None, l2: int
         block_rows = 1
         tile = (l1 // 2) // (R * 4)
     tile = min(max(LANES, tile // LANES * LANES), J)
-    per_vector = spec.conversions_per_vector * item_bytes + P * spec.n_groups * R * 4
-    by_cache = max(1, (l2 // 2) // per_vector)
-    by_reuse = -(-MIN_PAIRS_PER_TILE // P)
-    return Plan(block_rows=block_rows, use_table=use_table, tile=tile, chunk=max(1, min(by_cache, by_reuse)))
+    return Plan(block_rows=block_rows, use_table=use_table, tile=tile, chunk=chunk)
 
 
 def packed_lut(lut: np.ndarray) -> np.ndarray:
@@ -116,12 +126,14 @@ def packed_lut(lut: np.ndarray) -> np.ndarray:
     return lut.astype(np.uint32) | (distance << np.uint32(16))
 
 
-def noise_bins(noise: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """The first and last value of each bin of ``2**NOISE_BIN_SHIFT`` consecutive entries of a noise table, and
-    the shift that maps an item to its bin. A table that is not sorted gets bins of one entry (no shortcut)."""
+def noise_bins(noise: np.ndarray) -> tuple[np.ndarray, int]:
+    """The first and last value of each bin of ``2**NOISE_BIN_SHIFT`` consecutive entries of a noise table (float32
+    pairs in one uint64 per bin), and the shift that maps an item to its bin. A table that is not sorted gets bins
+    of one entry (no shortcut)."""
     shift = NOISE_BIN_SHIFT if noise.size % (1 << NOISE_BIN_SHIFT) == 0 and bool(np.all(np.diff(noise) >= 0)) else 0
     bins = noise.reshape(-1, 1 << shift)
-    return np.ascontiguousarray(bins[:, 0]), np.ascontiguousarray(bins[:, -1]), shift
+    ends = np.ascontiguousarray(np.stack([bins[:, 0], bins[:, -1]], axis=1), dtype=np.float32)
+    return ends.view(np.uint64).reshape(-1), shift
 
 
 class Engine(Protocol):
@@ -155,7 +167,7 @@ class CpuEngine:
         self._pulse_table: np.ndarray | None = None
         self._sampler_tables: tuple[object, tuple[np.ndarray, ...]] | None = None
         self._lut: tuple[np.ndarray, np.ndarray] | None = None
-        self._noise_bins: tuple[np.ndarray, np.ndarray, np.ndarray, int] | None = None
+        self._noise_bins: tuple[np.ndarray, np.ndarray, int] | None = None
 
     def plan(self, item_bytes: int) -> Plan:
         """The plan for MACs that read ``item_bytes`` per conversion."""
@@ -192,12 +204,11 @@ class CpuEngine:
         if self._lut is None or self._lut[0] is not op.lut:
             self._lut = (op.lut, packed_lut(op.lut))  # type: ignore[arg-type]
         if op.noise is None or not op.item_bytes:
-            empty = np.zeros(0, np.float32)
-            return op.scale, op.shift, empty, empty, empty, 0, self._lut[1]
+            return op.scale, op.shift, np.zeros(0, np.float32), np.zeros(0, np.uint64), 0, self._lut[1]
         if self._noise_bins is None or self._noise_bins[0] is not op.noise:
             self._noise_bins = (op.noise, *noise_bins(op.noise))
-        _, lo, hi, shift = self._noise_bins
-        return op.scale, op.shift, op.noise, lo, hi, shift, self._lut[1]
+        _, ends, shift = self._noise_bins
+        return op.scale, op.shift, op.noise, ends, shift, self._lut[1]
 
     def _sampled(self, op: FusedConversion) -> tuple[object, ...]:
         s = op.sampler
@@ -214,8 +225,10 @@ class CpuEngine:
         return kernels
 
     def mac(self, x: np.ndarray, row_start: int, g0: int, g1: int, weights: np.ndarray, rowsum: np.ndarray,
-            op: FusedConversion, rng_state: np.ndarray | None, first_vector: int, *, raw: bool
-            ) -> tuple[np.ndarray, np.ndarray]:
+            op: FusedConversion, rng_state: np.ndarray | None, first_vector: int, *, raw: bool,
+            stages: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """See ``Engine.mac``; ``stages`` below ``kernels.ALL_STAGES`` leaves the later stages out (for timing:
+        the results are then meaningless)."""
         spec, k = self.spec, self._k
         n = x.shape[0]
         P, J = spec.n_planes, spec.physical_cols
@@ -231,7 +244,7 @@ class CpuEngine:
             sums = np.zeros((n, J), dtype=np.int64)
         tally = np.empty((n, 2), dtype=np.int64)
         geometry = (P, spec.input_slice_bits, spec.n_groups, spec.rows_per_conversion, J, g0, g1, plan.chunk,
-                    plan.tile, plan.block_rows)
+                    plan.tile, plan.block_rows, k.ALL_STAGES if stages is None else stages)
         f32 = np.zeros(0, dtype=np.float32)
         if op.kind == "analytic":
             kind = k.KIND_ANALYTIC
@@ -239,7 +252,7 @@ class CpuEngine:
             sampled = (np.zeros(1, np.int32), np.zeros(1, np.uint32), np.zeros(1, np.uint32), np.zeros(1, np.int64), 1)
         else:
             kind = k.KIND_SAMPLED
-            analytic = (f32, f32, f32, f32, f32, 0, np.zeros(1, dtype=np.uint32))
+            analytic = (f32, f32, f32, np.zeros(0, np.uint64), 0, np.zeros(1, dtype=np.uint32))
             sampled = self._sampled(op)
         state = rng_state if rng_state is not None else np.zeros(4, dtype=np.uint64)
         rng = (state, first_vector, words, item_bytes)

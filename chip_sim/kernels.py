@@ -39,6 +39,11 @@ PCG_MULT_LO = np.uint64(0x4385DF649FCCF645)
 
 KIND_ANALYTIC = 0
 KIND_SAMPLED = 1
+STAGE_ITEMS, STAGE_SUMS, STAGE_SCALE, STAGE_LOOKUP, STAGE_OUT = 1, 2, 3, 4, 5
+"""The kernel's stages, in order: random items, partial sums, scale/offset/noise, ADC or sampler look-up, codes
+out (written, or weighted into the column sums). ``fused_mac`` runs the first ``stages`` of them after the input
+patterns; the benchmark times it with fewer to see where the time goes."""
+ALL_STAGES = STAGE_OUT
 LANES = 16
 """Lanes of one vector gather (a 512-bit register of 32-bit values; narrower machines split it)."""
 STREAMS = 4
@@ -148,9 +153,10 @@ def pcg_fill_vectors(out: np.ndarray, state: np.ndarray, first_vector: int) -> N
 # ---- vector gathers --------------------------------------------------------------------------------------------
 @intrinsic
 def _gather16(typingctx, table, index, start, out):  # noqa: ANN001, ANN202, ARG001
-    """``out[start : start + 16] = table[index[start : start + 16]]``: 32-bit elements, int32 indices, one
-    ``llvm.masked.gather`` (a vector gather where the machine has one, scalar loads elsewhere)."""
-    if not (table.dtype.bitwidth == 32 and out.dtype == table.dtype and index.dtype == types.int32):
+    """``out[start : start + 16] = table[index[start : start + 16]]``: 32- or 64-bit elements, int32 indices, one
+    ``llvm.masked.gather`` (vector gathers where the machine has them, scalar loads elsewhere)."""
+    bits = table.dtype.bitwidth
+    if not (bits in (32, 64) and out.dtype == table.dtype and index.dtype == types.int32):
         return None
     sig = types.void(table, index, start, out)
 
@@ -166,14 +172,14 @@ def _gather16(typingctx, table, index, start, out):  # noqa: ANN001, ANN202, ARG
         idx = builder.load(builder.bitcast(builder.gep(ind.data, [args[2]]), v_i32.as_pointer()), align=4)
         base = builder.insert_element(ir.Constant(v_i64, None), builder.ptrtoint(tab.data, _I64), ir.Constant(_I32, 0))
         base = builder.shuffle_vector(base, base, ir.Constant(v_i32, [0] * LANES))
-        offset = builder.mul(builder.sext(idx, v_i64), ir.Constant(v_i64, [4] * LANES))
+        offset = builder.mul(builder.sext(idx, v_i64), ir.Constant(v_i64, [bits // 8] * LANES))
         ptrs = builder.inttoptr(builder.add(base, offset), ir.VectorType(elt.as_pointer(), LANES))
-        name = "llvm.masked.gather.v16{0}.v16p0".format("f32" if isinstance(elt, ir.FloatType) else "i32")
+        kind = ("f" if isinstance(elt, (ir.FloatType, ir.DoubleType)) else "i") + str(bits)
         fnty = ir.FunctionType(vec, [ptrs.type, _I32, ir.VectorType(_I1, LANES), vec])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, name)
-        got = builder.call(fn, [ptrs, ir.Constant(_I32, 4), ir.Constant(ir.VectorType(_I1, LANES), [1] * LANES),
+        fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.masked.gather.v{LANES}{kind}.v{LANES}p0")
+        got = builder.call(fn, [ptrs, ir.Constant(_I32, bits // 8), ir.Constant(ir.VectorType(_I1, LANES), [1] * LANES),
                                 ir.Constant(vec, None)])
-        builder.store(got, builder.bitcast(builder.gep(dst.data, [args[2]]), vec.as_pointer()), align=4)
+        builder.store(got, builder.bitcast(builder.gep(dst.data, [args[2]]), vec.as_pointer()), align=bits // 8)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -220,34 +226,72 @@ def build_tables(w, rowsum, slice_bits, block_rows, groups, table, level_table):
 
 
 @njit(cache=True)
-def _patterns(x, b, row_start, n_planes, slice_bits, rows_per_group, block_rows, g0, g1, pats):  # noqa: ANN001
-    """Vector ``b``'s row patterns: ``pats[p, g - g0, k]`` packs the slices of plane ``p`` of the rows of block
-    ``k`` of group ``g`` (rows outside the request are 0)."""
-    pats[:] = 0
+def _vector_patterns(xrow, n_planes, slice_bits, rpg, block_rows, g0, use_table, level_table, pulse_table,  # noqa: ANN001
+                     rowsum, pats):
+    """One vector's row patterns ``pats[(p * groups + gi) * blocks + k]``: the slices of plane ``p`` of the rows
+    of block ``k`` of spanned group ``gi``, packed (``xrow``: the vector's inputs on the spanned groups' rows, 0
+    outside the request). Returns the vector's (level sum, word-line pulses) for the energy estimate."""
+    gs = xrow.size // rpg
+    n_blocks = (rpg + block_rows - 1) // block_rows
+    n_patterns = level_table.shape[2]
+    levels = level_table.reshape(-1)
     digit_max = (1 << slice_bits) - 1
-    lo = max(row_start, g0 * rows_per_group)
-    hi = min(row_start + x.shape[1], g1 * rows_per_group)
-    for row in range(lo, hi):
-        v = np.int64(x[b, row - row_start])
-        if v == 0:
-            continue
-        g = row // rows_per_group
-        r = row - g * rows_per_group
-        k = r // block_rows
-        sh = (r - k * block_rows) * slice_bits
-        for p in range(n_planes):
-            pats[p, g - g0, k] |= ((v >> (p * slice_bits)) & digit_max) << sh
+    level_sum = 0
+    pulses = 0
+    for p in range(n_planes):
+        shift = p * slice_bits
+        for gi in range(gs):
+            for k in range(n_blocks):
+                r0 = gi * rpg + k * block_rows
+                pat = 0
+                for i in range(min(block_rows, rpg - k * block_rows)):
+                    pat |= ((xrow[r0 + i] >> shift) & digit_max) << (i * slice_bits)
+                pats[(p * gs + gi) * n_blocks + k] = pat
+                if use_table:
+                    level_sum += levels[((g0 + gi) * n_blocks + k) * n_patterns + pat]
+                    pulses += pulse_table[pat]
+                elif pat != 0:
+                    level_sum += pat * rowsum[g0 * rpg + r0]
+                    pulses += 1
+    return level_sum, pulses
+
+
+@njit(cache=True, inline="always")
+def _sum_table_rows(acc, table, pats, pat0, base, n_blocks, block_stride, row_stride, tn):  # noqa: ANN001
+    """``acc[:tn]`` = the sum over blocks ``k`` of table row ``base + k * block_stride + pats[pat0 + k] *
+    row_stride``, four rows per pass over ``acc`` (a row of pattern 0 is zeros, so none is skipped)."""
+    tu = np.uint64(tn)
+    k = 0
+    o0 = np.uint64(base + k * block_stride + pats[pat0 + k] * row_stride)
+    for jj in range(tu):
+        acc[jj] = table[o0 + jj]
+    k = 1
+    while k + 4 <= n_blocks:
+        o0 = np.uint64(base + k * block_stride + pats[pat0 + k] * row_stride)
+        o1 = np.uint64(base + (k + 1) * block_stride + pats[pat0 + k + 1] * row_stride)
+        o2 = np.uint64(base + (k + 2) * block_stride + pats[pat0 + k + 2] * row_stride)
+        o3 = np.uint64(base + (k + 3) * block_stride + pats[pat0 + k + 3] * row_stride)
+        for jj in range(tu):
+            acc[jj] += (table[o0 + jj] + table[o1 + jj]) + (table[o2 + jj] + table[o3 + jj])
+        k += 4
+    while k < n_blocks:
+        o0 = np.uint64(base + k * block_stride + pats[pat0 + k] * row_stride)
+        for jj in range(tu):
+            acc[jj] += table[o0 + jj]
+        k += 1
 
 
 # ---- the fused MAC ---------------------------------------------------------------------------------------------
 # Inner loops index 1-D arrays at an offset: numba's multi-dimensional indexing keeps LLVM from vectorizing them,
 # and a slice made in a hot loop costs two atomic reference-count updates.
 @njit(cache=True, inline="always")
-def _convert_analytic(acc, sc, sh, items, noise, noise_lo, noise_hi, bin_shift, lut,  # noqa: ANN001
-                      fbuf, hbuf, ibuf, kbuf, packed, codes, tn):
+def _convert_analytic(acc, sc, sh, items, noise, noise_ends, bin_shift, lut,  # noqa: ANN001
+                      fbuf, ends, ibuf, kbuf, packed, codes, tn, stages):
     """Codes of one tile of partial sums ``acc[:tn]`` with its columns' scale and shift and its noise items
     (``items`` empty: no noise). ``lut`` packs each bin's code (low 16 bits) with the number of bins from it to
     the next bin of another code (high 16 bits, at most 65535)."""
+    if stages < STAGE_SCALE:
+        return
     lut_top = np.int32(lut.size - 1)
     for jj in range(tn):
         t = acc[jj] * sc[jj]
@@ -255,6 +299,8 @@ def _convert_analytic(acc, sc, sh, items, noise, noise_lo, noise_hi, bin_shift, 
     if items.size == 0:
         for jj in range(tn):
             ibuf[jj] = min(max(np.int32(fbuf[jj]), np.int32(0)), lut_top)
+        if stages < STAGE_LOOKUP:
+            return
         _gather(lut, ibuf, tn, packed)
         for jj in range(tn):
             codes[jj] = np.int32(packed[jj] & np.uint32(0xFFFF))
@@ -263,11 +309,13 @@ def _convert_analytic(acc, sc, sh, items, noise, noise_lo, noise_hi, bin_shift, 
     # a code threshold lies between them; then the item's own noise does
     for jj in range(tn):
         ibuf[jj] = np.int32(items[jj] >> bin_shift)
-    _gather(noise_lo, ibuf, tn, acc)
-    _gather(noise_hi, ibuf, tn, hbuf)
+    _gather(noise_ends, ibuf, tn, ends)  # one 64-bit load per lane: the bin's first and last noise value
+    pair = ends.view(np.float32)
     for jj in range(tn):
-        ibuf[jj] = min(max(np.int32(fbuf[jj] + acc[jj]), np.int32(0)), lut_top)
-        kbuf[jj] = min(max(np.int32(fbuf[jj] + hbuf[jj]), np.int32(0)), lut_top)
+        ibuf[jj] = min(max(np.int32(fbuf[jj] + pair[2 * jj]), np.int32(0)), lut_top)
+        kbuf[jj] = min(max(np.int32(fbuf[jj] + pair[2 * jj + 1]), np.int32(0)), lut_top)
+    if stages < STAGE_LOOKUP:
+        return
     _gather(lut, ibuf, tn, packed)
     for jj in range(tn):
         codes[jj] = np.int32(packed[jj] & np.uint32(0xFFFF))
@@ -304,25 +352,6 @@ def _convert_sampled(acc, j0, J, items, mode, mode_lo, mode_hi_m1, bounds, width
                     codes[jj] = _binary_count(bounds, np.int64(ibuf[jj]) * width, width, np.int64(u))
 
 
-@njit(cache=True)
-def _tally(pats, g0, rpg, use_table, level_table, pulse_table, rowsum):  # noqa: ANN001
-    """A vector's (level sum, word-line pulses) from its patterns [P, groups spanned, blocks]."""
-    level_sum = 0
-    pulses = 0
-    P, gs, n_blocks = pats.shape
-    for p in range(P):
-        for gi in range(gs):
-            for k in range(n_blocks):
-                pat = pats[p, gi, k]
-                if use_table:
-                    level_sum += level_table[g0 + gi, k, pat]
-                    pulses += pulse_table[pat]
-                elif pat != 0:
-                    level_sum += pat * rowsum[(g0 + gi) * rpg + k]
-                    pulses += 1
-    return level_sum, pulses
-
-
 @njit(parallel=True, cache=True)
 def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng, raw, out, col_sums, tally):  # noqa: ANN001, C901, PLR0912, PLR0915
     """Codes (``raw``) or slice-weighted column sums of a batch; see the module docstring.
@@ -330,14 +359,15 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
     Args:
         x: input codes [n, n_rows] (uint16) of rows ``row_start ..``.
         geometry: (n_planes, slice_bits, n_groups, rows per group, J, g0, g1, chunk vectors, tile columns,
-            block_rows).
+            block_rows, stages: ``ALL_STAGES``, or fewer to time the kernel without its later stages).
         w: compute weights [n_groups, rows per group, J] float32 (exact integers).
         sums_from: (pattern table [n_groups, blocks, patterns, J] f32, its level sums [n_groups, blocks,
             patterns] int64, pulses per pattern [patterns] int64, use the table (else sum rows one by one),
             rowsum [n_groups * rows per group] int64).
         kind: ``KIND_ANALYTIC`` or ``KIND_SAMPLED``.
-        analytic: (scale [J] f32, shift [J] f32, noise table [65536] f32 (nondecreasing) or empty, its first and
-            last value in each bin of ``2**bin_shift`` items, ``bin_shift``, ADC look-up table packed with its
+        analytic: (scale [J] f32, shift [J] f32, noise table [65536] f32 (nondecreasing) or empty, the first and
+            last value of each bin of ``2**bin_shift`` items as one uint64 (float32 pair), ``bin_shift``, ADC
+            look-up table packed with its
             distance to the next code (``cimlab.chip_sim.fastpath.packed_lut``), uint32).
         sampled: (mode [L*J] int32, interval low [L*J] uint32, interval high - 1 [L*J] uint32,
             bounds [L*J*width] int64, width).
@@ -346,9 +376,9 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
             ``col_sums`` [n, J] (int64, zeroed by the caller).
         tally: [n, 2] int64 out: per vector, level sum and word-line pulses.
     """
-    n_planes, slice_bits, n_groups, rpg, J, g0, g1, chunk, tile, block_rows = geometry
+    n_planes, slice_bits, n_groups, rpg, J, g0, g1, chunk, tile, block_rows, stages = geometry
     table, level_table, pulse_table, use_table, rowsum = sums_from
-    scale, shift, noise, noise_lo, noise_hi, bin_shift, lut = analytic
+    scale, shift, noise, noise_ends, bin_shift, lut = analytic
     mode, mode_lo, mode_hi_m1, bounds, width = sampled
     state, first_vector, words, item_bytes = rng
     n = x.shape[0]
@@ -367,20 +397,26 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
         b0 = ci * chunk
         nb = min(n, b0 + chunk) - b0
         words_buf = np.empty((nb, max(words, 1)), dtype=np.uint64)
-        if item_bytes > 0:
+        if item_bytes > 0 and stages >= STAGE_ITEMS:
             pcg_fill_vectors(words_buf, state, first_vector + b0)
         items16 = words_buf.reshape(-1).view(np.uint16)
         items32 = words_buf.reshape(-1).view(np.uint32)
-        pats = np.empty((nb, n_planes, gs, n_blocks), dtype=np.int32)
+        pats1 = np.empty(nb * n_planes * gs * n_blocks, dtype=np.int32)
+        xrow = np.zeros(gs * rpg, dtype=np.int64)
+        first = max(row_start, g0 * rpg)
+        end = min(row_start + x.shape[1], g1 * rpg)
         for bb in range(nb):
-            _patterns(x, b0 + bb, row_start, n_planes, slice_bits, rpg, block_rows, g0, g1, pats[bb])
-            level_sum, pulses = _tally(pats[bb], g0, rpg, use_table, level_table, pulse_table, rowsum)
+            xb = x[b0 + bb]
+            for r in range(first, end):
+                xrow[r - g0 * rpg] = xb[r - row_start]
+            level_sum, pulses = _vector_patterns(xrow, n_planes, slice_bits, rpg, block_rows, g0, use_table,
+                                                 level_table, pulse_table, rowsum,
+                                                 pats1[bb * n_planes * gs * n_blocks : (bb + 1) * n_planes * gs * n_blocks])
             tally[b0 + bb, 0] = level_sum
             tally[b0 + bb, 1] = pulses
-        pats1 = pats.reshape(-1)
         acc = np.zeros(tile_pad, dtype=np.float32)
         fbuf = np.zeros(tile_pad, dtype=np.float32)
-        hbuf = np.zeros(tile_pad, dtype=np.float32)
+        ends = np.zeros(tile_pad, dtype=np.uint64)
         ibuf = np.zeros(tile_pad, dtype=np.int32)
         kbuf = np.zeros(tile_pad, dtype=np.int32)
         codes = np.zeros(tile_pad, dtype=np.int32)
@@ -399,34 +435,34 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
                 for bb in range(nb):
                     for p in range(n_planes):
                         # 1. the tile's partial sums (exact integers)
-                        for jj in range(tn):
-                            acc[jj] = 0.0
                         pat0 = ((bb * n_planes + p) * gs + gi) * n_blocks
-                        for k in range(n_blocks):
-                            pat = pats1[pat0 + k]
-                            if pat == 0:
-                                continue
-                            if use_table:
-                                off = ((g * n_blocks + k) * n_patterns + pat) * J + t0
-                                row = table1[off : off + tn]
-                                for jj in range(tn):
-                                    acc[jj] += row[jj]
-                            else:
-                                v = np.float32(pat)
-                                off = (g * rpg + k) * J + t0
-                                row = w1[off : off + tn]
-                                for jj in range(tn):
-                                    acc[jj] += v * row[jj]
+                        if stages < STAGE_SUMS:
+                            pass
+                        elif use_table:
+                            _sum_table_rows(acc, table1, pats1, pat0, ((g * n_blocks) * n_patterns) * J + t0,
+                                            n_blocks, n_patterns * J, J, tn)
+                        else:
+                            for jj in range(tn):
+                                acc[jj] = 0.0
+                            for k in range(n_blocks):
+                                pat = pats1[pat0 + k]
+                                if pat != 0:
+                                    v = np.float32(pat)
+                                    row = w1[(g * rpg + k) * J + t0 : (g * rpg + k) * J + t0 + tn]
+                                    for jj in range(tn):
+                                        acc[jj] += v * row[jj]
                         # 2. their codes
                         i0 = bb * items_per_vector + (p * n_groups + g) * J + t0
                         if kind == KIND_ANALYTIC:
                             items = items16[i0 : i0 + tn] if noisy else items16[:0]
-                            _convert_analytic(acc, sc, sh, items, noise, noise_lo, noise_hi, bin_shift, lut,
-                                              fbuf, hbuf, ibuf, kbuf, packed, codes, tn)
-                        else:
+                            _convert_analytic(acc, sc, sh, items, noise, noise_ends, bin_shift, lut,
+                                              fbuf, ends, ibuf, kbuf, packed, codes, tn, stages)
+                        elif stages >= STAGE_LOOKUP:
                             _convert_sampled(acc, t0, J, items32[i0 : i0 + tn], mode, mode_lo, mode_hi_m1, bounds,
                                              width, ibuf, lo_buf, hi_buf, codes, tn)
                         # 3. out
+                        if stages < STAGE_OUT:
+                            continue
                         if raw:
                             o0 = (((b0 + bb) * n_planes + p) * gs + gi) * J + t0
                             dst = out1[o0 : o0 + tn]
