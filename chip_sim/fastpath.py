@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from cimlab.chip_sim.analog import FusedConversion
+from cimlab.firmware_bridge.errmodel import CodeSampler
 from cimlab.firmware_bridge.errors import BackendUnavailable, ConfigError
 from cimlab.firmware_bridge.spec import MacroSpec
 
@@ -126,6 +127,21 @@ def packed_lut(lut: np.ndarray) -> np.ndarray:
     return lut.astype(np.uint32) | (distance << np.uint32(16))
 
 
+def sampler_tables(sampler: CodeSampler) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of a ``CodeSampler`` (``level * J + column``): its most likely code (int32); that code's interval of
+    uniforms, first | last << 32 (uint64); and the bounds next to it, the one two codes below | the one a code
+    above less one << 32 (uint64): a uniform below the interval but not below the first reads the code under the
+    mode, one above it but not above the second the code over it."""
+    rows = sampler.mode.size
+    mode = sampler.mode.astype(np.int64)
+    bounds = sampler.bounds.reshape(rows, sampler.width)
+    r = np.arange(rows)
+    below = np.where(mode >= 2, bounds[r, np.maximum(mode - 2, 0)], 0)
+    above = np.where(mode + 1 < sampler.width, bounds[r, np.minimum(mode + 1, sampler.width - 1)], 1 << 32) - 1
+    pack = (lambda lo, hi: (lo.astype(np.uint64) | (hi.astype(np.uint64) << np.uint64(32))))  # noqa: E731
+    return mode.astype(np.int32), pack(sampler.mode_lo, sampler.mode_hi - 1), pack(below, above)
+
+
 def noise_bins(noise: np.ndarray) -> tuple[np.ndarray, int]:
     """The first and last value of each bin of ``2**NOISE_BIN_SHIFT`` consecutive entries of a noise table (float32
     pairs in one uint64 per bin), and the shift that maps an item to its bin. A table that is not sorted gets bins
@@ -165,7 +181,7 @@ class CpuEngine:
         self._table: np.ndarray | None = None
         self._level_table: np.ndarray | None = None
         self._pulse_table: np.ndarray | None = None
-        self._sampler_tables: tuple[object, tuple[np.ndarray, ...]] | None = None
+        self._sampler_tables: tuple[CodeSampler, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
         self._lut: tuple[np.ndarray, np.ndarray] | None = None
         self._noise_bins: tuple[np.ndarray, np.ndarray, int] | None = None
 
@@ -213,10 +229,9 @@ class CpuEngine:
     def _sampled(self, op: FusedConversion) -> tuple[object, ...]:
         s = op.sampler
         if self._sampler_tables is None or self._sampler_tables[0] is not s:
-            tables = (s.mode.astype(np.int32), s.mode_lo.astype(np.uint32), (s.mode_hi - 1).astype(np.uint32))
-            self._sampler_tables = (s, tables)
-        mode, lo, hi_m1 = self._sampler_tables[1]
-        return mode, lo, hi_m1, s.bounds, s.width
+            self._sampler_tables = (s, sampler_tables(s))
+        mode, interval, nearby = self._sampler_tables[1]
+        return mode, interval, nearby, s.bounds, s.width
 
     @property
     def _k(self):  # noqa: ANN202
@@ -249,7 +264,7 @@ class CpuEngine:
         if op.kind == "analytic":
             kind = k.KIND_ANALYTIC
             analytic = self._analytic(op)
-            sampled = (np.zeros(1, np.int32), np.zeros(1, np.uint32), np.zeros(1, np.uint32), np.zeros(1, np.int64), 1)
+            sampled = (np.zeros(1, np.int32), np.zeros(1, np.uint64), np.zeros(1, np.uint64), np.zeros(1, np.int64), 1)
         else:
             kind = k.KIND_SAMPLED
             analytic = (f32, f32, f32, np.zeros(0, np.uint64), 0, np.zeros(1, dtype=np.uint32))

@@ -332,24 +332,40 @@ def _convert_analytic(acc, sc, sh, items, noise, noise_ends, bin_shift, lut,  # 
 
 
 @njit(cache=True, inline="always")
-def _convert_sampled(acc, j0, J, items, mode, mode_lo, mode_hi_m1, bounds, width, ibuf, lo_buf, hi_buf,  # noqa: ANN001
-                     codes, tn):
+def _convert_sampled(acc, j0, J, items, mode, interval, nearby, bounds, width, ibuf, kbuf, pairs, codes, tn):  # noqa: ANN001
     """Codes of one tile of levels ``acc[:tn]`` of columns ``j0 ..`` (of ``J``) drawn with 32-bit uniforms
-    ``items``."""
+    ``items``: the row's most likely code where the uniform falls in its interval, else the code next to it when
+    the uniform falls in that one's, else a binary search. Per row (``level * J + column``): ``mode``; ``interval``
+    = the mode's first uniform | its last << 32; ``nearby`` = the bound two codes below the mode | the bound one
+    code above it, less one, << 32."""
+    low32 = np.uint64(0xFFFFFFFF)
     for jj in range(tn):
         ibuf[jj] = np.int32(acc[jj]) * np.int32(J) + np.int32(j0 + jj)
     _gather(mode, ibuf, tn, codes)
-    _gather(mode_lo, ibuf, tn, lo_buf)
-    _gather(mode_hi_m1, ibuf, tn, hi_buf)
-    for q0 in range(0, tn, LANES):
-        miss = False
-        for jj in range(q0, min(q0 + LANES, tn)):
-            miss |= (items[jj] < lo_buf[jj]) | (items[jj] > hi_buf[jj])
-        if miss:
-            for jj in range(q0, min(q0 + LANES, tn)):
-                u = items[jj]
-                if u < lo_buf[jj] or u > hi_buf[jj]:
-                    codes[jj] = _binary_count(bounds, np.int64(ibuf[jj]) * width, width, np.int64(u))
+    _gather(interval, ibuf, tn, pairs)
+    miss = False
+    for jj in range(tn):
+        u = np.uint64(items[jj])
+        miss |= (u < (pairs[jj] & low32)) | (u > (pairs[jj] >> np.uint64(32)))
+    if not miss:
+        return
+    for jj in range(tn):
+        u = np.uint64(items[jj])
+        below = u < (pairs[jj] & low32)
+        above = u > (pairs[jj] >> np.uint64(32))
+        kbuf[jj] = np.int32(below) - np.int32(above)  # +1: below the interval, -1: above
+    _gather(nearby, ibuf, tn, pairs)
+    for jj in range(tn):
+        u = np.uint64(items[jj])
+        m = codes[jj]
+        side = kbuf[jj]
+        far = ((side > 0) & (m >= 2) & ((pairs[jj] & low32) > u)) | ((side < 0) & ((pairs[jj] >> np.uint64(32)) < u))
+        codes[jj] = m - side
+        kbuf[jj] = np.int32(far)
+    for jj in range(tn):
+        if kbuf[jj]:
+            row = np.int64(acc[jj]) * J + j0 + jj
+            codes[jj] = _binary_count(bounds, row * width, width, np.int64(items[jj]))
 
 
 @njit(parallel=True, cache=True)
@@ -369,8 +385,8 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
             last value of each bin of ``2**bin_shift`` items as one uint64 (float32 pair), ``bin_shift``, ADC
             look-up table packed with its
             distance to the next code (``cimlab.chip_sim.fastpath.packed_lut``), uint32).
-        sampled: (mode [L*J] int32, interval low [L*J] uint32, interval high - 1 [L*J] uint32,
-            bounds [L*J*width] int64, width).
+        sampled: (mode [L*J] int32, its interval [L*J] uint64 and nearby bounds [L*J] uint64 (see
+            ``_convert_sampled``; ``cimlab.chip_sim.fastpath.sampler_tables``), bounds [L*J*width] int64, width).
         rng: (PCG64 state at word 0 as uint64[4], first vector, words per vector, item bytes: 0, 2 or 4).
         raw: write codes to ``out`` [n, P, g1-g0, J]; otherwise add ``code << (p * slice_bits)`` into
             ``col_sums`` [n, J] (int64, zeroed by the caller).
@@ -379,7 +395,7 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
     n_planes, slice_bits, n_groups, rpg, J, g0, g1, chunk, tile, block_rows, stages = geometry
     table, level_table, pulse_table, use_table, rowsum = sums_from
     scale, shift, noise, noise_ends, bin_shift, lut = analytic
-    mode, mode_lo, mode_hi_m1, bounds, width = sampled
+    mode, interval, nearby, bounds, width = sampled
     state, first_vector, words, item_bytes = rng
     n = x.shape[0]
     gs = g1 - g0
@@ -421,8 +437,7 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
         kbuf = np.zeros(tile_pad, dtype=np.int32)
         codes = np.zeros(tile_pad, dtype=np.int32)
         packed = np.zeros(tile_pad, dtype=np.uint32)
-        lo_buf = np.zeros(tile_pad, dtype=np.uint32)
-        hi_buf = np.zeros(tile_pad, dtype=np.uint32)
+        pairs = np.zeros(tile_pad, dtype=np.uint64)
         for gi in range(gs):
             g = g0 + gi
             for t0 in range(0, J, tile):
@@ -458,8 +473,8 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
                             _convert_analytic(acc, sc, sh, items, noise, noise_ends, bin_shift, lut,
                                               fbuf, ends, ibuf, kbuf, packed, codes, tn, stages)
                         elif stages >= STAGE_LOOKUP:
-                            _convert_sampled(acc, t0, J, items32[i0 : i0 + tn], mode, mode_lo, mode_hi_m1, bounds,
-                                             width, ibuf, lo_buf, hi_buf, codes, tn)
+                            _convert_sampled(acc, t0, J, items32[i0 : i0 + tn], mode, interval, nearby, bounds,
+                                             width, ibuf, kbuf, pairs, codes, tn)
                         # 3. out
                         if stages < STAGE_OUT:
                             continue
