@@ -190,3 +190,50 @@ def test_plans_fit_the_caches() -> None:
             assert 1 <= plan.tile <= spec.physical_cols and plan.chunk >= 1
             per_vector = spec.conversions_per_vector * item_bytes
             assert plan.chunk == 1 or plan.chunk * per_vector <= 1024 * 1024, (name, plan)
+
+
+@pytest.mark.parametrize("case", ["default", "nvm-2bit", "large", "default-very-noisy-lsb-not-one", "ideal"])
+def test_torch_engine_equals_numpy_definition(case: str, tmp_path: Path) -> None:
+    """The GPU engine's operations, run by torch on the CPU, give the numpy path's codes (and so the CPU
+    engine's); on a GPU the same float32 operations run in the same order."""
+    pytest.importorskip("torch")
+    from cimlab.chip_sim.torch_engine import TorchEngine
+
+    profile, overrides = CASES[case]
+    twin = chip_sim.make_twin(profile, 13, overrides)
+    twin._engine = TorchEngine(twin.spec, "cpu")
+    spec = twin.spec
+    rng = _program(twin, 9)
+    x = _inputs(twin, rng, 6, spec.rows)
+    first = twin.vector_counter
+    codes, raw_cost = twin.mac_raw(0, x)
+    np.testing.assert_array_equal(codes, numpy_mac_raw(twin, 0, x, first))
+    lo = spec.rows // 4
+    first = twin.vector_counter
+    y, _ = twin.mac(lo, x[:, lo:])
+    np.testing.assert_array_equal(y, spec.recombine(numpy_mac_raw(twin, lo, x[:, lo:], first), x[:, lo:]))
+    cpu = chip_sim.make_twin(profile, 13, overrides)
+    _program(cpu, 9)
+    assert cpu.mac_raw(0, x)[1] == raw_cost  # same cycles and energy (events counted on the device)
+
+
+def test_torch_engine_draws_data_driven_codes(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from cimlab.chip_sim.torch_engine import TorchEngine
+
+    spec = chip_sim.load_profile("nvm-2bit").spec
+    path = _spread_model(spec, 4).save(tmp_path / "spread.npz")
+    twin = chip_sim.make_twin("nvm-2bit", 3, {"error_model": str(path)})
+    twin._engine = TorchEngine(spec, "cpu")
+    rng = _program(twin, 2)
+    x = _inputs(twin, rng, 8, spec.rows)
+    first = twin.vector_counter
+    codes, _ = twin.mac_raw(0, x)
+    np.testing.assert_array_equal(codes, numpy_mac_raw(twin, 0, x, first))
+
+
+def test_unknown_devices_are_config_errors() -> None:
+    from cimlab.firmware_bridge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="device='tpu'"):
+        chip_sim.make_twin("default", 0, device="tpu")
