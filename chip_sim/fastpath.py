@@ -32,6 +32,9 @@ TABLE_BYTES = 64 * 1024 * 1024
 pattern, or sums rows one by one."""
 LANES = 16
 """Columns per vector gather (``cimlab.chip_sim.kernels.LANES``)."""
+MIN_PAIRS = 64
+"""Fewest (vector, input slice) pairs per chunk: each tile of the pattern table is used by all of them while it sits
+in cache."""
 NOISE_BIN_SHIFT = 6
 """Noise items per bin of the analytic shortcut: 2**6 (1024 bins of a 65536-entry table, 4 KiB per end)."""
 
@@ -62,7 +65,7 @@ class Plan:
         use_table: partial sums from the pattern table (one table row per block) rather than row by row.
         tile: columns per tile: the table's (or the weights') slice for one row group and tile stays in cache
             while every vector of a chunk uses it.
-        chunk: vectors per task of the thread pool: their random items and patterns fit in half of L2.
+        chunk: vectors per task of the thread pool: their random items and patterns fit in a quarter of L2.
     """
 
     block_rows: int
@@ -74,28 +77,30 @@ class Plan:
         """Bytes of the pattern table (0 when rows are summed one by one)."""
         if not self.use_table:
             return 0
-        return _table_bytes(spec, self.block_rows)
+        return _table_bytes(spec, self.block_rows, self.tile)
 
 
-def _table_bytes(spec: MacroSpec, block_rows: int) -> int:
+def _table_bytes(spec: MacroSpec, block_rows: int, tile: int = 1) -> int:
     blocks = -(-spec.rows_per_conversion // block_rows)
-    return spec.n_groups * blocks * (1 << (block_rows * spec.input_slice_bits)) * spec.physical_cols * 4
+    columns = -(-spec.physical_cols // tile) * tile  # the last tile is padded
+    return spec.n_groups * blocks * (1 << (block_rows * spec.input_slice_bits)) * columns * 4
 
 
 def plan_for(spec: MacroSpec, item_bytes: int, *, l1: int | None = None, l2: int | None = None) -> Plan:
     """The plan for ``spec`` on this machine's caches (see ``Plan``).
 
-    A chunk holds as many vectors as keep its random items and patterns within a quarter of L2. A pattern covers
+    A chunk holds as many vectors as keep its random items and patterns within a quarter of L2, and at least
+    ``MIN_PAIRS`` (vector, input slice) pairs. A pattern covers
     as many rows as one byte of input slices allows, but no more patterns than half the (vector, slice) pairs of a
     chunk, so each table row loaded is used about twice; among widths that need as many blocks per group the
-    narrower wins (a smaller table). A tile of columns keeps one group's table rows (or weight rows) in half of L2
-    (of L1).
+    narrower wins (a smaller table). A tile of columns keeps one group's table rows in a quarter of L2 (its weight rows
+    in half of L1).
     """
     l1 = l1 or cache_bytes(1, L1_DEFAULT)
     l2 = l2 or cache_bytes(2, L2_DEFAULT)
     J, R, P, sb = spec.physical_cols, spec.rows_per_conversion, spec.n_planes, spec.input_slice_bits
     per_vector = spec.conversions_per_vector * item_bytes + P * spec.n_groups * R * 4
-    chunk = max(1, (l2 // 4) // per_vector)
+    chunk = max((l2 // 4) // per_vector, -(-MIN_PAIRS // P))
     block_rows = 0
     if sb <= 8:
         most_patterns = max(16, chunk * P // 2)
@@ -108,7 +113,7 @@ def plan_for(spec: MacroSpec, item_bytes: int, *, l1: int | None = None, l2: int
     use_table = block_rows >= 1
     if use_table:
         per_column = -(-R // block_rows) * (1 << (block_rows * sb)) * 4
-        tile = (l2 // 2) // per_column
+        tile = (l2 // 4) // per_column
     else:
         block_rows = 1
         tile = (l1 // 2) // (R * 4)
@@ -198,14 +203,15 @@ class CpuEngine:
     def _tables(self, plan: Plan, weights: np.ndarray, rowsum: np.ndarray) -> tuple[np.ndarray, ...]:
         spec = self.spec
         if not plan.use_table:
-            z = np.zeros((1, 1, 1, 1), np.float32)
+            z = np.zeros((1, 1, 1, 1, 1), np.float32)
             return z, np.zeros((1, 1, 1), np.int64), np.zeros(1, np.int64)
         blocks = -(-spec.rows_per_conversion // plan.block_rows)
         patterns = 1 << (plan.block_rows * spec.input_slice_bits)
-        shape = (spec.n_groups, blocks, patterns)
-        if self._table is None or self._table.shape[:3] != shape:
-            self._table = np.empty((*shape, spec.physical_cols), dtype=np.float32)
-            self._level_table = np.empty(shape, dtype=np.int64)
+        tiles = -(-spec.physical_cols // plan.tile)
+        shape = (spec.n_groups, tiles, blocks, patterns, plan.tile)
+        if self._table is None or self._table.shape != shape:
+            self._table = np.empty(shape, dtype=np.float32)
+            self._level_table = np.empty((spec.n_groups, blocks, patterns), dtype=np.int64)
             digits = (np.arange(patterns)[:, None] >> (spec.input_slice_bits * np.arange(plan.block_rows))) \
                 & spec.slice_max
             self._pulse_table = np.count_nonzero(digits, axis=1).astype(np.int64)
@@ -271,8 +277,8 @@ class CpuEngine:
             sampled = self._sampled(op)
         state = rng_state if rng_state is not None else np.zeros(4, dtype=np.uint64)
         rng = (state, first_vector, words, item_bytes)
-        sums_from = (table, level_table, pulse_table, plan.use_table, rowsum)
         xs = np.ascontiguousarray(x, dtype=np.uint16)
+        sums_from = (table, level_table, pulse_table, plan.use_table, rowsum)
         k.fused_mac(xs, row_start, geometry, weights, sums_from, kind, analytic, sampled, rng, raw, out, sums, tally)
         return (out if raw else sums), tally
 

@@ -196,17 +196,18 @@ def _gather(table, index, n, out):  # noqa: ANN001
 # ---- pattern tables --------------------------------------------------------------------------------------------
 @njit(cache=True, parallel=True)
 def build_tables(w, rowsum, slice_bits, block_rows, groups, table, level_table):  # noqa: ANN001
-    """Pattern tables of the row groups flagged in ``groups``: ``table[g, k, pat]`` [J] = the weights block ``k``
-    of group ``g`` sums for input pattern ``pat`` (digit ``i`` of ``pat``, ``slice_bits`` wide, drives row
-    ``k * block_rows + i``), and ``level_table[g, k, pat]`` the matching sum of ``rowsum`` (energy estimate)."""
+    """Pattern tables of the row groups flagged in ``groups``: ``table[g, t, k, pat]`` [tile] = the weights block
+    ``k`` of group ``g`` sums for input pattern ``pat`` (digit ``i`` of ``pat``, ``slice_bits`` wide, drives row
+    ``k * block_rows + i``) on the columns of tile ``t``, and ``level_table[g, k, pat]`` the matching sum of
+    ``rowsum`` (energy estimate). Each (group, tile) is one contiguous block, so it can sit in cache whole."""
     G, R, J = w.shape
-    n_blocks, n_patterns = table.shape[1], table.shape[2]
+    n_tiles, n_blocks, n_patterns, tile = table.shape[1:]
     digit_max = (1 << slice_bits) - 1
     for g in prange(G):
         if not groups[g]:
             continue
         for k in range(n_blocks):
-            table[g, k, 0, :] = 0.0
+            table[g, :, k, 0, :] = 0.0
             level_table[g, k, 0] = 0
             for pat in range(1, n_patterns):
                 top = 0  # highest nonzero digit of pat
@@ -216,13 +217,14 @@ def build_tables(w, rowsum, slice_bits, block_rows, groups, table, level_table):
                 d = (pat >> (top * slice_bits)) & digit_max
                 rest = pat - (d << (top * slice_bits))
                 r = k * block_rows + top
-                if r < R:
-                    for j in range(J):
-                        table[g, k, pat, j] = table[g, k, rest, j] + np.float32(d) * w[g, r, j]
-                    level_table[g, k, pat] = level_table[g, k, rest] + d * rowsum[g * R + r]
-                else:
-                    table[g, k, pat, :] = table[g, k, rest, :]
-                    level_table[g, k, pat] = level_table[g, k, rest]
+                dw = np.float32(d) if r < R else np.float32(0.0)
+                r = min(r, R - 1)
+                for t in range(n_tiles):
+                    for jj in range(tile):
+                        j = t * tile + jj
+                        add = dw * w[g, r, j] if j < J else np.float32(0.0)
+                        table[g, t, k, pat, jj] = table[g, t, k, rest, jj] + add
+                level_table[g, k, pat] = level_table[g, k, rest] + (d * rowsum[g * R + r] if dw != 0 else 0)
 
 
 @njit(cache=True)
@@ -377,7 +379,7 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
         geometry: (n_planes, slice_bits, n_groups, rows per group, J, g0, g1, chunk vectors, tile columns,
             block_rows, stages: ``ALL_STAGES``, or fewer to time the kernel without its later stages).
         w: compute weights [n_groups, rows per group, J] float32 (exact integers).
-        sums_from: (pattern table [n_groups, blocks, patterns, J] f32, its level sums [n_groups, blocks,
+        sums_from: (pattern table [n_groups, tiles, blocks, patterns, tile] f32, its level sums [n_groups, blocks,
             patterns] int64, pulses per pattern [patterns] int64, use the table (else sum rows one by one),
             rowsum [n_groups * rows per group] int64).
         kind: ``KIND_ANALYTIC`` or ``KIND_SAMPLED``.
@@ -400,7 +402,7 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
     n = x.shape[0]
     gs = g1 - g0
     n_blocks = (rpg + block_rows - 1) // block_rows
-    n_patterns = table.shape[2]
+    n_tiles, n_patterns = table.shape[1], table.shape[3]
     noisy = kind == KIND_ANALYTIC and noise.size > 0 and item_bytes > 0
     items_per_vector = words * 8 // item_bytes if item_bytes else 0
     tile_pad = (tile + LANES - 1) // LANES * LANES
@@ -454,8 +456,9 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
                         if stages < STAGE_SUMS:
                             pass
                         elif use_table:
-                            _sum_table_rows(acc, table1, pats1, pat0, ((g * n_blocks) * n_patterns) * J + t0,
-                                            n_blocks, n_patterns * J, J, tn)
+                            _sum_table_rows(acc, table1, pats1, pat0,
+                                            ((g * n_tiles + t0 // tile) * n_blocks) * n_patterns * tile,
+                                            n_blocks, n_patterns * tile, tile, tn)
                         else:
                             for jj in range(tn):
                                 acc[jj] = 0.0

@@ -182,14 +182,18 @@ def test_data_driven_fast_path_equals_the_sampler(profile: str, tmp_path: Path) 
 
 
 def test_plans_fit_the_caches() -> None:
+    l2 = 2 * 1024 * 1024
     for name, _ in chip_sim.list_profiles():
         spec = chip_sim.load_profile(name).spec
         for item_bytes in (0, 2, 4):
-            plan = fastpath.plan_for(spec, item_bytes, l1=48 * 1024, l2=2 * 1024 * 1024)
+            plan = fastpath.plan_for(spec, item_bytes, l1=48 * 1024, l2=l2)
             assert plan.table_bytes(spec) <= fastpath.TABLE_BYTES
-            assert 1 <= plan.tile <= spec.physical_cols and plan.chunk >= 1
-            per_vector = spec.conversions_per_vector * item_bytes
-            assert plan.chunk == 1 or plan.chunk * per_vector <= 1024 * 1024, (name, plan)
+            assert 1 <= plan.tile <= spec.physical_cols
+            assert plan.chunk * spec.n_planes >= fastpath.MIN_PAIRS  # each tile of the table used by many pairs
+            if plan.use_table:
+                blocks = -(-spec.rows_per_conversion // plan.block_rows)
+                per_tile = blocks * (1 << (plan.block_rows * spec.input_slice_bits)) * plan.tile * 4
+                assert per_tile <= l2 // 4 or plan.tile == fastpath.LANES, (name, plan)
 
 
 @pytest.mark.parametrize("case", ["default", "nvm-2bit", "large", "default-very-noisy-lsb-not-one", "ideal"])
