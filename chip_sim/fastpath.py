@@ -35,6 +35,10 @@ LANES = 16
 MIN_PAIRS = 64
 """Fewest (vector, input slice) pairs per chunk: each tile of the pattern table is used by all of them while it sits
 in cache."""
+GUIDE_BYTES = 8 * 1024 * 1024
+"""Largest guide table of the data-driven draw (bytes); its buckets per row follow from it."""
+GUIDE_BITS_MAX = 8
+"""At most 2**8 buckets of uniforms per row in the guide table."""
 NOISE_BIN_SHIFT = 6
 """Noise items per bin of the analytic shortcut: 2**6 (1024 bins of a 65536-entry table, 4 KiB per end)."""
 
@@ -132,19 +136,36 @@ def packed_lut(lut: np.ndarray) -> np.ndarray:
     return lut.astype(np.uint32) | (distance << np.uint32(16))
 
 
-def sampler_tables(sampler: CodeSampler) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sampler_tables(sampler: CodeSampler) -> tuple[np.ndarray, ...]:
     """Per row of a ``CodeSampler`` (``level * J + column``): its most likely code (int32); that code's interval of
-    uniforms, first | last << 32 (uint64); and the bounds next to it, the one two codes below | the one a code
-    above less one << 32 (uint64): a uniform below the interval but not below the first reads the code under the
-    mode, one above it but not above the second the code over it."""
-    rows = sampler.mode.size
+    uniforms, first | last << 32 (uint64); the bounds next to it, the one two codes below | the one a code above
+    less one << 32 (uint64): a uniform below the interval but not below the first reads the code under the mode,
+    one above it but not above the second the code over it; and a guide table (uint64, ``2**bits`` buckets of
+    uniforms per row, ``bits`` returned last): the codes of a bucket's first and last uniform, low | high << 16."""
+    rows, width = sampler.mode.size, sampler.width
     mode = sampler.mode.astype(np.int64)
-    bounds = sampler.bounds.reshape(rows, sampler.width)
+    bounds = sampler.bounds.reshape(rows, width)
     r = np.arange(rows)
     below = np.where(mode >= 2, bounds[r, np.maximum(mode - 2, 0)], 0)
-    above = np.where(mode + 1 < sampler.width, bounds[r, np.minimum(mode + 1, sampler.width - 1)], 1 << 32) - 1
-    pack = (lambda lo, hi: (lo.astype(np.uint64) | (hi.astype(np.uint64) << np.uint64(32))))  # noqa: E731
-    return mode.astype(np.int32), pack(sampler.mode_lo, sampler.mode_hi - 1), pack(below, above)
+    above = np.where(mode + 1 < width, bounds[r, np.minimum(mode + 1, width - 1)], 1 << 32) - 1
+    bits = 0
+    while bits < GUIDE_BITS_MAX and rows * 8 << (bits + 1) <= GUIDE_BYTES:
+        bits += 1
+    # codes of uniforms v (a count of the row's bounds <= v) for every row at once: rows laid end to end
+    flat = (bounds + (r[:, None] << 33)).ravel()
+    first = np.arange(1 << bits, dtype=np.int64) << (32 - bits)
+    last = first + (1 << (32 - bits)) - 1
+
+    def codes(v: np.ndarray) -> np.ndarray:
+        return np.searchsorted(flat, (v[None, :] + (r[:, None] << 33)).ravel(), side="right") \
+            - np.repeat(r * width, v.size)
+
+    guide = codes(first).astype(np.uint64) | (codes(last).astype(np.uint64) << np.uint64(16))
+    return (mode.astype(np.int32), _pack(sampler.mode_lo, sampler.mode_hi - 1), _pack(below, above), guide, bits)
+
+
+def _pack(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    return lo.astype(np.uint64) | (hi.astype(np.uint64) << np.uint64(32))
 
 
 def noise_bins(noise: np.ndarray) -> tuple[np.ndarray, int]:
@@ -186,7 +207,7 @@ class CpuEngine:
         self._table: np.ndarray | None = None
         self._level_table: np.ndarray | None = None
         self._pulse_table: np.ndarray | None = None
-        self._sampler_tables: tuple[CodeSampler, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+        self._sampler_tables: tuple[CodeSampler, tuple[np.ndarray, ...]] | None = None
         self._lut: tuple[np.ndarray, np.ndarray] | None = None
         self._noise_bins: tuple[np.ndarray, np.ndarray, int] | None = None
 
@@ -236,8 +257,8 @@ class CpuEngine:
         s = op.sampler
         if self._sampler_tables is None or self._sampler_tables[0] is not s:
             self._sampler_tables = (s, sampler_tables(s))
-        mode, interval, nearby = self._sampler_tables[1]
-        return mode, interval, nearby, s.bounds, s.width
+        mode, interval, nearby, guide, bits = self._sampler_tables[1]
+        return mode, interval, nearby, guide, bits, s.bounds, s.width
 
     @property
     def _k(self):  # noqa: ANN202
@@ -270,7 +291,8 @@ class CpuEngine:
         if op.kind == "analytic":
             kind = k.KIND_ANALYTIC
             analytic = self._analytic(op)
-            sampled = (np.zeros(1, np.int32), np.zeros(1, np.uint64), np.zeros(1, np.uint64), np.zeros(1, np.int64), 1)
+            u64 = np.zeros(1, np.uint64)
+            sampled = (np.zeros(1, np.int32), u64, u64, u64, 0, np.zeros(1, np.int64), 1)
         else:
             kind = k.KIND_SAMPLED
             analytic = (f32, f32, f32, np.zeros(0, np.uint64), 0, np.zeros(1, dtype=np.uint32))

@@ -334,7 +334,8 @@ def _convert_analytic(acc, sc, sh, items, noise, noise_ends, bin_shift, lut,  # 
 
 
 @njit(cache=True, inline="always")
-def _convert_sampled(acc, j0, J, items, mode, interval, nearby, bounds, width, ibuf, kbuf, pairs, codes, tn):  # noqa: ANN001
+def _convert_sampled(acc, j0, J, items, mode, interval, nearby, guide, guide_bits, bounds, width, ibuf, kbuf,  # noqa: ANN001
+                     pairs, search_i32, search_i64, codes, tn):
     """Codes of one tile of levels ``acc[:tn]`` of columns ``j0 ..`` (of ``J``) drawn with 32-bit uniforms
     ``items``: the row's most likely code where the uniform falls in its interval, else the code next to it when
     the uniform falls in that one's, else a binary search. Per row (``level * J + column``): ``mode``; ``interval``
@@ -364,10 +365,41 @@ def _convert_sampled(acc, j0, J, items, mode, interval, nearby, bounds, width, i
         far = ((side > 0) & (m >= 2) & ((pairs[jj] & low32) > u)) | ((side < 0) & ((pairs[jj] >> np.uint64(32)) < u))
         codes[jj] = m - side
         kbuf[jj] = np.int32(far)
+    # the rest: the guide table of the uniform's bucket bounds the code to [low, high]; most such spans hold one
+    # bound, read with one gather over the far lanes gathered together; wider spans are scanned
+    lane, cand = search_i32[0], search_i32[1]
+    span, got = search_i64[0], search_i64[1]
+    nf = 0
     for jj in range(tn):
-        if kbuf[jj]:
-            row = np.int64(acc[jj]) * J + j0 + jj
-            codes[jj] = _binary_count(bounds, row * width, width, np.int64(items[jj]))
+        lane[nf] = jj
+        nf += kbuf[jj]
+    if nf == 0:
+        return
+    buckets = np.int32(1 << guide_bits)
+    for i in range(nf, (nf + LANES - 1) // LANES * LANES):
+        cand[i] = 0  # lanes past the far ones gather from index 0
+    for i in range(nf):
+        jj = lane[i]
+        cand[i] = ibuf[jj] * buckets + np.int32(np.uint64(items[jj]) >> np.uint64(32 - guide_bits))
+    _gather(guide, cand, nf, pairs)
+    w32 = np.int32(width)
+    for i in range(nf):
+        jj = lane[i]
+        low = np.int32(pairs[i] & np.uint64(0xFFFF))
+        span[i] = np.int64(pairs[i] >> np.uint64(16)) - low
+        codes[jj] = low
+        cand[i] = ibuf[jj] * w32 + low
+    _gather(bounds, cand, nf, got)
+    for i in range(nf):
+        jj = lane[i]
+        u = np.int64(items[jj])
+        if span[i] > 0:
+            codes[jj] += np.int32(got[i] <= u)
+            if span[i] > 1 and got[i] <= u:
+                base = np.int64(ibuf[jj]) * width
+                high = codes[jj] - 1 + span[i]
+                while codes[jj] < high and bounds[base + codes[jj]] <= u:
+                    codes[jj] += 1
 
 
 @njit(parallel=True, cache=True)
@@ -387,8 +419,9 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
             last value of each bin of ``2**bin_shift`` items as one uint64 (float32 pair), ``bin_shift``, ADC
             look-up table packed with its
             distance to the next code (``cimlab.chip_sim.fastpath.packed_lut``), uint32).
-        sampled: (mode [L*J] int32, its interval [L*J] uint64 and nearby bounds [L*J] uint64 (see
-            ``_convert_sampled``; ``cimlab.chip_sim.fastpath.sampler_tables``), bounds [L*J*width] int64, width).
+        sampled: (mode [L*J] int32, its interval [L*J] uint64, nearby bounds [L*J] uint64, guide table
+            [L*J * 2**guide_bits] uint64, guide_bits (see ``_convert_sampled``;
+            ``cimlab.chip_sim.fastpath.sampler_tables``), bounds [L*J*width] int64, width).
         rng: (PCG64 state at word 0 as uint64[4], first vector, words per vector, item bytes: 0, 2 or 4).
         raw: write codes to ``out`` [n, P, g1-g0, J]; otherwise add ``code << (p * slice_bits)`` into
             ``col_sums`` [n, J] (int64, zeroed by the caller).
@@ -397,7 +430,7 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
     n_planes, slice_bits, n_groups, rpg, J, g0, g1, chunk, tile, block_rows, stages = geometry
     table, level_table, pulse_table, use_table, rowsum = sums_from
     scale, shift, noise, noise_ends, bin_shift, lut = analytic
-    mode, interval, nearby, bounds, width = sampled
+    mode, interval, nearby, guide, guide_bits, bounds, width = sampled
     state, first_vector, words, item_bytes = rng
     n = x.shape[0]
     gs = g1 - g0
@@ -440,6 +473,8 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
         codes = np.zeros(tile_pad, dtype=np.int32)
         packed = np.zeros(tile_pad, dtype=np.uint32)
         pairs = np.zeros(tile_pad, dtype=np.uint64)
+        search_i32 = np.zeros((2, tile_pad), dtype=np.int32)
+        search_i64 = np.zeros((2, tile_pad), dtype=np.int64)
         for gi in range(gs):
             g = g0 + gi
             for t0 in range(0, J, tile):
@@ -476,8 +511,9 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
                             _convert_analytic(acc, sc, sh, items, noise, noise_ends, bin_shift, lut,
                                               fbuf, ends, ibuf, kbuf, packed, codes, tn, stages)
                         elif stages >= STAGE_LOOKUP:
-                            _convert_sampled(acc, t0, J, items32[i0 : i0 + tn], mode, interval, nearby, bounds,
-                                             width, ibuf, kbuf, pairs, codes, tn)
+                            _convert_sampled(acc, t0, J, items32[i0 : i0 + tn], mode, interval, nearby, guide,
+                                             guide_bits, bounds, width, ibuf, kbuf, pairs, search_i32, search_i64,
+                                             codes, tn)
                         # 3. out
                         if stages < STAGE_OUT:
                             continue
@@ -492,17 +528,3 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
                             shift_p = p * slice_bits
                             for jj in range(tn):
                                 dst64[jj] += np.int64(codes[jj]) << shift_p
-
-
-@njit(cache=True)
-def _binary_count(bounds, start, width, u):  # noqa: ANN001
-    """How many of ``bounds[start : start + width]`` (nondecreasing) are <= ``u``."""
-    lo = 0
-    hi = width
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if bounds[start + mid] <= u:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo

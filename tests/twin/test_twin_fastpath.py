@@ -165,8 +165,12 @@ def _spread_model(spec, seed: int) -> ErrorModel:  # noqa: ANN001
     return ErrorModel(spec, counts, chip_id="spread")
 
 
-@pytest.mark.parametrize("profile", ["default", "nvm-2bit"])
-def test_data_driven_fast_path_equals_the_sampler(profile: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("profile", "guide_bytes"), [("default", None), ("nvm-2bit", None), ("nvm-4bit", None),
+                                                     ("nvm-4bit", 1)])
+def test_data_driven_fast_path_equals_the_sampler(profile: str, guide_bytes: int | None, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    if guide_bytes is not None:  # one bucket a row: far draws scan the whole row
+        monkeypatch.setattr(fastpath, "GUIDE_BYTES", guide_bytes)
     spec = chip_sim.load_profile(profile).spec
     path = _spread_model(spec, 3).save(tmp_path / "spread.npz")
     twin = chip_sim.make_twin(profile, 5, {"error_model": str(path)})
