@@ -1,7 +1,8 @@
 """Engines of the twin's fast MAC path: where the conversions of a batch are computed.
 
-- ``CpuEngine`` (device ``cpu``, the default): one fused numba kernel (``cimlab.chip_sim.kernels``) over a thread
-  pool, in chunks of vectors and tiles of columns sized to this machine's caches per profile (``plan_for``).
+- ``CpuEngine`` (device ``cpu``, the default): one fused numba kernel (``cimlab.chip_sim.kernels``) on every core
+  this process may use, in chunks of vectors and tiles of columns sized to this machine's caches per profile
+  (``plan_for``); the threads last one MAC.
 - ``TorchEngine`` (device ``cuda`` or ``cuda:N``): the same operations with torch on a GPU
   (``cimlab.chip_sim.torch_engine``, imported only then, so nothing else needs torch).
 
@@ -13,6 +14,9 @@ definition and as the reference mode, however a batch is split.
 from __future__ import annotations
 
 import math
+import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -198,10 +202,16 @@ class Engine(Protocol):
 
 
 class CpuEngine:
-    """The fused numba kernel on this machine's cores (see ``cimlab.chip_sim.kernels``)."""
+    """The fused numba kernel on this machine's cores (see ``cimlab.chip_sim.kernels``).
 
-    def __init__(self, spec: MacroSpec) -> None:
+    Args:
+        spec: the macro.
+        threads: threads a batch is shared among (default: the cores this process may run on).
+    """
+
+    def __init__(self, spec: MacroSpec, threads: int | None = None) -> None:
         self.spec = spec
+        self.threads = threads or default_threads()
         self._plans: dict[int, Plan] = {}
         self._dirty = np.ones(spec.n_groups, dtype=np.bool_)
         self._table: np.ndarray | None = None
@@ -301,8 +311,46 @@ class CpuEngine:
         rng = (state, first_vector, words, item_bytes)
         xs = np.ascontiguousarray(x, dtype=np.uint16)
         sums_from = (table, level_table, pulse_table, plan.use_table, rowsum)
-        k.fused_mac(xs, row_start, geometry, weights, sums_from, kind, analytic, sampled, rng, raw, out, sums, tally)
+        threads = max(1, min(self.threads, -(-n // plan.chunk)))
+
+        def part(first: int) -> None:
+            k.fused_mac(xs, row_start, (*geometry, first, threads), weights, sums_from, kind, analytic, sampled, rng,
+                        raw, out, sums, tally)
+
+        run_parts(part, threads)
         return (out if raw else sums), tally
+
+
+def default_threads() -> int:
+    """Threads the CPU engine shares a batch among: the cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def run_parts(part: Callable[[int], None], threads: int) -> None:
+    """``part(i)`` for ``i`` in ``range(threads)``, each on its own thread (the kernels release the GIL), the first
+    on this one; returns when all are done, raising the first error any of them raised."""
+    if threads <= 1:
+        part(0)
+        return
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            part(i)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller below
+            errors.append(err)
+
+    helpers = [threading.Thread(target=run, args=(i,), name=f"cimlab-twin-{i}") for i in range(1, threads)]
+    for t in helpers:
+        t.start()
+    run(0)
+    for t in helpers:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def make_engine(spec: MacroSpec, device: str) -> Engine:

@@ -1,7 +1,7 @@
 """The fused fast path of the twin's MAC on the CPU, compiled by numba (on first use, cached beside this file).
 
-A batch is cut into chunks of vectors (the tasks of numba's thread pool) and each chunk into row groups and tiles
-of columns (``cimlab.chip_sim.fastpath.plan_for`` sizes both to the caches). Per chunk the kernel
+A batch is cut into chunks of vectors (shared out among threads, each running the kernel without the GIL) and each
+chunk into row groups and tiles of columns (``cimlab.chip_sim.fastpath.plan_for`` sizes both to the caches). Per chunk the kernel
 
 1. draws the chunk's random items straight from the PCG64 stream of ``cimlab.chip_sim.rng.VectorStream``: the same
    128-bit LCG and XSL-RR output as numpy's ``PCG64.random_raw``, each vector's words jumped to at once
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -194,7 +194,7 @@ def _gather(table, index, n, out):  # noqa: ANN001
 
 
 # ---- pattern tables --------------------------------------------------------------------------------------------
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def build_tables(w, rowsum, slice_bits, block_rows, groups, table, level_table):  # noqa: ANN001
     """Pattern tables of the row groups flagged in ``groups``: ``table[g, t, k, pat]`` [tile] = the weights block
     ``k`` of group ``g`` sums for input pattern ``pat`` (digit ``i`` of ``pat``, ``slice_bits`` wide, drives row
@@ -203,7 +203,7 @@ def build_tables(w, rowsum, slice_bits, block_rows, groups, table, level_table):
     G, R, J = w.shape
     n_tiles, n_blocks, n_patterns, tile = table.shape[1:]
     digit_max = (1 << slice_bits) - 1
-    for g in prange(G):
+    for g in range(G):
         if not groups[g]:
             continue
         for k in range(n_blocks):
@@ -402,14 +402,16 @@ def _convert_sampled(acc, j0, J, items, mode, interval, nearby, guide, guide_bit
                     codes[jj] += 1
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True, nogil=True)
 def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng, raw, out, col_sums, tally):  # noqa: ANN001, C901, PLR0912, PLR0915
     """Codes (``raw``) or slice-weighted column sums of a batch; see the module docstring.
 
     Args:
         x: input codes [n, n_rows] (uint16) of rows ``row_start ..``.
         geometry: (n_planes, slice_bits, n_groups, rows per group, J, g0, g1, chunk vectors, tile columns,
-            block_rows, stages: ``ALL_STAGES``, or fewer to time the kernel without its later stages).
+            block_rows, stages: ``ALL_STAGES``, or fewer to time the kernel without its later stages, first chunk,
+            chunk step: this call does chunks ``first, first + step, ..`` of the batch, so that several threads can
+            share a batch, the GIL released).
         w: compute weights [n_groups, rows per group, J] float32 (exact integers).
         sums_from: (pattern table [n_groups, tiles, blocks, patterns, tile] f32, its level sums [n_groups, blocks,
             patterns] int64, pulses per pattern [patterns] int64, use the table (else sum rows one by one),
@@ -427,7 +429,7 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
             ``col_sums`` [n, J] (int64, zeroed by the caller).
         tally: [n, 2] int64 out: per vector, level sum and word-line pulses.
     """
-    n_planes, slice_bits, n_groups, rpg, J, g0, g1, chunk, tile, block_rows, stages = geometry
+    n_planes, slice_bits, n_groups, rpg, J, g0, g1, chunk, tile, block_rows, stages, first_chunk, chunk_step = geometry
     table, level_table, pulse_table, use_table, rowsum = sums_from
     scale, shift, noise, noise_ends, bin_shift, lut = analytic
     mode, interval, nearby, guide, guide_bits, bounds, width = sampled
@@ -444,7 +446,7 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
     out1 = out.reshape(-1)
     sums1 = col_sums.reshape(-1)
     n_chunks = (n + chunk - 1) // chunk
-    for ci in prange(n_chunks):
+    for ci in range(first_chunk, n_chunks, chunk_step):
         b0 = ci * chunk
         nb = min(n, b0 + chunk) - b0
         words_buf = np.empty((nb, max(words, 1)), dtype=np.uint64)

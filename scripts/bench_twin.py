@@ -149,15 +149,13 @@ class Baselines:
 
 def stage_breakdown(twin: TwinController, x: np.ndarray, repeat: int) -> dict[str, float]:
     """CPU seconds per conversion of each kernel stage on one thread (ablation; see the module docstring)."""
-    import numba
-
     spec = twin.spec
     engine = twin._engine  # noqa: SLF001 - the benchmark times the engine's stages directly
     op = twin.converter.fused()
     state = twin._stream.pcg_state() if twin._stream is not None else None  # noqa: SLF001
     args = (x, 0, 0, spec.n_groups, twin._w32, twin._rowsum, op, state, 0)  # noqa: SLF001
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
+    threads = engine.threads
+    engine.threads = 1
     try:
         cumulative = []
         for stages in range(kernels.ALL_STAGES + 1):
@@ -175,7 +173,7 @@ def stage_breakdown(twin: TwinController, x: np.ndarray, repeat: int) -> dict[st
             best = min(best, time.thread_time() - t0)
         cumulative[-1] = max(best, cumulative[-1])
     finally:
-        numba.set_num_threads(threads)
+        engine.threads = threads
     conversions = x.shape[0] * spec.conversions_per_vector
     steps = [cumulative[0]] + [b - a for a, b in zip(cumulative, cumulative[1:], strict=False)]
     return {name: max(0.0, s) / conversions for name, s in zip(STAGE_NAMES, steps, strict=True)}
@@ -250,7 +248,7 @@ def _table(header: tuple[str, ...], rows: list[tuple[object, ...]]) -> None:
 
 def main() -> None:
     """Command-line entry point."""
-    import numba
+    from cimlab.chip_sim.fastpath import default_threads
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--profiles", default=",".join(name for name, _ in chip_sim.list_profiles()),
@@ -271,7 +269,7 @@ def main() -> None:
                 rows.append(bench(profile, batch, args.repeat, args.seed, model, not args.no_breakdown))
     layer = layer_figures(args.repeat, args.seed)
 
-    print(f"twin on {numba.get_num_threads()} threads (numba), limit and old bound best of BLAS on 1 thread and all")
+    print(f"twin on {default_threads()} threads; limit and old bound: the best of the BLAS on 1 thread and on all")
     _table(("profile", "converter", "batch", "twin s", "limit s", "limit ratio", "old bound s", "old-bound ratio",
             "conversions/s", "MAC/s"),
            [(r["profile"], r["converter"], r["batch"], f"{r['twin_s']:.4f}", f"{r['limit_s']:.4f}",
@@ -289,7 +287,7 @@ def main() -> None:
     _table(("simulator", "MAC/s", "how", "source"),
            [(p["simulator"], f"{p['macs_per_s']:.3g}", p["how"], p["source"]) for p in layer["published"]])
     figures = {
-        "target_limit_ratio": 0.5, "target_old_bound_ratio": 1.0, "threads": numba.get_num_threads(),
+        "target_limit_ratio": 0.5, "target_old_bound_ratio": 1.0, "threads": default_threads(),
         "rows": rows, "layer": layer,
     }
     print(json.dumps(figures, sort_keys=True))
