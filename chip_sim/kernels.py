@@ -123,7 +123,7 @@ def pcg_fill(out: np.ndarray, state: np.ndarray, first_word: int) -> None:
         out[k] = _xsl_rr(hi, lo)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def pcg_fill_vectors(out: np.ndarray, state: np.ndarray, first_vector: int) -> None:
     """``out[b]`` [n, words] = the words of vector ``first_vector + b`` (words ``(first_vector + b) * words ..``),
     ``STREAMS`` vectors' streams stepped side by side."""
@@ -240,6 +240,24 @@ def _vector_patterns(xrow, n_planes, slice_bits, rpg, block_rows, g0, use_table,
     digit_max = (1 << slice_bits) - 1
     level_sum = 0
     pulses = 0
+    if slice_bits == 1 and block_rows <= 8 and n_planes <= 8 and use_table:
+        # bit-serial inputs of at most 8 bits: a block's inputs as the bytes of one word, and bit p of each byte
+        # gathered into a pattern by one multiplication
+        ones = np.uint64(0x0101010101010101)
+        spread = np.uint64(0x0102040810204080)
+        for gi in range(gs):
+            for k in range(n_blocks):
+                r0 = gi * rpg + k * block_rows
+                word = np.uint64(0)
+                for i in range(min(block_rows, rpg - k * block_rows)):
+                    word |= np.uint64(xrow[r0 + i]) << np.uint64(8 * i)
+                level_row = ((g0 + gi) * n_blocks + k) * n_patterns
+                for p in range(n_planes):
+                    pat = np.int64((((word >> np.uint64(p)) & ones) * spread) >> np.uint64(56))
+                    pats[(p * gs + gi) * n_blocks + k] = pat
+                    level_sum += levels[level_row + pat]
+                    pulses += pulse_table[pat]
+        return level_sum, pulses
     for p in range(n_planes):
         shift = p * slice_bits
         for gi in range(gs):

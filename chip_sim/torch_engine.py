@@ -9,7 +9,7 @@ Each chunk of vectors is computed on the device in the order ``Converter.convert
   operation (no fused multiply-add), truncation to an integer, clamp and the ADC look-up table;
 - data-driven converter: the error model's inverse-CDF draw (most likely code, its neighbours, else a search of
   the row's 32-bit bounds), integer arithmetic only;
-- random items: the PCG64 words of ``VectorStream`` for the chunk's vectors, drawn on the host by
+- random items: the PCG64 words of ``VectorStream`` for the chunk's vectors, drawn on the host's cores by
   ``cimlab.chip_sim.kernels.pcg_fill_vectors`` and copied to the device.
 
 This module imports torch; ``cimlab.chip_sim.fastpath.make_engine`` imports it only for a GPU device.
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cimlab.chip_sim.analog import FusedConversion
-from cimlab.chip_sim.fastpath import sampler_tables
+from cimlab.chip_sim.fastpath import default_threads, run_parts, sampler_tables
 from cimlab.firmware_bridge.errors import BackendUnavailable
 from cimlab.firmware_bridge.spec import MacroSpec
 
@@ -95,7 +95,13 @@ class TorchEngine:
             items = None
             if item_bytes:
                 buf = np.empty((xb.shape[0], words), dtype=np.uint64)
-                kernels.pcg_fill_vectors(buf, rng_state, first_vector + b0)
+                threads = min(default_threads(), buf.shape[0])
+                rows = -(-buf.shape[0] // threads)
+
+                def draw(i: int, buf: np.ndarray = buf, rows: int = rows, b0: int = b0) -> None:
+                    kernels.pcg_fill_vectors(buf[i * rows : (i + 1) * rows], rng_state, first_vector + b0 + i * rows)
+
+                run_parts(draw, threads)  # the host draws the PCG64 words, the cores sharing the vectors
                 items = self._items(buf, item_bytes, g0, g1)
             sums, tally = self._sums(xb, row_start, g0, g1)
             codes = self._analytic(sums, items, op) if op.kind == "analytic" else self._sampled(sums, items, op)
