@@ -263,3 +263,16 @@ def test_two_nccl_ranks_train_as_one_gpu_process(tmp_path: Path, static_model: P
     for a, b in zip(one["history"], two["history"], strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["train_accuracy"] == a["train_accuracy"]
+
+
+@pytest.mark.slow
+def test_a_failing_rank_raises_its_error_in_the_caller_and_leaves_nothing_running(tmp_path: Path) -> None:
+    from cimlab.firmware_bridge.errors import ArtifactError
+    from cimlab.training.api import train_run
+
+    bad = tmp_path / "dmacem.npz"
+    bad.write_bytes(b"not an npz")
+    with pytest.raises(ArtifactError, match=r"^rank [01]: .*dmacem\.npz"):
+        train_run("digits", "dnat", tmp_path / "net.ckpt", error_model=bad, ddp=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dmacem.npz"]
+    # the autouse leak check then finds no rank process left
