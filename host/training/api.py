@@ -279,7 +279,8 @@ def _train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str 
     manifest = {
         "task": task, "model": info, "mode": mode, "spec": spec.to_dict() if spec else None,
         "quantizer": learn if mode != "float" else None, "error_model": error_model_info(transfer),
-        "train": {**cfg.as_dict(), "init": str(init) if init else None, "limit": limit, "steps": result.steps},
+        "train": {**cfg.as_dict(), "init": str(init) if init else None, "limit": limit, "steps": result.steps,
+                  **({"replicas": replicas.describe()} if replicas is not None else {})},
         "metrics": metrics,
     }
     path = save_checkpoint(out, model, manifest)

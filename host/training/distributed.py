@@ -314,7 +314,7 @@ def _join(rank: int, world: int, backend: str, timeout_s: float) -> None:
 
 
 # ---- the launcher ----------------------------------------------------------------------------------------------
-def loopback_interface() -> str | None:
+def _loopback_interface() -> str | None:
     """The name of the loopback network interface (``lo`` on Linux), None when there is none."""
     names = [name for _, name in socket.if_nameindex()]
     return next((n for n in names if n in ("lo", "lo0")), None)
@@ -322,11 +322,10 @@ def loopback_interface() -> str | None:
 
 def _rank_env(tmp: Path, rank: int, nprocs: int) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs),
-               GROUP_RANK="0")
+    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs))
     env[INIT_ENV] = (tmp / "store").as_uri()
     env[PARENT_ENV] = str(os.getpid())
-    lo = loopback_interface()
+    lo = _loopback_interface()
     if lo is not None:
         env.setdefault("GLOO_SOCKET_IFNAME", lo)  # gloo's pairs bind the loopback, not the machine's address
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs)))
@@ -472,8 +471,7 @@ def _worker(spec_path: str) -> int:
     return 0
 
 
-__all__ = ["CrossRankBatchNorm", "Replicas", "epoch_seed", "launch", "loopback_interface", "replicas_from_env",
-           "shard", "world_from_env"]
+__all__ = ["CrossRankBatchNorm", "Replicas", "epoch_seed", "launch", "replicas_from_env", "shard", "world_from_env"]
 
 
 if __name__ == "__main__":
