@@ -247,6 +247,8 @@ class _CIMConv(CIMLayer):
             if self.zero_point:
                 ones = torch.ones(1, self.in_channels, *self._k2(), device=codes.device)
                 acc = acc - self.zero_point * F.conv2d(codes, ones, stride=self._s2(), dilation=self._d2())
+            if acc.device.type != "cpu":  # a GPU's fast convolutions (Winograd, FFT) round: the sums are integers
+                acc = acc + (torch.round(acc) - acc).detach()
         else:
             B = codes.shape[0]
             mat, (ho, wo) = self._unfold(codes)

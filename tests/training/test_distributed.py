@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from training_helpers import SMALL_LOSSY, SMALL_ODD, noisy_model
+from training_helpers import SMALL_LOSSY, SMALL_ODD, SMALL_TWOS, noisy_model
 
 from cimlab.cli import cli
 from cimlab.firmware_bridge.errors import ConfigError
@@ -150,19 +150,21 @@ def test_device_streams_are_reproducible_and_resume_from_their_saved_state() -> 
         set_stream_state(np.random.default_rng(0), states[0])
 
 
-@pytest.mark.parametrize("case", ["measured", "trimmed+corrected", "gaussian", "ideal-lossy", "conv-unsigned"])
+@pytest.mark.parametrize("case", ["measured", "trimmed+corrected", "gaussian", "ideal-lossy", "conv-unsigned",
+                                  "conv-ideal-exact"])
 def test_a_dnat_step_on_a_device_keeps_every_tensor_there(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Forward and backward on the ``meta`` device (shapes only): any table, plan, random number or temporary
     left on the CPU raises, as it would on a GPU."""
-    spec = SMALL_ODD if case == "conv-unsigned" else SMALL_LOSSY
+    spec = {"conv-unsigned": SMALL_ODD, "conv-ideal-exact": SMALL_TWOS}.get(case, SMALL_LOSSY)
     em = noisy_model(spec, seed=2)
     kind = "gaussian" if case == "gaussian" else "measured"
-    transfer = Transfer.ideal(spec) if case == "ideal-lossy" else Transfer.from_model(em, pooled=False, kind=kind)
+    ideal = case in ("ideal-lossy", "conv-ideal-exact")  # the second: a plain convolution (the exact shortcut)
+    transfer = Transfer.ideal(spec) if ideal else Transfer.from_model(em, pooled=False, kind=kind)
     if case == "trimmed+corrected":
         from cimlab.training import ColumnTrim
 
         transfer = transfer.trimmed(ColumnTrim.from_model(em))
-    if case == "conv-unsigned":
+    if case.startswith("conv"):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Conv2d(2, 5, 3, padding=1), torch.nn.BatchNorm2d(5), torch.nn.ReLU(),
                                     torch.nn.Flatten(), torch.nn.Linear(5 * 16, 3))
@@ -188,6 +190,7 @@ def test_a_dnat_step_on_a_device_keeps_every_tensor_there(case: str, monkeypatch
         tables = [getattr(layer.macro.transfer, name) for name in Transfer.TABLES
                   if hasattr(layer.macro.transfer, name)]
         assert all(t.device.type == "meta" for t in tables)
+    assert all(layer.macro.fast_exact == (case == "conv-ideal-exact") for _, layer in cim_layers(model))
     out = model(x.to("meta"))
     out.square().mean().backward()
     assert out.device.type == "meta"
