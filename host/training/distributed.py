@@ -328,6 +328,7 @@ def _rank_env(tmp: Path, rank: int, nprocs: int) -> dict[str, str]:
     lo = _loopback_interface()
     if lo is not None:
         env.setdefault("GLOO_SOCKET_IFNAME", lo)  # gloo's pairs bind the loopback, not the machine's address
+        env.setdefault("NCCL_SOCKET_IFNAME", lo)  # and NCCL's bootstrap
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs)))
     return env
 
