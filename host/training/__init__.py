@@ -11,6 +11,8 @@
     models.py      digits_mlp, digits_cnn, har_cnn, resnet20, vgg8; build_model
     tasks.py       load_task: digits, har, cifar10 (offline)
     loop.py        fit (one chip or a population of chips), accuracy, accuracy_draws, time_steps
+    device.py      resolve_device (--device cpu|cuda[:N]), to_device: the model, tables and kernels on a GPU
+    distributed.py Replicas, launch: DistributedDataParallel (cimlab train --ddp N, or under torchrun)
     checkpoint.py  save_checkpoint, load_checkpoint (safetensors + JSON manifest)
     api.py         train_run, evaluate_run (behind ``cimlab train`` / ``cimlab evaluate``)
 

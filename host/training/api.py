@@ -16,7 +16,7 @@ import math
 import os
 import statistics
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from cimlab.training.quant import LEARN
 from cimlab.training.resume import EpochCheckpoint, resume_path
 from cimlab.training.tasks import TaskData, load_task
 from cimlab.training.transfer import Transfer, check_spec
+
+if TYPE_CHECKING:
+    from cimlab.training.distributed import Replicas
 
 MODES = ("float", "quant", "dnat")
 CALIBRATION_SAMPLES = 512
@@ -206,13 +209,42 @@ def train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str |
               init: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
               cfg: TrainConfig | None = None, learn: str = "epact", pooled: bool = False, draws: int = 3,
               limit: int | None = None, transfer_kind: str = "measured", progress: bool = False,
-              timeout: float = 1.0, resume: bool = False) -> dict[str, Any]:
+              timeout: float = 1.0, resume: bool = False, device: str = "cpu",
+              ddp: int | None = None) -> dict[str, Any]:
     """Train and save a checkpoint; returns the results (JSON-friendly).
 
     The training state is saved at the start of every epoch beside ``out`` (``resume_path(out)``); ``resume``
     continues a run from it bit-identically. The state is removed once the checkpoint is written.
+
+    ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (ConfigError where there is no such GPU). ``ddp``: train with that
+    many local processes (``cimlab.training.distributed.launch``; returns rank 0's results). Run under torchrun,
+    each process is one rank of the run (see ``cimlab.training.distributed``); rank 0 writes every file, and the
+    other ranks return ``{"rank": r, "world_size": n}``.
     """
     cfg = cfg or TrainConfig()
+    if ddp is not None and ddp > 1:
+        from cimlab.training.distributed import launch
+
+        run = {"task": task, "mode": mode, "out": str(out), "model_name": model_name,
+               "error_model": None if error_model is None else str(error_model), "link": link, "profile": profile,
+               "init": None if init is None else str(init), "data_dir": None if data_dir is None else str(data_dir),
+               "cfg": cfg.as_dict(), "learn": learn, "pooled": pooled, "draws": draws, "limit": limit,
+               "transfer_kind": transfer_kind, "progress": progress, "timeout": timeout, "resume": resume}
+        return launch(ddp, run, device=device)
+    from cimlab.training.distributed import replicas_from_env
+
+    with replicas_from_env(device) as replicas:
+        return _train_run(task, mode, out, model_name=model_name, error_model=error_model, link=link,
+                          profile=profile, init=init, data_dir=data_dir, cfg=cfg, learn=learn, pooled=pooled,
+                          draws=draws, limit=limit, transfer_kind=transfer_kind, progress=progress, timeout=timeout,
+                          resume=resume, replicas=replicas)
+
+
+def _train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str | None,
+               error_model: str | os.PathLike | None, link: str | None, profile: str | None,
+               init: str | os.PathLike | None, data_dir: str | os.PathLike | None, cfg: TrainConfig, learn: str,
+               pooled: bool, draws: int, limit: int | None, transfer_kind: str, progress: bool, timeout: float,
+               resume: bool, replicas: Replicas | None) -> dict[str, Any]:
     if mode not in MODES:
         raise ConfigError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     if draws < 1:
@@ -234,13 +266,21 @@ def train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str |
                 "pooled": pooled, "limit": limit, "injection": transfer_kind, "spec": spec.to_dict() if spec else None,
                 "init": init_ck.manifest.get("tensors_sha256") if init_ck else None,
                 "error_model": error_model_info(transfer)}
+    if replicas is not None:
+        identity["replicas"] = replicas.describe()
+    writer = replicas is None or replicas.is_writer
     state = EpochCheckpoint(resume_path(out), identity, resume=resume)
-    result = fit(model, data, cfg, progress=progress, description=f"{mode} {task}", checkpoint=state)
+    result = fit(model, data, cfg, progress=progress and writer, description=f"{mode} {task}", checkpoint=state,
+                 replicas=replicas)
+    if not writer:
+        assert replicas is not None
+        return {"rank": replicas.rank, "world_size": replicas.world_size}
     metrics = evaluate_model(model, data, transfer=transfer, draws=draws, seed=cfg.seed)
     manifest = {
         "task": task, "model": info, "mode": mode, "spec": spec.to_dict() if spec else None,
         "quantizer": learn if mode != "float" else None, "error_model": error_model_info(transfer),
-        "train": {**cfg.as_dict(), "init": str(init) if init else None, "limit": limit, "steps": result.steps},
+        "train": {**cfg.as_dict(), "init": str(init) if init else None, "limit": limit, "steps": result.steps,
+                  **({"replicas": replicas.describe()} if replicas is not None else {})},
         "metrics": metrics,
     }
     path = save_checkpoint(out, model, manifest)
@@ -252,6 +292,7 @@ def train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str |
         "quantizer": manifest["quantizer"], "error_model": manifest["error_model"],
         "epochs": cfg.epochs, "steps": result.steps, "seconds": result.seconds, "step_time_s": result.step_time_s,
         "accuracy": acc, **metrics, "history": result.history,
+        **({"replicas": replicas.describe()} if replicas is not None else {}),
     }
 
 

@@ -245,8 +245,10 @@ class _CIMConv(CIMLayer):
             w = (q + self.zero_point).reshape(M, self.in_channels, *self._k2())
             acc = F.conv2d(codes, w, stride=self._s2(), dilation=self._d2())
             if self.zero_point:
-                ones = torch.ones(1, self.in_channels, *self._k2())
+                ones = torch.ones(1, self.in_channels, *self._k2(), device=codes.device)
                 acc = acc - self.zero_point * F.conv2d(codes, ones, stride=self._s2(), dilation=self._d2())
+            if acc.device.type != "cpu":  # a GPU's fast convolutions (Winograd, FFT) round: the sums are integers
+                acc = acc + (torch.round(acc) - acc).detach()
         else:
             B = codes.shape[0]
             mat, (ho, wo) = self._unfold(codes)

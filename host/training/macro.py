@@ -32,7 +32,7 @@ The statistical gradient (backward):
 
 from __future__ import annotations
 
-import math
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +42,7 @@ import torch
 from cimlab.firmware_bridge.errors import ConfigError, ShapeError
 from cimlab.firmware_bridge.spec import MacroSpec
 from cimlab.mapping import LayerMap, Tile
-from cimlab.training.transfer import Transfer, uniform32
+from cimlab.training.transfer import STREAMS, Stream, Transfer, draw_uniform32, make_stream
 
 DEFAULT_CHUNK_CONVERSIONS = 1 << 19
 """Conversions per chunk: a chunk's temporaries (a few tensors of this many 4-byte elements) stay in cache."""
@@ -160,6 +160,14 @@ class ColumnCorrection:
         """Corrected outputs of MAC outputs [N, n_cols]."""
         return (mac - self.offset) / self.gain
 
+    def to(self, device: torch.device) -> ColumnCorrection:
+        """This correction with its tensors on ``device`` (a copy; itself when they are there already)."""
+        if self.gain.device == device and self.offset.device == device:
+            return self
+        out = copy.copy(self)  # checked when it was made: not again (a check reads the values back)
+        out.gain, out.offset = self.gain.to(device), self.offset.to(device)
+        return out
+
 
 @dataclass
 class MacroStats:
@@ -177,16 +185,21 @@ class LayerMacro:
     Attributes:
         layer_map: the tiles (``cimlab.mapping.map_layer``).
         transfer: the ADC transfer (``Transfer.ideal`` for the ideal quantized model).
-        rng: random stream of the sampled codes (numpy PCG64; restart it with ``reseed``).
+        rng: random stream of the sampled codes (numpy PCG64, or a ``TorchStream`` on the device; restart it
+            with ``reseed``).
         chunk_conversions: most conversions per chunk.
+        device: where the conversions are computed (move with ``to``).
+        stream: the kind of ``rng`` that ``reseed`` makes (``transfer.STREAMS``).
     """
 
     layer_map: LayerMap
     transfer: Transfer
-    rng: np.random.Generator = field(default_factory=lambda: np.random.Generator(np.random.PCG64(0)))
+    rng: Stream = field(default_factory=lambda: np.random.Generator(np.random.PCG64(0)))
     chunk_conversions: int = DEFAULT_CHUNK_CONVERSIONS
     stats: MacroStats = field(default_factory=MacroStats)
     correction: ColumnCorrection | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    stream: str = "pcg64"
 
     def __post_init__(self) -> None:
         spec = self.spec
@@ -208,14 +221,26 @@ class LayerMacro:
         return self.layer_map.spec
 
     def reseed(self, seed: int) -> None:
-        """Restart the random stream of sampled codes at ``seed``."""
-        self.rng = np.random.Generator(np.random.PCG64(int(seed)))
+        """Restart the random stream of sampled codes at ``seed`` (a stream of kind ``stream`` on ``device``)."""
+        self.rng = make_stream(seed, self.stream, self.device)
+
+    def to(self, device: torch.device | str, *, stream: str | None = None) -> None:
+        """Compute on ``device`` from now on: tables, plans and correction move there; ``stream`` (``pcg64`` or
+        ``device``; default: as before) chooses the random stream the next ``reseed`` makes."""
+        if stream is not None and stream not in STREAMS:
+            raise ConfigError(f"random stream {stream!r} is not one of {', '.join(STREAMS)}")
+        self.device = torch.device(device)
+        self.stream = stream or self.stream
+        self.pw_sw = self.pw_sw.to(self.device)
+        self._plane_lut = self._plane_lut.to(self.device)
+        self.set_correction(self.correction)
+        self.set_transfer(self.transfer)
 
     def set_transfer(self, transfer: Transfer) -> None:
-        """Switch the ADC transfer (same MacroSpec)."""
+        """Switch the ADC transfer (same MacroSpec); its tables are used on the layer's device."""
         if transfer.spec != self.spec:
             raise ConfigError("the transfer's MacroSpec differs from the layer's")
-        self.transfer = transfer
+        self.transfer = transfer.to(self.device)
         self._plans = self._make_plans()
 
     def _make_plans(self) -> list[_TilePlan]:
@@ -223,7 +248,8 @@ class LayerMacro:
         plans = []
         for t in self.layer_map.tiles:
             per_vector = t.conversions_per_vector(spec)
-            tables = self.transfer.table_index(t.physical_columns(spec))
+            tables = self.transfer.table_index(t.physical_columns(spec)).to(self.device)
+            trim = self.transfer.trim_vectors(t.physical_columns(spec))
             plans.append(_TilePlan(
                 tile=t,
                 groups=t.n_groups(spec),
@@ -231,7 +257,7 @@ class LayerMacro:
                 tables=tables,
                 vectors_per_chunk=max(1, self.chunk_conversions // per_vector),
                 bias_rows=tables.to(torch.float32).reshape(1, 1, -1),
-                trim=self.transfer.trim_vectors(t.physical_columns(spec)),
+                trim=None if trim is None else (trim[0].to(self.device), trim[1].to(self.device)),
             ))
         return plans
 
@@ -246,7 +272,7 @@ class LayerMacro:
         if correction is not None and correction.gain.shape != (self.layer_map.n_cols,):
             raise ShapeError(f"the correction has {correction.gain.shape[0]} columns, the layer "
                              f"{self.layer_map.n_cols}")
-        self.correction = correction
+        self.correction = None if correction is None else correction.to(self.device)
 
     def chunk_bound(self) -> int:
         """The most conversions one chunk holds for this layer (a vector is never split)."""
@@ -261,10 +287,11 @@ class LayerMacro:
         w = q[t.row0 : t.row1, t.col0 : t.col1].to(torch.float64) + spec.weight_offset
         modulus = float(2 ** (spec.n_slices * spec.cell_bits))
         stored = torch.remainder(w, modulus)  # two's complement for negative weights
-        place = torch.tensor([2.0 ** (spec.cell_bits * k) for k in range(spec.n_slices)], dtype=torch.float64)
+        place = torch.tensor([2.0 ** (spec.cell_bits * k) for k in range(spec.n_slices)], dtype=torch.float64,
+                             device=q.device)
         digits = torch.remainder(torch.floor(stored[:, None, :] / place[None, :, None]), float(spec.cell_max + 1))
         rows = plan.groups * spec.rows_per_conversion
-        out = torch.zeros(rows, spec.n_slices, t.n_cols, dtype=torch.float32)
+        out = torch.zeros(rows, spec.n_slices, t.n_cols, dtype=torch.float32, device=q.device)
         out[plan.offset : plan.offset + t.n_rows] = digits.to(torch.float32)
         return out.reshape(plan.groups, spec.rows_per_conversion, spec.n_slices * t.n_cols)
 
@@ -324,7 +351,7 @@ class LayerMacro:
         and logical weights q [K, M]; no autograd."""
         lm = self.layer_map
         N = x.shape[0]
-        out = torch.zeros(N, lm.n_cols, dtype=torch.float64)
+        out = torch.zeros(N, lm.n_cols, dtype=torch.float64, device=x.device)
         self.stats = MacroStats()
         if self.fast_exact:
             dtype = self._matmul_dtype()
@@ -341,14 +368,15 @@ class LayerMacro:
             if fused:
                 digits_idx = digits * float(tr.n_tables * tr.guide_buckets)
                 bias_idx = plan.bias_rows * float(tr.guide_buckets)
-                trim_off, trim_scale = plan.trim or (torch.zeros(1), torch.ones(1))
+                untrimmed = (torch.zeros(1, device=x.device), torch.ones(1, device=x.device))
+                trim_off, trim_scale = plan.trim or untrimmed
                 trim_off, trim_scale = trim_off.to(pw_sw.dtype), trim_scale.to(pw_sw.dtype)
             for n0 in range(0, N, plan.vectors_per_chunk):
                 xc = x[n0 : n0 + plan.vectors_per_chunk]
                 planes = self._planes(xc, plan)
                 if fused:
                     shape = (plan.groups, planes.shape[1], digits.shape[2])
-                    u = torch.from_numpy(uniform32(self.rng, math.prod(shape))).reshape(shape)
+                    u = draw_uniform32(self.rng, shape, x.device)
                     acc = KERNELS["sample"](planes, digits_idx, bias_idx, u, tr.guide, tr.guide_shift,
                                             tr.guide_buckets, pw_sw, trim_off, trim_scale)
                     mac = self._tile_outputs(acc, xc, plan)
@@ -385,13 +413,13 @@ class LayerMacro:
         if self.fast_exact:
             g = grad.to(torch.float32)
             return g @ q.to(torch.float32).T, x.to(torch.float32).T @ g
-        gx = torch.zeros(N, lm.n_rows, dtype=torch.float32)
-        gq = torch.zeros(lm.n_rows, lm.n_cols, dtype=torch.float32)
+        gx = torch.zeros(N, lm.n_rows, dtype=torch.float32, device=x.device)
+        gq = torch.zeros(lm.n_rows, lm.n_cols, dtype=torch.float32, device=x.device)
         lsb = float(spec.adc_lsb)
         pw_sw = self.pw_sw.to(torch.float32) * lsb  # [P, S]
         plane_norm = float(spec.plane_weights().sum())
         sw = spec.slice_weights()
-        slice_mix = torch.tensor(np.sign(sw) / np.abs(sw).sum(), dtype=torch.float32)  # [S]
+        slice_mix = torch.tensor(np.sign(sw) / np.abs(sw).sum(), dtype=torch.float32, device=x.device)  # [S]
         R = spec.rows_per_conversion
         for plan in self._plans:
             t = plan.tile
