@@ -110,8 +110,9 @@ def _estimate_and_bench(tmp_path: Path, spec: MacroSpec) -> None:
     r = CliRunner().invoke(cli, ["estimate", str(tmp_path / "mlp.npz"), "--json"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     est = json.loads(r.output[r.output.index('{"source"'):])
-    # 64 -> 64 and 64 -> 10, one vector each: 4 bit planes x 4 row groups x 1 cell x (64 + 10) columns
-    assert est["conversions_per_inference"] == 4 * 4 * (64 + 10)
+    # 64 -> 64 and 64 -> 10, one vector each, bipolar on pairs: 4 bit planes x 4 row groups x 1 cell x 2 (64 + 10)
+    # columns
+    assert est["conversions_per_inference"] == 4 * 4 * 2 * (64 + 10)
     assert est["total_energy_pj_per_inference"] == pytest.approx(sum(est["energy_pj_per_inference"].values()))
     assert est["tech_sources"]["adc"]["energy_pj"].startswith("ISAAC")
     r = CliRunner().invoke(cli, ["bench", str(tmp_path / "mlp.npz"), "--link", "sim://?profile=nvm-2bit",
