@@ -29,7 +29,6 @@ import numpy as np
 from cimlab.firmware_bridge.errors import ConfigError, ShapeError
 from cimlab.firmware_bridge.spec import MacroSpec
 
-
 POLARITIES = ("bipolar", "unipolar-pos", "unipolar-neg")
 """A layer's weight signs: both, all >= 0, or all <= 0. On a unipolar (``unsigned``) macro a unipolar layer fits one
 array (magnitudes) and a bipolar one takes a column pair per output (``map_paired_layer``)."""

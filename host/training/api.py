@@ -371,5 +371,6 @@ def recovery(naive: float, dnat: float, quant: float) -> float | None:
     return (dnat - naive) / gap
 
 
-__all__ = ["MODES", "POLARITY_CHOICES", "SpecSource", "evaluate_model", "evaluate_run", "model_from_checkpoint", "prepare_model",
+__all__ = ["MODES", "POLARITY_CHOICES", "SpecSource", "evaluate_model", "evaluate_run", "model_from_checkpoint",
+           "prepare_model",
            "recovery", "resolve_spec", "train_run"]

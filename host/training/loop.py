@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from cimlab.firmware_bridge.errors import ConfigError, ShapeError
-from cimlab.training.layers import calibrate_columns, cim_layers, project_polarity, reseed, set_columns, set_transfer
+from cimlab.training.layers import (
+    calibrate_columns,
+    cim_layers,
+    project_polarity,
+    reseed,
+    set_columns,
+    set_transfer,
+)
 from cimlab.training.macro import ColumnCorrection
 from cimlab.training.tasks import TaskData
 from cimlab.training.transfer import Transfer

@@ -22,7 +22,7 @@ from cimlab.firmware_bridge.spec import MacroSpec
 from cimlab.mapping import LayerMap, map_layer, map_paired_layer
 from cimlab.training.api import model_from_checkpoint, train_run
 from cimlab.training.checkpoint import load_checkpoint
-from cimlab.training.layers import CIMLinear, cim_layers
+from cimlab.training.layers import cim_layers
 from cimlab.training.loop import TrainConfig
 from cimlab.training.macro import LayerMacro, macro_matmul
 from cimlab.training.tasks import load_task
