@@ -87,6 +87,14 @@ def _pct(v: Any) -> str:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds model, batches and sampled codes.")
 @click.option("--quantizer", "learn", type=click.Choice(LEARN_CHOICES), default="epact", show_default=True,
               help="Input bounds: epact learns lower and upper, pact the upper only, fixed neither.")
+@click.option("--quant", "quant", type=click.Choice(("per-layer", "uniform")), default=None,
+              help="Weight and input ranges per layer (default), or one of each shared by every layer (uniform: one "
+                   "ADC/DAC design for all layers; the shared weight range learns unless --quantizer fixed). "
+                   "quant/dnat only.")
+@click.option("--polarity", type=click.Choice(("bipolar", "unipolar-pos", "unipolar-neg", "search")), default=None,
+              help="Weight signs of every layer (default bipolar), or search: an evolutionary search per layer on the "
+                   "float model given as --init. On a unipolar macro unipolar layers take one array, bipolar ones "
+                   "column pairs. quant/dnat only.")
 @click.option("--pooled/--per-column", default=False, show_default=True,
               help="Error model pooled over columns, or one per physical column (a chip's gain and offset errors "
                    "are per column; a pooled model cannot learn them).")
@@ -110,7 +118,8 @@ def _pct(v: Any) -> str:
 @cim_errors
 def train(task: str, mode: str, out: str, error_model: str | None, link_url: str | None, profile: str | None,
           model_name: str | None, init: str | None, data_dir: str | None, epochs: int, batch_size: int, lr: float,
-          weight_decay: float, optimizer: str, seed: int, learn: str, pooled: bool, draws: int, injection: str,
+          weight_decay: float, optimizer: str, seed: int, learn: str, quant: str | None, polarity: str | None,
+          pooled: bool, draws: int, injection: str,
           limit: int | None, max_steps: int | None, timeout: float, progress: bool, resume: bool, device: str,
           ddp: int | None, as_json: bool) -> None:
     """Train a model for the macro: float, quant (ideal quantized) or dnat (through the measured error model).
@@ -132,8 +141,8 @@ def train(task: str, mode: str, out: str, error_model: str | None, link_url: str
         res = train_run(task, mode, out, model_name=model_name, error_model=error_model, link=link_url,
                         profile=profile, init=init, data_dir=data_dir, cfg=cfg, learn=learn, pooled=pooled,
                         draws=draws, limit=limit, transfer_kind=injection,
-                        progress=progress and sys.stderr.isatty(), timeout=timeout, resume=resume, device=device,
-                        ddp=ddp)
+                        progress=progress and sys.stderr.isatty(), timeout=timeout, resume=resume, quant=quant,
+                        polarity=polarity, device=device, ddp=ddp)
     except KeyboardInterrupt:
         state = resume_path(out)
         if state.is_file():
@@ -147,6 +156,15 @@ def train(task: str, mode: str, out: str, error_model: str | None, link_url: str
     t.add_row("macro", str(res["spec"] or "- (float)"))
     if res.get("spec_source"):
         t.add_row("spec from", res["spec_source"])
+    if res.get("quant"):
+        t.add_row("ranges", str(res["quant"]))
+        pols = sorted(set(res["polarity"].values()))
+        t.add_row("polarity", pols[0] if len(pols) == 1 else
+                  ", ".join(f"{name}: {pol}" for name, pol in res["polarity"].items()))
+    if res.get("polarity_search"):
+        ps = res["polarity_search"]
+        t.add_row("polarity search", f"{ps['evaluations']} candidates in {ps['seconds']:.1f} s, validation "
+                  f"{_pct(ps['validation_accuracy'])}, {100 * ps['relative_columns']:.0f} % of bipolar columns")
     t.add_row("steps", f"{res['steps']} in {res['seconds']:.1f} s ({1e3 * res['step_time_s']:.1f} ms/step)")
     if "replicas" in res:
         r = res["replicas"]

@@ -19,7 +19,14 @@ from torch import nn
 
 from cimlab.firmware_bridge.errors import ConfigError, ShapeError
 from cimlab.training.device import model_device
-from cimlab.training.layers import calibrate_columns, cim_layers, reseed, set_columns, set_transfer
+from cimlab.training.layers import (
+    calibrate_columns,
+    cim_layers,
+    project_polarity,
+    reseed,
+    set_columns,
+    set_transfer,
+)
 from cimlab.training.macro import ColumnCorrection
 from cimlab.training.tasks import TaskData
 from cimlab.training.transfer import Transfer
@@ -219,6 +226,7 @@ def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = 
                 opt.zero_grad(set_to_none=True)
                 (loss * weight if weight != 1.0 else loss).backward()
                 opt.step()
+                project_polarity(model)  # unipolar layers keep their sign (projected gradient descent)
                 sched.step()
                 step_time += time.perf_counter() - t0
                 result.steps += 1

@@ -129,3 +129,23 @@ def test_sram_profiles_keep_their_codes() -> None:
         codes, _ = t.mac_raw(0, rng.integers(0, s.input_max + 1, (8, s.rows)))
         h.update(codes.tobytes())
     assert h.hexdigest() == "69a6e4733c2a57e9db140dcc5ab46db4d08fe23ddbdd4bdf90826eaf22fc7081"
+
+
+def test_characterize_sweeps_both_arrays_of_a_differential_macro(tmp_path) -> None:  # noqa: ANN001
+    """Every physical column of both arrays gets every level, and on an ideal twin reads the ideal code."""
+    from click.testing import CliRunner
+
+    from cimlab.cli import cli
+    from cimlab.firmware_bridge.errmodel import ErrorModel
+
+    url = "sim://?profile=ideal&" + "&".join(f"{k}={v}" for k, v in DIFF.replace(cols=2).to_dict().items())
+    r = CliRunner().invoke(cli, ["characterize", "--link", url, "--out", str(tmp_path), "--repeats", "2",
+                                 "--no-progress"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    model = ErrorModel.load(tmp_path / "dmacem.npz")
+    spec = model.spec
+    assert spec.weight_storage == "differential" and model.counts.shape[0] == spec.physical_cols == 4
+    per_level = model.counts.sum(axis=2)  # [column, level]
+    assert (per_level[:, : spec.s_max + 1] >= 2).all()  # both arrays' columns, every level
+    codes = model.counts.argmax(axis=2)
+    np.testing.assert_array_equal(codes, np.broadcast_to(spec.ideal_codes(np.arange(spec.n_levels)), codes.shape))
