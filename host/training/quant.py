@@ -56,9 +56,7 @@ MIN_RANGE = 1e-4
 def weight_top(spec: MacroSpec) -> int:
     """Largest weight magnitude the macro stores: ``2**weight_bits - 1`` where a cell group holds a magnitude
     (``unsigned``, ``differential``), ``2**(weight_bits-1) - 1`` for signed storage."""
-    if spec.weight_storage in ("unsigned", "differential"):
-        return 2**spec.weight_bits - 1
-    top = 2 ** (spec.weight_bits - 1) - 1
+    top = spec.weight_max
     if top < 1:
         raise ConfigError(f"MacroSpec.weight_bits={spec.weight_bits} leaves no signed weight levels; need >= 2")
     return top
