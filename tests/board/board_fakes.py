@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 from cimlab.firmware_bridge.fabric import FabricLayout
 from cimlab.firmware_bridge.registers import (
-    REGMAP_VERSION,
     BY_NAME,
     FABRIC_BY_NAME,
     FABRIC_REGISTERS,
@@ -23,6 +22,7 @@ from cimlab.firmware_bridge.registers import (
     IN_BUF_BASE,
     OUT_BUF_BASE,
     REGISTERS,
+    REGMAP_VERSION,
     SEQ_DONE,
     SEQ_READ_WEIGHTS,
     SEQ_WRITE_WEIGHTS,
