@@ -46,7 +46,7 @@ from cimlab.firmware_bridge.fabric import Activity
 from cimlab.firmware_bridge.errors import DeviceError, ShapeError
 from cimlab.firmware_bridge.files import package_version
 from cimlab.firmware_bridge.messages import Status
-from cimlab.firmware_bridge.registers import BY_ADDR, BY_NAME, REGISTERS
+from cimlab.firmware_bridge.registers import BY_NAME, REGISTERS, check_write, host_register, signed32
 
 if TYPE_CHECKING:
     from cimlab.chip_sim.fsm import ReferenceFSM
@@ -161,8 +161,7 @@ class TwinController(Controller):
     @property
     def temp_c(self) -> float:
         """The die temperature, degC (TEMP_CC is signed centi-degrees)."""
-        raw = self._regs[BY_NAME["TEMP_CC"].addr]
-        return (raw - (1 << 32) if raw & 0x8000_0000 else raw) / 100.0
+        return signed32(self._regs[BY_NAME["TEMP_CC"].addr]) / 100.0
 
     def latency_s(self, cost: OpCost) -> float:
         """Seconds an operation of ``cost`` takes at the profile's clock."""
@@ -170,9 +169,7 @@ class TwinController(Controller):
 
     # ---- registers --------------------------------------------------------------------------------------
     def read_reg(self, addr: int) -> int:
-        reg = BY_ADDR.get(addr)
-        if reg is None:
-            raise DeviceError(f"no register at address 0x{addr:02x}", status=Status.BAD_REGISTER)
+        reg = host_register(addr)
         if reg.name == "CYCLES_LO":
             return self._cycles & 0xFFFFFFFF
         if reg.name == "CYCLES_HI":
@@ -182,14 +179,9 @@ class TwinController(Controller):
         return self._regs[addr]
 
     def write_reg(self, addr: int, value: int) -> int:
-        reg = BY_ADDR.get(addr)
-        if reg is None:
-            raise DeviceError(f"no register at address 0x{addr:02x}", status=Status.BAD_REGISTER)
-        if reg.access == "ro":
-            raise DeviceError(f"register {reg.name} (0x{addr:02x}) is read-only", status=Status.READ_ONLY)
-        if not 0 <= value <= 0xFFFFFFFF:
-            raise DeviceError(f"{reg.name}: value {value} is not a 32-bit word", status=Status.BAD_ARGUMENT)
         a = self.profile.analog
+        reg = check_write(addr, value, vdd_range_mv=(a.vdd_min_mv, a.vdd_max_mv),
+                          temp_range_cc=(round(a.temp_min_c * 100), round(a.temp_max_c * 100)))
         if reg.access == "w1c":
             self._regs[addr] &= ~value & 0xFFFFFFFF
         elif reg.name == "CTRL":
@@ -197,20 +189,9 @@ class TwinController(Controller):
                 self._clear_counters()
             self._regs[addr] = value & ~1
         elif reg.name == "VDD_MV":
-            if not a.vdd_min_mv <= value <= a.vdd_max_mv:
-                raise DeviceError(
-                    f"VDD_MV={value} is outside the operating range {a.vdd_min_mv}..{a.vdd_max_mv} mV",
-                    status=Status.BAD_ARGUMENT,
-                )
             self._regs[addr] = value
             self.converter.set_conditions(value, self.temp_c)
         elif reg.name == "TEMP_CC":
-            signed = value - (1 << 32) if value & 0x8000_0000 else value
-            if not a.temp_min_c * 100 <= signed <= a.temp_max_c * 100:
-                raise DeviceError(
-                    f"TEMP_CC={signed} is outside {round(a.temp_min_c * 100)}..{round(a.temp_max_c * 100)}"
-                    " centi-degC", status=Status.BAD_ARGUMENT,
-                )
             self._regs[addr] = value
             self.converter.set_conditions(self.vdd_mv, self.temp_c)
         elif addr == _NOISE_SEED:

@@ -29,7 +29,6 @@ from cimlab.firmware_bridge.fabric import Activity, FabricLayout, input_activity
 from cimlab.firmware_bridge.files import package_version
 from cimlab.firmware_bridge.messages import Status
 from cimlab.firmware_bridge.registers import (
-    BY_ADDR,
     ID_MAGIC,
     IN_BUF_BASE,
     OUT_BUF_BASE,
@@ -43,6 +42,9 @@ from cimlab.firmware_bridge.registers import (
     SEQ_WRITE_WEIGHTS,
     STORAGE_CODES,
     byte_offset,
+    check_write,
+    host_register,
+    signed32,
 )
 from cimlab.firmware_bridge.spec import MacroSpec
 
@@ -71,9 +73,6 @@ class FabricBus(Protocol):
     def wait_irq(self, timeout_s: float) -> bool:
         """Wait until the fabric's interrupt (a run finished) is raised; False after ``timeout_s`` seconds."""
 
-
-def _signed(value: int) -> int:
-    return value - (1 << 32) if value & 0x8000_0000 else value
 
 
 class FabricController(Controller):
@@ -110,7 +109,7 @@ class FabricController(Controller):
         self.spec = self._read_spec()
         self.layout = FabricLayout(self.spec, self._g("G_BUS_BITS"), self._g("G_IN_WORDS"), self._g("G_OUT_WORDS"))
         self.vdd_range = (self._g("G_VDD_MIN_MV"), self._g("G_VDD_MAX_MV"))
-        self.temp_range = (_signed(self._g("G_TEMP_MIN_CC")), _signed(self._g("G_TEMP_MAX_CC")))
+        self.temp_range = (signed32(self._g("G_TEMP_MIN_CC")), signed32(self._g("G_TEMP_MAX_CC")))
         build = self._g("BUILD_ID")
         self._identity = Identity(
             chip_id, f"cimlab-board {package_version()}", bitstream_id or f"cimlab_ctrl-{build:08x}"
@@ -175,28 +174,11 @@ class FabricController(Controller):
 
     # ---- registers --------------------------------------------------------------------------------------
     def read_reg(self, addr: int) -> int:
-        if addr not in BY_ADDR:
-            raise DeviceError(f"no register at address 0x{addr:02x}", status=Status.BAD_REGISTER)
+        host_register(addr)
         return self.bus.read32(4 * addr)
 
     def write_reg(self, addr: int, value: int) -> int:
-        reg = BY_ADDR.get(addr)
-        if reg is None:
-            raise DeviceError(f"no register at address 0x{addr:02x}", status=Status.BAD_REGISTER)
-        if reg.access == "ro":
-            raise DeviceError(f"register {reg.name} (0x{addr:02x}) is read-only", status=Status.READ_ONLY)
-        if not 0 <= value <= 0xFFFFFFFF:
-            raise DeviceError(f"{reg.name}: value {value} is not a 32-bit word", status=Status.BAD_ARGUMENT)
-        if reg.name == "VDD_MV" and not self.vdd_range[0] <= value <= self.vdd_range[1]:
-            raise DeviceError(
-                f"VDD_MV={value} is outside the operating range {self.vdd_range[0]}..{self.vdd_range[1]} mV",
-                status=Status.BAD_ARGUMENT,
-            )
-        if reg.name == "TEMP_CC" and not self.temp_range[0] <= _signed(value) <= self.temp_range[1]:
-            raise DeviceError(
-                f"TEMP_CC={_signed(value)} is outside {self.temp_range[0]}..{self.temp_range[1]} centi-degC",
-                status=Status.BAD_ARGUMENT,
-            )
+        reg = check_write(addr, value, vdd_range_mv=self.vdd_range, temp_range_cc=self.temp_range)
         self.bus.write32(4 * addr, value)
         if reg.name == "CTRL" and value & 1:
             self._energy = 0

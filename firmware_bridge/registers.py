@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.errors import ConfigError, DeviceError
 from cimlab.firmware_bridge.frame import PROTOCOL_VERSION
+from cimlab.firmware_bridge.messages import Status
 
 REGMAP_VERSION = 2
 """2: NOISE_SEED added."""
@@ -168,3 +169,37 @@ def resolve(reg: str | int) -> Register:
     if r is None:
         raise ConfigError(f"unknown register {reg!r}; known: {', '.join(BY_NAME)}")
     return r
+
+
+def signed32(value: int) -> int:
+    """A 32-bit register word read as two's complement (TEMP_CC holds signed centi-degrees)."""
+    return value - (1 << 32) if value & 0x8000_0000 else value
+
+
+def host_register(addr: int) -> Register:
+    """The host-visible register at word address ``addr``; DeviceError (BAD_REGISTER) when there is none."""
+    reg = BY_ADDR.get(addr)
+    if reg is None:
+        raise DeviceError(f"no register at address 0x{addr:02x}", status=Status.BAD_REGISTER)
+    return reg
+
+
+def check_write(addr: int, value: int, *, vdd_range_mv: tuple[int, int], temp_range_cc: tuple[int, int]) -> Register:
+    """The register a host writes ``value`` to, after the checks every device end makes: it exists, is writable,
+    ``value`` is a 32-bit word, and VDD_MV (mV) and TEMP_CC (signed centi-degC) lie in the chip's operating ranges.
+
+    Raises:
+        DeviceError: BAD_REGISTER, READ_ONLY or BAD_ARGUMENT, naming the register and the limit.
+    """
+    reg = host_register(addr)
+    if reg.access == "ro":
+        raise DeviceError(f"register {reg.name} (0x{addr:02x}) is read-only", status=Status.READ_ONLY)
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise DeviceError(f"{reg.name}: value {value} is not a 32-bit word", status=Status.BAD_ARGUMENT)
+    if reg.name == "VDD_MV" and not vdd_range_mv[0] <= value <= vdd_range_mv[1]:
+        raise DeviceError(f"VDD_MV={value} is outside the operating range {vdd_range_mv[0]}..{vdd_range_mv[1]} mV",
+                          status=Status.BAD_ARGUMENT)
+    if reg.name == "TEMP_CC" and not temp_range_cc[0] <= signed32(value) <= temp_range_cc[1]:
+        raise DeviceError(f"TEMP_CC={signed32(value)} is outside {temp_range_cc[0]}..{temp_range_cc[1]} centi-degC",
+                          status=Status.BAD_ARGUMENT)
+    return reg

@@ -15,9 +15,8 @@ import threading
 from collections.abc import Callable
 
 import click
-from cimlab.cli_common import cim_errors, err_console
+from cimlab.cli_common import cim_errors, err_console, server_exposure, server_options
 from cimlab.firmware_bridge.errors import ConfigError, LinkError
-from cimlab.firmware_bridge.serve import IDLE_TIMEOUT_S
 
 
 def _until_signal() -> threading.Event:
@@ -103,12 +102,7 @@ def register(cli: click.Group) -> None:
         show_default=True,
         help="Largest frame payload, bytes.",
     )
-    @click.option("--allow-remote", is_flag=True,
-                  help="Allow a --tcp address other than loopback (needs --token-file).")
-    @click.option("--token-file", "server_token_file", type=click.Path(dir_okay=False), default=None,
-                  help="File with the token (16..255 bytes) hosts must send in HELLO before anything is served.")
-    @click.option("--idle-timeout", type=click.FloatRange(min=0.1), default=IDLE_TIMEOUT_S, show_default=True,
-                  help="Seconds a connected TCP host may send nothing before it is disconnected.")
+    @server_options
     @cim_errors
     def board_serve(
         tcp_addr: str | None,
@@ -129,16 +123,11 @@ def register(cli: click.Group) -> None:
         """
         from cimlab.firmware_bridge.bridge import Bridge
         from cimlab.firmware_bridge.overlay import BITSTREAMS_DIR, open_board
-        from cimlab.firmware_bridge.serve import check_exposure, parse_hostport, read_token_file, serve_serial, serve_tcp
+        from cimlab.firmware_bridge.serve import serve_serial, serve_tcp
 
         if bool(tcp_addr) == bool(uart):
             raise ConfigError("choose exactly one of --tcp HOST:PORT or --uart DEVICE")
-        token = read_token_file(server_token_file) if server_token_file else None
-        if tcp_addr:
-            host, port = parse_hostport(tcp_addr)
-            check_exposure(host, allow_remote=allow_remote, token=token)
-        elif allow_remote or token:
-            raise ConfigError("--allow-remote and --token-file apply to --tcp only (a UART is local)")
+        host, port, token = server_exposure(tcp_addr, allow_remote, server_token_file)
         controller = open_board(overlay, directory or BITSTREAMS_DIR, chip_id=chip_id)
         bridge = Bridge(controller, max_payload=max_payload)
         stop = _until_signal()

@@ -8,6 +8,15 @@ the digital recombination ``rint(adc_lsb * sum code * plane_weight[p] * slice_we
 (``MacroSpec.recombine``). Tiles of one column range add up. With the ideal transfer this is bit-exact with the
 twin's ideal MAC (tests/training/test_exact.py).
 
+Stored digits follow the storage (``stored_digits``): two's complement / offset digits of ``w`` (plus the offset) by
+place value, or for ``differential`` storage the digits of ``max(w, 0)`` on the positive array's slices and of
+``max(-w, 0)`` on the negative array's. A *paired* tile (a layer of both signs on a unipolar macro,
+``cimlab.mapping.Tile.paired``) holds ``max(w, 0)`` and ``max(-w, 0)`` of each output on two adjacent macro
+columns (``split_pairs``): the conversions run over both, and each output is the first column's MAC minus the
+second's (``join_pairs``). In the backward pass an output's gradient goes to its two columns with opposite signs and
+a weight's gradient is the mean of what its two columns' digits receive, signed the same way (with an ideal ADC:
+exactly ``x^T dL/dy``, as for the digits of one column).
+
 Memory stays bounded: vectors go through in chunks of at most ``chunk_conversions`` conversions, and nothing of
 size "conversions" is kept for the backward pass (the levels are recomputed there, chunk by chunk); only the input
 codes (as uint8 when they fit) and the weights are saved.
@@ -32,7 +41,7 @@ The statistical gradient (backward):
 
 from __future__ import annotations
 
-import math
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +51,7 @@ import torch
 from cimlab.firmware_bridge.errors import ConfigError, ShapeError
 from cimlab.firmware_bridge.spec import MacroSpec
 from cimlab.mapping import LayerMap, Tile
-from cimlab.training.transfer import Transfer, uniform32
+from cimlab.training.transfer import STREAMS, Stream, Transfer, draw_uniform32, make_stream
 
 DEFAULT_CHUNK_CONVERSIONS = 1 << 19
 """Conversions per chunk: a chunk's temporaries (a few tensors of this many 4-byte elements) stay in cache."""
@@ -87,6 +96,44 @@ def slope_grads(planes: torch.Tensor, digits: torch.Tensor, digits_rows: torch.T
     rows = torch.baddbmm(bias_rows, planes, digits_rows).to(torch.int32)
     ds = slope_table[rows] * g_conv
     return torch.bmm(ds, digits.transpose(1, 2)), torch.bmm(planes.transpose(1, 2), ds)
+
+
+def stored_digits(spec: MacroSpec, w: torch.Tensor) -> torch.Tensor:
+    """The digits the macro stores for logical weights w [K, C] (float, integer valued): [K, n_slices, C] float64,
+    as ``MacroSpec.weights_to_slices`` (both arrays' digits for ``differential``)."""
+    w = w.to(torch.float64)
+    base = float(spec.cell_max + 1)
+    place = torch.tensor([base**k for k in range(spec.slices_per_side)], dtype=torch.float64,
+                         device=w.device)[None, :, None]
+
+    def digits_of(m: torch.Tensor) -> torch.Tensor:  # m >= 0 (or a two's complement pattern)
+        return torch.remainder(torch.floor(m[:, None, :] / place), base)
+
+    if spec.weight_storage == "differential":
+        return torch.cat([digits_of(w.clamp(min=0)), digits_of((-w).clamp(min=0))], dim=1)
+    modulus = base ** spec.slices_per_side
+    return digits_of(torch.remainder(w + spec.weight_offset, modulus))  # two's complement for negative weights
+
+
+def split_pairs(w: torch.Tensor) -> torch.Tensor:
+    """A paired tile's signed weights [K, C] -> its macro columns [K, 2C]: ``max(w, 0)`` even, ``max(-w, 0)`` odd."""
+    return torch.stack([w.clamp(min=0), (-w).clamp(min=0)], dim=2).reshape(w.shape[0], 2 * w.shape[1])
+
+
+def join_pairs(y: torch.Tensor) -> torch.Tensor:
+    """Outputs of a paired tile's macro columns [N, 2C] -> its outputs [N, C]: each pair's difference."""
+    return y[:, 0::2] - y[:, 1::2]
+
+
+def pair_gradient(grad: torch.Tensor) -> torch.Tensor:
+    """An output gradient [N, C] -> the gradient of a paired tile's macro columns [N, 2C] (``+g``, ``-g``)."""
+    return torch.stack([grad, -grad], dim=2).reshape(grad.shape[0], 2 * grad.shape[1])
+
+
+def unpair_weight_gradient(g: torch.Tensor) -> torch.Tensor:
+    """Gradient of a paired tile's macro columns' weights [K, 2C] -> its signed weights' [K, C] (the mean of the
+    two, signed as the pair subtracts them)."""
+    return 0.5 * (g[:, 0::2] - g[:, 1::2])
 
 
 KERNELS: dict[str, Any] = {"sample": packed_sample_sum, "grads": slope_grads}
@@ -160,6 +207,14 @@ class ColumnCorrection:
         """Corrected outputs of MAC outputs [N, n_cols]."""
         return (mac - self.offset) / self.gain
 
+    def to(self, device: torch.device) -> ColumnCorrection:
+        """This correction with its tensors on ``device`` (a copy; itself when they are there already)."""
+        if self.gain.device == device and self.offset.device == device:
+            return self
+        out = copy.copy(self)  # checked when it was made: not again (a check reads the values back)
+        out.gain, out.offset = self.gain.to(device), self.offset.to(device)
+        return out
+
 
 @dataclass
 class MacroStats:
@@ -177,16 +232,21 @@ class LayerMacro:
     Attributes:
         layer_map: the tiles (``cimlab.mapping.map_layer``).
         transfer: the ADC transfer (``Transfer.ideal`` for the ideal quantized model).
-        rng: random stream of the sampled codes (numpy PCG64; restart it with ``reseed``).
+        rng: random stream of the sampled codes (numpy PCG64, or a ``TorchStream`` on the device; restart it
+            with ``reseed``).
         chunk_conversions: most conversions per chunk.
+        device: where the conversions are computed (move with ``to``).
+        stream: the kind of ``rng`` that ``reseed`` makes (``transfer.STREAMS``).
     """
 
     layer_map: LayerMap
     transfer: Transfer
-    rng: np.random.Generator = field(default_factory=lambda: np.random.Generator(np.random.PCG64(0)))
+    rng: Stream = field(default_factory=lambda: np.random.Generator(np.random.PCG64(0)))
     chunk_conversions: int = DEFAULT_CHUNK_CONVERSIONS
     stats: MacroStats = field(default_factory=MacroStats)
     correction: ColumnCorrection | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    stream: str = "pcg64"
 
     def __post_init__(self) -> None:
         spec = self.spec
@@ -208,14 +268,26 @@ class LayerMacro:
         return self.layer_map.spec
 
     def reseed(self, seed: int) -> None:
-        """Restart the random stream of sampled codes at ``seed``."""
-        self.rng = np.random.Generator(np.random.PCG64(int(seed)))
+        """Restart the random stream of sampled codes at ``seed`` (a stream of kind ``stream`` on ``device``)."""
+        self.rng = make_stream(seed, self.stream, self.device)
+
+    def to(self, device: torch.device | str, *, stream: str | None = None) -> None:
+        """Compute on ``device`` from now on: tables, plans and correction move there; ``stream`` (``pcg64`` or
+        ``device``; default: as before) chooses the random stream the next ``reseed`` makes."""
+        if stream is not None and stream not in STREAMS:
+            raise ConfigError(f"random stream {stream!r} is not one of {', '.join(STREAMS)}")
+        self.device = torch.device(device)
+        self.stream = stream or self.stream
+        self.pw_sw = self.pw_sw.to(self.device)
+        self._plane_lut = self._plane_lut.to(self.device)
+        self.set_correction(self.correction)
+        self.set_transfer(self.transfer)
 
     def set_transfer(self, transfer: Transfer) -> None:
-        """Switch the ADC transfer (same MacroSpec)."""
+        """Switch the ADC transfer (same MacroSpec); its tables are used on the layer's device."""
         if transfer.spec != self.spec:
             raise ConfigError("the transfer's MacroSpec differs from the layer's")
-        self.transfer = transfer
+        self.transfer = transfer.to(self.device)
         self._plans = self._make_plans()
 
     def _make_plans(self) -> list[_TilePlan]:
@@ -223,7 +295,8 @@ class LayerMacro:
         plans = []
         for t in self.layer_map.tiles:
             per_vector = t.conversions_per_vector(spec)
-            tables = self.transfer.table_index(t.physical_columns(spec))
+            tables = self.transfer.table_index(t.physical_columns(spec)).to(self.device)
+            trim = self.transfer.trim_vectors(t.physical_columns(spec))
             plans.append(_TilePlan(
                 tile=t,
                 groups=t.n_groups(spec),
@@ -231,7 +304,7 @@ class LayerMacro:
                 tables=tables,
                 vectors_per_chunk=max(1, self.chunk_conversions // per_vector),
                 bias_rows=tables.to(torch.float32).reshape(1, 1, -1),
-                trim=self.transfer.trim_vectors(t.physical_columns(spec)),
+                trim=None if trim is None else (trim[0].to(self.device), trim[1].to(self.device)),
             ))
         return plans
 
@@ -246,7 +319,7 @@ class LayerMacro:
         if correction is not None and correction.gain.shape != (self.layer_map.n_cols,):
             raise ShapeError(f"the correction has {correction.gain.shape[0]} columns, the layer "
                              f"{self.layer_map.n_cols}")
-        self.correction = correction
+        self.correction = None if correction is None else correction.to(self.device)
 
     def chunk_bound(self) -> int:
         """The most conversions one chunk holds for this layer (a vector is never split)."""
@@ -255,18 +328,16 @@ class LayerMacro:
 
     # ---- the pieces -----------------------------------------------------------------------------------------
     def _digits(self, q: torch.Tensor, plan: _TilePlan) -> torch.Tensor:
-        """Stored digits of a tile's logical weights q [K, M] as [groups, rows_per_conversion, S * n_cols]."""
+        """Stored digits of a tile's logical weights q [K, M] as [groups, rows_per_conversion, S * macro columns]
+        (a paired tile's pairs split over its macro columns)."""
         spec = self.spec
         t = plan.tile
-        w = q[t.row0 : t.row1, t.col0 : t.col1].to(torch.float64) + spec.weight_offset
-        modulus = float(2 ** (spec.n_slices * spec.cell_bits))
-        stored = torch.remainder(w, modulus)  # two's complement for negative weights
-        place = torch.tensor([2.0 ** (spec.cell_bits * k) for k in range(spec.n_slices)], dtype=torch.float64)
-        digits = torch.remainder(torch.floor(stored[:, None, :] / place[None, :, None]), float(spec.cell_max + 1))
+        w = q[t.row0 : t.row1, t.col0 : t.col1].to(torch.float64)
+        digits = stored_digits(spec, split_pairs(w) if t.paired else w)
         rows = plan.groups * spec.rows_per_conversion
-        out = torch.zeros(rows, spec.n_slices, t.n_cols, dtype=torch.float32)
+        out = torch.zeros(rows, spec.n_slices, t.macro_cols, dtype=torch.float32, device=q.device)
         out[plan.offset : plan.offset + t.n_rows] = digits.to(torch.float32)
-        return out.reshape(plan.groups, spec.rows_per_conversion, spec.n_slices * t.n_cols)
+        return out.reshape(plan.groups, spec.rows_per_conversion, spec.n_slices * t.macro_cols)
 
     def _planes(self, x: torch.Tensor, plan: _TilePlan) -> torch.Tensor:
         """Input slices of a chunk of codes x [n, K] as [groups, n * n_planes, rows_per_conversion] float32."""
@@ -283,7 +354,8 @@ class LayerMacro:
         return planes.reshape(plan.groups, n * spec.n_planes, R)
 
     def _recombine(self, codes: torch.Tensor, x: torch.Tensor, plan: _TilePlan) -> torch.Tensor:
-        """Codes [groups, n * P, S * M] -> the tile's MAC outputs [n, M] (float64, integer valued)."""
+        """Codes [groups, n * P, S * macro columns] -> the tile's MAC outputs [n, macro columns] (float64, integer
+        valued)."""
         spec = self.spec
         t = plan.tile
         n = x.shape[0]
@@ -291,7 +363,7 @@ class LayerMacro:
         if plan.trim is not None:
             codes = (codes.to(dtype) - plan.trim[0].to(dtype)) * plan.trim[1].to(dtype)
         total = codes.sum(dim=0, dtype=dtype) if plan.groups > 1 else codes[0].to(dtype)
-        per_plane = total.reshape(n, spec.n_planes * spec.n_slices, t.n_cols)
+        per_plane = total.reshape(n, spec.n_planes * spec.n_slices, t.macro_cols)
         acc = torch.einsum("nqm,q->nm", per_plane, self.pw_sw.reshape(-1).to(dtype))
         return self._tile_outputs(acc, x, plan)
 
@@ -324,7 +396,7 @@ class LayerMacro:
         and logical weights q [K, M]; no autograd."""
         lm = self.layer_map
         N = x.shape[0]
-        out = torch.zeros(N, lm.n_cols, dtype=torch.float64)
+        out = torch.zeros(N, lm.n_cols, dtype=torch.float64, device=x.device)
         self.stats = MacroStats()
         if self.fast_exact:
             dtype = self._matmul_dtype()
@@ -341,21 +413,22 @@ class LayerMacro:
             if fused:
                 digits_idx = digits * float(tr.n_tables * tr.guide_buckets)
                 bias_idx = plan.bias_rows * float(tr.guide_buckets)
-                trim_off, trim_scale = plan.trim or (torch.zeros(1), torch.ones(1))
+                untrimmed = (torch.zeros(1, device=x.device), torch.ones(1, device=x.device))
+                trim_off, trim_scale = plan.trim or untrimmed
                 trim_off, trim_scale = trim_off.to(pw_sw.dtype), trim_scale.to(pw_sw.dtype)
             for n0 in range(0, N, plan.vectors_per_chunk):
                 xc = x[n0 : n0 + plan.vectors_per_chunk]
                 planes = self._planes(xc, plan)
                 if fused:
                     shape = (plan.groups, planes.shape[1], digits.shape[2])
-                    u = torch.from_numpy(uniform32(self.rng, math.prod(shape))).reshape(shape)
+                    u = draw_uniform32(self.rng, shape, x.device)
                     acc = KERNELS["sample"](planes, digits_idx, bias_idx, u, tr.guide, tr.guide_shift,
                                             tr.guide_buckets, pw_sw, trim_off, trim_scale)
                     mac = self._tile_outputs(acc, xc, plan)
                 else:
                     codes = tr.codes(torch.bmm(planes, digits), plan.tables, self.rng)
                     mac = self._recombine(codes, xc, plan)
-                out[n0 : n0 + xc.shape[0], t.col0 : t.col1] += mac
+                out[n0 : n0 + xc.shape[0], t.col0 : t.col1] += join_pairs(mac) if t.paired else mac
                 self._count(xc.shape[0] * per_vec)
         return out
 
@@ -385,13 +458,13 @@ class LayerMacro:
         if self.fast_exact:
             g = grad.to(torch.float32)
             return g @ q.to(torch.float32).T, x.to(torch.float32).T @ g
-        gx = torch.zeros(N, lm.n_rows, dtype=torch.float32)
-        gq = torch.zeros(lm.n_rows, lm.n_cols, dtype=torch.float32)
+        gx = torch.zeros(N, lm.n_rows, dtype=torch.float32, device=x.device)
+        gq = torch.zeros(lm.n_rows, lm.n_cols, dtype=torch.float32, device=x.device)
         lsb = float(spec.adc_lsb)
         pw_sw = self.pw_sw.to(torch.float32) * lsb  # [P, S]
         plane_norm = float(spec.plane_weights().sum())
         sw = spec.slice_weights()
-        slice_mix = torch.tensor(np.sign(sw) / np.abs(sw).sum(), dtype=torch.float32)  # [S]
+        slice_mix = torch.tensor(np.sign(sw) / np.abs(sw).sum(), dtype=torch.float32, device=x.device)  # [S]
         R = spec.rows_per_conversion
         for plan in self._plans:
             t = plan.tile
@@ -403,6 +476,8 @@ class LayerMacro:
                 n = xc.shape[0]
                 planes = self._planes(xc, plan)  # [G, n*P, R]
                 gc = grad[n0 : n0 + n, t.col0 : t.col1].to(torch.float32)  # [n, M]
+                if t.paired:
+                    gc = pair_gradient(gc)  # [n, macro columns]
                 g_conv = (gc[:, None, None, :] * pw_sw[None, :, :, None]).reshape(n * spec.n_planes, -1)
                 if plan.trim is not None:
                     g_conv = g_conv * plan.trim[1]
@@ -416,8 +491,9 @@ class LayerMacro:
                 if spec.weight_offset:
                     g_rows = g_rows - spec.weight_offset * gc.sum(dim=1, keepdim=True)
                 gx[n0 : n0 + n, t.row0 : t.row1] += g_rows
-            gd = gd.reshape(plan.groups * R, spec.n_slices, t.n_cols)[plan.offset : plan.offset + t.n_rows]
-            gq[t.row0 : t.row1, t.col0 : t.col1] += torch.einsum("rkm,k->rm", gd, slice_mix)
+            gd = gd.reshape(plan.groups * R, spec.n_slices, t.macro_cols)[plan.offset : plan.offset + t.n_rows]
+            gw = torch.einsum("rkm,k->rm", gd, slice_mix)
+            gq[t.row0 : t.row1, t.col0 : t.col1] += unpair_weight_gradient(gw) if t.paired else gw
         return gx, gq
 
 
@@ -459,5 +535,6 @@ def macro_matmul(x: torch.Tensor, q: torch.Tensor, macro: LayerMacro) -> torch.T
     return _MacroMatmul.apply(x, q, macro)
 
 
-__all__ = ["DEFAULT_CHUNK_CONVERSIONS", "KERNELS", "ColumnCorrection", "LayerMacro", "compile_kernels",
-           "packed_sample_sum", "slope_grads", "MacroStats", "macro_matmul"]
+__all__ = ["DEFAULT_CHUNK_CONVERSIONS", "KERNELS", "ColumnCorrection", "LayerMacro", "compile_kernels", "join_pairs",
+           "packed_sample_sum", "pair_gradient", "slope_grads", "split_pairs", "stored_digits",
+           "unpair_weight_gradient", "MacroStats", "macro_matmul"]

@@ -9,8 +9,9 @@ gives the smoothed expected code ``E[code | s]`` and its slope for the backward 
 - ``gaussian``: a parametric stand-in for comparison: ``round(mean + sigma * z)``, clipped, with the measured
   mean and sigma of each (column, level).
 
-Sampling the measured table is inverse-CDF sampling with one 32-bit uniform ``u`` per conversion (from a numpy
-``Generator``: deterministic given its seed) on the *twin's own table*:
+Sampling the measured table is inverse-CDF sampling with one 32-bit uniform ``u`` per conversion (from the layer's
+random stream: a numpy PCG64 ``Generator`` on the CPU, or a ``TorchStream`` on a torch device; deterministic given
+its seed) on the *twin's own table*:
 ``bound[m] = floor(cum_counts[m] * 2**32 / total)`` (``cimlab.firmware_bridge.errmodel.cumulative_bounds``), code
 ``#{m : bound[m] <= u}``; so for the same uniform, training and the data-driven twin read the same code, and
 probabilities are resolved to 2**-32 in both. The search runs on a guide table (Chen and Asau's indexed search):
@@ -28,12 +29,13 @@ coarser ADC the slope of its staircase averaged over one step.
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import torch
@@ -66,6 +68,89 @@ def file_sha256(path: str | os.PathLike) -> str:
 def uniform32(rng: np.random.Generator, n: int) -> np.ndarray:
     """``n`` uniform 32-bit integers as int32 bit patterns: the bit generator's raw 64-bit outputs cut in two."""
     return rng.bit_generator.random_raw((n + 1) // 2).view(np.int32)[:n]
+
+
+STREAMS = ("pcg64", "device")
+"""Random streams of a layer's sampled codes: ``pcg64`` (numpy, on the CPU; what the twin's sampler uses, copied to
+the layer's device when it is not the CPU) or ``device`` (a torch generator on the layer's device: Philox on CUDA)."""
+
+
+class TorchStream:
+    """A random stream on a torch device: 32-bit uniforms and normals drawn where the layer computes (Philox on
+    CUDA), so sampling on a GPU moves no random numbers across the bus. Deterministic given its seed and device.
+
+    Args:
+        seed: the stream's seed (a 63-bit integer).
+        device: where the numbers are drawn.
+    """
+
+    def __init__(self, seed: int, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(int(seed))
+
+    def uniform32(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Uniform 32-bit integers (int32 bit patterns) of ``shape`` on the stream's device."""
+        return torch.randint(-(1 << 31), 1 << 31, shape, dtype=torch.int32, device=self.device,
+                             generator=self.generator)
+
+    def normal(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Standard normal float32 numbers of ``shape`` on the stream's device."""
+        return torch.randn(shape, dtype=torch.float32, device=self.device, generator=self.generator)
+
+    @property
+    def state(self) -> dict[str, str]:
+        """The generator's state as JSON-friendly text (for training states)."""
+        raw = self.generator.get_state().numpy().tobytes()
+        return {"torch_stream": str(self.device.type), "state": base64.b64encode(raw).decode("ascii")}
+
+    @state.setter
+    def state(self, value: dict[str, str]) -> None:
+        raw = np.frombuffer(base64.b64decode(value["state"]), dtype=np.uint8).copy()
+        self.generator.set_state(torch.from_numpy(raw))
+
+
+Stream: TypeAlias = np.random.Generator | TorchStream
+
+
+def make_stream(seed: int, kind: str, device: torch.device) -> Stream:
+    """A layer's random stream of kind ``pcg64`` or ``device`` (see ``STREAMS``), seeded with ``seed``."""
+    if kind == "pcg64":
+        return np.random.Generator(np.random.PCG64(int(seed)))
+    if kind == "device":
+        return TorchStream(seed, device)
+    raise ConfigError(f"random stream {kind!r} is not one of {', '.join(STREAMS)}")
+
+
+def draw_uniform32(rng: Stream, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Uniform 32-bit integers (int32 bit patterns) of ``shape`` on ``device`` from a layer's stream."""
+    if isinstance(rng, TorchStream):
+        return rng.uniform32(shape)
+    n = int(np.prod(shape))
+    return torch.from_numpy(uniform32(rng, n)).reshape(shape).to(device)
+
+
+def draw_normal(rng: Stream, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Standard normal float32 numbers of ``shape`` on ``device`` from a layer's stream."""
+    if isinstance(rng, TorchStream):
+        return rng.normal(shape)
+    n = int(np.prod(shape))
+    return torch.from_numpy(rng.standard_normal(n, dtype=np.float32)).reshape(shape).to(device)
+
+
+def stream_state(rng: Stream) -> dict[str, Any]:
+    """A stream's state as JSON-friendly data (numpy: its bit generator's state dict)."""
+    return rng.state if isinstance(rng, TorchStream) else rng.bit_generator.state
+
+
+def set_stream_state(rng: Stream, state: dict[str, Any]) -> None:
+    """Put a state from ``stream_state`` back (ValueError when it is another kind of stream's)."""
+    if isinstance(rng, TorchStream) != ("torch_stream" in state):
+        raise ValueError("the saved random stream is of another kind (pcg64 vs device) than the layer's")
+    if isinstance(rng, TorchStream):
+        rng.state = state
+    else:
+        rng.bit_generator.state = state
 
 
 def smoothing_half_width(spec: MacroSpec) -> float:
@@ -153,7 +238,7 @@ class TransferInfo:
 
 class Transfer:
     """An ADC transfer for the CIM layers (see the module docstring). Build with ``ideal``, ``from_model`` or
-    ``load``; all tables live on the CPU as torch tensors.
+    ``load``; the tables are torch tensors on the CPU, or on ``device`` for a copy from ``to``.
 
     Attributes:
         spec: the macro.
@@ -175,6 +260,8 @@ class Transfer:
         self.kind = kind
         self.pooled = pooled
         self.info = info or TransferInfo(kind, pooled)
+        self.device = torch.device("cpu")
+        self._placed: dict[str, dict[str, torch.Tensor]] = {}
         L = spec.n_levels
         self.n_tables = 1 if pooled else spec.physical_cols
         if mean.shape != (self.n_tables, L):
@@ -336,6 +423,24 @@ class Transfer:
         # bound - 1 as signed int32 after flipping the top bit; bounds of 0 are never compared (see steps)
         self.cum = torch.from_numpy((np.maximum(padded - 1, 0) - (1 << 31)).ravel().astype(np.int32))
 
+    TABLES = ("slope_table", "ideal_table", "guide", "cum", "mu_table", "sigma_table")
+    """The attributes that hold the torch tables (those a transfer of its kind has)."""
+
+    def to(self, device: torch.device | str) -> Transfer:
+        """This transfer with its tables on ``device`` (a shallow copy; the moved tables are kept, so switching a
+        layer between chips on a GPU copies each chip's tables once)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        key = str(device)
+        if key not in self._placed:
+            self._placed[key] = {name: getattr(self, name).to(device) for name in self.TABLES if hasattr(self, name)}
+        out = copy.copy(self)
+        for name, table in self._placed[key].items():
+            setattr(out, name, table)
+        out.device = device
+        return out
+
     def trimmed(self, trim: ColumnTrim | None) -> Transfer:
         """This chip with its codes trimmed per physical column in the recombination (a shallow copy sharing the
         tables; None: untrimmed)."""
@@ -366,7 +471,7 @@ class Transfer:
             rows.mul_(self.n_tables).add_(tables)
         return rows
 
-    def codes(self, levels: torch.Tensor, tables: torch.Tensor, rng: np.random.Generator | None) -> torch.Tensor:
+    def codes(self, levels: torch.Tensor, tables: torch.Tensor, rng: Stream | None) -> torch.Tensor:
         """Codes (integer tensor: float32 levels for a lossless ideal ADC, uint8/int32 otherwise) for levels
         [..., n] (float32, integers 0..s_max) of columns with table index ``tables`` [n] (``table_index``).
 
@@ -380,14 +485,13 @@ class Transfer:
         if rng is None:
             raise ConfigError(f"a {self.kind} transfer needs a random generator")
         rows = self._rows(levels, tables)
-        n = levels.numel()
         if self.kind == "gaussian":
-            z = torch.from_numpy(rng.standard_normal(n, dtype=np.float32)).reshape(levels.shape)
+            z = draw_normal(rng, tuple(levels.shape), levels.device)
             flat = rows.reshape(-1)
             z.mul_(self.sigma_table.index_select(0, flat).reshape(levels.shape))
             z.add_(self.mu_table.index_select(0, flat).reshape(levels.shape)).round_()
             return z.clamp_(0.0, float(self.spec.adc_max))
-        u = torch.from_numpy(uniform32(rng, n)).reshape(levels.shape)
+        u = draw_uniform32(rng, tuple(levels.shape), levels.device)
         return self.codes_from_uniforms(levels, tables, u, rows)
 
     def codes_from_uniforms(self, levels: torch.Tensor, tables: torch.Tensor, u: torch.Tensor,
@@ -409,7 +513,7 @@ class Transfer:
             return code
         code = entry
         if self.guide_steps:
-            signed = u ^ torch.tensor(-(1 << 31), dtype=torch.int32)
+            signed = u ^ torch.tensor(-(1 << 31), dtype=torch.int32, device=u.device)
             base = rows.mul_(self.spec.n_codes)
             for _ in range(self.guide_steps):
                 code.add_(signed > self.cum.index_select(0, (base + code).reshape(-1)).reshape(shape))
@@ -443,5 +547,6 @@ def check_spec(expected: MacroSpec, got: MacroSpec, what: str) -> None:
         raise ArtifactError(f"{what} is for another MacroSpec ({diff})")
 
 
-__all__ = ["KINDS", "ColumnTrim", "Transfer", "TransferInfo", "check_spec", "file_sha256", "smoothed_transfer",
-           "smoothing_half_width"]
+__all__ = ["KINDS", "STREAMS", "ColumnTrim", "Stream", "TorchStream", "Transfer", "TransferInfo", "check_spec",
+           "draw_normal", "draw_uniform32", "file_sha256", "make_stream", "set_stream_state", "smoothed_transfer",
+           "smoothing_half_width", "stream_state"]

@@ -8,7 +8,9 @@ READ_WEIGHTS by moving buffer records, so HELLO, registers and a weight round tr
 
 from __future__ import annotations
 
+import json
 import types
+from pathlib import Path
 
 import numpy as np
 from cimlab.firmware_bridge.fabric import FabricLayout
@@ -20,6 +22,7 @@ from cimlab.firmware_bridge.registers import (
     IN_BUF_BASE,
     OUT_BUF_BASE,
     REGISTERS,
+    REGMAP_VERSION,
     SEQ_DONE,
     SEQ_READ_WEIGHTS,
     SEQ_WRITE_WEIGHTS,
@@ -148,3 +151,24 @@ def make_fake_pynq(fabric: FakeFabric, ip_name: str = "cimlab_ctrl_0") -> types.
 def fake_id_magic() -> int:
     """The ID a cimlab fabric reports."""
     return ID_MAGIC
+
+
+SPEC = MacroSpec(rows=24, cols=5, rows_per_conversion=8)
+
+
+def write_manifest(folder: Path, **changes: object) -> dict:
+    """A bitstreams folder's manifest with one overlay, ``cimlab_ctrl``."""
+    entry = {
+        "name": "cimlab_ctrl",
+        "file": "cimlab_ctrl.bit",
+        "sha256": None,
+        "hwh": "cimlab_ctrl.hwh",
+        "hwh_sha256": None,
+        "regmap_version": REGMAP_VERSION,
+        "profile": "default",
+        "build_id": None,
+        "interfaces": {"ctrl": "cimlab_ctrl_0"},
+    }
+    entry.update(changes)
+    (folder / "manifest.json").write_text(json.dumps({"manifest_version": 2, "overlays": [entry]}))
+    return entry

@@ -2,36 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
-from board_fakes import FakeFabric, make_fake_pynq
+from board_fakes import SPEC, FakeFabric, make_fake_pynq, write_manifest
 from cimlab.firmware_bridge.overlay import sha256_file
-from cimlab.firmware_bridge.registers import REGMAP_VERSION
-from cimlab.firmware_bridge.spec import MacroSpec
-
-SPEC = MacroSpec(rows=24, cols=5, rows_per_conversion=8)
-
-
-def write_manifest(folder: Path, **changes: object) -> dict:
-    """A bitstreams folder's manifest with one overlay, ``cimlab_ctrl``."""
-    entry = {
-        "name": "cimlab_ctrl",
-        "file": "cimlab_ctrl.bit",
-        "sha256": None,
-        "hwh": "cimlab_ctrl.hwh",
-        "hwh_sha256": None,
-        "regmap_version": REGMAP_VERSION,
-        "profile": "default",
-        "build_id": None,
-        "interfaces": {"ctrl": "cimlab_ctrl_0"},
-    }
-    entry.update(changes)
-    (folder / "manifest.json").write_text(json.dumps({"manifest_version": 2, "overlays": [entry]}))
-    return entry
-
 
 @pytest.fixture
 def board(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

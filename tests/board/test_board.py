@@ -28,7 +28,7 @@ from cimlab.firmware_bridge.messages import Status
 from cimlab.firmware_bridge.overlay import BITSTREAMS_DIR, check_overlay, load_manifest, open_board
 from cimlab.firmware_bridge.registers import REGMAP_VERSION, SEQ_WRITE_WEIGHTS
 from cimlab.links import open_link
-from conftest import SPEC, write_manifest
+from board_fakes import SPEC, write_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 
