@@ -20,11 +20,15 @@ def make_twin(
     profile: str | os.PathLike = "default",
     seed: int = 0,
     overrides: Mapping[str, str | int | float | bool] | None = None,
+    device: str = "cpu",
 ) -> TwinController:
-    """A twin controller for a bundled profile name or a TOML file, with ``seed`` and parameter overrides.
+    """A twin controller for a bundled profile name or a TOML file, with ``seed`` and parameter overrides; its fast
+    path runs on ``device`` (``"cpu"``, or ``"cuda"``/``"cuda:N"`` with torch: the same codes).
 
     Raises:
-        ConfigError: unknown profile or parameter, a value outside its allowed range (named in the message).
+        ConfigError: unknown profile, parameter or device, a value outside its allowed range (named in the
+            message).
         ArtifactError: the profile's error model file is missing or invalid.
+        BackendUnavailable: a GPU device without torch or without that GPU.
     """
-    return TwinController(load_profile(profile, overrides), seed)
+    return TwinController(load_profile(profile, overrides), seed, device)

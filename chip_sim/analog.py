@@ -27,13 +27,14 @@ import functools
 import math
 import statistics
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import numpy as np
 
 from cimlab.chip_sim.config import AnalogParams
 from cimlab.chip_sim.devices import DeviceParams
 from cimlab.chip_sim.rng import VectorStream, static_generator
-from cimlab.firmware_bridge.errmodel import ErrorModel
+from cimlab.firmware_bridge.errmodel import CodeSampler, ErrorModel
 from cimlab.firmware_bridge.errors import ConfigError
 from cimlab.firmware_bridge.spec import MacroSpec
 
@@ -54,6 +55,26 @@ def normal_quantiles() -> np.ndarray:
     table = np.array([nd.inv_cdf((i + 0.5) / n) for i in range(n)], dtype=np.float64)
     table.setflags(write=False)
     return table
+
+
+@dataclass(frozen=True)
+class FusedConversion:
+    """``Converter.convert`` as tables, for the fused engines (``cimlab.chip_sim.fastpath``), which replay it exactly.
+
+    Attributes:
+        item_bytes: bytes of the random item each conversion reads now (0: none is read, none is drawn).
+        scale, shift, noise, lut: the analytic converter's float32 scale and shift per column, its noise table
+            (None without noise) and its ADC look-up table (``kind == "analytic"``).
+        sampler: the data-driven converter's sampler (``kind == "sampled"``).
+    """
+
+    kind: str
+    item_bytes: int
+    scale: np.ndarray | None = None
+    shift: np.ndarray | None = None
+    noise: np.ndarray | None = None
+    lut: np.ndarray | None = None
+    sampler: CodeSampler | None = None
 
 
 class Converter(ABC):
@@ -77,6 +98,10 @@ class Converter(ABC):
     @abstractmethod
     def convert_one(self, s: int, j: int, item: int) -> int:
         """One conversion: integer partial sum ``s`` of column ``j`` and its random item -> its code."""
+
+    @abstractmethod
+    def fused(self) -> FusedConversion:
+        """``convert`` at the present conditions, as tables for the fused engines."""
 
     def stream(self, seed: int) -> VectorStream | None:
         """The per-vector random stream this converter needs (None when it needs none)."""
@@ -209,6 +234,11 @@ class AnalyticConverter(Converter):
             np.add(sums, noise.transpose(2, 0, 1, 3), out=sums)
         return self.lut.take(sums.astype(np.intp), mode="clip")
 
+    def fused(self) -> FusedConversion:
+        noisy = self.noise_table is not None and self.item_dtype is not None
+        return FusedConversion("analytic", self.item_dtype.itemsize if noisy else 0,  # type: ignore[union-attr]
+                               scale=self.scale, shift=self.shift, noise=self.noise_table, lut=self.lut)
+
     def convert_one(self, s: int, j: int, item: int) -> int:
         t = np.float32(s) * self.scale[j]
         t = t + self.shift[j]
@@ -248,6 +278,9 @@ class DataDrivenConverter(Converter):
         levels = sums.astype(np.intp)  # exact integers 0 .. s_max by construction
         codes = self.sampler.sample_bits(levels, items.transpose(2, 0, 1, 3), check=False)
         return codes.astype(self.code_dtype, copy=False)
+
+    def fused(self) -> FusedConversion:
+        return FusedConversion("sampled", self.item_dtype.itemsize, sampler=self.sampler)
 
     def convert_one(self, s: int, j: int, item: int) -> int:
         return self.sampler.sample_one(s, j, item)

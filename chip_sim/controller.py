@@ -2,9 +2,9 @@
 
 Two execution paths give identical codes, cycle counts and energy for the same seed and operations:
 
-- ``fast`` (default): whole batches at once, in chunks of vectors that keep temporaries around
-  ``CHUNK_CONVERSIONS`` conversions (see ``chunk_vectors``); partial sums by float32 BLAS (exact integers),
-  then the converter.
+- ``fast`` (default): whole batches at once through an engine of ``cimlab.chip_sim.fastpath``: on the CPU one fused
+  kernel computes the partial sums (exact integers), converts them and recombines the codes tile by tile, with
+  the random items drawn in place; with ``device="cuda"`` the same operations run with torch on a GPU.
 - ``reference``: ``cimlab.chip_sim.fsm.ReferenceFSM`` advances the controller one clock at a time and computes each
   conversion on its own with integer sums (slow; for tests on small macros).
 
@@ -28,7 +28,6 @@ depend only on the key and the operations since (a characterization sweep writes
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,11 +37,12 @@ import numpy as np
 
 from cimlab.chip_sim.analog import AnalyticConverter, Converter, DataDrivenConverter
 from cimlab.chip_sim.config import Profile
+from cimlab.chip_sim.fastpath import make_engine
 from cimlab.chip_sim.rng import check_seed
 from cimlab.chip_sim.rtl.params import fabric_layout, fabric_timing
 from cimlab.firmware_bridge.controller import Controller, Counters, Identity, OpCost
 from cimlab.firmware_bridge.errmodel import ErrorModel
-from cimlab.firmware_bridge.fabric import Activity, input_activity
+from cimlab.firmware_bridge.fabric import Activity
 from cimlab.firmware_bridge.errors import DeviceError, ShapeError
 from cimlab.firmware_bridge.files import package_version
 from cimlab.firmware_bridge.messages import Status
@@ -51,12 +51,6 @@ from cimlab.firmware_bridge.registers import BY_NAME, REGISTERS, check_write, ho
 if TYPE_CHECKING:
     from cimlab.chip_sim.fsm import ReferenceFSM
 
-CHUNK_CONVERSIONS = 1 << 19
-"""Conversions per chunk of the fast path (bounds its temporaries to a few MiB)."""
-MIN_GEMM_ROWS = 64
-"""Fewest input-slice rows per BLAS call in the fast path."""
-RECOMBINE_ELEMENTS = 1 << 21
-"""Per-plane code sums gathered before one ``MacroSpec.recombine`` call (its overhead is per call)."""
 _ID_MAX = 255  # HELLO's identity strings are Pascal strings with a one-byte length
 _NOISE_SEED = BY_NAME["NOISE_SEED"].addr
 
@@ -79,12 +73,18 @@ class TwinController(Controller):
     Args:
         profile: the twin's configuration.
         seed: seeds the static mismatch and the per-conversion randomness, 0..2**64-1.
+        device: where the fast path runs: ``"cpu"`` or a torch GPU device (``"cuda"``, ``"cuda:N"``); the codes
+            are the same on every device.
+
+    Raises:
+        ConfigError: an unknown device. BackendUnavailable: a GPU device without torch.
     """
 
-    def __init__(self, profile: Profile, seed: int = 0) -> None:
+    def __init__(self, profile: Profile, seed: int = 0, device: str = "cpu") -> None:
         self.profile = profile
         self.spec = profile.spec
         self.seed = check_seed(seed)
+        self.device = device
         spec = self.spec
         self.converter: Converter
         if profile.error_model:
@@ -92,6 +92,7 @@ class TwinController(Controller):
         else:
             self.converter = AnalyticConverter(spec, profile.analog, self.seed, profile.device)
         self._stream = self.converter.stream(self.seed)
+        self._engine = make_engine(spec, device)
         self.layout = fabric_layout(profile)
         self.timing = fabric_timing(profile)
         self.busy = False
@@ -218,6 +219,7 @@ class TwinController(Controller):
         self._compute[row0 : row0 + n] = compute
         self._rowsum[row0 : row0 + n] = digits.sum(axis=1, dtype=np.int64)
         self._w32.reshape(self._rows_pad, -1)[row0 : row0 + n] = compute
+        self._engine.weights_changed(row0, n)
 
     def write_weights(self, row_start: int, weights: np.ndarray) -> None:
         spec = self.spec
@@ -294,64 +296,27 @@ class TwinController(Controller):
         g0, g1 = self.spec.group_span(row_start, n_rows)
         return self.layout.vector_cycles(g1 - g0, raw, self.timing)
 
-    @property
-    def chunk_vectors(self) -> int:
-        """Vectors the fast path processes at a time: ``CHUNK_CONVERSIONS`` conversions, but enough vectors to
-        give each BLAS call at least ``MIN_GEMM_ROWS`` rows (small matrix products waste the BLAS)."""
-        spec = self.spec
-        return max(1, CHUNK_CONVERSIONS // spec.conversions_per_vector, math.ceil(MIN_GEMM_ROWS / spec.n_planes))
-
-    def _planes(self, row_start: int, x: np.ndarray, g0: int, g1: int) -> np.ndarray:
-        """Inputs [n, n_rows] -> input slices of the rows of groups g0..g1-1 [n, P, (g1-g0) * R] (uint8/16)."""
-        R = self.spec.rows_per_conversion
-        full = np.zeros((x.shape[0], (g1 - g0) * R), dtype=x.dtype)
-        first = row_start - g0 * R
-        full[:, first : first + x.shape[1]] = x
-        return self.spec.inputs_to_planes(full)
-
     def _fast(self, row_start: int, x: np.ndarray, *, raw: bool) -> tuple[np.ndarray, Tally]:
         spec = self.spec
         batch, n_rows = x.shape
-        P, G, R = spec.n_planes, spec.n_groups, spec.rows_per_conversion
-        K, C, J = spec.n_slices, spec.cols, spec.physical_cols
+        P, K, C = spec.n_planes, spec.n_slices, spec.cols
         g0, g1 = spec.group_span(row_start, n_rows)
         Gs = g1 - g0
-        w32 = self._w32[g0:g1]
+        rng_state = self._stream.pcg_state() if self._stream is not None else None
+        result, events = self._engine.mac(x, row_start, g0, g1, self._w32, self._rowsum, self.converter.fused(),
+                                          rng_state, self.vector_counter, raw=raw)
+        self.vector_counter += batch
         if raw:
-            out = np.empty((batch, *spec.raw_shape_for(row_start, n_rows)), dtype=spec.code_dtype)
+            out = result.reshape(batch, P, Gs, K, C)
         else:
-            out = np.empty((batch, C), np.int32)
-        chunk = self.chunk_vectors
-        flush = max(chunk, RECOMBINE_ELEMENTS // (P * K * C))
-        pending: list[np.ndarray] = []
-        for b0 in range(0, batch, chunk):
-            xb = x[b0 : b0 + chunk]
-            n = xb.shape[0]
-            planes = self._planes(row_start, xb, g0, g1)  # [n, P, Gs * R]
-            xg = planes.reshape(n * P, Gs, R).transpose(1, 0, 2).astype(np.float32)  # [Gs, n*P, R]
-            sums = np.matmul(xg, w32)  # [Gs, n*P, J], exact integers
-            items = None
-            if self._stream is not None:
-                # a vector's items cover every group; the spanned groups use theirs
-                items = self._stream.draw(self.vector_counter, n).reshape(n, P, G, J)[:, :, g0:g1]
-            self.vector_counter += n
-            codes = self.converter.convert(sums.reshape(Gs, n, P, J), items)  # [Gs, n, P, J]
-            if raw:
-                out[b0 : b0 + n] = codes.reshape(Gs, n, P, K, C).transpose(1, 2, 0, 3, 4)
-            else:
-                # summing the row groups first is exact; recombine() then weights slices and planes
-                pending.append(codes.sum(axis=0, dtype=np.int32).reshape(n, P, 1, K, C))
-                if sum(a.shape[0] for a in pending) >= flush or b0 + n >= batch:
-                    per_plane = np.concatenate(pending)
-                    first = b0 + n - per_plane.shape[0]
-                    out[first : b0 + n] = self._recombine(per_plane, x[first : b0 + n])
-                    pending = []
-        pulses, level_sum = input_activity(spec, self._rowsum, row_start, x)
+            # result[b, k * C + c]: codes summed over groups and planes, each plane weighted
+            acc = np.einsum("bkc,k->bc", result.reshape(batch, K, C), spec.slice_weights())
+            out = spec.scale_accumulated(acc, x).astype(np.int32)
         tally = Tally(
             cycles=self.layout.mac_cycles(batch, Gs, raw, self.timing),
-            conversions=batch * P * Gs * J,
-            level_sum=level_sum,
-            wordline_pulses=pulses,
+            conversions=batch * P * Gs * spec.physical_cols,
+            level_sum=int(events[:, 0].sum()),
+            wordline_pulses=int(events[:, 1].sum()),
             vectors=batch,
         )
         return out, tally

@@ -54,6 +54,13 @@ class VectorStream:
         """Draw from the stream of (seed, ``key``) from now on: another stream, as addressable as the first."""
         self._seed_seq = np.random.SeedSequence([self.seed, DOMAIN_CONVERSION, int(key)])
 
+    def pcg_state(self) -> np.ndarray:
+        """The stream's PCG64 state before its first word, as uint64 [state hi, state lo, increment hi, increment
+        lo]: what the fused engines (``cimlab.chip_sim.kernels``) start from to draw the same words."""
+        st = np.random.PCG64(self._seed_seq).state["state"]
+        mask = (1 << 64) - 1
+        return np.array([st["state"] >> 64, st["state"] & mask, st["inc"] >> 64, st["inc"] & mask], dtype=np.uint64)
+
     def draw(self, first: int, n: int) -> np.ndarray:
         """Items of vectors ``first .. first+n-1``: array [n, per_vector] of ``dtype``."""
         bg = np.random.PCG64(self._seed_seq)

@@ -127,10 +127,12 @@ def sim() -> None:
               help="python: the Python twin; rtl: the RTL (bitstreams/rtl) simulated behind the board's device end.")
 @click.option("--simulator", type=click.Choice(["verilator"]), default="verilator", show_default=True,
               help="With --backend rtl: the simulator.")
+@click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]",
+              help="With --backend python: where the twin's fast path runs; cuda (torch, a GPU) gives the same codes.")
 @cim_errors
 def sim_serve(use_pty: bool, tcp_addr: str | None, profile: str, seed: int, sets: tuple[str, ...],
               baud: int | None, max_payload: int, allow_remote: bool, server_token_file: str | None,
-              idle_timeout: float, smu_addr: str | None, backend: str, simulator: str) -> None:
+              idle_timeout: float, smu_addr: str | None, backend: str, simulator: str, device: str) -> None:
     """Serve a twin until stopped (Ctrl-C or SIGTERM). The first line of stdout is where to connect.
 
     Over TCP one host is served at a time: another is refused at once (BUSY), and a host idle for --idle-timeout
@@ -146,13 +148,15 @@ def sim_serve(use_pty: bool, tcp_addr: str | None, profile: str, seed: int, sets
     if backend == "rtl":
         if smu_addr:
             raise ConfigError("--smu serves the Python twin's supply; it is not available with --backend rtl")
+        if device != "cpu":
+            raise ConfigError("--device applies to the Python twin; it is not available with --backend rtl")
         from cimlab.cli_board import serve_rtl
 
         serve_rtl(use_pty=use_pty, host=host, port=port, profile=profile, seed=seed, overrides=parse_sets(sets),
                   baud=baud, max_payload=max_payload, simulator=simulator, token=token, allow_remote=allow_remote,
                   idle_timeout_s=idle_timeout)
         return
-    controller = chip_sim.make_twin(profile, seed, parse_sets(sets))
+    controller = chip_sim.make_twin(profile, seed, parse_sets(sets), device=device)
     stop = threading.Event()
     smu_resource = ""
     if smu_addr:

@@ -11,6 +11,8 @@
 #   backend=python|rtl  python: the Python twin in this process (default); rtl: the RTL of bitstreams/rtl in a
 #                       simulator process (cocotb), behind the same bridge and board controller a PYNQ board runs
 #   simulator=NAME      with backend=rtl: verilator (the default and, for now, the only one)
+#   device=cpu|cuda[:N] with backend=python: where the twin's fast path runs (default cpu); cuda needs torch and
+#                       a GPU, and gives the same codes as the CPU
 """The twin in-process, still through real frames.
 
 ``write`` feeds the bytes to a ``cimlab.firmware_bridge.bridge.Bridge`` in front of the twin's controller and queues
@@ -40,8 +42,9 @@ DEFAULT_PROFILE = "default"
 MIN_PAYLOAD = 256
 
 
-def twin_controller(profile: str, seed: int, overrides: dict[str, str]) -> Controller:
-    """The twin's controller from ``cimlab.chip_sim.make_twin`` (imported only now, so host does not need chip_sim)."""
+def twin_controller(profile: str, seed: int, overrides: dict[str, str], device: str = "cpu") -> Controller:
+    """The twin's controller from ``cimlab.chip_sim.make_twin`` (imported only now, so host does not need chip_sim),
+    its fast path on ``device``."""
     try:
         from cimlab import chip_sim
     except ImportError as err:
@@ -49,7 +52,7 @@ def twin_controller(profile: str, seed: int, overrides: dict[str, str]) -> Contr
     make_twin = getattr(chip_sim, "make_twin", None)
     if make_twin is None:
         raise BackendUnavailable("sim:// needs chip_sim.make_twin, which this chip_sim does not provide")
-    return make_twin(profile, seed, overrides)
+    return make_twin(profile, seed, overrides, device=device)
 
 
 def rtl_twin(profile: str, seed: int, overrides: dict[str, str], simulator: str, max_payload: int):  # noqa: ANN201
@@ -91,8 +94,11 @@ class SimLink(Link):
         params.pop("max_payload", None)
         backend = params.pop("backend", "python")
         simulator = params.pop("simulator", "verilator")
+        device = params.pop("device", "cpu")
         if backend not in ("python", "rtl"):
             raise ConfigError(f"{where}: backend={backend!r} is not python or rtl")
+        if device != "cpu" and (backend == "rtl" or make_controller is not None):
+            raise ConfigError(f"{where}: device={device!r} applies to the Python twin (backend=python) only")
         self.overrides = params
         self._cond = threading.Condition()
         self._rx = bytearray()
@@ -100,8 +106,10 @@ class SimLink(Link):
         if backend == "rtl":  # the bridge runs in the simulator process, as on a board's processor
             self.rtl = rtl_twin(self.profile, self.seed, dict(params), simulator, max_payload)
             return
-        factory = make_controller if make_controller is not None else twin_controller
-        self.controller = factory(self.profile, self.seed, dict(params))
+        if make_controller is not None:
+            self.controller = make_controller(self.profile, self.seed, dict(params))
+        else:
+            self.controller = twin_controller(self.profile, self.seed, dict(params), device)
         self.bridge = Bridge(self.controller, max_payload=max_payload)
 
     def _write(self, data: memoryview) -> None:

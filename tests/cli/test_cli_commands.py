@@ -74,10 +74,11 @@ def test_check_over_a_served_pty_in_another_process() -> None:
     assert last_json(proc.stdout)["ok"]
 
 
-def test_info_does_not_import_torch() -> None:
+@pytest.mark.parametrize("args", [["info", "--json"], ["info", "--link", "sim://?device=cpu", "--json"]])
+def test_info_does_not_import_torch(args: list[str]) -> None:
     code = (
         "import sys; from click.testing import CliRunner; from cimlab.cli import cli; "
-        "r = CliRunner().invoke(cli, ['info', '--json']); assert r.exit_code == 0, r.output; "
+        f"r = CliRunner().invoke(cli, {args!r}); assert r.exit_code == 0, r.output; "
         "print('torch' in sys.modules)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -93,6 +94,8 @@ def test_info_does_not_import_torch() -> None:
         (("sim", "serve", "--tcp", "localhost"), "HOST:PORT"),
         (("info", "--link", "sim://?profile=ideal&rows=0"), "rows"),
         (("info", "--link", "sim://?profile=no-such-profile"), "no-such-profile"),
+        (("sim", "serve", "--pty", "--device", "tpu"), "device='tpu'"),
+        (("sim", "serve", "--pty", "--backend", "rtl", "--device", "cuda"), "--device applies to the Python twin"),
     ],
 )
 def test_bad_arguments_are_named(args: tuple[str, ...], message: str) -> None:

@@ -78,7 +78,7 @@ class FakeController(Controller):
 def fake_factory(made: list[tuple[str, int, dict[str, str]]] | None = None):
     """A ``make_controller`` hook that records its arguments and builds FakeControllers."""
 
-    def make(profile: str, seed: int, overrides: dict[str, str]) -> Controller:
+    def make(profile: str, seed: int, overrides: dict[str, str], device: str = "cpu") -> Controller:
         if made is not None:
             made.append((profile, seed, dict(overrides)))
         return FakeController()

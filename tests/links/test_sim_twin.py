@@ -63,6 +63,8 @@ def test_weights_round_trip_and_an_ideal_mac():
     [
         ("sim://?profile=no-such-profile", ["no-such-profile"]),
         ("sim://?bogus_param=1", ["bogus_param"]),
+        ("sim://?device=tpu", ["device='tpu'", "cuda"]),
+        ("sim://?backend=rtl&device=cuda", ["device='cuda'", "backend=python"]),
     ],
 )
 def test_twin_rejects_bad_profiles_and_parameters(url, words):
@@ -70,3 +72,20 @@ def test_twin_rejects_bad_profiles_and_parameters(url, words):
         open_link(url)
     for word in words:
         assert word in str(info.value)
+
+
+def test_cuda_device_without_a_gpu_is_backend_unavailable():
+    pytest.importorskip("torch")
+    import torch
+
+    from cimlab.firmware_bridge.errors import BackendUnavailable
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the device opens")
+    with pytest.raises(BackendUnavailable, match="device='cuda'"):
+        open_link("sim://?device=cuda")
+
+
+def test_device_cpu_mac_through_frames():
+    with open_link("sim://?profile=ideal&rows=64&cols=8&device=cpu") as link:
+        assert _hello(link).spec.rows == 64

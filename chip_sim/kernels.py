@@ -1,0 +1,550 @@
+"""The fused fast path of the twin's MAC on the CPU, compiled by numba (on first use, cached beside this file).
+
+A batch is cut into chunks of vectors (shared out among threads, each running the kernel without the GIL) and each
+chunk into row groups and tiles of columns (``cimlab.chip_sim.fastpath.plan_for`` sizes both to the caches). Per chunk the kernel
+
+1. draws the chunk's random items straight from the PCG64 stream of ``cimlab.chip_sim.rng.VectorStream``: the same
+   128-bit LCG and XSL-RR output as numpy's ``PCG64.random_raw``, each vector's words jumped to at once
+   (``pcg_advance``) and four vectors' streams stepped side by side (independent multiply chains);
+2. turns each vector's input slices into row patterns: ``block_rows`` rows' slices of one plane packed into one
+   small integer per (plane, row group, block);
+3. per row group and tile of columns, and per (vector, plane) of the chunk, sums the compute weights of the
+   pattern of every block from the pattern tables (``build_tables``: the sum of the weights each pattern selects,
+   one row per pattern, exact integers in float32); where a pattern would be too wide it sums the rows one by one;
+4. converts the tile's sums at once, 16 lanes at a time with vector gathers for the table look-ups: the analytic
+   converter's three float32 operations, noise-table and ADC look-ups, or the data-driven converter's
+   inverse-CDF draw (most conversions read their row's most likely code; the others run a binary search).
+   The analytic code is a nondecreasing function of the noise item (the noise table is sorted), so both ends of
+   the item's bin (small tables that stay in L1) decide it, with one look-up that gives the code and the
+   distance to the next code; only where a threshold lies between them (about 0.1 % of conversions) is the
+   item's own entry of the 256 KiB noise table read;
+5. writes the codes (MAC_RAW) or adds them, weighted by their input slice, to the vector's column sums (MAC).
+
+Partial sums are sums of integers below 2**24, exact in float32 in any order; after them every step is the one
+``Converter.convert`` defines, in the same order and precision (no fast-math, so no fused multiply-add), so the
+codes are bit-identical to the numpy definition and to the reference mode.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+PCG_MULT_HI = np.uint64(0x2360ED051FC65DA4)
+PCG_MULT_LO = np.uint64(0x4385DF649FCCF645)
+"""numpy's PCG64 multiplier (PCG_DEFAULT_MULTIPLIER_128), split in 64-bit halves."""
+
+KIND_ANALYTIC = 0
+KIND_SAMPLED = 1
+STAGE_ITEMS, STAGE_SUMS, STAGE_SCALE, STAGE_LOOKUP, STAGE_OUT = 1, 2, 3, 4, 5
+"""The kernel's stages, in order: random items, partial sums, scale/offset/noise, ADC or sampler look-up, codes
+out (written, or weighted into the column sums). ``fused_mac`` runs the first ``stages`` of them after the input
+patterns; the benchmark times it with fewer to see where the time goes."""
+ALL_STAGES = STAGE_OUT
+LANES = 16
+"""Lanes of one vector gather (a 512-bit register of 32-bit values; narrower machines split it)."""
+STREAMS = 4
+"""PCG64 streams (vectors) stepped side by side when drawing a chunk's items."""
+
+_I1 = ir.IntType(1)
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_I128 = ir.IntType(128)
+
+
+# ---- 128-bit LCG (PCG64) ---------------------------------------------------------------------------------------
+def _wide(builder: ir.IRBuilder, hi: ir.Value, lo: ir.Value) -> ir.Value:
+    return builder.or_(builder.shl(builder.zext(hi, _I128), ir.Constant(_I128, 64)), builder.zext(lo, _I128))
+
+
+@intrinsic
+def _mul_add_128(typingctx, ahi, alo, bhi, blo, chi, clo):  # noqa: ANN001, ANN202, ARG001
+    """``(a * b + c) mod 2**128`` of 128-bit numbers given as (hi, lo) uint64 halves; returns (hi, lo)."""
+    u64 = types.uint64
+    sig = types.UniTuple(u64, 2)(u64, u64, u64, u64, u64, u64)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
+        a = _wide(builder, args[0], args[1])
+        b = _wide(builder, args[2], args[3])
+        c = _wide(builder, args[4], args[5])
+        r = builder.add(builder.mul(a, b), c)
+        lo = builder.trunc(r, _I64)
+        hi = builder.trunc(builder.lshr(r, ir.Constant(_I128, 64)), _I64)
+        return context.make_tuple(builder, signature.return_type, (hi, lo))
+
+    return sig, codegen
+
+
+@intrinsic
+def _xsl_rr(typingctx, hi, lo):  # noqa: ANN001, ANN202, ARG001
+    """PCG64's output function: ``rotr64(hi ^ lo, hi >> 58)``."""
+    sig = types.uint64(types.uint64, types.uint64)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
+        h, lo_ = args
+        x = builder.xor(h, lo_)
+        rot = builder.lshr(h, ir.Constant(_I64, 58))
+        back = builder.and_(builder.sub(ir.Constant(_I64, 64), rot), ir.Constant(_I64, 63))
+        return builder.or_(builder.lshr(x, rot), builder.shl(x, back))
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def pcg_advance(state: np.ndarray, delta: int) -> tuple[np.uint64, np.uint64]:
+    """The LCG state ``delta`` steps after ``state`` = [state hi, state lo, inc hi, inc lo] (numpy's
+    ``PCG64.advance``, Brown's jump-ahead); returns (hi, lo)."""
+    zero = np.uint64(0)
+    m_hi, m_lo = zero, np.uint64(1)  # accumulated multiplier
+    p_hi, p_lo = zero, zero  # accumulated increment
+    c_hi, c_lo = PCG_MULT_HI, PCG_MULT_LO
+    d_hi, d_lo = state[2], state[3]
+    while delta > 0:
+        if delta & 1:
+            m_hi, m_lo = _mul_add_128(m_hi, m_lo, c_hi, c_lo, zero, zero)
+            p_hi, p_lo = _mul_add_128(p_hi, p_lo, c_hi, c_lo, d_hi, d_lo)
+        d_hi, d_lo = _mul_add_128(c_hi, c_lo, d_hi, d_lo, d_hi, d_lo)  # (mult + 1) * inc
+        c_hi, c_lo = _mul_add_128(c_hi, c_lo, c_hi, c_lo, zero, zero)
+        delta >>= 1
+    return _mul_add_128(m_hi, m_lo, state[0], state[1], p_hi, p_lo)
+
+
+@njit(cache=True)
+def pcg_fill(out: np.ndarray, state: np.ndarray, first_word: int) -> None:
+    """``out[k]`` = raw word ``first_word + k`` of the PCG64 stream whose state (at word 0) is ``state``:
+    what ``PCG64.advance(first_word)`` then ``random_raw(out.size)`` give."""
+    hi, lo = pcg_advance(state, first_word)
+    inc_hi, inc_lo = state[2], state[3]
+    for k in range(out.size):
+        hi, lo = _mul_add_128(hi, lo, PCG_MULT_HI, PCG_MULT_LO, inc_hi, inc_lo)
+        out[k] = _xsl_rr(hi, lo)
+
+
+@njit(cache=True, nogil=True)
+def pcg_fill_vectors(out: np.ndarray, state: np.ndarray, first_vector: int) -> None:
+    """``out[b]`` [n, words] = the words of vector ``first_vector + b`` (words ``(first_vector + b) * words ..``),
+    ``STREAMS`` vectors' streams stepped side by side."""
+    n, words = out.shape
+    inc_hi, inc_lo = state[2], state[3]
+    mh, ml = PCG_MULT_HI, PCG_MULT_LO
+    b = 0
+    while b + STREAMS <= n:
+        h0, l0 = pcg_advance(state, (first_vector + b) * words)
+        h1, l1 = pcg_advance(state, (first_vector + b + 1) * words)
+        h2, l2 = pcg_advance(state, (first_vector + b + 2) * words)
+        h3, l3 = pcg_advance(state, (first_vector + b + 3) * words)
+        for k in range(words):
+            h0, l0 = _mul_add_128(h0, l0, mh, ml, inc_hi, inc_lo)
+            h1, l1 = _mul_add_128(h1, l1, mh, ml, inc_hi, inc_lo)
+            h2, l2 = _mul_add_128(h2, l2, mh, ml, inc_hi, inc_lo)
+            h3, l3 = _mul_add_128(h3, l3, mh, ml, inc_hi, inc_lo)
+            out[b, k] = _xsl_rr(h0, l0)
+            out[b + 1, k] = _xsl_rr(h1, l1)
+            out[b + 2, k] = _xsl_rr(h2, l2)
+            out[b + 3, k] = _xsl_rr(h3, l3)
+        b += STREAMS
+    for r in range(b, n):
+        pcg_fill(out[r], state, (first_vector + r) * words)
+
+
+# ---- vector gathers --------------------------------------------------------------------------------------------
+@intrinsic
+def _gather16(typingctx, table, index, start, out):  # noqa: ANN001, ANN202, ARG001
+    """``out[start : start + 16] = table[index[start : start + 16]]``: 32- or 64-bit elements, int32 indices, one
+    ``llvm.masked.gather`` (vector gathers where the machine has them, scalar loads elsewhere)."""
+    bits = table.dtype.bitwidth
+    if not (bits in (32, 64) and out.dtype == table.dtype and index.dtype == types.int32):
+        return None
+    sig = types.void(table, index, start, out)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        t_ty, i_ty, _, o_ty = signature.args
+        tab = context.make_array(t_ty)(context, builder, value=args[0])
+        ind = context.make_array(i_ty)(context, builder, value=args[1])
+        dst = context.make_array(o_ty)(context, builder, value=args[3])
+        elt = context.get_data_type(t_ty.dtype)
+        vec = ir.VectorType(elt, LANES)
+        v_i32 = ir.VectorType(_I32, LANES)
+        v_i64 = ir.VectorType(_I64, LANES)
+        idx = builder.load(builder.bitcast(builder.gep(ind.data, [args[2]]), v_i32.as_pointer()), align=4)
+        base = builder.insert_element(ir.Constant(v_i64, None), builder.ptrtoint(tab.data, _I64), ir.Constant(_I32, 0))
+        base = builder.shuffle_vector(base, base, ir.Constant(v_i32, [0] * LANES))
+        offset = builder.mul(builder.sext(idx, v_i64), ir.Constant(v_i64, [bits // 8] * LANES))
+        ptrs = builder.inttoptr(builder.add(base, offset), ir.VectorType(elt.as_pointer(), LANES))
+        kind = ("f" if isinstance(elt, (ir.FloatType, ir.DoubleType)) else "i") + str(bits)
+        fnty = ir.FunctionType(vec, [ptrs.type, _I32, ir.VectorType(_I1, LANES), vec])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.masked.gather.v{LANES}{kind}.v{LANES}p0")
+        got = builder.call(fn, [ptrs, ir.Constant(_I32, bits // 8), ir.Constant(ir.VectorType(_I1, LANES), [1] * LANES),
+                                ir.Constant(vec, None)])
+        builder.store(got, builder.bitcast(builder.gep(dst.data, [args[2]]), vec.as_pointer()), align=bits // 8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def _gather(table, index, n, out):  # noqa: ANN001
+    """``out[:n] = table[index[:n]]`` in blocks of ``LANES`` (the buffers are padded; extra lanes hold valid
+    indices)."""
+    for start in range(0, n, LANES):
+        _gather16(table, index, start, out)
+
+
+# ---- pattern tables --------------------------------------------------------------------------------------------
+@njit(cache=True)
+def build_tables(w, rowsum, slice_bits, block_rows, groups, table, level_table):  # noqa: ANN001
+    """Pattern tables of the row groups flagged in ``groups``: ``table[g, t, k, pat]`` [tile] = the weights block
+    ``k`` of group ``g`` sums for input pattern ``pat`` (digit ``i`` of ``pat``, ``slice_bits`` wide, drives row
+    ``k * block_rows + i``) on the columns of tile ``t``, and ``level_table[g, k, pat]`` the matching sum of
+    ``rowsum`` (energy estimate). Each (group, tile) is one contiguous block, so it can sit in cache whole."""
+    G, R, J = w.shape
+    n_tiles, n_blocks, n_patterns, tile = table.shape[1:]
+    digit_max = (1 << slice_bits) - 1
+    for g in range(G):
+        if not groups[g]:
+            continue
+        for k in range(n_blocks):
+            table[g, :, k, 0, :] = 0.0
+            level_table[g, k, 0] = 0
+            for pat in range(1, n_patterns):
+                top = 0  # highest nonzero digit of pat
+                for i in range(block_rows):
+                    if (pat >> (i * slice_bits)) & digit_max:
+                        top = i
+                d = (pat >> (top * slice_bits)) & digit_max
+                rest = pat - (d << (top * slice_bits))
+                r = k * block_rows + top
+                dw = np.float32(d) if r < R else np.float32(0.0)
+                r = min(r, R - 1)
+                for t in range(n_tiles):
+                    for jj in range(tile):
+                        j = t * tile + jj
+                        add = dw * w[g, r, j] if j < J else np.float32(0.0)
+                        table[g, t, k, pat, jj] = table[g, t, k, rest, jj] + add
+                level_table[g, k, pat] = level_table[g, k, rest] + (d * rowsum[g * R + r] if dw != 0 else 0)
+
+
+@njit(cache=True)
+def _vector_patterns(xrow, n_planes, slice_bits, rpg, block_rows, g0, use_table, level_table, pulse_table,  # noqa: ANN001
+                     rowsum, pats):
+    """One vector's row patterns ``pats[(p * groups + gi) * blocks + k]``: the slices of plane ``p`` of the rows
+    of block ``k`` of spanned group ``gi``, packed (``xrow``: the vector's inputs on the spanned groups' rows, 0
+    outside the request). Returns the vector's (level sum, word-line pulses) for the energy estimate."""
+    gs = xrow.size // rpg
+    n_blocks = (rpg + block_rows - 1) // block_rows
+    n_patterns = level_table.shape[2]
+    levels = level_table.reshape(-1)
+    digit_max = (1 << slice_bits) - 1
+    level_sum = 0
+    pulses = 0
+    if slice_bits == 1 and block_rows <= 8 and n_planes <= 8 and use_table:
+        # bit-serial inputs of at most 8 bits: a block's inputs as the bytes of one word, and bit p of each byte
+        # gathered into a pattern by one multiplication
+        ones = np.uint64(0x0101010101010101)
+        spread = np.uint64(0x0102040810204080)
+        for gi in range(gs):
+            for k in range(n_blocks):
+                r0 = gi * rpg + k * block_rows
+                word = np.uint64(0)
+                for i in range(min(block_rows, rpg - k * block_rows)):
+                    word |= np.uint64(xrow[r0 + i]) << np.uint64(8 * i)
+                level_row = ((g0 + gi) * n_blocks + k) * n_patterns
+                for p in range(n_planes):
+                    pat = np.int64((((word >> np.uint64(p)) & ones) * spread) >> np.uint64(56))
+                    pats[(p * gs + gi) * n_blocks + k] = pat
+                    level_sum += levels[level_row + pat]
+                    pulses += pulse_table[pat]
+        return level_sum, pulses
+    for p in range(n_planes):
+        shift = p * slice_bits
+        for gi in range(gs):
+            for k in range(n_blocks):
+                r0 = gi * rpg + k * block_rows
+                pat = 0
+                for i in range(min(block_rows, rpg - k * block_rows)):
+                    pat |= ((xrow[r0 + i] >> shift) & digit_max) << (i * slice_bits)
+                pats[(p * gs + gi) * n_blocks + k] = pat
+                if use_table:
+                    level_sum += levels[((g0 + gi) * n_blocks + k) * n_patterns + pat]
+                    pulses += pulse_table[pat]
+                elif pat != 0:
+                    level_sum += pat * rowsum[g0 * rpg + r0]
+                    pulses += 1
+    return level_sum, pulses
+
+
+@njit(cache=True, inline="always")
+def _sum_table_rows(acc, table, pats, pat0, base, n_blocks, block_stride, row_stride, tn):  # noqa: ANN001
+    """``acc[:tn]`` = the sum over blocks ``k`` of table row ``base + k * block_stride + pats[pat0 + k] *
+    row_stride``, four rows per pass over ``acc`` (a row of pattern 0 is zeros, so none is skipped)."""
+    tu = np.uint64(tn)
+    k = 0
+    o0 = np.uint64(base + k * block_stride + pats[pat0 + k] * row_stride)
+    for jj in range(tu):
+        acc[jj] = table[o0 + jj]
+    k = 1
+    while k + 4 <= n_blocks:
+        o0 = np.uint64(base + k * block_stride + pats[pat0 + k] * row_stride)
+        o1 = np.uint64(base + (k + 1) * block_stride + pats[pat0 + k + 1] * row_stride)
+        o2 = np.uint64(base + (k + 2) * block_stride + pats[pat0 + k + 2] * row_stride)
+        o3 = np.uint64(base + (k + 3) * block_stride + pats[pat0 + k + 3] * row_stride)
+        for jj in range(tu):
+            acc[jj] += (table[o0 + jj] + table[o1 + jj]) + (table[o2 + jj] + table[o3 + jj])
+        k += 4
+    while k < n_blocks:
+        o0 = np.uint64(base + k * block_stride + pats[pat0 + k] * row_stride)
+        for jj in range(tu):
+            acc[jj] += table[o0 + jj]
+        k += 1
+
+
+# ---- the fused MAC ---------------------------------------------------------------------------------------------
+# Inner loops index 1-D arrays at an offset: numba's multi-dimensional indexing keeps LLVM from vectorizing them,
+# and a slice made in a hot loop costs two atomic reference-count updates.
+@njit(cache=True, inline="always")
+def _convert_analytic(acc, sc, sh, items, noise, noise_ends, bin_shift, lut,  # noqa: ANN001
+                      fbuf, ends, ibuf, kbuf, packed, codes, tn, stages):
+    """Codes of one tile of partial sums ``acc[:tn]`` with its columns' scale and shift and its noise items
+    (``items`` empty: no noise). ``lut`` packs each bin's code (low 16 bits) with the number of bins from it to
+    the next bin of another code (high 16 bits, at most 65535)."""
+    if stages < STAGE_SCALE:
+        return
+    lut_top = np.int32(lut.size - 1)
+    for jj in range(tn):
+        t = acc[jj] * sc[jj]
+        fbuf[jj] = t + sh[jj]
+    if items.size == 0:
+        for jj in range(tn):
+            ibuf[jj] = min(max(np.int32(fbuf[jj]), np.int32(0)), lut_top)
+        if stages < STAGE_LOOKUP:
+            return
+        _gather(lut, ibuf, tn, packed)
+        for jj in range(tn):
+            codes[jj] = np.int32(packed[jj] & np.uint32(0xFFFF))
+        return
+    # the code is nondecreasing in the item (sorted noise table): the two ends of the item's bin decide it unless
+    # a code threshold lies between them; then the item's own noise does
+    for jj in range(tn):
+        ibuf[jj] = np.int32(items[jj] >> bin_shift)
+    _gather(noise_ends, ibuf, tn, ends)  # one 64-bit load per lane: the bin's first and last noise value
+    pair = ends.view(np.float32)
+    for jj in range(tn):
+        ibuf[jj] = min(max(np.int32(fbuf[jj] + pair[2 * jj]), np.int32(0)), lut_top)
+        kbuf[jj] = min(max(np.int32(fbuf[jj] + pair[2 * jj + 1]), np.int32(0)), lut_top)
+    if stages < STAGE_LOOKUP:
+        return
+    _gather(lut, ibuf, tn, packed)
+    for jj in range(tn):
+        codes[jj] = np.int32(packed[jj] & np.uint32(0xFFFF))
+        kbuf[jj] = np.int32(kbuf[jj] - ibuf[jj] >= np.int32(packed[jj] >> np.uint32(16)))
+    for q0 in range(0, tn, LANES):
+        open_ = np.int32(0)
+        for q in range(LANES):
+            open_ |= kbuf[q0 + q]
+        if open_ != 0:
+            for jj in range(q0, min(q0 + LANES, tn)):
+                if kbuf[jj]:
+                    c = np.int32(fbuf[jj] + noise[items[jj]])
+                    codes[jj] = np.int32(lut[min(max(c, np.int32(0)), lut_top)] & np.uint32(0xFFFF))
+
+
+@njit(cache=True, inline="always")
+def _convert_sampled(acc, j0, J, items, mode, interval, nearby, guide, guide_bits, bounds, width, ibuf, kbuf,  # noqa: ANN001
+                     pairs, search_i32, search_i64, codes, tn):
+    """Codes of one tile of levels ``acc[:tn]`` of columns ``j0 ..`` (of ``J``) drawn with 32-bit uniforms
+    ``items``: the row's most likely code where the uniform falls in its interval, else the code next to it when
+    the uniform falls in that one's, else a binary search. Per row (``level * J + column``): ``mode``; ``interval``
+    = the mode's first uniform | its last << 32; ``nearby`` = the bound two codes below the mode | the bound one
+    code above it, less one, << 32."""
+    low32 = np.uint64(0xFFFFFFFF)
+    for jj in range(tn):
+        ibuf[jj] = np.int32(acc[jj]) * np.int32(J) + np.int32(j0 + jj)
+    _gather(mode, ibuf, tn, codes)
+    _gather(interval, ibuf, tn, pairs)
+    miss = False
+    for jj in range(tn):
+        u = np.uint64(items[jj])
+        miss |= (u < (pairs[jj] & low32)) | (u > (pairs[jj] >> np.uint64(32)))
+    if not miss:
+        return
+    for jj in range(tn):
+        u = np.uint64(items[jj])
+        below = u < (pairs[jj] & low32)
+        above = u > (pairs[jj] >> np.uint64(32))
+        kbuf[jj] = np.int32(below) - np.int32(above)  # +1: below the interval, -1: above
+    _gather(nearby, ibuf, tn, pairs)
+    for jj in range(tn):
+        u = np.uint64(items[jj])
+        m = codes[jj]
+        side = kbuf[jj]
+        far = ((side > 0) & (m >= 2) & ((pairs[jj] & low32) > u)) | ((side < 0) & ((pairs[jj] >> np.uint64(32)) < u))
+        codes[jj] = m - side
+        kbuf[jj] = np.int32(far)
+    # the rest: the guide table of the uniform's bucket bounds the code to [low, high]; most such spans hold one
+    # bound, read with one gather over the far lanes gathered together; wider spans are scanned
+    lane, cand = search_i32[0], search_i32[1]
+    span, got = search_i64[0], search_i64[1]
+    nf = 0
+    for jj in range(tn):
+        lane[nf] = jj
+        nf += kbuf[jj]
+    if nf == 0:
+        return
+    buckets = np.int32(1 << guide_bits)
+    for i in range(nf, (nf + LANES - 1) // LANES * LANES):
+        cand[i] = 0  # lanes past the far ones gather from index 0
+    for i in range(nf):
+        jj = lane[i]
+        cand[i] = ibuf[jj] * buckets + np.int32(np.uint64(items[jj]) >> np.uint64(32 - guide_bits))
+    _gather(guide, cand, nf, pairs)
+    w32 = np.int32(width)
+    for i in range(nf):
+        jj = lane[i]
+        low = np.int32(pairs[i] & np.uint64(0xFFFF))
+        span[i] = np.int64(pairs[i] >> np.uint64(16)) - low
+        codes[jj] = low
+        cand[i] = ibuf[jj] * w32 + low
+    _gather(bounds, cand, nf, got)
+    for i in range(nf):
+        jj = lane[i]
+        u = np.int64(items[jj])
+        if span[i] > 0:
+            codes[jj] += np.int32(got[i] <= u)
+            if span[i] > 1 and got[i] <= u:
+                base = np.int64(ibuf[jj]) * width
+                high = codes[jj] - 1 + span[i]
+                while codes[jj] < high and bounds[base + codes[jj]] <= u:
+                    codes[jj] += 1
+
+
+@njit(cache=True, nogil=True)
+def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng, raw, out, col_sums, tally):  # noqa: ANN001, C901, PLR0912, PLR0915
+    """Codes (``raw``) or slice-weighted column sums of a batch; see the module docstring.
+
+    Args:
+        x: input codes [n, n_rows] (uint16) of rows ``row_start ..``.
+        geometry: (n_planes, slice_bits, n_groups, rows per group, J, g0, g1, chunk vectors, tile columns,
+            block_rows, stages: ``ALL_STAGES``, or fewer to time the kernel without its later stages, first chunk,
+            chunk step: this call does chunks ``first, first + step, ..`` of the batch, so that several threads can
+            share a batch, the GIL released).
+        w: compute weights [n_groups, rows per group, J] float32 (exact integers).
+        sums_from: (pattern table [n_groups, tiles, blocks, patterns, tile] f32, its level sums [n_groups, blocks,
+            patterns] int64, pulses per pattern [patterns] int64, use the table (else sum rows one by one),
+            rowsum [n_groups * rows per group] int64).
+        kind: ``KIND_ANALYTIC`` or ``KIND_SAMPLED``.
+        analytic: (scale [J] f32, shift [J] f32, noise table [65536] f32 (nondecreasing) or empty, the first and
+            last value of each bin of ``2**bin_shift`` items as one uint64 (float32 pair), ``bin_shift``, ADC
+            look-up table packed with its
+            distance to the next code (``cimlab.chip_sim.fastpath.packed_lut``), uint32).
+        sampled: (mode [L*J] int32, its interval [L*J] uint64, nearby bounds [L*J] uint64, guide table
+            [L*J * 2**guide_bits] uint64, guide_bits (see ``_convert_sampled``;
+            ``cimlab.chip_sim.fastpath.sampler_tables``), bounds [L*J*width] int64, width).
+        rng: (PCG64 state at word 0 as uint64[4], first vector, words per vector, item bytes: 0, 2 or 4).
+        raw: write codes to ``out`` [n, P, g1-g0, J]; otherwise add ``code << (p * slice_bits)`` into
+            ``col_sums`` [n, J] (int64, zeroed by the caller).
+        tally: [n, 2] int64 out: per vector, level sum and word-line pulses.
+    """
+    n_planes, slice_bits, n_groups, rpg, J, g0, g1, chunk, tile, block_rows, stages, first_chunk, chunk_step = geometry
+    table, level_table, pulse_table, use_table, rowsum = sums_from
+    scale, shift, noise, noise_ends, bin_shift, lut = analytic
+    mode, interval, nearby, guide, guide_bits, bounds, width = sampled
+    state, first_vector, words, item_bytes = rng
+    n = x.shape[0]
+    gs = g1 - g0
+    n_blocks = (rpg + block_rows - 1) // block_rows
+    n_tiles, n_patterns = table.shape[1], table.shape[3]
+    noisy = kind == KIND_ANALYTIC and noise.size > 0 and item_bytes > 0
+    items_per_vector = words * 8 // item_bytes if item_bytes else 0
+    tile_pad = (tile + LANES - 1) // LANES * LANES
+    table1 = table.reshape(-1)
+    w1 = w.reshape(-1)
+    out1 = out.reshape(-1)
+    sums1 = col_sums.reshape(-1)
+    n_chunks = (n + chunk - 1) // chunk
+    for ci in range(first_chunk, n_chunks, chunk_step):
+        b0 = ci * chunk
+        nb = min(n, b0 + chunk) - b0
+        words_buf = np.empty((nb, max(words, 1)), dtype=np.uint64)
+        if item_bytes > 0 and stages >= STAGE_ITEMS:
+            pcg_fill_vectors(words_buf, state, first_vector + b0)
+        items16 = words_buf.reshape(-1).view(np.uint16)
+        items32 = words_buf.reshape(-1).view(np.uint32)
+        pats1 = np.empty(nb * n_planes * gs * n_blocks, dtype=np.int32)
+        xrow = np.zeros(gs * rpg, dtype=np.int64)
+        first = max(row_start, g0 * rpg)
+        end = min(row_start + x.shape[1], g1 * rpg)
+        for bb in range(nb):
+            xb = x[b0 + bb]
+            for r in range(first, end):
+                xrow[r - g0 * rpg] = xb[r - row_start]
+            level_sum, pulses = _vector_patterns(xrow, n_planes, slice_bits, rpg, block_rows, g0, use_table,
+                                                 level_table, pulse_table, rowsum,
+                                                 pats1[bb * n_planes * gs * n_blocks : (bb + 1) * n_planes * gs * n_blocks])
+            tally[b0 + bb, 0] = level_sum
+            tally[b0 + bb, 1] = pulses
+        acc = np.zeros(tile_pad, dtype=np.float32)
+        fbuf = np.zeros(tile_pad, dtype=np.float32)
+        ends = np.zeros(tile_pad, dtype=np.uint64)
+        ibuf = np.zeros(tile_pad, dtype=np.int32)
+        kbuf = np.zeros(tile_pad, dtype=np.int32)
+        codes = np.zeros(tile_pad, dtype=np.int32)
+        packed = np.zeros(tile_pad, dtype=np.uint32)
+        pairs = np.zeros(tile_pad, dtype=np.uint64)
+        search_i32 = np.zeros((2, tile_pad), dtype=np.int32)
+        search_i64 = np.zeros((2, tile_pad), dtype=np.int64)
+        for gi in range(gs):
+            g = g0 + gi
+            for t0 in range(0, J, tile):
+                tn = min(tile, J - t0)
+                for jj in range(tn, tile_pad):  # lanes past the tile gather from index 0
+                    ibuf[jj] = 0
+                    kbuf[jj] = 0
+                sc = scale[t0 : t0 + tn]
+                sh = shift[t0 : t0 + tn]
+                for bb in range(nb):
+                    for p in range(n_planes):
+                        # 1. the tile's partial sums (exact integers)
+                        pat0 = ((bb * n_planes + p) * gs + gi) * n_blocks
+                        if stages < STAGE_SUMS:
+                            pass
+                        elif use_table:
+                            _sum_table_rows(acc, table1, pats1, pat0,
+                                            ((g * n_tiles + t0 // tile) * n_blocks) * n_patterns * tile,
+                                            n_blocks, n_patterns * tile, tile, tn)
+                        else:
+                            for jj in range(tn):
+                                acc[jj] = 0.0
+                            for k in range(n_blocks):
+                                pat = pats1[pat0 + k]
+                                if pat != 0:
+                                    v = np.float32(pat)
+                                    row = w1[(g * rpg + k) * J + t0 : (g * rpg + k) * J + t0 + tn]
+                                    for jj in range(tn):
+                                        acc[jj] += v * row[jj]
+                        # 2. their codes
+                        i0 = bb * items_per_vector + (p * n_groups + g) * J + t0
+                        if kind == KIND_ANALYTIC:
+                            items = items16[i0 : i0 + tn] if noisy else items16[:0]
+                            _convert_analytic(acc, sc, sh, items, noise, noise_ends, bin_shift, lut,
+                                              fbuf, ends, ibuf, kbuf, packed, codes, tn, stages)
+                        elif stages >= STAGE_LOOKUP:
+                            _convert_sampled(acc, t0, J, items32[i0 : i0 + tn], mode, interval, nearby, guide,
+                                             guide_bits, bounds, width, ibuf, kbuf, pairs, search_i32, search_i64,
+                                             codes, tn)
+                        # 3. out
+                        if stages < STAGE_OUT:
+                            continue
+                        if raw:
+                            o0 = (((b0 + bb) * n_planes + p) * gs + gi) * J + t0
+                            dst = out1[o0 : o0 + tn]
+                            for jj in range(tn):
+                                dst[jj] = codes[jj]
+                        else:
+                            o0 = (b0 + bb) * J + t0
+                            dst64 = sums1[o0 : o0 + tn]
+                            shift_p = p * slice_bits
+                            for jj in range(tn):
+                                dst64[jj] += np.int64(codes[jj]) << shift_p
