@@ -272,8 +272,10 @@ class CpuEngine:
 
     @property
     def _k(self):  # noqa: ANN202
-        from cimlab.chip_sim import kernels  # numba and the kernels load on the first MAC, not with the twin
-
+        try:
+            from cimlab.chip_sim import kernels  # numba and the kernels load on the first MAC, not with the twin
+        except ImportError as err:
+            raise BackendUnavailable(f"the twin's fast path needs numba, which this machine lacks: {err}") from err
         return kernels
 
     def mac(self, x: np.ndarray, row_start: int, g0: int, g1: int, weights: np.ndarray, rowsum: np.ndarray,
