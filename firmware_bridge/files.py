@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 import zipfile
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -105,6 +106,22 @@ def check_manifest_hash(where: str, text: str, stored: object, field: str) -> No
     """ArtifactError unless ``stored`` is the SHA-256 of ``text`` (the manifest is what was written)."""
     if not isinstance(stored, str) or stored != text_sha256(text):
         raise ArtifactError(f"{where}: {field} does not match the manifest's SHA-256 (corrupt or edited file)")
+
+
+def parse_manifest(where: str, text: str, stored_hash: object, hash_field: str, *, fmt: str, version: int,
+                   what: str = "manifest") -> dict[str, Any]:
+    """A manifest's JSON object: its SHA-256 checked against ``stored_hash`` (field ``hash_field``), its ``format``
+    and ``version`` the expected ones (``what`` names the artifact in the version error); ArtifactError otherwise."""
+    check_manifest_hash(where, text, stored_hash, hash_field)
+    try:
+        manifest = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ArtifactError(f"{where}: the manifest is not JSON: {err}") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise ArtifactError(f"{where}: manifest format is not {fmt!r}")
+    if manifest.get("version") != version:
+        raise ArtifactError(f"{where}: {what} version {manifest.get('version')!r} is not supported ({version})")
+    return manifest
 
 
 class NpzReader:

@@ -58,9 +58,9 @@ from cimlab.firmware_bridge.errors import ArtifactError, ConfigError, ShapeError
 from cimlab.firmware_bridge.files import (
     NpzReader,
     atomic_path,
-    check_manifest_hash,
     manifest_field,
     package_version,
+    parse_manifest,
     read_text_member,
     require_types,
     text_sha256,
@@ -282,15 +282,9 @@ def _read_manifest(npz: NpzReader) -> dict[str, Any]:
     if "manifest" not in npz.members:
         raise ArtifactError(f"{where}: no manifest (a 0-d text array named 'manifest'); not a cimlab package")
     text = read_text_member(npz, "manifest", max_chars=MAX_MANIFEST_CHARS)
-    check_manifest_hash(where, text, read_text_member(npz, "manifest_sha256", max_chars=64), "manifest_sha256")
-    try:
-        manifest = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as err:
-        raise ArtifactError(f"{where}: the manifest is not JSON: {err}") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{where}: manifest format is not {FORMAT!r}")
-    if manifest.get("version") != VERSION:
-        raise ArtifactError(f"{where}: package version {manifest.get('version')!r} is not supported ({VERSION})")
+    stored_hash = read_text_member(npz, "manifest_sha256", max_chars=64)
+    manifest = parse_manifest(where, text, stored_hash, "manifest_sha256", fmt=FORMAT, version=VERSION,
+                              what="package")
     require_types(where, manifest, MANIFEST_TYPES)
     require_types(where, manifest["model"], {"name": str, "kwargs": dict}, "model.")
     require_types(where, manifest["checkpoint"], {"manifest": dict}, "checkpoint.")

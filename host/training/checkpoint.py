@@ -37,8 +37,8 @@ import torch
 from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
 from cimlab.firmware_bridge.files import (
     atomic_path,
-    check_manifest_hash,
     package_version,
+    parse_manifest,
     require_types,
     text_sha256,
 )
@@ -127,15 +127,8 @@ def _manifest(where: str, meta: dict[str, str]) -> dict[str, Any]:
     if MANIFEST_KEY not in meta:
         raise ArtifactError(f"{where}: no cimlab manifest in its metadata (not a cimlab checkpoint)")
     text = meta[MANIFEST_KEY]
-    check_manifest_hash(where, text, meta.get(MANIFEST_HASH_KEY), MANIFEST_HASH_KEY)
-    try:
-        manifest = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as err:
-        raise ArtifactError(f"{where}: the manifest is not JSON: {err}") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{where}: manifest format is not {FORMAT!r}")
-    if manifest.get("version") != VERSION:
-        raise ArtifactError(f"{where}: manifest version {manifest.get('version')!r} is not supported ({VERSION})")
+    manifest = parse_manifest(where, text, meta.get(MANIFEST_HASH_KEY), MANIFEST_HASH_KEY, fmt=FORMAT,
+                              version=VERSION)
     require_types(where, manifest, MANIFEST_TYPES)
     require_types(where, manifest["model"], {"name": str, "kwargs": dict}, "model.")
     if manifest["mode"] not in MODES:
