@@ -13,6 +13,7 @@ from cimlab.chip_sim.config import Profile
 from cimlab.firmware_bridge.errors import ConfigError
 from cimlab.firmware_bridge.fabric import FabricLayout, Timing
 from cimlab.firmware_bridge.registers import STORAGE_CODES
+from cimlab.firmware_bridge.spec import MacroSpec
 
 
 def fabric_layout(profile: Profile) -> FabricLayout:
@@ -37,10 +38,9 @@ def _u32(value: int) -> int:
     return value & 0xFFFFFFFF
 
 
-def rtl_parameters(profile: Profile) -> dict[str, int]:
-    """Parameters of ``cimlab_ctrl`` for ``profile`` (BUILD_ID is a CRC-32 of the others)."""
-    spec, lay, t, a = profile.spec, fabric_layout(profile), profile.timing, profile.analog
-    params = {
+def spec_parameters(spec: MacroSpec) -> dict[str, int]:
+    """The parameters of ``cimlab_ctrl`` that restate the MacroSpec (the generated constants HELLO reads back)."""
+    return {
         "ROWS": spec.rows,
         "COLS": spec.cols,
         "WEIGHT_BITS": spec.weight_bits,
@@ -52,6 +52,14 @@ def rtl_parameters(profile: Profile) -> dict[str, int]:
         "ADC_BITS": spec.adc_bits,
         "ADC_FULL_SCALE": spec.adc_full_scale,
         "CLOCK_HZ": spec.clock_hz,
+    }
+
+
+def rtl_parameters(profile: Profile) -> dict[str, int]:
+    """Parameters of ``cimlab_ctrl`` for ``profile`` (BUILD_ID is a CRC-32 of the others)."""
+    spec, lay, t, a = profile.spec, fabric_layout(profile), profile.timing, profile.analog
+    params = {
+        **spec_parameters(spec),
         "N_GROUPS": spec.n_groups,
         "N_SLICES": spec.n_slices,
         "N_PLANES": spec.n_planes,

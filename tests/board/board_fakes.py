@@ -13,6 +13,7 @@ import types
 from pathlib import Path
 
 import numpy as np
+from cimlab.chip_sim.rtl.params import spec_parameters
 from cimlab.firmware_bridge.fabric import FabricLayout
 from cimlab.firmware_bridge.registers import (
     BY_NAME,
@@ -26,7 +27,6 @@ from cimlab.firmware_bridge.registers import (
     SEQ_DONE,
     SEQ_READ_WEIGHTS,
     SEQ_WRITE_WEIGHTS,
-    STORAGE_CODES,
 )
 from cimlab.firmware_bridge.spec import MacroSpec
 
@@ -40,17 +40,7 @@ class FakeFabric:
         self.layout = FabricLayout(spec, bus_bits)
         lay = self.layout
         params = {
-            "ROWS": spec.rows,
-            "COLS": spec.cols,
-            "WEIGHT_BITS": spec.weight_bits,
-            "WEIGHT_STORAGE": STORAGE_CODES[spec.weight_storage],
-            "CELL_BITS": spec.cell_bits,
-            "INPUT_BITS": spec.input_bits,
-            "SLICE_BITS": spec.input_slice_bits,
-            "ROWS_PER_CONV": spec.rows_per_conversion,
-            "ADC_BITS": spec.adc_bits,
-            "ADC_FULL_SCALE": spec.adc_full_scale,
-            "CLOCK_HZ": spec.clock_hz,
+            **spec_parameters(spec),
             "BUS_BITS": bus_bits,
             "IN_WORDS": lay.in_words,
             "OUT_WORDS": lay.out_words,
