@@ -55,10 +55,8 @@ DEFAULT_CHUNK_CONVERSIONS = 1 << 19
 """Conversions per chunk of the torch path: a chunk's temporaries (a few tensors of this many 4-byte elements)."""
 EXACT_F32 = 1 << 24
 """Integers below this are exact in float32."""
-KERNEL_VL = 16
-"""Column arrays of the C kernels are padded to a multiple of this (VL in cim_kernels.c)."""
-SLOPE_MEMORY_BYTES = 256 << 20
-"""Most bytes of slope sums the C forward keeps per tile for the backward pass (above: recomputed there)."""
+KERNEL_LANES = 16
+"""Vectors the C kernels take at a time (LANES in cim_kernels.c); their uniforms' counter pads to a multiple."""
 BACKENDS = ("auto", "c", "torch")
 
 
@@ -71,6 +69,16 @@ class _TilePlan:
     slopes: torch.Tensor  # int32 [n_slices * n_cols]: slope table index per (k, c)
     values: torch.Tensor | None  # int32 [n_slices * n_cols]: the decoder's row offset per (k, c), None: undecoded
     vectors_per_chunk: int  # torch path
+    colx: torch.Tensor  # float32 [n_slices * n_cols]: adc_lsb * sw_k / sum(pw), towards dL/dx
+    colq: torch.Tensor  # float32 [n_slices * n_cols]: adc_lsb * |sw_k| / sum |sw|, towards dL/dw
+
+
+@dataclass
+class _Saved:
+    """What a forward pass keeps for its backward pass: the input codes and each tile's digits."""
+
+    codes: torch.Tensor  # float32 [N, K], integer valued
+    digits: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -193,6 +201,7 @@ class LayerMacro:
                 slopes=tr.slope_index(cols),
                 values=tr.value_index(cols),
                 vectors_per_chunk=max(1, self.chunk_conversions // t.conversions_per_vector(spec)),
+                **self._column_factors(t.n_cols),
             ))
         return plans
 
@@ -256,15 +265,17 @@ class LayerMacro:
     def _geometry(self, x: torch.Tensor, plan: _TilePlan) -> native.GeomT:
         spec = self.spec
         t = plan.tile
+        lm = self.layer_map
         return native.GeomT(x.shape[0], x.shape[1], t.row0, t.n_rows, plan.offset, plan.groups,
                             spec.rows_per_conversion, spec.n_planes, spec.input_slice_bits,
-                            spec.n_slices * t.n_cols, spec.cell_bits, t.n_cols)
+                            spec.n_slices * t.n_cols, spec.cell_bits, t.n_cols, lm.n_rows, lm.n_cols)
 
     def _table(self) -> native.TableT:
         tr = self.transfer
         return native.TableT(tr.guide.data_ptr(), tr.guide_offset.data_ptr(), tr.cum.data_ptr(), tr.guide_shift,
                              tr.guide_buckets,
-                             tr.guide_steps, int(tr.layout == "packed"), self.spec.n_codes, tr.n_tables)
+                             tr.guide_steps, int(tr.layout == "packed"), self.spec.n_codes, tr.n_tables,
+                             self.spec.n_levels)
 
     def _tile_outputs(self, acc: torch.Tensor, x: torch.Tensor, plan: _TilePlan) -> torch.Tensor:
         """``sum_{g, p, k} value * pw * sw`` [n, M] (float64) of a tile -> its MAC outputs [n, M] (float64): ADC
@@ -283,20 +294,19 @@ class LayerMacro:
     def forward_values(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """The layer's outputs [N, M] (float64, ``adc_lsb`` level units): the MACs (``mac_values``), corrected per
         column when a correction is set; no autograd."""
-        return self._forward(x, q, keep_slopes=False)[0]
+        return self._forward(x, q, keep=False)[0]
 
-    def _forward(self, x: torch.Tensor, q: torch.Tensor, *, keep_slopes: bool) -> tuple[torch.Tensor, list[Any]]:
-        """``forward_values`` and, with ``keep_slopes``, each tile's slope sums for the backward pass (None for a
-        tile whose sums are recomputed there)."""
-        mac, slopes = self._macs(x, q, True) if keep_slopes else (self.mac_values(x, q), [])
-        return (mac if self.correction is None else self.correction.apply(mac)), slopes
+    def _forward(self, x: torch.Tensor, q: torch.Tensor, *, keep: bool) -> tuple[torch.Tensor, _Saved | None]:
+        """``forward_values`` and, with ``keep``, what the backward pass can reuse (None: nothing)."""
+        mac, saved = self._macs(x, q) if keep else (self.mac_values(x, q), None)
+        return (mac if self.correction is None else self.correction.apply(mac)), saved
 
     def mac_values(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """MAC outputs [N, M] (float64, in ``adc_lsb`` level units; integer valued unless decoded) for input
         codes x [N, K] and logical weights q [K, M]; no autograd."""
-        return self._macs(x, q, False)[0]
+        return self._macs(x, q)[0]
 
-    def _macs(self, x: torch.Tensor, q: torch.Tensor, keep_slopes: bool) -> tuple[torch.Tensor, list[Any]]:
+    def _macs(self, x: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, _Saved]:
         lm = self.layer_map
         N = x.shape[0]
         self.stats = MacroStats()
@@ -305,53 +315,37 @@ class LayerMacro:
             if dtype is not None:
                 self.stats.conversions = N * lm.conversions_per_vector()
                 self.stats.backend = "matmul"
-                return (x.to(dtype) @ q.to(dtype)).to(torch.float64), []
+                return (x.to(dtype) @ q.to(dtype)).to(torch.float64), _Saved(x)
         out = torch.zeros(N, lm.n_cols, dtype=torch.float64)
         kern = self._kernels(x)
-        xi = x.to(torch.int32).contiguous()
-        slopes: list[Any] = []
+        codes = x.to(torch.float32).contiguous()  # integer valued
+        saved = _Saved(codes)
         for plan in self._plans:
             t = plan.tile
             digits = self._digits(q, plan)
             seed = int(self.rng.bit_generator.random_raw())
             if kern is not None:
-                keep = keep_slopes and self._slope_bytes(N, plan) <= SLOPE_MEMORY_BYTES
-                acc, kept = self._c_forward(kern, xi, digits, plan, seed, keep)
-                slopes.append(kept)
+                acc = self._c_forward(kern, codes, digits, plan, seed)
                 # the C kernel holds one vector's conversions of one group and plane at a time
                 self._count(N * t.conversions_per_vector(self.spec), "c", held=digits.shape[2])
             else:
-                acc = self._torch_forward(xi, digits, plan, seed)
-                slopes.append(None)
-            out[:, t.col0 : t.col1] += self._tile_outputs(acc, xi, plan)
-        return out, slopes
-
-    def _slope_bytes(self, n: int, plan: _TilePlan) -> int:
-        """Bytes of one tile's slope sums for ``n`` vectors: [G, n, S * M] and [G, n, P, M] float32, padded."""
-        t = plan.tile
-        return 4 * n * plan.groups * (_padded(self.spec.n_slices * t.n_cols) + self.spec.n_planes * _padded(t.n_cols))
+                acc = self._torch_forward(codes, digits, plan, seed)
+            saved.digits.append(digits)
+            out[:, t.col0 : t.col1] += self._tile_outputs(acc, codes, plan)
+        return out, saved
 
     def _c_forward(self, kern: native.Kernels, x: torch.Tensor, digits: torch.Tensor, plan: _TilePlan,
-                   seed: int, keep: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+                   seed: int) -> torch.Tensor:
         tr = self.transfer
-        n, C, M = x.shape[0], digits.shape[2], plan.tile.n_cols
-        acc = torch.empty(n, M, dtype=torch.float64)
+        acc = torch.empty(x.shape[0], plan.tile.n_cols, dtype=torch.float64)
         dec = tr.value_table
-        kept = None
-        sa = sb = None
-        if keep:  # padded as the kernel keeps them: [G, n, pad(C)] and [G, n, P, pad(M)]
-            kept = (torch.empty(plan.groups, n, _padded(C)),
-                    torch.empty(plan.groups, n, self.spec.n_planes, _padded(M)))
-            sa, sb = kept[0].data_ptr(), kept[1].data_ptr()
-        colq = self._column_factors(plan)[1]
         rc = kern.forward(ctypes.byref(self._geometry(x, plan)), x.data_ptr(), digits.data_ptr(), self.pw.data_ptr(),
                           self.sw.data_ptr(), ctypes.byref(self._table()), plan.tables.data_ptr(),
                           None if dec is None else dec.data_ptr(),
-                          None if plan.values is None else plan.values.data_ptr(), seed, acc.data_ptr(),
-                          tr.slope_table.data_ptr(), plan.slopes.data_ptr(), tr.n_slope, colq.data_ptr(), sa, sb)
+                          None if plan.values is None else plan.values.data_ptr(), seed, acc.data_ptr())
         if rc != 0:
             raise MemoryError("the C forward kernel ran out of memory")
-        return acc, kept
+        return acc
 
     def _torch_forward(self, x: torch.Tensor, digits: torch.Tensor, plan: _TilePlan, seed: int) -> torch.Tensor:
         spec = self.spec
@@ -360,7 +354,7 @@ class LayerMacro:
         for n0 in range(0, x.shape[0], plan.vectors_per_chunk):
             xc = x[n0 : n0 + plan.vectors_per_chunk]
             acc[n0 : n0 + xc.shape[0]] = torch_forward(self.transfer, self._planes(xc, plan), digits_f, plan, n0,
-                                                       seed, self.pw, self.sw)
+                                                       _padded(x.shape[0]), seed, self.pw, self.sw)
             self._count(xc.shape[0] * plan.tile.conversions_per_vector(spec), "torch")
         return acc
 
@@ -379,22 +373,21 @@ class LayerMacro:
         self.stats.max_chunk_conversions = max(self.stats.max_chunk_conversions, held or conversions)
         self.stats.backend = backend
 
-    def _column_factors(self, plan: _TilePlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per (k, c) of a tile, float32 [S * M]: ``adc_lsb * sw_k / sum(pw)`` (towards dL/dx) and
-        ``adc_lsb * |sw_k| / sum |sw|`` (towards dL/dw)."""
+    def _column_factors(self, n_cols: int) -> dict[str, torch.Tensor]:
+        """Per (k, c) of a tile of ``n_cols`` columns, float32 [S * n_cols]: ``colx = adc_lsb * sw_k / sum(pw)``
+        (towards dL/dx) and ``colq = adc_lsb * |sw_k| / sum |sw|`` (towards dL/dw)."""
         spec = self.spec
         sw = spec.slice_weights().astype(np.float64)
         lsb = float(spec.adc_lsb)
-        n = plan.tile.n_cols
-        colx = np.repeat(lsb * sw / float(spec.plane_weights().sum()), n)
-        colq = np.repeat(lsb * np.abs(sw) / np.abs(sw).sum(), n)
-        return torch.from_numpy(colx.astype(np.float32)), torch.from_numpy(colq.astype(np.float32))
+        colx = np.repeat(lsb * sw / float(spec.plane_weights().sum()), n_cols)
+        colq = np.repeat(lsb * np.abs(sw) / np.abs(sw).sum(), n_cols)
+        return {"colx": torch.from_numpy(colx.astype(np.float32)), "colq": torch.from_numpy(colq.astype(np.float32))}
 
     def backward_values(self, x: torch.Tensor, q: torch.Tensor, grad: torch.Tensor,
-                        slopes: list[Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        saved: _Saved | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Statistical gradients (see the module docstring) of the MAC outputs w.r.t. the input codes [N, K] and
-        the logical weights [K, M], given the upstream gradient [N, M]; ``slopes``: what ``_forward`` kept of
-        each tile (recomputed where None)."""
+        the logical weights [K, M], given the upstream gradient [N, M]; ``saved``: what ``_forward`` kept for
+        these inputs and weights (recomputed where missing)."""
         spec = self.spec
         lm = self.layer_map
         N = x.shape[0]
@@ -406,54 +399,39 @@ class LayerMacro:
         gx = torch.zeros(N, lm.n_rows, dtype=torch.float32)
         gq = torch.zeros(lm.n_rows, lm.n_cols, dtype=torch.float32)
         kern = self._kernels(x)
-        xi = x.to(torch.int32).contiguous()
+        codes = saved.codes if saved is not None else x.to(torch.float32).contiguous()
         for k, plan in enumerate(self._plans):
             t = plan.tile
-            digits = self._digits(q, plan)
+            digits = saved.digits[k] if saved is not None else self._digits(q, plan)
             gc = grad[:, t.col0 : t.col1].to(torch.float32).contiguous()  # [N, M]
-            colx, colq = self._column_factors(plan)
-            kept = slopes[k] if slopes else None
-            if kept is not None and kern is not None:
-                g_rows, g_w = self._kept_backward(kern, xi, digits, plan, gc, colx, kept)
-            elif kern is not None:
-                g_rows, g_w = self._c_backward(kern, xi, digits, plan, gc, colx, colq)
+            if kern is not None:  # accumulates into gx and gq
+                self._c_backward(kern, codes, digits, plan, gc, gx, gq)
             else:
-                g_rows, g_w = self._torch_backward(xi, digits, plan, gc, colx, colq)
+                g_rows, g_w = self._torch_backward(codes.to(torch.int32), digits, plan, gc)
+                gx[:, t.row0 : t.row1] += g_rows
+                gq[t.row0 : t.row1, t.col0 : t.col1] += g_w
             if spec.weight_offset:
-                g_rows = g_rows - spec.weight_offset * gc.sum(dim=1, keepdim=True)
-            gx[:, t.row0 : t.row1] += g_rows
-            gq[t.row0 : t.row1, t.col0 : t.col1] += g_w
+                gx[:, t.row0 : t.row1] -= spec.weight_offset * gc.sum(dim=1, keepdim=True)
         return gx, gq
 
-    def _kept_backward(self, kern: native.Kernels, x: torch.Tensor, digits: torch.Tensor, plan: _TilePlan,
-                       gc: torch.Tensor, colx: torch.Tensor,
-                       kept: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The backward of a tile from the slope sums its forward kept (no levels recomputed)."""
-        t = plan.tile
-        g_rows = torch.zeros(x.shape[0], t.n_rows, dtype=torch.float32)
-        g_w = torch.zeros(t.n_rows, t.n_cols, dtype=torch.float32)
-        rc = kern.backward_kept(ctypes.byref(self._geometry(x, plan)), x.data_ptr(), digits.data_ptr(),
-                                self.pw.data_ptr(), kept[0].data_ptr(), kept[1].data_ptr(), gc.data_ptr(),
-                                colx.data_ptr(), g_rows.data_ptr(), g_w.data_ptr())
-        if rc != 0:
-            raise MemoryError("the C backward kernel ran out of memory")
-        return g_rows, g_w
-
     def _c_backward(self, kern: native.Kernels, x: torch.Tensor, digits: torch.Tensor, plan: _TilePlan,
-                    gc: torch.Tensor, colx: torch.Tensor, colq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    gc: torch.Tensor, gx: torch.Tensor, gq: torch.Tensor) -> None:
+        """The backward of a tile in C (levels recomputed), added into the layer's gx [N, K] and gq [K, M]."""
         t = plan.tile
-        g_rows = torch.zeros(x.shape[0], t.n_rows, dtype=torch.float32)
-        g_w = torch.zeros(t.n_rows, t.n_cols, dtype=torch.float32)
+        n = x.shape[0]
         tr = self.transfer
-        rc = kern.backward(ctypes.byref(self._geometry(x, plan)), x.data_ptr(), digits.data_ptr(),
-                           self.pw.data_ptr(), tr.slope_table.data_ptr(), plan.slopes.data_ptr(), tr.n_slope,
-                           gc.data_ptr(), colx.data_ptr(), colq.data_ptr(), g_rows.data_ptr(), g_w.data_ptr())
+        gt = torch.zeros(_padded(n), t.n_cols, dtype=torch.float32)  # the upstream gradient by blocks of lanes
+        gt[:n] = gc
+        gt = gt.reshape(-1, KERNEL_LANES, t.n_cols).transpose(1, 2).contiguous()
+        rc = kern.backward(ctypes.byref(self._geometry(x, plan)), x.data_ptr(), digits.data_ptr(), self.pw.data_ptr(),
+                           tr.slope_table.data_ptr(), plan.slopes.data_ptr(), tr.n_slope, self.spec.n_levels,
+                           gt.data_ptr(), plan.colx.data_ptr(), plan.colq.data_ptr(),
+                           gx[:, t.row0 :].data_ptr(), gq[t.row0 :, t.col0 :].data_ptr())
         if rc != 0:
             raise MemoryError("the C backward kernel ran out of memory")
-        return g_rows, g_w
 
-    def _torch_backward(self, x: torch.Tensor, digits: torch.Tensor, plan: _TilePlan, gc: torch.Tensor,
-                        colx: torch.Tensor, colq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _torch_backward(self, x: torch.Tensor, digits: torch.Tensor, plan: _TilePlan,
+                        gc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = plan.tile
         g_rows = torch.zeros(x.shape[0], t.n_rows, dtype=torch.float32)
         g_w = torch.zeros(t.n_rows, t.n_cols, dtype=torch.float32)
@@ -462,15 +440,15 @@ class LayerMacro:
             xc = x[n0 : n0 + plan.vectors_per_chunk]
             n = xc.shape[0]
             rows, w = torch_backward(self.transfer, self._planes(xc, plan), digits_f, plan, gc[n0 : n0 + n],
-                                     colx, colq, self.pw)
+                                     plan.colx, plan.colq, self.pw)
             g_rows[n0 : n0 + n] = rows
             g_w += w
         return g_rows, g_w
 
 
 def _padded(n: int) -> int:
-    """``n`` rounded up to the C kernels' vector length (VL in cim_kernels.c)."""
-    return -(-n // KERNEL_VL) * KERNEL_VL
+    """``n`` rounded up to a multiple of the C kernels' lanes."""
+    return -(-n // KERNEL_LANES) * KERNEL_LANES
 
 
 def _levels(planes: torch.Tensor, digits: torch.Tensor, n_planes: int) -> torch.Tensor:
@@ -480,20 +458,20 @@ def _levels(planes: torch.Tensor, digits: torch.Tensor, n_planes: int) -> torch.
     return torch.bmm(planes, digits).to(torch.int32).reshape(G, nP // n_planes, n_planes, digits.shape[2])
 
 
-def torch_forward(tr: Transfer, planes: torch.Tensor, digits: torch.Tensor, plan: _TilePlan, first: int,
+def torch_forward(tr: Transfer, planes: torch.Tensor, digits: torch.Tensor, plan: _TilePlan, first: int, ne: int,
                   seed: int, pw: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
     """One chunk of the forward in torch: ``sum_{g, p, k} pw[p] * sw[k] * value(code)`` [n, M] (float64) for input
     slices [G, n * P, R] of vectors ``first ..`` and digits [G, R, S * M] (float32), the uniforms of the call
-    ``seed``."""
+    ``seed`` (conversion (i, g, p, c) draws uniform ``((g * P + p) * C + c) * ne + i``, ``ne`` the call's vectors
+    rounded up to the C kernels' lanes)."""
     P = pw.shape[0]
     levels = _levels(planes, digits, P)
     G, n, _, C = levels.shape
-    Ce = C + (C & 1)
     i = torch.arange(first, first + n, dtype=torch.int64)[None, :, None, None]
     g = torch.arange(G, dtype=torch.int64)[:, None, None, None]
     p = torch.arange(P, dtype=torch.int64)[None, None, :, None]
     c = torch.arange(C, dtype=torch.int64)[None, None, None, :]
-    u = splitmix_uniforms(seed, ((i * G + g) * P + p) * Ce + c)
+    u = splitmix_uniforms(seed, ((g * P + p) * C + c) * ne + i)
     codes = tr.codes_from_uniforms(levels, plan.tables, u)
     if tr.value_table is None:
         value = codes.to(torch.float64)
@@ -532,23 +510,20 @@ class _MacroMatmul(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, x: torch.Tensor, q: torch.Tensor, macro: LayerMacro
     ) -> torch.Tensor:
-        xd = x.detach()
-        codes = torch.round(xd)
-        spec = macro.spec
-        compact = codes.to(torch.uint8) if spec.input_max < 256 else codes.to(torch.int32)
+        codes = torch.round(x.detach())
         qd = torch.round(q.detach())
         ctx.macro = macro
-        ctx.save_for_backward(compact, qd)
-        out, ctx.slopes = macro._forward(codes, qd, keep_slopes=any(ctx.needs_input_grad[:2]))
+        out, ctx.saved = macro._forward(codes, qd, keep=any(ctx.needs_input_grad[:2]))
+        ctx.save_for_backward(qd)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        compact, qd = ctx.saved_tensors
-        gx, gq = ctx.macro.backward_values(compact, qd, grad.contiguous(), ctx.slopes)
-        ctx.slopes = None
+        (qd,) = ctx.saved_tensors
+        saved, ctx.saved = ctx.saved, None
+        gx, gq = ctx.macro.backward_values(saved.codes, qd, grad.contiguous(), saved)
         return (gx if ctx.needs_input_grad[0] else None), (gq if ctx.needs_input_grad[1] else None), None
 
 

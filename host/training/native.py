@@ -5,7 +5,8 @@ run the same computation in torch.
 The shared library is cached under ``$CIMLAB_CACHE`` (default ``~/.cache/cimlab``)/kernels, named by a hash of the
 source, the compiler, its flags and the CPU, so a change of any of them builds a new one; a build is written to a
 temporary file and renamed, so processes building at once never load a half-written library.
-``CIMLAB_KERNELS=torch`` turns the C kernels off (``=c`` makes a failed build an error instead of a warning).
+``CIMLAB_KERNELS=torch`` turns the C kernels off (``=c`` makes a failed build an error instead of a warning);
+``CIMLAB_KERNEL_FLAGS`` replaces ``-march=native`` (e.g. ``-march=x86-64`` for the portable code path).
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ class GeomT(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_int32) for name in (
         "n", "x_stride", "row0", "n_rows", "offset", "groups", "rows", "planes", "slice_bits", "cols",
-        "cell_bits", "out_cols")]
+        "cell_bits", "out_cols", "gx_stride", "gq_stride")]
 
 
 class TableT(ctypes.Structure):
     """``table_t`` of cim_kernels.c: a transfer's sampling table."""
 
     _fields_ = [("guide", ctypes.c_void_p), ("off", ctypes.c_void_p), ("cum", ctypes.c_void_p)] + [
-        (name, ctypes.c_int32) for name in ("shift", "buckets", "steps", "packed", "n_codes", "n_tables")]
+        (name, ctypes.c_int32) for name in ("shift", "buckets", "steps", "packed", "n_codes", "n_tables", "n_levels")]
 
 
 @dataclass
@@ -52,7 +53,6 @@ class Kernels:
 
     forward: ctypes._CFuncPtr
     backward: ctypes._CFuncPtr
-    backward_kept: ctypes._CFuncPtr
     path: Path
 
 
@@ -120,7 +120,8 @@ def _build() -> Path:
     cc = _compiler()
     version = _run([cc, "--version"]).stdout
     source = SOURCE.read_bytes()
-    for extra in (NATIVE_FLAGS, ()):
+    given = os.environ.get("CIMLAB_KERNEL_FLAGS")
+    for extra in ((tuple(given.split()),) if given is not None else (NATIVE_FLAGS, ())):
         flags = (*FLAGS, *extra)
         key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), " ".join(flags).encode(),
                                          platform.machine().encode(), _cpu_signature().encode()])).hexdigest()
@@ -147,15 +148,11 @@ def _load(path: Path) -> Kernels:
     p = ctypes.c_void_p
     forward = lib.cim_forward
     forward.restype = ctypes.c_int
-    forward.argtypes = [ctypes.POINTER(GeomT), p, p, p, p, ctypes.POINTER(TableT), p, p, p, ctypes.c_uint64, p,
-                        p, p, ctypes.c_int32, p, p, p]
+    forward.argtypes = [ctypes.POINTER(GeomT), p, p, p, p, ctypes.POINTER(TableT), p, p, p, ctypes.c_uint64, p]
     backward = lib.cim_backward
     backward.restype = ctypes.c_int
-    backward.argtypes = [ctypes.POINTER(GeomT), p, p, p, p, p, ctypes.c_int32, p, p, p, p, p]
-    kept = lib.cim_backward_kept
-    kept.restype = ctypes.c_int
-    kept.argtypes = [ctypes.POINTER(GeomT), p, p, p, p, p, p, p, p, p]
-    return Kernels(forward, backward, kept, path)
+    backward.argtypes = [ctypes.POINTER(GeomT), p, p, p, p, p, ctypes.c_int32, ctypes.c_int32, p, p, p, p, p]
+    return Kernels(forward, backward, path)
 
 
 __all__ = ["GeomT", "Kernels", "TableT", "cache_dir", "kernels", "reset"]

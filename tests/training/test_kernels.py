@@ -29,10 +29,13 @@ def run(spec: MacroSpec, tr: Transfer, backend: str, seed: int) -> tuple[torch.T
     return y.detach(), x.grad, q.grad
 
 
+@pytest.mark.parametrize("noise", [0.3, 0.7], ids=["packed", "wide"])
 @pytest.mark.parametrize("decoded", [False, True], ids=["raw", "decoded"])
 @pytest.mark.parametrize("spec", [SMALL_TWOS, SMALL_ODD, SMALL_LOSSY], ids=["twos", "unsigned-odd", "offset-clip"])
-def test_c_kernels_equal_the_torch_path(spec: MacroSpec, decoded: bool) -> None:
-    model = noisy_model(spec, seed=2, noise=0.7)
+def test_c_kernels_equal_the_torch_path(spec: MacroSpec, decoded: bool, noise: float) -> None:
+    """Every table layout (packed with few buckets: register look-ups where the CPU has them; many buckets or the
+    search layout: plain look-ups), levels within and past 32, column counts that are and are not multiples of 4."""
+    model = noisy_model(spec, seed=2, noise=noise)
     tr = Transfer.from_model(model, pooled=False)
     if decoded:
         tr = tr.decoded(ColumnDecoder.from_model(noisy_model(spec, seed=3, noise=0.7, draws=16)))
@@ -45,6 +48,27 @@ def test_c_kernels_equal_the_torch_path(spec: MacroSpec, decoded: bool) -> None:
     assert gx_c.abs().max() > 0 and gq_c.abs().max() > 0
     assert torch.allclose(gx_c, gx_t, rtol=1e-5, atol=1e-4 * float(gx_t.abs().max()))
     assert torch.allclose(gq_c, gq_t, rtol=1e-5, atol=1e-4 * float(gq_t.abs().max()))
+
+
+def test_the_portable_kernels_equal_the_torch_path(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    """Built without AVX-512 (plain C look-ups and sums), the kernels still compute the torch path's numbers."""
+    monkeypatch.setenv("CIMLAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("CIMLAB_KERNEL_FLAGS", "-march=x86-64")
+    monkeypatch.setenv("CIMLAB_KERNELS", "c")
+    native.reset()
+    try:
+        spec = SMALL_TWOS
+        model = noisy_model(spec, seed=2, noise=0.7)
+        for tr in (Transfer.from_model(model, pooled=False),
+                   Transfer.from_model(model).decoded(ColumnDecoder.from_model(model))):
+            y_c, gx_c, gq_c = run(spec, tr, "c", seed=6)
+            y_t, gx_t, gq_t = run(spec, tr, "torch", seed=6)
+            assert torch.allclose(y_c, y_t, rtol=0, atol=1e-9)
+            assert torch.allclose(gx_c, gx_t, rtol=1e-5, atol=1e-4 * float(gx_t.abs().max()))
+            assert torch.allclose(gq_c, gq_t, rtol=1e-5, atol=1e-4 * float(gq_t.abs().max()))
+    finally:
+        monkeypatch.undo()
+        native.reset()
 
 
 def test_kernels_can_be_turned_off_and_are_built_once(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001

@@ -173,8 +173,9 @@ def test_evaluation_leaves_the_training_streams_where_they_were() -> None:
 @pytest.mark.parametrize("spec", [SMALL_TWOS, SMALL_LOSSY, SMALL_ODD], ids=["twos", "offset-clip", "unsigned-odd"])
 def test_layer_forward_equals_the_twins_sampler_on_numpy_levels(spec, backend: str) -> None:  # noqa: ANN001
     """The layer's forward (C kernel or torch) against an independent numpy computation: ``MacroSpec.ideal_levels``,
-    the twin's ``CodeSampler`` on the same 32-bit uniforms (numpy SplitMix64, conversion (i, g, p, c) on
-    half c & 1 of word ((i G + g) P + p) Ce / 2 + c // 2 of the tile's seed), and ``MacroSpec.recombine``."""
+    the twin's ``CodeSampler`` on the same 32-bit uniforms (numpy SplitMix64: conversion (i, g, p, c) takes half
+    k & 1 of word k >> 1 of the tile's seed, k = ((g P + p) C + c) Ne + i, Ne = n rounded up to 16), and
+    ``MacroSpec.recombine``."""
     model = noisy_model(spec, seed=12, noise=0.5)
     tr = Transfer.from_model(model, pooled=False)
     rng = np.random.default_rng(3)
@@ -188,9 +189,9 @@ def test_layer_forward_equals_the_twins_sampler_on_numpy_levels(spec, backend: s
     levels = spec.ideal_levels(x, w)  # [n, P, G, S, C]
     n, P, G, S, C = levels.shape
     order = levels.transpose(0, 2, 1, 3, 4).reshape(n, G, P, S * C)  # conversion (i, g, p, c)
-    Ce = S * C + (S * C) % 2
+    ne = -(-n // 16) * 16
     i, g, p, c = np.meshgrid(np.arange(n), np.arange(G), np.arange(P), np.arange(S * C), indexing="ij")
-    k = ((i * G + g) * P + p) * Ce + c
+    k = ((g * P + p) * (S * C) + c) * ne + i
     words = splitmix64_reference(seed, k >> 1)
     bits = np.where(k & 1, words >> np.uint64(32), words & np.uint64(0xFFFFFFFF)).astype(np.uint32)
     flat = order.reshape(-1, spec.physical_cols)
