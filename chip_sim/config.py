@@ -25,13 +25,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tomllib
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # a PYNQ image's Python 3.10
+    import tomli as tomllib
 
 from cimlab.chip_sim.devices import DeviceParams
 from cimlab.firmware_bridge.errors import ConfigError
@@ -103,17 +108,28 @@ class AnalogParams:
 class TimingParams:
     """The controller FSM's cycle costs (clock = ``spec.clock_hz``).
 
-    A MAC vector takes: input load ``ceil(n_rows * input_bits / bus_bits)``, then per input slice one word-line
-    pulse of ``wl_pulse_cycles`` followed by one conversion of ``adc_cycles`` per row group, then readout
-    ``ceil(out_bits / bus_bits)``. An operation adds ``op_overhead_cycles``. A weight row takes its bus words
-    plus ``write_row_cycles``.
+    The sequencer's states and their cycle counts are those of the RTL (``bitstreams/rtl/cimlab_seq.sv``); the
+    formulas are in ``cimlab.firmware_bridge.fabric``. A request whose data do not fit the buffers runs as several
+    runs, each paying ``op_overhead_cycles``.
     """
 
-    op_overhead_cycles: int = _param(8, 0, 1_000_000, "cycles", "Command decode and set-up per operation.")
-    bus_bits: int = _param(64, 8, 4096, "bits", "Width of the controller's data bus to the input/output FIFOs.")
+    op_overhead_cycles: int = _param(
+        8, 0, 1_000_000, "cycles", "Command decode and set-up per run of the sequencer."
+    )
+    bus_bits: int = _param(
+        64, 32, 4096, "bits", "Width of the buffers' sequencer port (32 x a power of two: 32, 64, 128, ...)."
+    )
     write_row_cycles: int = _param(2, 1, 10_000, "cycles", "SRAM write of one weight row (all columns).")
+    read_row_cycles: int = _param(2, 1, 10_000, "cycles", "SRAM read of one weight row (all columns).")
     wl_pulse_cycles: int = _param(2, 1, 10_000, "cycles", "Word-line pulse of one input slice.")
     adc_cycles: int = _param(6, 1, 10_000, "cycles", "One conversion of one row group (all columns in parallel).")
+    in_buffer_words: int = _param(
+        0, 0, 1 << 16, "bus words", "Input buffer depth, a power of two (0: 32 full vectors or weight rows)."
+    )
+    out_buffer_words: int = _param(
+        0, 0, 1 << 16, "bus words",
+        "Output buffer depth, a power of two (0: 32 vectors' outputs or rows, and one vector's raw codes).",
+    )
 
 
 @dataclass(frozen=True)

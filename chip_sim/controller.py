@@ -8,16 +8,16 @@ Two execution paths give identical codes, cycle counts and energy for the same s
 - ``reference``: ``cimlab.chip_sim.fsm.ReferenceFSM`` advances the controller one clock at a time and computes each
   conversion on its own with integer sums (slow; for tests on small macros).
 
-Cost of one operation (clock cycles at ``spec.clock_hz``), with ``T = profile.timing``::
+Cycles are the RTL sequencer's (``bitstreams/rtl/cimlab_seq.sv``): its states and the buffers' layout are defined
+once in ``cimlab.firmware_bridge.fabric``, whose formulas both paths use (the reference FSM by stepping through
+the states). A request whose data do not fit the fabric's input or output buffer runs as several runs of the
+sequencer, each paying the operation overhead, as on the board. READ_WEIGHTS costs cycles too (the SRAM's read
+port, then the output buffer); WRITE_WEIGHTS is followed by the bridge's read-back. The tests in ``tests/rtl``
+check both paths against the RTL's own counters, codes and weights.
 
-    MAC / MAC_RAW  op_overhead + batch * (load + n_planes * (wl_pulse + groups * adc_cycles) + readout)
-                   groups = the row groups spanned by the request (``MacroSpec.group_span``);
-                   load = ceil(n_rows * input_bits / bus_bits); readout = ceil(out_bits / bus_bits), out_bits
-                   = cols * 32 for MAC, n_planes * groups * physical_cols * 8 * code bytes for MAC_RAW
-    WRITE_WEIGHTS  op_overhead + n_rows * (ceil(cols * weight_bits / bus_bits) + write_row_cycles)
-
-Energy (fJ) scales with (VDD / vdd_nominal)**2 and counts ADC conversions, the sum of the partial sums
-(bit-line discharge), word-line pulses of rows with a nonzero input slice, vectors, and written cell bits.
+Energy (fJ) scales with (VDD / vdd_nominal)**2 and counts ADC conversions, the sum of the ideal partial sums of the
+stored digits (bit-line discharge), word-line pulses of rows with a nonzero input slice, vectors, and written
+cell bits: what a board's processor can count too (``cimlab.firmware_bridge.fabric.Activity``).
 
 Only the row groups holding the requested rows are converted (the sequencer skips idle groups); rows of those
 groups outside the request see input 0. The per-conversion random stream is indexed by a global vector counter
@@ -29,6 +29,8 @@ depend only on the key and the operations since (a characterization sweep writes
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,12 +39,14 @@ import numpy as np
 from cimlab.chip_sim.analog import AnalyticConverter, Converter, DataDrivenConverter
 from cimlab.chip_sim.config import Profile
 from cimlab.chip_sim.rng import check_seed
+from cimlab.chip_sim.rtl.params import fabric_layout, fabric_timing
 from cimlab.firmware_bridge.controller import Controller, Counters, Identity, OpCost
 from cimlab.firmware_bridge.errmodel import ErrorModel
+from cimlab.firmware_bridge.fabric import Activity, input_activity
 from cimlab.firmware_bridge.errors import DeviceError, ShapeError
 from cimlab.firmware_bridge.files import package_version
 from cimlab.firmware_bridge.messages import Status
-from cimlab.firmware_bridge.registers import BY_ADDR, BY_NAME, REGISTERS
+from cimlab.firmware_bridge.registers import BY_NAME, REGISTERS, check_write, host_register, signed32
 
 if TYPE_CHECKING:
     from cimlab.chip_sim.fsm import ReferenceFSM
@@ -59,7 +63,7 @@ _NOISE_SEED = BY_NAME["NOISE_SEED"].addr
 
 @dataclass
 class Tally:
-    """Integer event counts of one operation, from which its cost follows."""
+    """Integer event counts of one operation, from which its cost follows (``Activity`` plus cycles)."""
 
     cycles: int = 0
     conversions: int = 0
@@ -88,13 +92,15 @@ class TwinController(Controller):
         else:
             self.converter = AnalyticConverter(spec, profile.analog, self.seed, profile.device)
         self._stream = self.converter.stream(self.seed)
+        self.layout = fabric_layout(profile)
+        self.timing = fabric_timing(profile)
+        self.busy = False
         self._rows_pad = spec.n_groups * spec.rows_per_conversion
         J = spec.physical_cols
         self._digits = np.zeros((self._rows_pad, J), dtype=np.uint8)  # what the SRAM stores
         self._compute = np.zeros((self._rows_pad, J), dtype=np.int64)  # what the array computes with
         self._w32 = np.zeros((spec.n_groups, spec.rows_per_conversion, J), dtype=np.float32)
-        self._level_digits = np.zeros((self._rows_pad, J), dtype=np.int64)  # digits with stuck cells applied
-        self._rowsum = np.zeros(self._rows_pad, dtype=np.int64)  # their sum over columns
+        self._rowsum = np.zeros(self._rows_pad, dtype=np.int64)  # stored digits summed over columns (energy)
         self.vector_counter = 0
         self._fsm: ReferenceFSM | None = None
         self._regs: dict[int, int] = {}
@@ -134,7 +140,7 @@ class TwinController(Controller):
 
     def counters(self) -> Counters:
         return Counters(
-            busy=False,
+            busy=self.busy,
             error_flags=self._regs[BY_NAME["ERR_FLAGS"].addr],
             cycles=self._cycles,
             ops=self._ops,
@@ -154,8 +160,7 @@ class TwinController(Controller):
     @property
     def temp_c(self) -> float:
         """The die temperature, degC (TEMP_CC is signed centi-degrees)."""
-        raw = self._regs[BY_NAME["TEMP_CC"].addr]
-        return (raw - (1 << 32) if raw & 0x8000_0000 else raw) / 100.0
+        return signed32(self._regs[BY_NAME["TEMP_CC"].addr]) / 100.0
 
     def latency_s(self, cost: OpCost) -> float:
         """Seconds an operation of ``cost`` takes at the profile's clock."""
@@ -163,9 +168,7 @@ class TwinController(Controller):
 
     # ---- registers --------------------------------------------------------------------------------------
     def read_reg(self, addr: int) -> int:
-        reg = BY_ADDR.get(addr)
-        if reg is None:
-            raise DeviceError(f"no register at address 0x{addr:02x}", status=Status.BAD_REGISTER)
+        reg = host_register(addr)
         if reg.name == "CYCLES_LO":
             return self._cycles & 0xFFFFFFFF
         if reg.name == "CYCLES_HI":
@@ -175,14 +178,9 @@ class TwinController(Controller):
         return self._regs[addr]
 
     def write_reg(self, addr: int, value: int) -> int:
-        reg = BY_ADDR.get(addr)
-        if reg is None:
-            raise DeviceError(f"no register at address 0x{addr:02x}", status=Status.BAD_REGISTER)
-        if reg.access == "ro":
-            raise DeviceError(f"register {reg.name} (0x{addr:02x}) is read-only", status=Status.READ_ONLY)
-        if not 0 <= value <= 0xFFFFFFFF:
-            raise DeviceError(f"{reg.name}: value {value} is not a 32-bit word", status=Status.BAD_ARGUMENT)
         a = self.profile.analog
+        reg = check_write(addr, value, vdd_range_mv=(a.vdd_min_mv, a.vdd_max_mv),
+                          temp_range_cc=(round(a.temp_min_c * 100), round(a.temp_max_c * 100)))
         if reg.access == "w1c":
             self._regs[addr] &= ~value & 0xFFFFFFFF
         elif reg.name == "CTRL":
@@ -190,20 +188,9 @@ class TwinController(Controller):
                 self._clear_counters()
             self._regs[addr] = value & ~1
         elif reg.name == "VDD_MV":
-            if not a.vdd_min_mv <= value <= a.vdd_max_mv:
-                raise DeviceError(
-                    f"VDD_MV={value} is outside the operating range {a.vdd_min_mv}..{a.vdd_max_mv} mV",
-                    status=Status.BAD_ARGUMENT,
-                )
             self._regs[addr] = value
             self.converter.set_conditions(value, self.temp_c)
         elif reg.name == "TEMP_CC":
-            signed = value - (1 << 32) if value & 0x8000_0000 else value
-            if not a.temp_min_c * 100 <= signed <= a.temp_max_c * 100:
-                raise DeviceError(
-                    f"TEMP_CC={signed} is outside {round(a.temp_min_c * 100)}..{round(a.temp_max_c * 100)}"
-                    " centi-degC", status=Status.BAD_ARGUMENT,
-                )
             self._regs[addr] = value
             self.converter.set_conditions(self.vdd_mv, self.temp_c)
         elif addr == _NOISE_SEED:
@@ -229,19 +216,8 @@ class TwinController(Controller):
         self._digits[row0 : row0 + n] = digits
         compute = self.converter.compute_digits(digits, row0)
         self._compute[row0 : row0 + n] = compute
-        level_digits = self._effective_digits(digits, row0)
-        self._level_digits[row0 : row0 + n] = level_digits
-        self._rowsum[row0 : row0 + n] = level_digits.sum(axis=1, dtype=np.int64)
+        self._rowsum[row0 : row0 + n] = digits.sum(axis=1, dtype=np.int64)
         self._w32.reshape(self._rows_pad, -1)[row0 : row0 + n] = compute
-
-    def _effective_digits(self, digits: np.ndarray, row0: int) -> np.ndarray:
-        """The digits the cells compute with (stuck cells applied), int64 [n, J]: the ideal levels' weights."""
-        conv = self.converter
-        d = digits.astype(np.int64)
-        if isinstance(conv, AnalyticConverter):
-            rows = slice(row0, row0 + digits.shape[0])
-            d = np.where(conv.stuck0[rows], 0, np.where(conv.stuck1[rows], self.spec.cell_max, d))
-        return d
 
     def write_weights(self, row_start: int, weights: np.ndarray) -> None:
         spec = self.spec
@@ -251,20 +227,35 @@ class TwinController(Controller):
         self._check_rows(row_start, w.shape[0])
         _check_range(w, spec.weight_min, spec.weight_max, "weights")
         n = w.shape[0]
-        if self.profile.mode == "reference":
-            tally = self._reference().write_weights(row_start, spec.weights_to_slices(w))
-        else:
-            self._store_rows(row_start, spec.weights_to_slices(w))
-            t = self.profile.timing
-            per_row = math.ceil(spec.cols * spec.weight_bits / t.bus_bits) + t.write_row_cycles
-            bits = n * spec.physical_cols * spec.cell_bits
-            tally = Tally(cycles=t.op_overhead_cycles + n * per_row, bits_written=bits)
-        self._account(tally, vectors=0)
+        bits = n * spec.physical_cols * spec.cell_bits
+        with self._busy():
+            if self.profile.mode == "reference":
+                cycles = self._reference().write_weights(row_start, spec.weights_to_slices(w))
+            else:
+                self._store_rows(row_start, spec.weights_to_slices(w))
+                cycles = self.layout.weight_cycles(n, True, self.timing)
+        self._account(Tally(cycles=cycles, bits_written=bits), vectors=0)
 
     def read_weights(self, row_start: int, n_rows: int) -> np.ndarray:
         self._check_rows(row_start, n_rows)
-        d = self._digits[row_start : row_start + n_rows].reshape(n_rows, self.spec.n_slices, self.spec.cols)
-        return self.spec.slices_to_weights(d)
+        with self._busy():
+            if self.profile.mode == "reference":
+                out, cycles = self._reference().read_weights(row_start, n_rows)
+            else:
+                spec = self.spec
+                d = self._digits[row_start : row_start + n_rows].reshape(n_rows, spec.n_slices, spec.cols)
+                out, cycles = spec.slices_to_weights(d), self.layout.weight_cycles(n_rows, False, self.timing)
+        self._account(Tally(cycles=cycles), vectors=0)
+        return out
+
+    @contextmanager
+    def _busy(self) -> Iterator[None]:
+        """The sequencer is busy while an operation runs (STATUS's ``busy``)."""
+        self.busy = True
+        try:
+            yield
+        finally:
+            self.busy = False
 
     # ---- MAC --------------------------------------------------------------------------------------------
     def mac(self, row_start: int, inputs: np.ndarray) -> tuple[np.ndarray, OpCost]:
@@ -286,11 +277,12 @@ class TwinController(Controller):
         return x
 
     def _run(self, row_start: int, x: np.ndarray, *, raw: bool) -> tuple[np.ndarray, OpCost]:
-        if self.profile.mode == "reference":
-            codes, tally = self._reference().run(row_start, x, raw=raw)
-            out = codes if raw else self._recombine(codes, x)
-        else:
-            out, tally = self._fast(row_start, x, raw=raw)
+        with self._busy():
+            if self.profile.mode == "reference":
+                codes, tally = self._reference().run(row_start, x, raw=raw)
+                out = codes if raw else self._recombine(codes, x)
+            else:
+                out, tally = self._fast(row_start, x, raw=raw)
         cost = self._account(tally, vectors=x.shape[0])
         return out, cost
 
@@ -298,14 +290,9 @@ class TwinController(Controller):
         return self.spec.recombine(codes, x).astype(np.int32)
 
     def vector_cycles(self, row_start: int, n_rows: int, *, raw: bool) -> int:
-        """Cycles one MAC vector over rows ``row_start .. +n_rows`` takes (see the module docstring)."""
-        spec, t = self.spec, self.profile.timing
-        g0, g1 = spec.group_span(row_start, n_rows)
-        load = math.ceil(n_rows * spec.input_bits / t.bus_bits)
-        conversions = spec.n_planes * (g1 - g0) * spec.physical_cols
-        out_bits = conversions * 8 * spec.code_dtype.itemsize if raw else spec.cols * 32
-        compute = spec.n_planes * (t.wl_pulse_cycles + (g1 - g0) * t.adc_cycles)
-        return load + compute + math.ceil(out_bits / t.bus_bits)
+        """Cycles one MAC vector over rows ``row_start .. +n_rows`` takes (``FabricLayout.vector_cycles``)."""
+        g0, g1 = self.spec.group_span(row_start, n_rows)
+        return self.layout.vector_cycles(g1 - g0, raw, self.timing)
 
     @property
     def chunk_vectors(self) -> int:
@@ -330,7 +317,6 @@ class TwinController(Controller):
         g0, g1 = spec.group_span(row_start, n_rows)
         Gs = g1 - g0
         w32 = self._w32[g0:g1]
-        rowsum = self._rowsum[g0 * R : g1 * R]
         if raw:
             out = np.empty((batch, *spec.raw_shape_for(row_start, n_rows)), dtype=spec.code_dtype)
         else:
@@ -338,14 +324,10 @@ class TwinController(Controller):
         chunk = self.chunk_vectors
         flush = max(chunk, RECOMBINE_ELEMENTS // (P * K * C))
         pending: list[np.ndarray] = []
-        level_sum = 0
-        pulses = 0
         for b0 in range(0, batch, chunk):
             xb = x[b0 : b0 + chunk]
             n = xb.shape[0]
             planes = self._planes(row_start, xb, g0, g1)  # [n, P, Gs * R]
-            level_sum += int((planes.astype(np.int64) @ rowsum).sum())
-            pulses += int(np.count_nonzero(planes))
             xg = planes.reshape(n * P, Gs, R).transpose(1, 0, 2).astype(np.float32)  # [Gs, n*P, R]
             sums = np.matmul(xg, w32)  # [Gs, n*P, J], exact integers
             items = None
@@ -364,9 +346,9 @@ class TwinController(Controller):
                     first = b0 + n - per_plane.shape[0]
                     out[first : b0 + n] = self._recombine(per_plane, x[first : b0 + n])
                     pending = []
-        t = self.profile.timing
+        pulses, level_sum = input_activity(spec, self._rowsum, row_start, x)
         tally = Tally(
-            cycles=t.op_overhead_cycles + batch * self.vector_cycles(row_start, n_rows, raw=raw),
+            cycles=self.layout.mac_cycles(batch, Gs, raw, self.timing),
             conversions=batch * P * Gs * J,
             level_sum=level_sum,
             wordline_pulses=pulses,
@@ -382,17 +364,24 @@ class TwinController(Controller):
         return self._fsm
 
     # ---- accounting -------------------------------------------------------------------------------------
-    def _account(self, tally: Tally, *, vectors: int) -> OpCost:
+    def activity_energy(self, activity: Activity | Tally, vdd_mv: int) -> int:
+        """Estimated energy of an operation's activity at supply ``vdd_mv``, femtojoules (rounded).
+
+        The RTL twin's board controller estimates its energy with this, from what its processor counts.
+        """
         e = self.profile.energy
-        vscale = (self.vdd_mv / self.profile.analog.vdd_nominal_mv) ** 2
+        vscale = (vdd_mv / self.profile.analog.vdd_nominal_mv) ** 2
         energy = vscale * (
-            e.adc_fj * tally.conversions
-            + e.bitline_fj_per_level * tally.level_sum
-            + e.wordline_fj * tally.wordline_pulses
-            + e.digital_fj_per_vector * tally.vectors
-            + e.write_fj_per_bit * tally.bits_written
+            e.adc_fj * activity.conversions
+            + e.bitline_fj_per_level * activity.level_sum
+            + e.wordline_fj * activity.wordline_pulses
+            + e.digital_fj_per_vector * activity.vectors
+            + e.write_fj_per_bit * activity.bits_written
         )
-        cost = OpCost(cycles=tally.cycles, energy_fj=round(energy))
+        return round(energy)
+
+    def _account(self, tally: Tally, *, vectors: int) -> OpCost:
+        cost = OpCost(cycles=tally.cycles, energy_fj=self.activity_energy(tally, self.vdd_mv))
         self._cycles += cost.cycles
         self._energy += cost.energy_fj
         self._ops += vectors

@@ -345,9 +345,17 @@ class MacroSpec:
         """
         c = np.asarray(codes, dtype=np.int64)
         acc = np.einsum("bpgkc,p,k->bc", c, self.plane_weights(), self.slice_weights(), optimize=True)
-        out = acc
+        return self.scale_accumulated(acc, inputs)
+
+    def scale_accumulated(self, acc: np.ndarray, inputs: np.ndarray) -> np.ndarray:
+        """Accumulated codes [batch, cols] (``sum code * plane_weight * slice_weight``) -> MAC outputs (int64).
+
+        The last step of ``recombine``: the ADC's full-scale ratio (rounded to the nearest integer) and the
+        ``offset`` storage correction. A controller whose hardware accumulates the codes applies it in software.
+        """
+        out = np.asarray(acc, dtype=np.int64)
         if self.adc_full_scale != self.adc_max:
-            out = np.rint(acc * self.adc_full_scale / self.adc_max).astype(np.int64)
+            out = np.rint(out * self.adc_full_scale / self.adc_max).astype(np.int64)
         if self.weight_offset:
             xsum = np.asarray(inputs, dtype=np.int64).sum(axis=1, keepdims=True)
             out = out - self.weight_offset * xsum

@@ -21,9 +21,10 @@ from cimlab.cli_common import (
     link_option,
     open_chip,
     parse_sets,
+    server_exposure,
+    server_options,
 )
 from cimlab.firmware_bridge.errors import ConfigError
-from cimlab.firmware_bridge.serve import IDLE_TIMEOUT_S
 from cimlab.logs import LEVELS, setup_logging, teardown_logging
 
 
@@ -118,19 +119,18 @@ def sim() -> None:
 @click.option("--baud", type=click.IntRange(min=1), default=None, help="Pace bytes at this UART line rate (10 bits/byte).")
 @click.option("--max-payload", type=click.IntRange(256, 16 * 1024 * 1024), default=64 * 1024, show_default=True,
               help="Largest frame payload the twin accepts, bytes (a host's HELLO may ask for less).")
-@click.option("--allow-remote", is_flag=True,
-              help="Allow a --tcp address other than loopback (needs --token-file).")
-@click.option("--token-file", "server_token_file", type=click.Path(dir_okay=False), default=None,
-              help="File with the token (16..255 bytes) hosts must send in HELLO before anything is served.")
-@click.option("--idle-timeout", type=click.FloatRange(min=0.1), default=IDLE_TIMEOUT_S, show_default=True,
-              help="Seconds a connected TCP host may send nothing before it is disconnected.")
+@server_options
 @click.option("--smu", "smu_addr", metavar="HOST:PORT", default=None,
               help="Also serve a simulated SMU that powers the twin, as a raw SCPI socket on loopback (port 0 picks "
                    "one); the second line of stdout is its VISA resource, TCPIP::HOST::PORT::SOCKET.")
+@click.option("--backend", type=click.Choice(["python", "rtl"]), default="python", show_default=True,
+              help="python: the Python twin; rtl: the RTL (bitstreams/rtl) simulated behind the board's device end.")
+@click.option("--simulator", type=click.Choice(["verilator"]), default="verilator", show_default=True,
+              help="With --backend rtl: the simulator.")
 @cim_errors
 def sim_serve(use_pty: bool, tcp_addr: str | None, profile: str, seed: int, sets: tuple[str, ...],
               baud: int | None, max_payload: int, allow_remote: bool, server_token_file: str | None,
-              idle_timeout: float, smu_addr: str | None) -> None:
+              idle_timeout: float, smu_addr: str | None, backend: str, simulator: str) -> None:
     """Serve a twin until stopped (Ctrl-C or SIGTERM). The first line of stdout is where to connect.
 
     Over TCP one host is served at a time: another is refused at once (BUSY), and a host idle for --idle-timeout
@@ -138,16 +138,20 @@ def sim_serve(use_pty: bool, tcp_addr: str | None, profile: str, seed: int, sets
     """
     from cimlab import chip_sim
     from cimlab.firmware_bridge.bridge import Bridge
-    from cimlab.firmware_bridge.serve import check_exposure, parse_hostport, read_token_file, serve_pty, serve_tcp
+    from cimlab.firmware_bridge.serve import parse_hostport, serve_pty, serve_tcp
 
     if use_pty == bool(tcp_addr):
         raise ConfigError("choose exactly one of --pty or --tcp HOST:PORT")
-    token = read_token_file(server_token_file) if server_token_file else None
-    if use_pty and (allow_remote or token):
-        raise ConfigError("--allow-remote and --token-file apply to --tcp only (a pty is local)")
-    host, port = parse_hostport(tcp_addr) if tcp_addr else ("", 0)
-    if tcp_addr:
-        check_exposure(host, allow_remote=allow_remote, token=token)
+    host, port, token = server_exposure(tcp_addr, allow_remote, server_token_file)
+    if backend == "rtl":
+        if smu_addr:
+            raise ConfigError("--smu serves the Python twin's supply; it is not available with --backend rtl")
+        from cimlab.cli_board import serve_rtl
+
+        serve_rtl(use_pty=use_pty, host=host, port=port, profile=profile, seed=seed, overrides=parse_sets(sets),
+                  baud=baud, max_payload=max_payload, simulator=simulator, token=token, allow_remote=allow_remote,
+                  idle_timeout_s=idle_timeout)
+        return
     controller = chip_sim.make_twin(profile, seed, parse_sets(sets))
     stop = threading.Event()
     smu_resource = ""
@@ -233,6 +237,10 @@ _register_export(cli)
 from cimlab.cli_estimate import register as _register_estimate  # noqa: E402
 
 _register_estimate(cli)
+
+from cimlab.cli_board import register as _register_board  # noqa: E402
+
+_register_board(cli)
 
 from cimlab.cli_train import evaluate as _evaluate_cmd
 from cimlab.cli_train import train as _train_cmd

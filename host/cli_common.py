@@ -56,6 +56,37 @@ def call_options(f: F) -> F:
                         callback=_remember, help=DEADLINE_HELP)(f)
 
 
+def server_options(f: F) -> F:
+    """What every device end served on TCP takes (``cimlab sim serve``, ``cimlab board serve``): ``--allow-remote``,
+    ``--token-file`` (as ``server_token_file``) and ``--idle-timeout`` (seconds)."""
+    from cimlab.firmware_bridge.serve import IDLE_TIMEOUT_S
+
+    f = click.option("--idle-timeout", type=click.FloatRange(min=0.1), default=IDLE_TIMEOUT_S, show_default=True,
+                     help="Seconds a connected TCP host may send nothing before it is disconnected.")(f)
+    f = click.option("--token-file", "server_token_file", type=click.Path(dir_okay=False), default=None,
+                     help="File with the token (16..255 bytes) hosts must send in HELLO before anything is "
+                          "served.")(f)
+    return click.option("--allow-remote", is_flag=True,
+                        help="Allow a --tcp address other than loopback (needs --token-file).")(f)
+
+
+def server_exposure(tcp_addr: str | None, allow_remote: bool, server_token_file: str | None
+                    ) -> tuple[str, int, bytes | None]:
+    """``(host, port, token)`` of a server's ``--tcp`` address, checked before anything listens: loopback unless
+    ``--allow-remote``, which needs a token; ``--allow-remote``/``--token-file`` without ``--tcp`` are refused.
+    Without ``--tcp``, host and port are ``("", 0)``."""
+    from cimlab.firmware_bridge.serve import check_exposure, parse_hostport, read_token_file
+
+    token = read_token_file(server_token_file) if server_token_file else None
+    if not tcp_addr:
+        if allow_remote or token:
+            raise ConfigError("--allow-remote and --token-file apply to --tcp only (a pty or a UART is local)")
+        return "", 0, None
+    host, port = parse_hostport(tcp_addr)
+    check_exposure(host, allow_remote=allow_remote, token=token)
+    return host, port, token
+
+
 def link_option(f: F) -> F:
     """The options every chip command shares: ``--link`` and ``--timeout`` (passed to the command as ``link_url``
     and ``timeout``), and ``call_options``."""

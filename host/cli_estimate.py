@@ -16,15 +16,16 @@ from cimlab.estimate import COMPONENTS, PERIPHERY
 
 @click.command("estimate")
 @click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--tech", "tech_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Technology table (TOML, every number with its unit and source); default: ISAAC, 32 nm.")
+@click.option("--tech", "tech_file", default=None,
+              help="Technology table: a TOML file (every number with its unit and source) or a bundled name "
+                   "(isaac-32nm, the default; isaac-32nm-saberi: gentler ADC scaling with bits).")
 @click.option("--periphery", type=click.Choice(("auto", *PERIPHERY)), default="auto", show_default=True,
               help="ADCs shared by all layers (uniform ranges) or per array (per-layer ranges); auto: as trained.")
 @click.option("--pack", type=click.Choice(("rows", "full", "none")), default="rows", show_default=True,
               help="How a CHECKPOINT's tiles share macro loads when it is compiled here.")
 @json_option
 @cim_errors
-def estimate_cmd(source: Path, tech_file: Path | None, periphery: str, pack: str, as_json: bool) -> None:
+def estimate_cmd(source: Path, tech_file: str | None, periphery: str, pack: str, as_json: bool) -> None:
     """Area (um^2) and energy per inference (pJ) of SOURCE, a deployment package (.npz from cimlab compile) or a
     quant checkpoint (compiled here for its own MacroSpec), by component: arrays, ADCs, DACs, drivers, shift-add.
 
@@ -42,14 +43,14 @@ def estimate_cmd(source: Path, tech_file: Path | None, periphery: str, pack: str
         pkg = compile_checkpoint(source, pack=pack)
     est = estimate_package(pkg, tech, periphery=None if periphery == "auto" else periphery)
     t = Table(title=f"cimlab estimate: {source.name} on {pkg.spec.describe()} ({tech.name}, estimated)")
-    for col in ("component", "area (um^2)", "energy / inference (pJ)"):
+    for col in ("component", "estimated area (um^2)", "estimated energy / inference (pJ)"):
         t.add_column(col, justify="right" if col != "component" else "left")
     for c in COMPONENTS:
         t.add_row(c, f"{est.area_um2[c]:,.1f}", f"{est.energy_pj[c]:,.2f}")
     t.add_row("[bold]total[/]", f"[bold]{est.total_area_um2:,.1f}[/]", f"[bold]{est.total_energy_pj:,.2f}[/]")
     console.print(t)
-    console.print(f"{est.arrays} array(s), {est.adcs} ADC(s), {est.conversions:,} conversions per inference; "
-                  + "; ".join(est.notes), highlight=False)
+    console.print(f"estimated, not measured: {est.arrays} array(s), {est.adcs} ADC(s), {est.conversions:,} "
+                  "conversions per inference; " + "; ".join(est.notes), highlight=False)
     emit_json(as_json, {"source": str(source), "spec": pkg.spec.to_dict(), "tech_sources": tech.sources,
                         **est.as_dict()})
 

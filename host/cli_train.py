@@ -87,6 +87,14 @@ def _pct(v: Any) -> str:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds model, batches and sampled codes.")
 @click.option("--quantizer", "learn", type=click.Choice(LEARN_CHOICES), default="epact", show_default=True,
               help="Input bounds: epact learns lower and upper, pact the upper only, fixed neither.")
+@click.option("--quant", "quant", type=click.Choice(("per-layer", "uniform")), default=None,
+              help="Weight and input ranges per layer (default), or one of each shared by every layer (uniform: one "
+                   "ADC/DAC design for all layers; the shared weight range learns unless --quantizer fixed). "
+                   "quant/dnat only.")
+@click.option("--polarity", type=click.Choice(("bipolar", "unipolar-pos", "unipolar-neg", "search")), default=None,
+              help="Weight signs of every layer (default bipolar), or search: an evolutionary search per layer on the "
+                   "float model given as --init. On a unipolar macro unipolar layers take one array, bipolar ones "
+                   "column pairs. quant/dnat only.")
 @click.option("--pooled/--per-column", default=False, show_default=True,
               help="Error model pooled over columns, or one per physical column (a chip's gain and offset errors "
                    "are per column; a pooled model cannot learn them).")
@@ -101,18 +109,25 @@ def _pct(v: Any) -> str:
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run from its saved state (OUT.resume), bit-identically.")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda or cuda:N: where the model, the error model's tables and the sampling kernels run.")
+@click.option("--ddp", "ddp", type=click.IntRange(min=2),
+              help="Train with N local processes (DistributedDataParallel; one GPU each with --device cuda). "
+                   "Under torchrun, leave it out: each process is one rank.")
 @json_option
 @cim_errors
 def train(task: str, mode: str, out: str, error_model: str | None, link_url: str | None, profile: str | None,
           model_name: str | None, init: str | None, data_dir: str | None, epochs: int, batch_size: int, lr: float,
-          weight_decay: float, optimizer: str, seed: int, learn: str, pooled: bool, draws: int, injection: str,
-          limit: int | None, max_steps: int | None, timeout: float, progress: bool, resume: bool,
-          as_json: bool) -> None:
+          weight_decay: float, optimizer: str, seed: int, learn: str, quant: str | None, polarity: str | None,
+          pooled: bool, draws: int, injection: str,
+          limit: int | None, max_steps: int | None, timeout: float, progress: bool, resume: bool, device: str,
+          ddp: int | None, as_json: bool) -> None:
     """Train a model for the macro: float, quant (ideal quantized) or dnat (through the measured error model).
 
     The MacroSpec comes from --error-model, --link, --profile or --init (they must agree), never from constants.
     The training state is saved at the start of every epoch (OUT.resume): after Ctrl-C or a crash, run the same
-    command with --resume.
+    command with --resume. With --ddp N, or under torchrun, the global batch is split over the processes and only
+    rank 0 writes and prints.
     """
     from cimlab.training.api import train_run
     from cimlab.training.loop import TrainConfig
@@ -126,19 +141,34 @@ def train(task: str, mode: str, out: str, error_model: str | None, link_url: str
         res = train_run(task, mode, out, model_name=model_name, error_model=error_model, link=link_url,
                         profile=profile, init=init, data_dir=data_dir, cfg=cfg, learn=learn, pooled=pooled,
                         draws=draws, limit=limit, transfer_kind=injection,
-                        progress=progress and sys.stderr.isatty(), timeout=timeout, resume=resume)
+                        progress=progress and sys.stderr.isatty(), timeout=timeout, resume=resume, quant=quant,
+                        polarity=polarity, device=device, ddp=ddp)
     except KeyboardInterrupt:
         state = resume_path(out)
         if state.is_file():
             err_console.print(f"[yellow]interrupted[/]: the training state at the start of this epoch is saved in "
                               f"{state}. Resume with:\n  {resume_command()}", highlight=False, soft_wrap=True)
         raise
+    if "checkpoint" not in res:
+        return  # a rank other than 0 under torchrun: rank 0 reports
     t = Table(title=f"cimlab train: {task} / {res['model']} / {mode}", show_header=False)
     t.add_row("checkpoint", res["checkpoint"])
     t.add_row("macro", str(res["spec"] or "- (float)"))
     if res.get("spec_source"):
         t.add_row("spec from", res["spec_source"])
+    if res.get("quant"):
+        t.add_row("ranges", str(res["quant"]))
+        pols = sorted(set(res["polarity"].values()))
+        t.add_row("polarity", pols[0] if len(pols) == 1 else
+                  ", ".join(f"{name}: {pol}" for name, pol in res["polarity"].items()))
+    if res.get("polarity_search"):
+        ps = res["polarity_search"]
+        t.add_row("polarity search", f"{ps['evaluations']} candidates in {ps['seconds']:.1f} s, validation "
+                  f"{_pct(ps['validation_accuracy'])}, {100 * ps['relative_columns']:.0f} % of bipolar columns")
     t.add_row("steps", f"{res['steps']} in {res['seconds']:.1f} s ({1e3 * res['step_time_s']:.1f} ms/step)")
+    if "replicas" in res:
+        r = res["replicas"]
+        t.add_row("trained on", f"{r['world_size']} process(es), {r['device']}, {r['stream']} streams")
     if "accuracy_float" in res:
         t.add_row("test accuracy (float)", _pct(res["accuracy_float"]))
     if "accuracy_ideal" in res:

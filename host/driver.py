@@ -219,17 +219,18 @@ class Chip:
     def open(cls, url: str, *, timeout: float = 1.0, deadline: float | None = None, **kwargs: Any) -> Chip:
         """Open a link by URL, identify the chip, and return a ready Chip (close it, or use ``with``).
 
-        Opening and HELLO together take at most ``deadline`` seconds (default ``DEADLINE_BASE_S``); a dead or
-        silent port raises ``CimTimeoutError`` saying what was tried, an unreachable one ``LinkError``.
+        Connecting takes at most ``min(timeout, deadline)`` seconds, and HELLO at most ``deadline`` seconds (default
+        ``DEADLINE_BASE_S``) once the link is open: a link that starts a simulator (``sim://?backend=rtl``) may take
+        longer to open without eating the chip's deadline. A dead or silent port raises ``CimTimeoutError`` saying
+        what was tried, an unreachable one ``LinkError``.
         """
         from cimlab.links import open_link
 
-        t0 = time.monotonic()
         budget = deadline if deadline is not None else DEADLINE_BASE_S
         link = open_link(url, timeout=min(timeout, budget))
         chip = cls(link, timeout=timeout, deadline=deadline, **kwargs)
         try:
-            chip.identify(deadline=max(0.001, budget - (time.monotonic() - t0)))
+            chip.identify(deadline=budget)
         except BaseException:
             chip.close()
             raise

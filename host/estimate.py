@@ -26,10 +26,13 @@ per array; one DAC per row and one sample-and-hold per column of every array. Wi
 quantization: one weight and one activation range for every layer, so one ADC and DAC design serves all layers, as
 García-Redondo et al. 2020 argue) the layers, run one after the other, share one bank of ADCs and shift-add units
 sized for the layer that needs most; with **per-layer** ranges every array keeps its own. An ADC of ``b`` bits costs
-``per_bit ** (b - bits_ref)`` times the reference; a DAC of ``b`` input bits ``2**b - 1`` unit drivers.
+``energy_per_bit ** (b - bits_ref)`` times the reference's energy and ``area_per_bit ** (b - bits_ref)`` its area; a
+DAC of ``b`` input bits ``2**b - 1`` unit drivers.
 
 The technology table (TOML) gives every number as ``{value, unit, source}``; ``DEFAULT_TECH`` is ISAAC's Table 2
-(``host/tech/isaac-32nm.toml``). The totals are the sums of the components, nothing else.
+(``host/tech/isaac-32nm.toml``, each figure checked against two public transcriptions of that table);
+``isaac-32nm-saberi`` scales its ADC more gently with resolution. The totals are the sums of the components,
+nothing else.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ PERIPHERY = ("per-layer", "shared")
 DEFAULT_TECH = "isaac-32nm"
 MAX_TECH_BYTES = 1 << 20
 TECH_UNITS: dict[str, dict[str, str]] = {
-    "adc": {"bits_ref": "bits", "energy_pj": "pJ", "area_um2": "um^2", "columns": "columns", "per_bit": "1"},
+    "adc": {"bits_ref": "bits", "energy_pj": "pJ", "area_um2": "um^2", "columns": "columns", "energy_per_bit": "1",
+            "area_per_bit": "1"},
     "dac": {"energy_pj": "pJ", "area_um2": "um^2"},
     "driver": {"energy_pj": "pJ", "area_um2": "um^2"},
     "array": {"cell_energy_pj": "pJ", "cell_area_um2": "um^2"},
@@ -74,16 +78,23 @@ class Technology:
         return self.values[table][key]
 
 
+def bundled_techs() -> list[str]:
+    """Names of the technology tables that ship with cimlab."""
+    return sorted(p.name[: -len(".toml")] for p in (resources.files("cimlab") / "tech").iterdir()
+                  if p.name.endswith(".toml"))
+
+
 def load_tech(path: str | os.PathLike | None = None) -> Technology:
-    """A technology table from a TOML file (default: the bundled ISAAC table).
+    """A technology table: a TOML file, or the name of a bundled one (``bundled_techs``; default: the ISAAC table).
 
     Raises:
         ConfigError: unreadable file, a missing entry, an entry without value, unit and source, a unit other than
             the one expected, or a value that is not a finite positive number.
     """
-    if path is None:
-        res = resources.files("cimlab") / "tech" / f"{DEFAULT_TECH}.toml"
-        text, where = res.read_text(encoding="utf-8"), f"bundled technology {DEFAULT_TECH!r}"
+    if path is None or (isinstance(path, str) and path in bundled_techs() and not Path(path).exists()):
+        name = DEFAULT_TECH if path is None else str(path)
+        res = resources.files("cimlab") / "tech" / f"{name}.toml"
+        text, where = res.read_text(encoding="utf-8"), f"bundled technology {name!r}"
     else:
         p = Path(path)
         where = f"technology file {str(p)!r}"
@@ -152,9 +163,9 @@ class Estimate:
                 "periphery": self.periphery, "tech": self.tech, "estimated": True, "notes": list(self.notes)}
 
 
-def adc_scale(tech: Technology, bits: int) -> float:
-    """Cost of a ``bits``-bit ADC relative to the table's reference ADC."""
-    return tech.get("adc", "per_bit") ** (bits - tech.get("adc", "bits_ref"))
+def adc_scale(tech: Technology, bits: int, what: str) -> float:
+    """Energy (``what="energy"``) or area (``"area"``) of a ``bits``-bit ADC relative to the table's reference ADC."""
+    return tech.get("adc", f"{what}_per_bit") ** (bits - tech.get("adc", "bits_ref"))
 
 
 def dac_units(spec: MacroSpec) -> int:
@@ -187,7 +198,7 @@ def estimate(spec: MacroSpec, tiles_by_layer: dict[str, list[Tile]], vectors: di
         raise ConfigError(f"no vector count for layer(s) {', '.join(missing)}")
     energy = dict.fromkeys(COMPONENTS, 0.0)
     conversions = 0
-    adc_e = tech.get("adc", "energy_pj") * adc_scale(tech, spec.adc_bits)
+    adc_e = tech.get("adc", "energy_pj") * adc_scale(tech, spec.adc_bits, "energy")
     sides = spec.sides
     cells_per_row = spec.slices_per_side * sides
     for name, tiles in tiles_by_layer.items():
@@ -212,7 +223,7 @@ def estimate(spec: MacroSpec, tiles_by_layer: dict[str, list[Tile]], vectors: di
         adcs = arrays * adcs_per_array
     area = {
         "arrays": arrays * spec.rows * array_cols * tech.get("array", "cell_area_um2"),
-        "adcs": adcs * tech.get("adc", "area_um2") * adc_scale(tech, spec.adc_bits),
+        "adcs": adcs * tech.get("adc", "area_um2") * adc_scale(tech, spec.adc_bits, "area"),
         "dacs": arrays * spec.rows * dac_units(spec) * tech.get("dac", "area_um2"),
         "drivers": arrays * array_cols * tech.get("driver", "area_um2"),
         "shift_add": adcs * tech.get("shift_add", "area_um2"),
@@ -225,7 +236,7 @@ def estimate(spec: MacroSpec, tiles_by_layer: dict[str, list[Tile]], vectors: di
 
 
 __all__ = ["COMPONENTS", "DEFAULT_TECH", "PERIPHERY", "TECH_UNITS", "Estimate", "Technology", "adc_scale",
-           "estimate", "load_tech"]
+           "bundled_techs", "estimate", "load_tech"]
 
 
 # ---- a compiled package (imports torch) -------------------------------------------------------------------------

@@ -62,8 +62,10 @@ MAC_NOISE_VECTORS = 128
 
 
 def weight_qmax(spec: MacroSpec) -> int:
-    """Largest magnitude of a signed quantized weight (as cimlab's CIM layers quantize): ``2**(weight_bits-1) - 1``."""
-    return 2 ** (spec.weight_bits - 1) - 1
+    """Largest magnitude of a quantized weight, as cimlab's CIM layers quantize (``cimlab.training.quant``): the
+    macro's ``weight_max`` (``2**(weight_bits-1) - 1`` for signed storage, ``2**weight_bits - 1`` where a cell group
+    holds a magnitude)."""
+    return spec.weight_max
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class LightningExport:
             rng = np.random.default_rng(in_features)
             x = rng.integers(0, spec.input_max + 1, (MAC_NOISE_VECTORS, in_features))
             qmax = weight_qmax(spec)
-            w = rng.integers(-qmax, qmax + 1, (in_features, spec.cols))
+            w = rng.integers(-qmax if spec.weight_min < 0 else 0, qmax + 1, (in_features, spec.cols))
             err = MeasuredMacroNoise(self.model, seed=in_features).mac(x, w) - x @ w
             self._mac_noise[in_features] = float(np.sqrt(np.mean(err.astype(np.float64) ** 2)))
         return self._mac_noise[in_features]

@@ -26,8 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cimlab.firmware_bridge.errors import ShapeError
+from cimlab.firmware_bridge.errors import ConfigError, ShapeError
 from cimlab.firmware_bridge.spec import MacroSpec
+
+POLARITIES = ("bipolar", "unipolar-pos", "unipolar-neg")
+"""A layer's weight signs: both, all >= 0, or all <= 0. On a unipolar (``unsigned``) macro a unipolar layer fits one
+array (magnitudes) and a bipolar one takes a column pair per output (``map_paired_layer``)."""
 
 
 @dataclass(frozen=True)
@@ -205,4 +209,28 @@ def map_layer(spec: MacroSpec, n_rows: int, n_cols: int) -> LayerMap:
     return LayerMap(spec, int(n_rows), int(n_cols), tuple(tiles))
 
 
-__all__ = ["LayerMap", "Tile", "map_layer"]
+def map_paired_layer(spec: MacroSpec, n_rows: int, n_cols: int) -> LayerMap:
+    """Tiles of a layer of both signs on a unipolar (``unsigned``) macro: ``map_layer``'s cut with column ranges of
+    ``cols // 2`` outputs, every tile paired (two adjacent macro columns per output), each on its own page.
+
+    Raises:
+        ConfigError: a macro that is not unipolar, or one of a single column.
+        ShapeError: a dimension below 1.
+    """
+    if spec.weight_storage != "unsigned":
+        raise ConfigError(f"only a unipolar (unsigned) macro stores a layer of both signs on column pairs; this one "
+                          f"stores {spec.weight_storage!r}")
+    if spec.cols < 2:
+        raise ConfigError("a macro of one column holds no column pair")
+    half = spec.cols // 2
+    base = map_layer(spec, n_rows, n_cols)  # validates the dimensions
+    tiles = []
+    page = 0
+    for c0 in range(0, n_cols, half):
+        for r0 in range(0, n_rows, spec.rows):
+            tiles.append(Tile(r0, min(r0 + spec.rows, n_rows), c0, min(c0 + half, n_cols), 0, 0, page, paired=True))
+            page += 1
+    return LayerMap(spec, base.n_rows, base.n_cols, tuple(tiles))
+
+
+__all__ = ["POLARITIES", "LayerMap", "Tile", "map_layer", "map_paired_layer"]

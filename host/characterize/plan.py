@@ -17,6 +17,11 @@ that reaches it; the input slices that make it are drawn uniformly among all dec
 group's rows (``row_mode="random"``: different rows, hence different cells, every time) or taken as the first
 decomposition in row order (``row_mode="fixed"``: the same cells every time, to map per-cell error).
 
+A ``differential`` macro stores a weight's positive part on one array and its negative part on the other, so no
+weight puts a digit on both: the plan sweeps the positive array with weights ``+v`` and then the negative array with
+the same batches' weights negated (``Batch.side``), twice the batches, each physical column of both arrays
+targeted alike.
+
 Slots: each (vector, input slice) of a batch is one target per row group. ``repeats`` targets of every level go
 to every physical column (spread over the row groups). Batch ``i`` is a pure function of (spec, options, i):
 its random draws come from ``numpy.random.default_rng([seed, i])``, so a resumed sweep repeats it exactly.
@@ -125,8 +130,12 @@ def slice_digit_max(spec: MacroSpec) -> np.ndarray:
 
 
 def digit_weights(spec: MacroSpec) -> np.ndarray:
-    """Logical weight whose every slice k stores ``min(v, dmax_k)``, for v = 0 .. max digit: [D + 1] int64."""
+    """Logical weight whose every slice k stores ``min(v, dmax_k)``, for v = 0 .. max digit: [D + 1] int64 (for
+    ``differential`` storage every slice of the positive array; the negative array's hold 0, and the weight negated
+    puts the same digits there)."""
     dmax = slice_digit_max(spec)
+    if spec.weight_storage == "differential":
+        dmax = np.where(np.arange(spec.n_slices) < spec.slices_per_side, dmax, 0)
     w = np.arange(spec.weight_min, spec.weight_max + 1, dtype=np.int64)
     digits = spec.weights_to_slices(w[:, None])[:, :, 0].astype(np.int64)  # [n_weights, n_slices]
     out = []
@@ -285,7 +294,15 @@ class Batch:
     inputs: np.ndarray
     """Input codes [batch_vectors, rows] int64."""
     targets: np.ndarray
-    """Targeted level [batch_vectors, n_planes, n_groups] for slices whose dmax is the largest digit; -1 = idle."""
+    """Targeted level [batch_vectors, n_planes, n_groups] for the swept array's slices whose dmax is the largest
+    digit; -1 = idle."""
+    side: int = 0
+    """The array the batch sweeps: 0, or 1 for a ``differential`` macro's negative array (weights negated)."""
+
+    def swept_slices(self, spec: MacroSpec) -> np.ndarray:
+        """Indices of the weight slices on the array this batch sweeps."""
+        per = spec.slices_per_side
+        return np.arange(self.side * per, (self.side + 1) * per)
 
 
 def check_options(spec: MacroSpec, options: PlanOptions) -> None:
@@ -409,7 +426,8 @@ class Plan:
         self.batch_vectors = batch_vectors_for(spec, options, per_group, len(self.target_planes))
         self.slots = self.batch_vectors * len(self.target_planes)  # targets per row group per batch
         self.units = [cut_units(by_profile, self.slots) for by_profile in per_group]
-        self.n_batches = max((len(u) for u in self.units), default=0)
+        self.batches_per_side = max((len(u) for u in self.units), default=0)
+        self.n_batches = self.batches_per_side * spec.sides
         self.weight_of_digit = digit_weights(spec)
 
     # ---- identity ---------------------------------------------------------------------------------------------
@@ -459,6 +477,7 @@ class Plan:
             raise ConfigError(f"batch {index} is outside 0..{self.n_batches - 1}")
         spec = self.spec
         rng = np.random.default_rng([self.options.seed, index])
+        side, unit = divmod(index, self.batches_per_side)
         random_rows = self.options.row_mode == "random"
         B, P, R = self.batch_vectors, spec.n_planes, self.group_rows
         tp = list(self.target_planes)
@@ -466,9 +485,9 @@ class Plan:
         planes = np.zeros((B, P, spec.rows), dtype=np.int64)
         targets = np.full((B, P, spec.n_groups), -1, dtype=np.int64)
         for g in range(self.full_groups):
-            if index >= len(self.units[g]):
+            if unit >= len(self.units[g]):
                 continue
-            pi, unit_targets = self.units[g][index]
+            pi, unit_targets = self.units[g][unit]
             prof = self.profiles[pi]
             rows = np.arange(g * R, (g + 1) * R)
             if random_rows:
@@ -481,7 +500,7 @@ class Plan:
         shifts = spec.input_slice_bits * np.arange(P, dtype=np.int64)
         inputs = (planes << shifts[None, :, None]).sum(axis=1)
         weights = np.repeat(self.weight_of_digit[row_digit][:, None], spec.cols, axis=1)
-        return Batch(index, weights, inputs, targets)
+        return Batch(index, -weights if side else weights, inputs, targets, side)
 
     def describe(self) -> str:
         """One line for humans."""
@@ -489,6 +508,7 @@ class Plan:
             f"{self.n_batches} batches x {self.batch_vectors} vectors ({self.conversions_per_batch:,} conversions "
             f"each); {len(self.levels)} levels x {self.options.repeats} repeats per column; "
             f"{len(self.profiles)} digit profile(s); rows {self.options.row_mode}"
+            + ("; each array of the differential pair swept in turn" if self.spec.sides == 2 else "")
         )
 
 

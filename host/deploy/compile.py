@@ -3,7 +3,9 @@
 The network is rebuilt from the checkpoint exactly as ``cimlab evaluate`` rebuilds it
 (``cimlab.training.api.model_from_checkpoint``); each CIM layer's quantized weights, scales, E-PACT bounds and
 digital offsets are read from the layer itself (``quantized_weights``, ``act``), so the package holds what training
-computed with. The tiles of ``cimlab.mapping`` are placed by ``cimlab.deploy.schedule.plan``.
+computed with. The tiles of ``cimlab.mapping`` are placed by ``cimlab.deploy.schedule.plan``, each layer by its
+polarity: on a unipolar (``unsigned``) macro a bipolar layer's tiles go on column pairs (``plan(paired=...)``), placed
+and programmed as one unit, and a unipolar layer's on one array as magnitudes.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from cimlab.training.transfer import file_sha256
 def layer_params(name: str, layer: CIMLayer) -> LayerParams:
     """The host-side numbers of one CIM layer, as it computes them (see ``cimlab.deploy.package``)."""
     with torch.no_grad():
-        q, scale = layer.quantized_weights()  # q [M, K] signed, scale [M]
+        q, scale = layer.quantized_weights()  # q [M, K] as programmed, scale [M] (negative for negated layers)
         q = torch.round(q)
-        weights = (q + layer.zero_point).T.to(torch.int64).numpy()
+        weights = q.T.to(torch.int64).numpy()
         bias = layer.bias.detach() if layer.bias is not None else torch.zeros(q.shape[0])
         lo = float(layer.act.lo.detach())
         hi = float(layer.act.hi.detach())
@@ -49,7 +51,7 @@ def layer_params(name: str, layer: CIMLayer) -> LayerParams:
     return LayerParams(
         name=name, kind=kind, weights=weights, scale=scale.detach().to(torch.float32).numpy().copy(),
         bias=bias.to(torch.float32).numpy().copy(), qsum=q.sum(dim=1).to(torch.int64).numpy(), lo=lo, hi=hi,
-        delta=delta, zero_point=int(layer.zero_point), geometry=geometry,
+        delta=delta, polarity=layer.polarity, geometry=geometry,
     )
 
 
@@ -78,7 +80,9 @@ def compile_checkpoint(checkpoint: str | os.PathLike, *, spec: MacroSpec | None 
     layers = {name: layer_params(name, layer) for name, layer in cim_layers(model)}
     if not layers:
         raise ArtifactError(f"checkpoint {str(checkpoint)!r} has no CIM layers")
-    schedule = plan(target, [(n, lp.weights.shape[0], lp.weights.shape[1]) for n, lp in layers.items()], pack=pack)
+    paired = {name for name, layer in cim_layers(model) if layer.paired}
+    schedule = plan(target, [(n, lp.weights.shape[0], lp.weights.shape[1]) for n, lp in layers.items()], pack=pack,
+                    paired=paired)
     pages = build_pages(target, schedule, {n: lp.weights for n, lp in layers.items()})
     state = {}
     for key, t in ck.tensors.items():
@@ -94,6 +98,7 @@ def compile_checkpoint(checkpoint: str | os.PathLike, *, spec: MacroSpec | None 
         "target": {"source": spec_source or f"checkpoint {str(checkpoint)!r}",
                    "chip_id": hello.chip_id if hello is not None else None},
         "task": m["task"], "model": m["model"], "mode": m["mode"], "quantizer": m.get("quantizer"),
+        "quant": m.get("quant", "per-layer"),
         "checkpoint": {"path": str(Path(checkpoint)), "sha256": file_sha256(checkpoint),
                        "tensors_sha256": m["tensors_sha256"], "manifest": m},
         "error_model": m.get("error_model"),

@@ -5,8 +5,9 @@ One ``.npz`` file (plain numpy, no pickle: ``numpy.load(path, allow_pickle=False
     manifest                0-d unicode array: a JSON object (below)
     page.<p>                [rows, cols] logical weights of macro load p, the chip's wire dtype (what WRITE_WEIGHTS
                             sends; cells outside every tile are 0)
-    layer.<name>.weights    [K, M] int: the layer's logical weights as programmed (quantized, zero point added)
-    layer.<name>.scale      [M] float32: per-output-channel weight scale
+    layer.<name>.weights    [K, M] int: the layer's logical weights as programmed (signed for a layer on column
+                            pairs, whose tiles split them; magnitudes for a unipolar-neg layer on a unipolar macro)
+    layer.<name>.scale      [M] float32: per-output-channel weight scale (negative for those magnitudes)
     layer.<name>.bias       [M] float32: bias added digitally (zeros for a layer without bias)
     layer.<name>.qsum       [M] int64: sum over rows of the signed quantized weights (the E-PACT offset term)
     state.<key>             the checkpoint's tensors (batch norm and every other host-side parameter)
@@ -17,11 +18,12 @@ Manifest::
      "spec": {MacroSpec fields}, "protocol_version": int, "regmap_version": int,
      "target": {"source": "...", "chip_id": "..."},
      "task": "digits", "model": {"name", "kwargs"}, "mode": "quant" | "dnat", "quantizer": "epact" | ...,
+     "quant": "per-layer" | "uniform",
      "checkpoint": {"path", "sha256" (file bytes), "tensors_sha256", "manifest": {the checkpoint's manifest}},
      "error_model": {"sha256", ...} | null,          the error model the checkpoint was trained with
      "schedule": {Schedule.to_dict()},
      "rows_written_per_pass": [int per page],         rows that differ from the previous page's image
-     "layers": [{"name", "kind", "n_rows", "n_cols", "lo", "hi", "delta", "zero_point", "geometry"}],
+     "layers": [{"name", "kind", "n_rows", "n_cols", "lo", "hi", "delta", "polarity", "geometry"}],
      "digital": "...",                                the host's arithmetic around the macro, in words
      "arrays_sha256": "...",                          over every array but the manifest (names, dtypes, shapes,
                                                       bytes, sorted by name)
@@ -33,8 +35,8 @@ every array's declared size is then checked against what the manifest says it ho
 arrays exactly, the checkpoint's state in total) before it is decompressed.
 
 The host computes, per CIM layer and output channel ``m`` (``MAC`` from the macro, tiles of one column range
-added): ``y = scale[m] * (delta * MAC[m] + lo * qsum[m]) + bias[m]``, minus ``scale[m] * delta * zero_point *
-sum(codes)`` for ``unsigned`` storage; its inputs are ``codes = round((clip(x, lo, hi) - lo) / delta)``.
+added, a paired tile's two columns per output subtracted): ``y = scale[m] * (delta * MAC[m] + lo * qsum[m]) +
+bias[m]``; its inputs are ``codes = round((clip(x, lo, hi) - lo) / delta)``.
 
 A package is for one MacroSpec and one protocol and register-map version: ``check_hello`` refuses a chip that
 reports anything else.
@@ -64,9 +66,10 @@ from cimlab.firmware_bridge.files import (
     text_sha256,
 )
 from cimlab.firmware_bridge.spec import MacroSpec
+from cimlab.mapping import POLARITIES
 
 FORMAT = "cimlab.deploy"
-VERSION = 2
+VERSION = 3
 MAX_MANIFEST_CHARS = 1 << 22
 """Longest manifest read, characters."""
 MAX_STATE_BYTES = 1 << 28
@@ -79,12 +82,11 @@ MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
 }
 LAYER_TYPES: dict[str, type | tuple[type, ...]] = {
     "name": str, "kind": str, "n_rows": int, "n_cols": int, "lo": (int, float), "hi": (int, float),
-    "delta": (int, float), "zero_point": int,
+    "delta": (int, float), "polarity": str,
 }
 DIGITAL = (
-    "codes = round((clip(x, lo, hi) - lo) / delta); MAC = sum over tiles of the macro's outputs; "
-    "y[m] = scale[m] * (delta * MAC[m] + lo * qsum[m]) + bias[m] "
-    "(- scale[m] * delta * zero_point * sum(codes) for unsigned storage)"
+    "codes = round((clip(x, lo, hi) - lo) / delta); MAC = sum over tiles of the macro's outputs (a paired tile: "
+    "each pair's first column minus its second); y[m] = scale[m] * (delta * MAC[m] + lo * qsum[m]) + bias[m]"
 )
 
 
@@ -108,10 +110,10 @@ class LayerParams:
         weights: logical weights as programmed [K, M] (int64).
         scale: per-channel weight scale [M] (float32).
         bias: per-channel bias [M] (float32).
-        qsum: per-channel sum of the signed quantized weights [M] (int64).
+        qsum: per-channel sum of the programmed weights [M] (int64).
         lo, hi: E-PACT bounds of the layer's input.
         delta: input value of one code step, ``(hi - lo) / input_max``.
-        zero_point: added to signed weights before programming (``unsigned`` storage), else 0.
+        polarity: ``bipolar``, ``unipolar-pos`` or ``unipolar-neg`` (how the layer was trained and is placed).
         geometry: the layer's shape parameters (features, channels, kernel, stride, padding, dilation).
     """
 
@@ -124,14 +126,14 @@ class LayerParams:
     lo: float
     hi: float
     delta: float
-    zero_point: int
+    polarity: str
     geometry: dict[str, Any] = field(default_factory=dict)
 
     def manifest_entry(self) -> dict[str, Any]:
         """The manifest's entry (arrays are stored separately)."""
         k, m = self.weights.shape
         return {"name": self.name, "kind": self.kind, "n_rows": int(k), "n_cols": int(m), "lo": self.lo,
-                "hi": self.hi, "delta": self.delta, "zero_point": self.zero_point, "geometry": self.geometry}
+                "hi": self.hi, "delta": self.delta, "polarity": self.polarity, "geometry": self.geometry}
 
 
 @dataclass
@@ -259,6 +261,7 @@ class DeployPackage:
         if [n for n, _ in schedule.layers] != list(layers):
             raise ArtifactError(f"{where}: the schedule's layers {[n for n, _ in schedule.layers]} are not the "
                                 f"manifest's {list(layers)}")
+        _check_polarity(where, spec, schedule, layers)
         pages = [files[f"page.{q}"].astype(np.int64) for q in range(max(schedule.n_pages, 1))]
         state = {k[len("state."):]: v for k, v in files.items() if k.startswith("state.")}
         pkg = cls(manifest, spec, schedule, layers, pages, state, p)
@@ -351,10 +354,23 @@ def _layer_params(where: str, manifest: dict[str, Any], files: dict[str, np.ndar
                 name=name, kind=entry["kind"], weights=files[f"layer.{name}.weights"].astype(np.int64),
                 scale=files[f"layer.{name}.scale"], bias=files[f"layer.{name}.bias"],
                 qsum=files[f"layer.{name}.qsum"].astype(np.int64), lo=float(entry["lo"]), hi=float(entry["hi"]),
-                delta=float(entry["delta"]), zero_point=int(entry["zero_point"]),
+                delta=float(entry["delta"]), polarity=entry["polarity"],
                 geometry=dict(entry.get("geometry", {})),
             )
     return layers
+
+
+def _check_polarity(where: str, spec: MacroSpec, schedule: Schedule, layers: dict[str, LayerParams]) -> None:
+    """ArtifactError for an unknown polarity, or a layer placed against it: on a unipolar macro a bipolar layer's tiles
+    are all paired and a unipolar layer's none."""
+    for name, lm in schedule.layers:
+        pol = layers[name].polarity
+        if pol not in POLARITIES:
+            raise ArtifactError(f"{where}: layer {name!r} has polarity {pol!r}, not one of {', '.join(POLARITIES)}")
+        want = spec.weight_storage == "unsigned" and pol == "bipolar"
+        if any(t.paired != want for t in lm.tiles):
+            raise ArtifactError(f"{where}: layer {name!r} is {pol} but its tiles are placed "
+                                f"{'off' if want else 'on'} column pairs")
 
 
 def build_pages(spec: MacroSpec, schedule: Schedule, weights: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -61,6 +61,9 @@ def build_model(pkg: DeployPackage, transfer: Transfer | None = None) -> nn.Modu
         if got.shape != want.shape or not np.array_equal(got, want):
             raise ArtifactError(f"layer {name!r} quantizes to other weights than package {str(pkg.path)!r} holds "
                                 "(the package's tensors and weights disagree)")
+        if any(t.paired != layer.paired for t in pkg.schedule.layer_map(name).tiles):
+            raise ArtifactError(f"layer {name!r} is {layer.polarity}, but package {str(pkg.path)!r} places it "
+                                f"{'off' if layer.paired else 'on'} column pairs")
         layer.macro = LayerMacro(pkg.schedule.layer_map(name), transfer,
                                  chunk_conversions=layer.macro.chunk_conversions)
     reseed(model, 0)
@@ -69,10 +72,11 @@ def build_model(pkg: DeployPackage, transfer: Transfer | None = None) -> nn.Modu
 
 
 def programmed_weights(layer: CIMLayer) -> np.ndarray:
-    """The logical weights [K, M] (int64) a CIM layer programs: its quantized weights plus the zero point."""
+    """The logical weights [K, M] (int64) a CIM layer programs: its quantized weights (signed for a layer on column
+    pairs, which the tiles split)."""
     with torch.no_grad():
         q, _ = layer.quantized_weights()
-        return (torch.round(q) + layer.zero_point).T.to(torch.int64).numpy()
+        return torch.round(q).T.to(torch.int64).numpy()
 
 
 class ChipMacro(LayerMacro):
@@ -123,19 +127,20 @@ class ChipRunner:
         self.on_call: Callable[[], None] | None = None
 
     def layer_mac(self, name: str, lm: LayerMap, x: torch.Tensor, trim: ColumnTrim | None = None) -> torch.Tensor:
-        """The layer's MAC outputs [N, M] (float64): each tile's rows driven on the chip, its columns read, tiles
-        of one column range added. With a ``trim`` the chip returns its raw codes (MAC_RAW) and the host
-        recombines them with each physical column trimmed (``cimlab.training.transfer.ColumnTrim``)."""
+        """The layer's MAC outputs [N, M] (float64): each tile's rows driven on the chip, its columns read (a paired
+        tile's two columns per output subtracted), tiles of one column range added. With a ``trim`` the chip returns
+        its raw codes (MAC_RAW) and the host recombines them with each physical column trimmed
+        (``cimlab.training.transfer.ColumnTrim``)."""
         codes = torch.round(x).to(torch.int64).numpy()
         out = np.zeros((codes.shape[0], lm.n_cols), dtype=np.float64 if trim is not None else np.int64)
         for t in sorted(lm.tiles, key=lambda t: t.page):
             self.loader.ensure(t.page)
             xt = codes[:, t.row0 : t.row1]
             if trim is None:
-                y = self.chip.mac(xt, row_start=t.macro_row)[:, t.macro_col : t.macro_col + t.n_cols]
+                y = self.chip.mac(xt, row_start=t.macro_row)[:, t.macro_col : t.macro_col + t.macro_cols]
             else:
                 y = self._trimmed_mac(xt, t, trim)
-            out[:, t.col0 : t.col1] += y
+            out[:, t.col0 : t.col1] += t.join_pairs(y)
             self.vectors += codes.shape[0]
             self.calls += 1
             if self.on_call is not None:
@@ -143,11 +148,11 @@ class ChipRunner:
         return torch.from_numpy(out).to(torch.float64)
 
     def _trimmed_mac(self, x: np.ndarray, t: Any, trim: ColumnTrim) -> np.ndarray:
-        """One tile's outputs [n, tile columns] from its raw codes, each physical column trimmed, recombined as
+        """One tile's outputs [n, its macro columns] from its raw codes, each physical column trimmed, recombined as
         ``MacroSpec.recombine`` does."""
         spec = self.chip.spec
         raw = self.chip.mac_raw(x, row_start=t.macro_row)  # [n, P, G, S, cols]
-        cols = slice(t.macro_col, t.macro_col + t.n_cols)
+        cols = slice(t.macro_col, t.macro_col + t.macro_cols)
         j = t.physical_columns(spec)  # [S, tile columns]
         trimmed = (raw[..., cols].astype(np.float64) - trim.offset[j]) * trim.scale[j]
         acc = np.einsum("npgkc,p,k->nc", trimmed, spec.plane_weights(), spec.slice_weights())

@@ -52,7 +52,7 @@ import numpy as np
 
 from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
 from cimlab.firmware_bridge.spec import MacroSpec
-from cimlab.mapping import LayerMap, Tile, map_layer
+from cimlab.mapping import LayerMap, Tile, map_layer, map_paired_layer
 
 PACK_MODES = ("rows", "full", "none")
 """How tiles share pages (see the module docstring)."""
@@ -242,25 +242,6 @@ def _place(spec: MacroSpec, items: Sequence[PlacedTile], page: int, keep_columns
         moved = Tile(t.row0, t.row1, t.col0, t.col1, macro_row=g * R, macro_col=c, page=page, paired=t.paired)
         placed[i] = PlacedTile(items[i].layer, items[i].index, moved)
     return [p for p in placed if p is not None]
-
-
-def map_paired_layer(spec: MacroSpec, n_rows: int, n_cols: int) -> LayerMap:
-    """Tiles of a layer of both signs on a unipolar macro: ``map_layer``'s cut with column ranges of ``cols // 2``
-    outputs, every tile paired (two adjacent macro columns per output)."""
-    if spec.weight_storage != "unsigned":
-        raise ConfigError(f"only a unipolar (unsigned) macro stores a layer of both signs on column pairs; this one "
-                          f"stores {spec.weight_storage!r}")
-    if spec.cols < 2:
-        raise ConfigError("a macro of one column holds no column pair")
-    half = spec.cols // 2
-    base = map_layer(spec, n_rows, n_cols)  # validates the dimensions
-    tiles = []
-    page = 0
-    for c0 in range(0, n_cols, half):
-        for r0 in range(0, n_rows, spec.rows):
-            tiles.append(Tile(r0, min(r0 + spec.rows, n_rows), c0, min(c0 + half, n_cols), 0, 0, page, paired=True))
-            page += 1
-    return LayerMap(spec, base.n_rows, base.n_cols, tuple(tiles))
 
 
 def plan(spec: MacroSpec, layers: Sequence[tuple[str, int, int]], *, pack: str = "rows",

@@ -8,6 +8,9 @@
 #   profile=NAME        twin profile (default "default")
 #   seed=N              twin random seed, 0..2**63-1 (default 0)
 #   max_payload=BYTES   largest frame payload the bridge accepts and sends, 256..16777216 (default 65536)
+#   backend=python|rtl  python: the Python twin in this process (default); rtl: the RTL of bitstreams/rtl in a
+#                       simulator process (cocotb), behind the same bridge and board controller a PYNQ board runs
+#   simulator=NAME      with backend=rtl: verilator (the default and, for now, the only one)
 """The twin in-process, still through real frames.
 
 ``write`` feeds the bytes to a ``cimlab.firmware_bridge.bridge.Bridge`` in front of the twin's controller and queues
@@ -49,6 +52,15 @@ def twin_controller(profile: str, seed: int, overrides: dict[str, str]) -> Contr
     return make_twin(profile, seed, overrides)
 
 
+def rtl_twin(profile: str, seed: int, overrides: dict[str, str], simulator: str, max_payload: int):  # noqa: ANN201
+    """The RTL twin (``cimlab.chip_sim.rtl.twin.RtlTwin``), imported only now."""
+    try:
+        from cimlab.chip_sim.rtl.twin import RtlTwin
+    except ImportError as err:
+        raise BackendUnavailable(f"sim://?backend=rtl needs the RTL twin, which did not import: {err}") from err
+    return RtlTwin(profile, seed, overrides, simulator=simulator, max_payload=max_payload)
+
+
 class SimLink(Link):
     """The twin behind a Bridge, in this process.
 
@@ -77,14 +89,25 @@ class SimLink(Link):
         params.pop("seed", None)
         max_payload = int_param(params, "max_payload", MIN_PAYLOAD, MAX_PAYLOAD_LIMIT, DEFAULT_MAX_PAYLOAD, where)
         params.pop("max_payload", None)
+        backend = params.pop("backend", "python")
+        simulator = params.pop("simulator", "verilator")
+        if backend not in ("python", "rtl"):
+            raise ConfigError(f"{where}: backend={backend!r} is not python or rtl")
         self.overrides = params
+        self._cond = threading.Condition()
+        self._rx = bytearray()
+        self.rtl = None
+        if backend == "rtl":  # the bridge runs in the simulator process, as on a board's processor
+            self.rtl = rtl_twin(self.profile, self.seed, dict(params), simulator, max_payload)
+            return
         factory = make_controller if make_controller is not None else twin_controller
         self.controller = factory(self.profile, self.seed, dict(params))
         self.bridge = Bridge(self.controller, max_payload=max_payload)
-        self._cond = threading.Condition()
-        self._rx = bytearray()
 
     def _write(self, data: memoryview) -> None:
+        if self.rtl is not None:
+            self.rtl.write(data, self.write_deadline(len(data)))
+            return
         with self._cond:
             replies = self.bridge.receive(data)
             if replies:
@@ -92,6 +115,8 @@ class SimLink(Link):
                 self._cond.notify_all()
 
     def _read(self, max_bytes: int, timeout: float) -> bytes:
+        if self.rtl is not None:
+            return self.rtl.read(max_bytes, timeout)
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -113,6 +138,9 @@ class SimLink(Link):
                 self._cond.wait(max(left, 0.0))
 
     def _close(self) -> None:
+        if self.rtl is not None:
+            self.rtl.close()
+            return
         with self._cond:
             self._rx.clear()
             self._cond.notify_all()

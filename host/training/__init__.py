@@ -7,11 +7,15 @@
     macro.py       LayerMacro, macro_matmul: conversions (C kernels, or torch in chunks), codes drawn, decoded,
                    recombined; statistical gradient; ColumnCorrection (per-output deploy step)
     native.py      builds and loads the C kernels (cim_kernels.c)
-    quant.py       InputQuantizer (E-PACT), quantize_weights
-    layers.py      CIMLinear, CIMConv1d, CIMConv2d, convert, calibrate, calibrate_columns, set_transfer, reseed
+    quant.py       InputQuantizer (E-PACT), weight levels by storage and polarity, UniformRanges (one weight and one
+                   input range for every layer)
+    layers.py      CIMLinear, CIMConv1d, CIMConv2d, convert (per-layer or uniform ranges, a polarity per layer),
+                   calibrate, calibrate_columns, project_polarity, set_transfer, reseed
     models.py      digits_mlp, digits_cnn, har_cnn, resnet20, vgg8; build_model
     tasks.py       load_task: digits, har, cifar10 (offline)
     loop.py        fit (one chip or a population of chips), accuracy, accuracy_draws, time_steps
+    device.py      resolve_device (--device cpu|cuda[:N]), to_device: the model, tables and kernels on a GPU
+    distributed.py Replicas, launch: DistributedDataParallel (cimlab train --ddp N, or under torchrun)
     checkpoint.py  save_checkpoint, load_checkpoint (safetensors + JSON manifest)
     api.py         train_run, evaluate_run (behind ``cimlab train`` / ``cimlab evaluate``)
 
@@ -28,12 +32,13 @@ from cimlab.training.layers import (
     calibrate_columns,
     cim_layers,
     convert,
+    project_polarity,
     reseed,
     set_learn,
     set_transfer,
 )
 from cimlab.training.macro import ColumnCorrection, LayerMacro, macro_matmul
-from cimlab.training.quant import InputQuantizer
+from cimlab.training.quant import InputQuantizer, UniformRanges
 from cimlab.training.transfer import ColumnDecoder, ColumnTrim, Transfer
 
 __all__ = [
@@ -47,11 +52,13 @@ __all__ = [
     "InputQuantizer",
     "LayerMacro",
     "Transfer",
+    "UniformRanges",
     "calibrate",
     "calibrate_columns",
     "cim_layers",
     "convert",
     "macro_matmul",
+    "project_polarity",
     "reseed",
     "set_learn",
     "set_transfer",

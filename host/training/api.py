@@ -8,6 +8,12 @@
 
 The MacroSpec comes from the error model's meta, a chip (``link``), a twin profile, or the ``init`` checkpoint;
 never from constants, and all given sources must agree.
+
+On the macro a network is quantized ``per-layer`` or ``uniform`` (one weight and one input range for every layer,
+``cimlab.training.quant``), and each layer has a polarity (``bipolar``, ``unipolar-pos``, ``unipolar-neg``), trained
+by projected gradient descent; ``polarity="search"`` picks each layer's polarity with ``cimlab.polarity``'s
+evolutionary search on the float model given as ``init`` before the quant training starts from the searched
+candidate. Both go into the checkpoint's manifest, which compile reads to place the layers.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import math
 import os
 import statistics
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,15 +30,29 @@ from torch import nn
 from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
 from cimlab.firmware_bridge.spec import MacroSpec
 from cimlab.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from cimlab.training.layers import calibrate, cim_layers, convert, model_spec, set_learn, set_transfer
+from cimlab.training.layers import (
+    calibrate,
+    cim_layers,
+    convert,
+    model_polarity,
+    model_quant,
+    model_spec,
+    set_learn,
+    set_transfer,
+)
 from cimlab.training.loop import TrainConfig, accuracy, fit, progress_bar
 from cimlab.training.models import DEFAULT_MODEL, build_model
-from cimlab.training.quant import LEARN
+from cimlab.training.quant import LEARN, QUANT_SCHEMES
 from cimlab.training.resume import EpochCheckpoint, resume_path
 from cimlab.training.tasks import TaskData, load_task
 from cimlab.training.transfer import Transfer, check_spec
 
+if TYPE_CHECKING:
+    from cimlab.training.distributed import Replicas
+
 MODES = ("float", "quant", "dnat")
+POLARITY_CHOICES = ("bipolar", "unipolar-pos", "unipolar-neg", "search")
+"""``--polarity``: one polarity for every layer, or the evolutionary search per layer."""
 CALIBRATION_SAMPLES = 512
 """Training samples used to calibrate the E-PACT bounds when a model is first put on the macro."""
 
@@ -102,7 +122,15 @@ def model_from_checkpoint(ck: Checkpoint, transfer: Transfer | None = None) -> n
     if spec is not None:
         if transfer is not None:
             check_spec(spec, transfer.spec, "the error model")
-        convert(model, spec, transfer, learn=ck.manifest.get("quantizer") or "epact")
+        if spec.weight_storage == "unsigned" and ck.manifest.get("polarity") is None:
+            raise ArtifactError(f"checkpoint {str(ck.path)!r} was trained for a unipolar macro with signed weights and "
+                                "a digital zero point, which cimlab no longer programs (unipolar layers are stored as "
+                                "magnitudes, bipolar ones on column pairs); train it again with --mode quant")
+        try:
+            convert(model, spec, transfer, learn=ck.manifest.get("quantizer") or "epact",
+                    quant=ck.manifest.get("quant") or "per-layer", polarity=ck.manifest.get("polarity"))
+        except ConfigError as err:
+            raise ArtifactError(f"checkpoint {str(ck.path)!r}: {err}") from err
     try:
         model.load_state_dict(ck.tensors, strict=True)
     except RuntimeError as err:
@@ -118,16 +146,27 @@ def _calibration_batches(data: TaskData, batch: int = 128) -> list[torch.Tensor]
 
 def prepare_model(data: TaskData, mode: str, *, model_name: str | None = None, spec: MacroSpec | None = None,
                   transfer: Transfer | None = None, learn: str = "epact", init: Checkpoint | None = None,
-                  seed: int = 0, model_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                  seed: int = 0, model_kwargs: dict[str, Any] | None = None, quant: str | None = None,
+                  polarity: str | dict[str, str] | None = None,
+                  start_state: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The model to train in ``mode``: built fresh (seeded) or from ``init``, put on the macro for quant/dnat.
 
     ``model_kwargs`` add to the task's model arguments (e.g. ``{"width": 8}``) for a fresh model.
+    ``quant`` (``per-layer`` by default) and ``polarity`` (one for every layer, or {layer: polarity}; default
+    ``bipolar``) put a float model on the macro; a quant or dnat ``init`` keeps its own (giving others is an error).
+    ``start_state``: a float state dict that replaces ``init``'s weights (the polarity search's candidate).
     Returns (model, {"name", "kwargs"}) for the manifest.
     """
     if mode not in MODES:
         raise ConfigError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     if learn not in LEARN:
         raise ConfigError(f"quantizer {learn!r} is not one of {', '.join(LEARN)}")
+    if quant is not None and quant not in QUANT_SCHEMES:
+        raise ConfigError(f"quantization {quant!r} is not one of {', '.join(QUANT_SCHEMES)}")
+    if mode == "float" and (quant is not None or polarity is not None):
+        raise ConfigError("a float model has no macro ranges or polarity: --quant and --polarity need --mode quant "
+                          "or dnat")
+    on_macro = {"quant": quant or "per-layer", "polarity": polarity}
     if mode != "float" and spec is None:
         raise ConfigError(f"mode {mode!r} needs the macro's MacroSpec: give --error-model, --link or --profile")
     if mode == "dnat" and (transfer is None or transfer.kind == "ideal"):
@@ -143,12 +182,15 @@ def prepare_model(data: TaskData, mode: str, *, model_name: str | None = None, s
         info = dict(init.manifest["model"])
         if init.spec is None:
             model = model_from_checkpoint(init)
+            if start_state is not None:
+                model.load_state_dict(start_state, strict=True)
             if mode != "float":
                 assert spec is not None
-                convert(model, spec, transfer, learn=learn, seed=seed)
+                convert(model, spec, transfer, learn=learn, seed=seed, **on_macro)
                 calibrate(model, _calibration_batches(data))
         else:
             model = model_from_checkpoint(init, transfer)
+            _check_kept(init, model, quant, polarity)
             set_learn(model, learn)
         return model, info
     name = model_name or DEFAULT_MODEL[data.name]
@@ -157,9 +199,22 @@ def prepare_model(data: TaskData, mode: str, *, model_name: str | None = None, s
     model = build_model(name, **kwargs)
     if mode != "float":
         assert spec is not None
-        convert(model, spec, transfer, learn=learn, seed=seed)
+        convert(model, spec, transfer, learn=learn, seed=seed, **on_macro)
         calibrate(model, _calibration_batches(data))
     return model, {"name": name, "kwargs": kwargs}
+
+
+def _check_kept(init: Checkpoint, model: nn.Module, quant: str | None, polarity: str | dict[str, str] | None) -> None:
+    """ConfigError when a quant/dnat ``init`` is asked for other ranges or polarities than it was trained with."""
+    where = f"checkpoint {str(init.path)!r}"
+    if quant is not None and quant != model_quant(model):
+        raise ConfigError(f"{where} was trained with {model_quant(model)} ranges; it cannot continue as {quant}")
+    if polarity is None:
+        return
+    have = model_polarity(model)
+    want = dict.fromkeys(have, polarity) if isinstance(polarity, str) else {**have, **polarity}
+    if want != have:
+        raise ConfigError(f"{where} was trained with polarities {have}; it cannot continue with {want}")
 
 
 def error_model_info(transfer: Transfer | None) -> dict[str, Any] | None:
@@ -206,15 +261,51 @@ def train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str |
               init: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
               cfg: TrainConfig | None = None, learn: str = "epact", pooled: bool = False, draws: int = 3,
               limit: int | None = None, transfer_kind: str = "measured", progress: bool = False,
-              timeout: float = 1.0, resume: bool = False) -> dict[str, Any]:
+              timeout: float = 1.0, resume: bool = False, quant: str | None = None, polarity: str | None = None,
+              search: dict[str, Any] | None = None, device: str = "cpu", ddp: int | None = None) -> dict[str, Any]:
     """Train and save a checkpoint; returns the results (JSON-friendly).
+
+    ``quant``: ``per-layer`` (default) or ``uniform`` ranges; ``polarity``: one of ``POLARITY_CHOICES`` (default
+    ``bipolar``); ``search`` overrides ``search_polarity``'s options (generations, offspring, steps, cost_weight).
 
     The training state is saved at the start of every epoch beside ``out`` (``resume_path(out)``); ``resume``
     continues a run from it bit-identically. The state is removed once the checkpoint is written.
+
+    ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (ConfigError where there is no such GPU). ``ddp``: train with that
+    many local processes (``cimlab.training.distributed.launch``; returns rank 0's results). Run under torchrun,
+    each process is one rank of the run (see ``cimlab.training.distributed``); rank 0 writes every file, and the
+    other ranks return ``{"rank": r, "world_size": n}``.
     """
     cfg = cfg or TrainConfig()
+    if ddp is not None and ddp > 1:
+        from cimlab.training.distributed import launch
+
+        run = {"task": task, "mode": mode, "out": str(out), "model_name": model_name,
+               "error_model": None if error_model is None else str(error_model), "link": link, "profile": profile,
+               "init": None if init is None else str(init), "data_dir": None if data_dir is None else str(data_dir),
+               "cfg": cfg.as_dict(), "learn": learn, "pooled": pooled, "draws": draws, "limit": limit,
+               "transfer_kind": transfer_kind, "progress": progress, "timeout": timeout, "resume": resume,
+               "quant": quant, "polarity": polarity, "search": search}
+        return launch(ddp, run, device=device)
+    from cimlab.training.distributed import replicas_from_env
+
+    with replicas_from_env(device) as replicas:
+        return _train_run(task, mode, out, model_name=model_name, error_model=error_model, link=link,
+                          profile=profile, init=init, data_dir=data_dir, cfg=cfg, learn=learn, pooled=pooled,
+                          draws=draws, limit=limit, transfer_kind=transfer_kind, progress=progress, timeout=timeout,
+                          resume=resume, quant=quant, polarity=polarity, search=search, replicas=replicas)
+
+
+def _train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str | None,
+               error_model: str | os.PathLike | None, link: str | None, profile: str | None,
+               init: str | os.PathLike | None, data_dir: str | os.PathLike | None, cfg: TrainConfig, learn: str,
+               pooled: bool, draws: int, limit: int | None, transfer_kind: str, progress: bool, timeout: float,
+               resume: bool, quant: str | None, polarity: str | None, search: dict[str, Any] | None,
+               replicas: Replicas | None) -> dict[str, Any]:
     if mode not in MODES:
         raise ConfigError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if polarity is not None and polarity not in POLARITY_CHOICES:
+        raise ConfigError(f"polarity {polarity!r} is not one of {', '.join(POLARITY_CHOICES)}")
     if draws < 1:
         raise ConfigError(f"draws must be >= 1, got {draws}")
     init_ck = load_checkpoint(init) if init is not None else None
@@ -228,19 +319,37 @@ def train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str |
             raise ConfigError("mode 'dnat' needs --error-model FILE (the measured D-MAC-EM)")
         transfer = Transfer.load(error_model, pooled=pooled, kind=transfer_kind)  # type: ignore[arg-type]
     data = load_task(task, data_dir, limit=limit)
+    searched = None
+    if polarity == "search":
+        searched = _search(init_ck, mode, data, search or {}, cfg.seed)
     model, info = prepare_model(data, mode, model_name=model_name, spec=spec, transfer=transfer, learn=learn,
-                                init=init_ck, seed=cfg.seed)
+                                init=init_ck, seed=cfg.seed, quant=quant,
+                                polarity=searched.assignment if searched else polarity,
+                                start_state=searched.state if searched else None)
+    on_macro = mode != "float"
     identity = {"task": task, "mode": mode, "model": info, "train": cfg.as_dict(), "learn": learn,
+                "quant": model_quant(model) if on_macro else None,
+                "polarity": model_polarity(model) if on_macro else None,
                 "pooled": pooled, "limit": limit, "injection": transfer_kind, "spec": spec.to_dict() if spec else None,
                 "init": init_ck.manifest.get("tensors_sha256") if init_ck else None,
                 "error_model": error_model_info(transfer)}
+    if replicas is not None:
+        identity["replicas"] = replicas.describe()
+    writer = replicas is None or replicas.is_writer
     state = EpochCheckpoint(resume_path(out), identity, resume=resume)
-    result = fit(model, data, cfg, progress=progress, description=f"{mode} {task}", checkpoint=state)
+    result = fit(model, data, cfg, progress=progress and writer, description=f"{mode} {task}", checkpoint=state,
+                 replicas=replicas)
+    if not writer:
+        assert replicas is not None
+        return {"rank": replicas.rank, "world_size": replicas.world_size}
     metrics = evaluate_model(model, data, transfer=transfer, draws=draws, seed=cfg.seed)
     manifest = {
         "task": task, "model": info, "mode": mode, "spec": spec.to_dict() if spec else None,
         "quantizer": learn if mode != "float" else None, "error_model": error_model_info(transfer),
-        "train": {**cfg.as_dict(), "init": str(init) if init else None, "limit": limit, "steps": result.steps},
+        "quant": identity["quant"], "polarity": identity["polarity"],
+        "polarity_search": searched.summary() if searched else None,
+        "train": {**cfg.as_dict(), "init": str(init) if init else None, "limit": limit, "steps": result.steps,
+                  **({"replicas": replicas.describe()} if replicas is not None else {})},
         "metrics": metrics,
     }
     path = save_checkpoint(out, model, manifest)
@@ -249,10 +358,23 @@ def train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str |
     return {
         "checkpoint": str(path), "task": task, "model": info["name"], "mode": mode,
         "spec": spec.describe() if spec else None, "spec_source": src.source if src else None,
-        "quantizer": manifest["quantizer"], "error_model": manifest["error_model"],
+        "quantizer": manifest["quantizer"], "error_model": manifest["error_model"], "quant": manifest["quant"],
+        "polarity": manifest["polarity"], "polarity_search": manifest["polarity_search"],
         "epochs": cfg.epochs, "steps": result.steps, "seconds": result.seconds, "step_time_s": result.step_time_s,
         "accuracy": acc, **metrics, "history": result.history,
+        **({"replicas": replicas.describe()} if replicas is not None else {}),
     }
+
+
+def _search(init: Checkpoint | None, mode: str, data: TaskData, options: dict[str, Any], seed: int) -> Any:
+    """The evolutionary polarity search on ``init``'s float model (``cimlab.polarity.search_polarity``)."""
+    from cimlab.polarity import search_polarity
+
+    if mode == "float":
+        raise ConfigError("--polarity search places layers on the macro: it needs --mode quant or dnat")
+    if init is None or init.spec is not None:
+        raise ConfigError("--polarity search fine-tunes a float model: give it as --init (a --mode float checkpoint)")
+    return search_polarity(model_from_checkpoint(init), data.x_train, data.y_train, seed=seed, **options)
 
 
 def evaluate_run(checkpoint: str | os.PathLike, *, error_model: str | os.PathLike | None = None, draws: int = 5,
@@ -291,5 +413,6 @@ def recovery(naive: float, dnat: float, quant: float) -> float | None:
     return (dnat - naive) / gap
 
 
-__all__ = ["MODES", "SpecSource", "evaluate_model", "evaluate_run", "model_from_checkpoint", "prepare_model",
+__all__ = ["MODES", "POLARITY_CHOICES", "SpecSource", "evaluate_model", "evaluate_run", "model_from_checkpoint",
+           "prepare_model",
            "recovery", "resolve_spec", "train_run"]

@@ -9,6 +9,8 @@ Manifest (metadata key ``cimlab.manifest``, a JSON object)::
      "mode": "float" | "quant" | "dnat",
      "spec": {MacroSpec fields} | null,             null for a float model
      "quantizer": "epact" | "pact" | "fixed" | null,
+     "quant": "per-layer" | "uniform" | null,       ranges per layer or shared by every layer (null: float)
+     "polarity": {layer: "bipolar" | "unipolar-pos" | "unipolar-neg"} | null,
      "error_model": {"sha256": ..., "source": ..., "pooled": bool, "kind": ..., "chip_id": ...} | null,
      "tensors_sha256": "...",                        over names, dtypes, shapes and bytes, sorted by name
      "train": {...}, "metrics": {...}, "created_by": "cimlab X.Y"}
@@ -96,8 +98,8 @@ class Checkpoint:
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, manifest: dict[str, Any]) -> Path:
-    """Write the model's state dict and ``manifest`` (fields of the module docstring; format, version, tensor hash
-    and creator are filled in) atomically; returns the path."""
+    """Write the model's state dict and ``manifest`` (fields of the module docstring; format, version, tensor hash,
+    creator, and the CIM layers' ranges and polarities are filled in) atomically; returns the path."""
     for key in ("task", "model", "mode"):
         if key not in manifest:
             raise ConfigError(f"checkpoint manifest needs {key!r}")
@@ -105,9 +107,14 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, manifest: d
         raise ConfigError(f"checkpoint mode {manifest['mode']!r} is not one of {', '.join(MODES)}")
     from safetensors.torch import save_file
 
+    from cimlab.training.layers import cim_layers, model_polarity, model_quant
+
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()}
+    on_macro = any(True for _ in cim_layers(model))  # ranges and polarities are the model's own, never the caller's
     full = {"format": FORMAT, "version": VERSION, "spec": None, "quantizer": None, "error_model": None,
-            **manifest, "tensors_sha256": tensors_sha256(tensors), "created_by": f"cimlab {package_version()}"}
+            **manifest, "quant": model_quant(model) if on_macro else None,
+            "polarity": model_polarity(model) if on_macro else None,
+            "tensors_sha256": tensors_sha256(tensors), "created_by": f"cimlab {package_version()}"}
     text = json.dumps(full, sort_keys=True)
     target = Path(path)
     with atomic_path(target) as tmp:
@@ -133,7 +140,7 @@ def _manifest(where: str, meta: dict[str, str]) -> dict[str, Any]:
     require_types(where, manifest["model"], {"name": str, "kwargs": dict}, "model.")
     if manifest["mode"] not in MODES:
         raise ArtifactError(f"{where}: mode {manifest['mode']!r} is not one of {', '.join(MODES)}")
-    for key, typ in (("spec", dict), ("quantizer", str), ("error_model", dict)):
+    for key, typ in (("spec", dict), ("quantizer", str), ("error_model", dict), ("quant", str), ("polarity", dict)):
         if manifest.get(key) is not None and not isinstance(manifest[key], typ):
             raise ArtifactError(f"{where}: manifest field '{key}' must be {typ.__name__} or null")
     return manifest

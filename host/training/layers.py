@@ -4,11 +4,13 @@ A CIM layer computes what the macro and its host compute together:
 
 1. the input is clipped to the layer's E-PACT bounds and quantized to unsigned codes (``quant.InputQuantizer``);
    a convolution pads with zeros *before* quantizing, as the host pads its activations;
-2. the weights are quantized per output channel to the macro's signed integers (``quant.quantize_weights``);
+2. the weights are quantized to the integers the macro stores (``quant``: per output channel, or on the range every
+   layer shares with ``uniform`` quantization), within the layer's polarity (``bipolar``, ``unipolar-pos``,
+   ``unipolar-neg``); on a unipolar (``unsigned``) macro a unipolar-neg layer programs magnitudes and negates its
+   scale, and a bipolar layer goes on pairs of adjacent columns;
 3. the product of codes and integer weights runs on the macro (``macro.macro_matmul``): tiles
    (``cimlab.mapping``), conversions, codes from the layer's ``Transfer`` (ideal / measured / gaussian), recombined;
-4. digitally: ``y = scale_w * (delta * MAC + lo * sum_r q[r, m]) + bias`` (minus the weight zero point times the
-   code sums for ``unsigned`` storage).
+4. digitally: ``y = scale_w * (delta * MAC + lo * sum_r q[r, m]) + bias``.
 
 Under the ideal transfer of a macro whose ADC resolves every level, step 3 is exactly ``codes @ q`` and the layer
 takes that shortcut (a plain matmul / convolution); otherwise it decomposes into conversions.
@@ -26,9 +28,18 @@ from torch import nn
 
 from cimlab.firmware_bridge.errors import ConfigError, ShapeError
 from cimlab.firmware_bridge.spec import MacroSpec
-from cimlab.mapping import LayerMap, map_layer
+from cimlab.mapping import POLARITIES, LayerMap, map_layer, map_paired_layer
 from cimlab.training.macro import DEFAULT_CHUNK_CONVERSIONS, EXACT_F32, ColumnCorrection, LayerMacro, macro_matmul
-from cimlab.training.quant import InputQuantizer, quantize_weights, weight_qmax, weight_zero_point
+from cimlab.training.quant import (
+    QUANT_SCHEMES,
+    InputQuantizer,
+    UniformRanges,
+    quantize_weights,
+    quantize_weights_range,
+    stores_negated,
+    stores_on_pairs,
+    weight_levels,
+)
 from cimlab.training.transfer import Transfer
 
 
@@ -38,7 +49,7 @@ class MacroOperands:
 
     Attributes:
         inputs: input codes [N, K] (for a convolution, one row per output position).
-        weights: logical weights as programmed [K, M].
+        weights: logical weights [K, M] (signed for a layer on column pairs, which ``layer_map`` splits).
         mac: the layer's MAC outputs [N, M], tiles of a column range added (``adc_lsb`` level units).
         layer_map: the tiling.
     """
@@ -53,16 +64,41 @@ class CIMLayer(nn.Module):
     """Common part of the CIM layers (weights, quantizers, macro). Not used directly."""
 
     def __init__(self, spec: MacroSpec, in_rows: int, out_cols: int, *, transfer: Transfer | None = None,
-                 learn: str = "epact", chunk_conversions: int = DEFAULT_CHUNK_CONVERSIONS) -> None:
+                 learn: str = "epact", chunk_conversions: int = DEFAULT_CHUNK_CONVERSIONS, polarity: str = "bipolar",
+                 ranges: UniformRanges | None = None) -> None:
         super().__init__()
         if not isinstance(spec, MacroSpec):
             raise ConfigError(f"spec must be a MacroSpec, got {type(spec).__name__}")
         self.spec = spec
-        self.qmax = weight_qmax(spec)
-        self.zero_point = weight_zero_point(spec)
-        self.act = InputQuantizer(spec.input_max, learn)
+        self.in_rows, self.out_cols = int(in_rows), int(out_cols)
+        if ranges is not None:
+            self.ranges: UniformRanges | None = ranges
+            self.act = ranges.act
+        else:
+            self.ranges = None
+            self.act = InputQuantizer(spec.input_max, learn)
         transfer = transfer or Transfer.ideal(spec)
+        self.polarity = "bipolar"
         self.macro = LayerMacro(map_layer(spec, in_rows, out_cols), transfer, chunk_conversions=chunk_conversions)
+        self._set_polarity(polarity)
+
+    def _set_polarity(self, polarity: str) -> None:
+        self.qmin, self.qmax = weight_levels(self.spec, polarity)
+        self.polarity = polarity
+        spec, old = self.spec, self.macro
+        cut = map_paired_layer if self.paired else map_layer
+        self.macro = LayerMacro(cut(spec, self.in_rows, self.out_cols), old.transfer, rng=old.rng,
+                                chunk_conversions=old.chunk_conversions)
+
+    @property
+    def paired(self) -> bool:
+        """Whether the layer's outputs sit on pairs of adjacent columns (a bipolar layer on a unipolar macro)."""
+        return stores_on_pairs(self.spec, self.polarity)
+
+    @property
+    def negated(self) -> bool:
+        """Whether the layer programs magnitudes ``-q`` with its scale negated (unipolar-neg on a unipolar macro)."""
+        return stores_negated(self.spec, self.polarity)
 
     # subclasses set: weight (Parameter [M, ...]), bias (Parameter [M] or None)
     weight: nn.Parameter
@@ -78,15 +114,28 @@ class CIMLayer(nn.Module):
         self.macro.set_transfer(transfer)
 
     def quantized_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(signed integer weights [M, K], straight-through; per-channel scale [M])."""
-        return quantize_weights(self.weight.reshape(self.weight.shape[0], -1), self.qmax)
+        """(the integer weights the macro is programmed with [M, K], straight-through; per-channel scale [M]).
+
+        For a unipolar-neg layer on a unipolar macro these are magnitudes and the scale is negative, so
+        ``scale * q`` is always the quantized weight."""
+        w = self.weight.reshape(self.weight.shape[0], -1)
+        if self.ranges is None:
+            q, scale = quantize_weights(w, self.qmin, self.qmax)
+        else:
+            q, scale = quantize_weights_range(w, self.ranges.w_max, self.qmin, self.qmax, self.ranges.learns_weights)
+        return (-q, -scale) if self.negated else (q, scale)
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Clip the float weights to the layer's sign (``unipolar-pos``: >= 0, ``unipolar-neg``: <= 0)."""
+        if self.polarity == "unipolar-pos":
+            self.weight.clamp_(min=0.0)
+        elif self.polarity == "unipolar-neg":
+            self.weight.clamp_(max=0.0)
 
     def _mac(self, codes: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """MAC outputs [N, M] of codes [N, K] and signed weights q [M, K], zero point removed."""
-        acc = macro_matmul(codes, (q + self.zero_point).T, self.macro)
-        if self.zero_point:
-            acc = acc - self.zero_point * codes.sum(dim=1, keepdim=True)
-        return acc
+        """MAC outputs [N, M] of codes [N, K] and programmed weights q [M, K]."""
+        return macro_matmul(codes, q.T, self.macro)
 
     def _finish(self, acc: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, delta: torch.Tensor,
                 lo: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -107,7 +156,7 @@ class CIMLayer(nn.Module):
         """Input codes, programmed weights and MAC outputs of one forward pass (for deploy and for tests)."""
         codes = self.macro_matrix_inputs(x)
         q, _ = self.quantized_weights()
-        weights = (q + self.zero_point).T
+        weights = torch.round(q).T
         mac = self.macro.mac_values(codes, weights)
         return MacroOperands(codes.to(torch.int64).numpy(), weights.to(torch.int64).numpy(),
                              mac.to(torch.int64).numpy(), self.macro.layer_map)
@@ -242,11 +291,10 @@ class _CIMConv(CIMLayer):
         q, scale = self.quantized_weights()
         M = self.out_channels
         if self.macro.fast_exact and self._conv_exact():
-            w = (q + self.zero_point).reshape(M, self.in_channels, *self._k2())
+            w = q.reshape(M, self.in_channels, *self._k2())
             acc = F.conv2d(codes, w, stride=self._s2(), dilation=self._d2())
-            if self.zero_point:
-                ones = torch.ones(1, self.in_channels, *self._k2())
-                acc = acc - self.zero_point * F.conv2d(codes, ones, stride=self._s2(), dilation=self._d2())
+            if acc.device.type != "cpu":  # a GPU's fast convolutions (Winograd, FFT) round: the sums are integers
+                acc = acc + (torch.round(acc) - acc).detach()
         else:
             B = codes.shape[0]
             mat, (ho, wo) = self._unfold(codes)
@@ -287,29 +335,38 @@ def _layer_seed(seed: int, index: int) -> int:
 
 
 def convert(model: nn.Module, spec: MacroSpec, transfer: Transfer | None = None, *, learn: str = "epact",
-            exclude: Iterable[str] = (), seed: int = 0,
-            chunk_conversions: int = DEFAULT_CHUNK_CONVERSIONS) -> nn.Module:
+            exclude: Iterable[str] = (), seed: int = 0, chunk_conversions: int = DEFAULT_CHUNK_CONVERSIONS,
+            quant: str = "per-layer", polarity: str | dict[str, str] | None = None) -> nn.Module:
     """Swap every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` of ``model`` (in place) for its CIM layer,
     keeping weights and biases; returns the model.
 
     Args:
         spec: the macro.
         transfer: the ADC transfer (default: ideal).
-        learn: E-PACT variant of the input quantizers (``epact``, ``pact``, ``fixed``).
+        learn: E-PACT variant of the input quantizers (``epact``, ``pact``, ``fixed``); with ``uniform``,
+            ``fixed`` also fixes the shared weight range.
         exclude: qualified module names to leave digital.
         seed: seeds each layer's random stream (layer ``i`` gets a seed derived from ``(seed, i)``).
         chunk_conversions: most conversions per chunk.
+        quant: ``per-layer`` ranges, or ``uniform`` (one weight and one input range shared by every layer; the
+            weight range starts at the 99th percentile of ``|w|`` over the layers, see ``quant``).
+        polarity: every layer's polarity (one of ``POLARITIES``), or {qualified name: polarity} (layers not named
+            are ``bipolar``); unipolar layers' weights are clipped to their sign.
 
     Call ``calibrate`` before training or evaluating so the input bounds fit the data.
     """
     if transfer is not None and transfer.spec != spec:
         raise ConfigError("the transfer's MacroSpec differs from spec")
+    if quant not in QUANT_SCHEMES:
+        raise ConfigError(f"quantization {quant!r} is not one of {', '.join(QUANT_SCHEMES)}")
     excluded = set(exclude)
     names = {name for name, _ in model.named_modules()}
     unknown = excluded - names
     if unknown:
         raise ConfigError(f"exclude names modules the model does not have: {', '.join(sorted(unknown))}")
-    common = {"transfer": transfer, "learn": learn, "chunk_conversions": chunk_conversions}
+    chosen = _polarity_of(model, polarity, excluded)
+    ranges = UniformRanges(spec.input_max, learn) if quant == "uniform" else None
+    common = {"transfer": transfer, "learn": learn, "chunk_conversions": chunk_conversions, "ranges": ranges}
     index = 0
 
     def swap(parent: nn.Module, prefix: str) -> None:
@@ -319,20 +376,23 @@ def convert(model: nn.Module, spec: MacroSpec, transfer: Transfer | None = None,
             if full in excluded:
                 continue
             new: CIMLayer | None = None
+            pol = chosen.get(full, "bipolar")
             if isinstance(child, CIMLayer):
                 new = None
             elif isinstance(child, nn.Linear):
-                new = CIMLinear(child.in_features, child.out_features, spec, bias=child.bias is not None, **common)
+                new = CIMLinear(child.in_features, child.out_features, spec, bias=child.bias is not None,
+                                polarity=pol, **common)
             elif isinstance(child, nn.Conv1d | nn.Conv2d):
                 cls = CIMConv1d if isinstance(child, nn.Conv1d) else CIMConv2d
                 new = cls(child.in_channels, child.out_channels, child.kernel_size, spec, stride=child.stride,
                           padding=child.padding, dilation=child.dilation, groups=child.groups,
-                          bias=child.bias is not None, padding_mode=child.padding_mode, **common)
+                          bias=child.bias is not None, padding_mode=child.padding_mode, polarity=pol, **common)
             if new is not None:
                 with torch.no_grad():
                     new.weight.copy_(child.weight)
                     if child.bias is not None and new.bias is not None:
                         new.bias.copy_(child.bias)
+                new.project()
                 new.macro.reseed(_layer_seed(seed, index))
                 index += 1
                 setattr(parent, name, new)
@@ -340,7 +400,29 @@ def convert(model: nn.Module, spec: MacroSpec, transfer: Transfer | None = None,
                 swap(child, f"{full}.")
 
     swap(model, "")
+    if ranges is not None:
+        ranges.fit_weights([layer.weight for _, layer in cim_layers(model)])
     return model
+
+
+def _polarity_of(model: nn.Module, polarity: str | dict[str, str] | None, excluded: set[str]) -> dict[str, str]:
+    """{qualified name: polarity} of the layers ``convert`` will swap (ConfigError for an unknown name or polarity)."""
+    swappable = [name for name, m in model.named_modules()
+                 if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d) and name not in excluded]
+    if polarity is None:
+        return {}
+    if isinstance(polarity, str):
+        chosen = dict.fromkeys(swappable, polarity)
+    else:
+        chosen = dict(polarity)
+        unknown = sorted(set(chosen) - set(swappable))
+        if unknown:
+            raise ConfigError(f"polarity names layer(s) {', '.join(unknown)} the model does not put on the macro "
+                              f"(it has {', '.join(swappable)})")
+    bad = sorted({p for p in chosen.values() if p not in POLARITIES})
+    if bad:
+        raise ConfigError(f"polarity {bad[0]!r} is not one of {', '.join(POLARITIES)}")
+    return chosen
 
 
 def cim_layers(model: nn.Module) -> Iterator[tuple[str, CIMLayer]]:
@@ -363,9 +445,31 @@ def reseed(model: nn.Module, seed: int) -> None:
 
 
 def set_learn(model: nn.Module, learn: str) -> None:
-    """Which input bounds learn in every CIM layer: ``epact``, ``pact`` or ``fixed``."""
+    """Which input bounds learn in every CIM layer: ``epact``, ``pact`` or ``fixed`` (with ``uniform`` ranges,
+    ``fixed`` also fixes the shared weight range)."""
     for _, layer in cim_layers(model):
-        layer.act.set_learn(learn)
+        if layer.ranges is not None:
+            layer.ranges.set_learn(learn)
+        else:
+            layer.act.set_learn(learn)
+
+
+def model_quant(model: nn.Module) -> str:
+    """``uniform`` when the model's CIM layers share one set of ranges, else ``per-layer``."""
+    return "uniform" if any(layer.ranges is not None for _, layer in cim_layers(model)) else "per-layer"
+
+
+def model_polarity(model: nn.Module) -> dict[str, str]:
+    """{layer name: polarity} of the model's CIM layers."""
+    return {name: layer.polarity for name, layer in cim_layers(model)}
+
+
+@torch.no_grad()
+def project_polarity(model: nn.Module) -> None:
+    """Clip every unipolar CIM layer's float weights to its sign (after each optimizer step: projected gradient
+    descent, so a unipolar layer never holds a weight of the other sign)."""
+    for _, layer in cim_layers(model):
+        layer.project()
 
 
 def model_spec(model: nn.Module) -> MacroSpec | None:
@@ -409,21 +513,30 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], *, quantile: fl
             h.remove()
         model.train(was_training)
     bounds = {}
-    for name, layer in layers.items():
-        if not seen[name]:
-            raise ConfigError(f"calibration saw no inputs for layer {name!r}")
-        v = torch.cat(seen[name])
-        if v.numel() > max_samples:
-            v = v[torch.randint(v.numel(), (max_samples,), generator=gen)]
+    groups: dict[int, list[str]] = {}
+    for name, layer in layers.items():  # layers with one shared quantizer (uniform ranges) get one pooled range
+        groups.setdefault(id(layer.act), []).append(name)
+    for members in groups.values():
+        for name in members:
+            if not seen[name]:
+                raise ConfigError(f"calibration saw no inputs for layer {name!r}")
+        share = max_samples // len(members)
+        parts = []
+        for name in members:  # each layer weighs the same in a pooled range
+            v = torch.cat(seen[name])
+            parts.append(v[torch.randint(v.numel(), (share,), generator=gen)] if v.numel() > share else v)
+        v = torch.cat(parts)
         hi = float(torch.quantile(v, quantile))
         vmin = float(v.min())
         lo = float(torch.quantile(v, 1.0 - quantile)) if vmin < 0 else 0.0
         if hi <= lo:
             hi = lo + max(abs(lo), 1.0) * 1e-2
-        layer.act.lo.fill_(lo)
-        layer.act.hi.fill_(hi)
-        layer.act.calibrated.fill_(True)
-        bounds[name] = (lo, hi)
+        act = layers[members[0]].act
+        act.lo.fill_(lo)
+        act.hi.fill_(hi)
+        act.calibrated.fill_(True)
+        for name in members:
+            bounds[name] = (lo, hi)
     return bounds
 
 
@@ -458,7 +571,7 @@ def calibrate_columns(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict
                 handle.remove()
             x = torch.cat(codes)
             q, _ = layer.quantized_weights()
-            weights = (torch.round(q) + layer.zero_point).T
+            weights = torch.round(q).T
             measured = layer.macro.mac_values(x, weights)
             ideal = x.to(torch.float64) @ weights.to(torch.float64)
             fitted[name] = ColumnCorrection.fit(measured, ideal)
@@ -483,4 +596,5 @@ def clear_columns(model: nn.Module) -> None:
 
 
 __all__ = ["CIMConv1d", "CIMConv2d", "CIMLayer", "CIMLinear", "MacroOperands", "calibrate", "calibrate_columns",
-           "cim_layers", "clear_columns", "convert", "model_spec", "reseed", "set_columns", "set_learn", "set_transfer"]
+           "cim_layers", "clear_columns", "convert", "model_polarity", "model_quant", "model_spec", "project_polarity",
+           "reseed", "set_columns", "set_learn", "set_transfer"]

@@ -18,12 +18,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from cimlab.firmware_bridge.errors import ConfigError, ShapeError
-from cimlab.training.layers import calibrate_columns, cim_layers, reseed, set_columns, set_transfer
+from cimlab.training.device import model_device
+from cimlab.training.layers import (
+    calibrate_columns,
+    cim_layers,
+    project_polarity,
+    reseed,
+    set_columns,
+    set_transfer,
+)
 from cimlab.training.macro import ColumnCorrection
 from cimlab.training.tasks import TaskData
 from cimlab.training.transfer import Transfer
 
 if TYPE_CHECKING:
+    from cimlab.training.distributed import Replicas
     from cimlab.training.resume import EpochCheckpoint
 
 OPTIMIZERS = ("adam", "sgd")
@@ -130,7 +139,7 @@ def progress_bar(enabled: bool, total: int, description: str) -> Iterator[Any]:
 def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = False,
         evaluate_each_epoch: bool = True, description: str = "train",
         population: Sequence[Transfer] = (), calibration: Sequence[torch.Tensor] = (),
-        checkpoint: EpochCheckpoint | None = None) -> TrainResult:
+        checkpoint: EpochCheckpoint | None = None, replicas: Replicas | None = None) -> TrainResult:
     """Train ``model`` on ``data`` with cross entropy (see ``TrainConfig``); returns what happened.
 
     ``population``: error models of several chips of one design; each step draws one of them (uniformly, from
@@ -144,11 +153,20 @@ def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = 
 
     With ``checkpoint``, the whole training state is restored first (``--resume``) and saved at the start of every
     epoch, so an interrupted run continues bit-identically from the epoch it was in.
+
+    ``replicas``: this process's rank and device in a distributed (or GPU) run (``cimlab.training.distributed``):
+    the model moves to its device, each rank trains on its share of every global batch through
+    DistributedDataParallel, its CIM streams restart every epoch from (seed, rank, epoch), epoch statistics and
+    test accuracy are over the whole global batch and test set, and only rank 0 saves the training state. A global
+    batch smaller than the number of ranks is skipped. None: one process on the CPU, as above.
     """
     _check_data(model, data)
     population = list(population)
     if any(t.spec != population[0].spec for t in population):
         raise ConfigError("the population's error models are for different MacroSpecs")
+    net = model if replicas is None else replicas.prepare(model)
+    if replicas is not None:
+        calibration = [c.to(replicas.device) for c in calibration]
     reseed(model, cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     n = data.x_train.shape[0]
@@ -175,9 +193,13 @@ def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = 
         for epoch in range(start_epoch, cfg.epochs):
             if result.steps >= total:
                 break
-            if checkpoint is not None:
+            if checkpoint is not None and (replicas is None or replicas.is_writer):
                 checkpoint.save(model, opt, sched, gen, epoch=epoch, steps=result.steps, history=result.history)
+            if replicas is not None:
+                replicas.reseed(model, cfg.seed, epoch)
             corrections = _chip_corrections(model, chips, calibration) if calibration else None
+            if replicas is not None and corrections is not None:
+                corrections = replicas.broadcast_corrections(corrections)
             model.train()
             order = torch.randperm(n, generator=gen)
             loss_sum, correct, seen = 0.0, 0, 0
@@ -185,8 +207,8 @@ def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = 
                 if result.steps >= total:
                     break
                 idx = order[b0 : b0 + cfg.batch_size]
-                if idx.numel() < 2 and n >= 2:
-                    continue  # batch norm needs two samples
+                if idx.numel() < 2 and n >= 2 or replicas is not None and idx.numel() < replicas.min_batch():
+                    continue  # batch norm needs two samples (and every rank one)
                 xb, yb = data.x_train[idx], data.y_train[idx]
                 if data.augment is not None:
                     xb = data.augment(xb, gen)
@@ -195,23 +217,30 @@ def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = 
                     set_transfer(model, population[chip])
                     if corrections is not None:
                         set_columns(model, corrections[chip])
+                weight = 1.0
+                if replicas is not None:
+                    xb, yb, weight = replicas.local_batch(xb, yb)
                 t0 = time.perf_counter()
-                out = model(xb)
+                out = net(xb)
                 loss = F.cross_entropy(out, yb)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * weight if weight != 1.0 else loss).backward()
                 opt.step()
+                project_polarity(model)  # unipolar layers keep their sign (projected gradient descent)
                 sched.step()
                 step_time += time.perf_counter() - t0
                 result.steps += 1
                 loss_value = float(loss.detach())
-                loss_sum += loss_value * idx.numel()
+                loss_sum += loss_value * yb.shape[0]
                 correct += int((out.argmax(1) == yb).sum())
-                seen += idx.numel()
+                seen += yb.shape[0]
                 advance(1, epoch=epoch + 1, loss=loss_value)
+            if replicas is not None:
+                loss_sum, correct, seen = replicas.sum([loss_sum, correct, seen])
             entry = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
             if evaluate_each_epoch:
-                entry["test_accuracy"] = accuracy(model, data.x_test, data.y_test, seed=cfg.seed)
+                entry["test_accuracy"] = (accuracy(model, data.x_test, data.y_test, seed=cfg.seed) if replicas is None
+                                          else replicas.accuracy(model, data.x_test, data.y_test, seed=cfg.seed))
             result.history.append(entry)
     result.seconds = time.perf_counter() - t_start
     result.step_time_s = step_time / max(result.steps, 1)
@@ -232,21 +261,23 @@ def _chip_corrections(model: nn.Module, chips: list[Transfer | None],
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256, seed: int = 0) -> float:
-    """Top-1 accuracy (0..1) of ``model`` in eval mode, the CIM random streams seeded from ``seed`` (the streams
-    in use before are put back afterwards, so an evaluation between epochs does not replay training's draws)."""
+    """Top-1 accuracy (0..1) of ``model`` in eval mode on its device, the CIM random streams seeded from ``seed``
+    (the streams in use before are put back afterwards, so an evaluation between epochs does not replay training's
+    draws)."""
     if x.shape[0] != y.shape[0]:
         raise ShapeError(f"{x.shape[0]} inputs for {y.shape[0]} labels")
     if x.shape[0] == 0:
         raise ShapeError("no samples to evaluate")
     was = model.training
     saved = [(layer.macro, layer.macro.rng) for _, layer in cim_layers(model)]
+    device = model_device(model)
     model.eval()
     reseed(model, seed)
     correct = 0
     try:
         for b0 in range(0, x.shape[0], batch_size):
-            out = model(x[b0 : b0 + batch_size])
-            correct += int((out.argmax(1) == y[b0 : b0 + batch_size]).sum())
+            out = model(x[b0 : b0 + batch_size].to(device))
+            correct += int((out.argmax(1).cpu() == y[b0 : b0 + batch_size]).sum())
     finally:
         model.train(was)
         for macro, rng in saved:

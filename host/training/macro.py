@@ -9,10 +9,20 @@ code decoded when the transfer has a deploy-step decoder, and the digital recomb
 no rounding of decoded values). Tiles of one column range add up. With the ideal transfer this is bit-exact with
 the twin's ideal MAC (tests/training/test_exact.py).
 
+Stored digits follow the storage (``stored_digits``): two's complement / offset digits of ``w`` (plus the offset) by
+place value, or for ``differential`` storage the digits of ``max(w, 0)`` on the positive array's slices and of
+``max(-w, 0)`` on the negative array's (their slice weights are negative). A *paired* tile (a layer of both signs
+on a unipolar macro, ``cimlab.mapping.Tile.paired``) holds ``max(w, 0)`` and ``max(-w, 0)`` of each output on two
+adjacent macro columns (``split_pairs``): the conversions run over both, and each output is the first column's MAC
+minus the second's (``join_pairs``). In the backward pass an output's gradient goes to its two columns with opposite
+signs and a weight's gradient is the mean of what its two columns' digits receive, signed the same way (with an
+ideal ADC: exactly ``x^T dL/dy``, as for the digits of one column). Both implementations below take any digits and
+slice weights, so both run paired tiles (over their macro columns) and differential digits.
+
 Two implementations of the same numbers: the C kernels (``cim_kernels.c``, built on first use by
 ``cimlab.training.native``), which hold no more than one vector's conversions of one row group at a time, and a
-torch path (``torch_forward``, ``torch_backward``) used where the C kernels are not available and as their
-reference in the tests; it runs vectors in chunks of at most ``chunk_conversions`` conversions. Both draw the same
+torch path (``torch_forward``, ``torch_backward``) used where the C kernels are not available, on every device but
+the CPU, and as their reference in the tests; it runs vectors in chunks of at most ``chunk_conversions`` conversions. Both draw the same
 uniforms, so they read the same codes. Nothing of size "conversions" is kept for the backward pass: the levels
 are recomputed there; only the input codes (as uint8 when they fit) and the weights are saved.
 
@@ -38,6 +48,7 @@ The statistical gradient (backward):
 
 from __future__ import annotations
 
+import copy
 import ctypes
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +60,7 @@ from cimlab.firmware_bridge.errors import ConfigError, ShapeError
 from cimlab.firmware_bridge.spec import MacroSpec
 from cimlab.mapping import LayerMap, Tile
 from cimlab.training import native
-from cimlab.training.transfer import Transfer, splitmix_uniforms
+from cimlab.training.transfer import STREAMS, Stream, Transfer, draw_seed, make_stream, splitmix_uniforms
 
 DEFAULT_CHUNK_CONVERSIONS = 1 << 19
 """Conversions per chunk of the torch path: a chunk's temporaries (a few tensors of this many 4-byte elements)."""
@@ -60,17 +71,55 @@ KERNEL_LANES = 16
 BACKENDS = ("auto", "c", "torch")
 
 
+def stored_digits(spec: MacroSpec, w: torch.Tensor) -> torch.Tensor:
+    """The digits the macro stores for logical weights w [K, C] (float, integer valued): [K, n_slices, C] float64,
+    as ``MacroSpec.weights_to_slices`` (both arrays' digits for ``differential``)."""
+    w = w.to(torch.float64)
+    base = float(spec.cell_max + 1)
+    place = torch.tensor([base**k for k in range(spec.slices_per_side)], dtype=torch.float64,
+                         device=w.device)[None, :, None]
+
+    def digits_of(m: torch.Tensor) -> torch.Tensor:  # m >= 0 (or a two's complement pattern)
+        return torch.remainder(torch.floor(m[:, None, :] / place), base)
+
+    if spec.weight_storage == "differential":
+        return torch.cat([digits_of(w.clamp(min=0)), digits_of((-w).clamp(min=0))], dim=1)
+    modulus = base ** spec.slices_per_side
+    return digits_of(torch.remainder(w + spec.weight_offset, modulus))  # two's complement for negative weights
+
+
+def split_pairs(w: torch.Tensor) -> torch.Tensor:
+    """A paired tile's signed weights [K, C] -> its macro columns [K, 2C]: ``max(w, 0)`` even, ``max(-w, 0)`` odd."""
+    return torch.stack([w.clamp(min=0), (-w).clamp(min=0)], dim=2).reshape(w.shape[0], 2 * w.shape[1])
+
+
+def join_pairs(y: torch.Tensor) -> torch.Tensor:
+    """Outputs of a paired tile's macro columns [N, 2C] -> its outputs [N, C]: each pair's difference."""
+    return y[:, 0::2] - y[:, 1::2]
+
+
+def pair_gradient(grad: torch.Tensor) -> torch.Tensor:
+    """An output gradient [N, C] -> the gradient of a paired tile's macro columns [N, 2C] (``+g``, ``-g``)."""
+    return torch.stack([grad, -grad], dim=2).reshape(grad.shape[0], 2 * grad.shape[1])
+
+
+def unpair_weight_gradient(g: torch.Tensor) -> torch.Tensor:
+    """Gradient of a paired tile's macro columns' weights [K, 2C] -> its signed weights' [K, C] (the mean of the
+    two, signed as the pair subtracts them)."""
+    return 0.5 * (g[:, 0::2] - g[:, 1::2])
+
+
 @dataclass
 class _TilePlan:
     tile: Tile
     groups: int
     offset: int  # row offset of the tile's first row inside its first group
-    tables: torch.Tensor  # int32 [n_slices * n_cols]: sampling table index per (k, c)
-    slopes: torch.Tensor  # int32 [n_slices * n_cols]: slope table index per (k, c)
-    values: torch.Tensor | None  # int32 [n_slices * n_cols]: the decoder's row offset per (k, c), None: undecoded
+    tables: torch.Tensor  # int32 [n_slices * macro_cols]: sampling table index per (k, c)
+    slopes: torch.Tensor  # int32 [n_slices * macro_cols]: slope table index per (k, c)
+    values: torch.Tensor | None  # int32 [n_slices * macro_cols]: the decoder's row offset per (k, c), None: undecoded
     vectors_per_chunk: int  # torch path
-    colx: torch.Tensor  # float32 [n_slices * n_cols]: adc_lsb * sw_k / sum(pw), towards dL/dx
-    colq: torch.Tensor  # float32 [n_slices * n_cols]: adc_lsb * |sw_k| / sum |sw|, towards dL/dw
+    colx: torch.Tensor  # float32 [n_slices * macro_cols]: adc_lsb * sw_k / sum(pw), towards dL/dx
+    colq: torch.Tensor  # float32 [n_slices * macro_cols]: adc_lsb * |sw_k| / sum |sw|, towards dL/dw
 
 
 @dataclass
@@ -123,6 +172,14 @@ class ColumnCorrection:
         """Corrected outputs of MAC outputs [N, n_cols]."""
         return (mac - self.offset) / self.gain
 
+    def to(self, device: torch.device) -> ColumnCorrection:
+        """This correction with its tensors on ``device`` (a copy; itself when they are there already)."""
+        if self.gain.device == device and self.offset.device == device:
+            return self
+        out = copy.copy(self)  # checked when it was made: not again (a check reads the values back)
+        out.gain, out.offset = self.gain.to(device), self.offset.to(device)
+        return out
+
 
 @dataclass
 class MacroStats:
@@ -142,19 +199,24 @@ class LayerMacro:
     Attributes:
         layer_map: the tiles (``cimlab.mapping.map_layer``).
         transfer: the ADC transfer (``Transfer.ideal`` for the ideal quantized model).
-        rng: random stream of the sampled codes (numpy PCG64; restart it with ``reseed``): one 64-bit seed of the
-            counter-based uniforms per tile and call.
+        rng: random stream of the sampled codes (numpy PCG64, or a ``TorchStream`` on the device; restart it with
+            ``reseed``): one 64-bit seed of the counter-based uniforms per tile and call.
         chunk_conversions: most conversions per chunk of the torch path.
-        backend: ``c`` (the C kernels), ``torch``, or ``auto`` (C where it is built, for CPU tensors).
+        backend: ``c`` (the C kernels), ``torch``, or ``auto`` (C where it is built, for CPU tensors; the torch
+            path on every other device).
+        device: where the conversions are computed (move with ``to``).
+        stream: the kind of ``rng`` that ``reseed`` makes (``transfer.STREAMS``).
     """
 
     layer_map: LayerMap
     transfer: Transfer
-    rng: np.random.Generator = field(default_factory=lambda: np.random.Generator(np.random.PCG64(0)))
+    rng: Stream = field(default_factory=lambda: np.random.Generator(np.random.PCG64(0)))
     chunk_conversions: int = DEFAULT_CHUNK_CONVERSIONS
     stats: MacroStats = field(default_factory=MacroStats)
     correction: ColumnCorrection | None = None
     backend: str = "auto"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    stream: str = "pcg64"
 
     def __post_init__(self) -> None:
         spec = self.spec
@@ -177,31 +239,45 @@ class LayerMacro:
         return self.layer_map.spec
 
     def reseed(self, seed: int) -> None:
-        """Restart the random stream of sampled codes at ``seed``."""
-        self.rng = np.random.Generator(np.random.PCG64(int(seed)))
+        """Restart the random stream of sampled codes at ``seed`` (a stream of kind ``stream`` on ``device``)."""
+        self.rng = make_stream(seed, self.stream, self.device)
+
+    def to(self, device: torch.device | str, *, stream: str | None = None) -> None:
+        """Compute on ``device`` from now on: tables, plans and correction move there; ``stream`` (``pcg64`` or
+        ``device``; default: as before) chooses the random stream the next ``reseed`` makes."""
+        if stream is not None and stream not in STREAMS:
+            raise ConfigError(f"random stream {stream!r} is not one of {', '.join(STREAMS)}")
+        self.device = torch.device(device)
+        self.stream = stream or self.stream
+        self.pw, self.sw = self.pw.to(self.device), self.sw.to(self.device)
+        self._plane_lut = self._plane_lut.to(self.device)
+        self.set_correction(self.correction)
+        self.set_transfer(self.transfer)
 
     def set_transfer(self, transfer: Transfer) -> None:
-        """Switch the ADC transfer (same MacroSpec)."""
+        """Switch the ADC transfer (same MacroSpec); its tables are used on the layer's device."""
         if transfer.spec != self.spec:
             raise ConfigError("the transfer's MacroSpec differs from the layer's")
-        self.transfer = transfer
+        self.transfer = transfer.to(self.device)
         self._plans = self._make_plans()
 
     def _make_plans(self) -> list[_TilePlan]:
         spec = self.spec
         tr = self.transfer
         plans = []
+        dev = self.device
         for t in self.layer_map.tiles:
             cols = t.physical_columns(spec)
+            values = tr.value_index(cols)
             plans.append(_TilePlan(
                 tile=t,
                 groups=t.n_groups(spec),
                 offset=t.row_offset(spec),
-                tables=tr.table_index(cols),
-                slopes=tr.slope_index(cols),
-                values=tr.value_index(cols),
+                tables=tr.table_index(cols).to(dev),
+                slopes=tr.slope_index(cols).to(dev),
+                values=None if values is None else values.to(dev),
                 vectors_per_chunk=max(1, self.chunk_conversions // t.conversions_per_vector(spec)),
-                **self._column_factors(t.n_cols),
+                **{name: v.to(dev) for name, v in self._column_factors(t.macro_cols).items()},
             ))
         return plans
 
@@ -217,7 +293,7 @@ class LayerMacro:
         if correction is not None and correction.gain.shape != (self.layer_map.n_cols,):
             raise ShapeError(f"the correction has {correction.gain.shape[0]} columns, the layer "
                              f"{self.layer_map.n_cols}")
-        self.correction = correction
+        self.correction = None if correction is None else correction.to(self.device)
 
     def chunk_bound(self) -> int:
         """The most conversions one chunk of the torch path holds for this layer (a vector is never split)."""
@@ -225,7 +301,7 @@ class LayerMacro:
         return max(p.vectors_per_chunk * p.tile.conversions_per_vector(spec) for p in self._plans)
 
     def _kernels(self, x: torch.Tensor) -> native.Kernels | None:
-        """The C kernels when this layer uses them for ``x``."""
+        """The C kernels when this layer uses them for ``x``: on the CPU (other devices take the torch path)."""
         if self.backend == "torch" or x.device.type != "cpu":
             return None
         k = native.kernels()
@@ -235,18 +311,16 @@ class LayerMacro:
 
     # ---- the pieces -----------------------------------------------------------------------------------------
     def _digits(self, q: torch.Tensor, plan: _TilePlan) -> torch.Tensor:
-        """Stored digits of a tile's logical weights q [K, M] as int32 [groups, rows_per_conversion, S * n_cols]."""
+        """Stored digits of a tile's logical weights q [K, M] as int32 [groups, rows_per_conversion, S * macro
+        columns] (a paired tile's pairs split over its macro columns)."""
         spec = self.spec
         t = plan.tile
-        w = q[t.row0 : t.row1, t.col0 : t.col1].to(torch.float64) + spec.weight_offset
-        modulus = float(2 ** (spec.n_slices * spec.cell_bits))
-        stored = torch.remainder(w, modulus)  # two's complement for negative weights
-        place = torch.tensor([2.0 ** (spec.cell_bits * k) for k in range(spec.n_slices)], dtype=torch.float64)
-        digits = torch.remainder(torch.floor(stored[:, None, :] / place[None, :, None]), float(spec.cell_max + 1))
+        w = q[t.row0 : t.row1, t.col0 : t.col1].to(torch.float64)
+        digits = stored_digits(spec, split_pairs(w) if t.paired else w)
         rows = plan.groups * spec.rows_per_conversion
-        out = torch.zeros(rows, spec.n_slices, t.n_cols, dtype=torch.int32)
+        out = torch.zeros(rows, spec.n_slices, t.macro_cols, dtype=torch.int32, device=q.device)
         out[plan.offset : plan.offset + t.n_rows] = digits.to(torch.int32)
-        return out.reshape(plan.groups, spec.rows_per_conversion, spec.n_slices * t.n_cols)
+        return out.reshape(plan.groups, spec.rows_per_conversion, spec.n_slices * t.macro_cols)
 
     def _planes(self, x: torch.Tensor, plan: _TilePlan) -> torch.Tensor:
         """Input slices of a chunk of codes x [n, K] as [groups, n * n_planes, rows_per_conversion] float32."""
@@ -266,9 +340,11 @@ class LayerMacro:
         spec = self.spec
         t = plan.tile
         lm = self.layer_map
+        # a paired tile's gradient of its macro columns' weights goes to a buffer of its own (see _c_backward)
         return native.GeomT(x.shape[0], x.shape[1], t.row0, t.n_rows, plan.offset, plan.groups,
                             spec.rows_per_conversion, spec.n_planes, spec.input_slice_bits,
-                            spec.n_slices * t.n_cols, spec.cell_bits, t.n_cols, lm.n_rows, lm.n_cols)
+                            spec.n_slices * t.macro_cols, spec.cell_bits, t.macro_cols, lm.n_rows,
+                            t.macro_cols if t.paired else lm.n_cols)
 
     def _table(self) -> native.TableT:
         tr = self.transfer
@@ -278,8 +354,9 @@ class LayerMacro:
                              self.spec.n_levels)
 
     def _tile_outputs(self, acc: torch.Tensor, x: torch.Tensor, plan: _TilePlan) -> torch.Tensor:
-        """``sum_{g, p, k} value * pw * sw`` [n, M] (float64) of a tile -> its MAC outputs [n, M] (float64): ADC
-        step (rounded as ``MacroSpec.recombine`` rounds codes; decoded values are not) and weight offset."""
+        """``sum_{g, p, k} value * pw * sw`` [n, macro columns] (float64) of a tile -> its MAC outputs [n, M]
+        (float64): ADC step (rounded as ``MacroSpec.recombine`` rounds codes; decoded values are not), weight
+        offset, and a paired tile's pairs joined."""
         spec = self.spec
         t = plan.tile
         if spec.adc_full_scale != spec.adc_max:
@@ -288,7 +365,7 @@ class LayerMacro:
                 acc = torch.round(acc)
         if spec.weight_offset:
             acc = acc - spec.weight_offset * x[:, t.row0 : t.row1].to(torch.float64).sum(dim=1, keepdim=True)
-        return acc
+        return join_pairs(acc) if t.paired else acc
 
     # ---- forward / backward ---------------------------------------------------------------------------------
     def forward_values(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -316,16 +393,16 @@ class LayerMacro:
                 self.stats.conversions = N * lm.conversions_per_vector()
                 self.stats.backend = "matmul"
                 return (x.to(dtype) @ q.to(dtype)).to(torch.float64), _Saved(x)
-        out = torch.zeros(N, lm.n_cols, dtype=torch.float64)
+        out = torch.zeros(N, lm.n_cols, dtype=torch.float64, device=x.device)
         kern = self._kernels(x)
         codes = x.to(torch.float32).contiguous()  # integer valued
         saved = _Saved(codes)
         for plan in self._plans:
             t = plan.tile
             digits = self._digits(q, plan)
-            seed = int(self.rng.bit_generator.random_raw())
+            seed = draw_seed(self.rng)
             if kern is not None:
-                acc = self._c_forward(kern, codes, digits, plan, seed)
+                acc = self._c_forward(kern, codes, digits, plan, int(seed) & ((1 << 64) - 1))
                 # the C kernel holds one vector's conversions of one group and plane at a time
                 self._count(N * t.conversions_per_vector(self.spec), "c", held=digits.shape[2])
             else:
@@ -337,7 +414,7 @@ class LayerMacro:
     def _c_forward(self, kern: native.Kernels, x: torch.Tensor, digits: torch.Tensor, plan: _TilePlan,
                    seed: int) -> torch.Tensor:
         tr = self.transfer
-        acc = torch.empty(x.shape[0], plan.tile.n_cols, dtype=torch.float64)
+        acc = torch.empty(x.shape[0], plan.tile.macro_cols, dtype=torch.float64)
         dec = tr.value_table
         rc = kern.forward(ctypes.byref(self._geometry(x, plan)), x.data_ptr(), digits.data_ptr(), self.pw.data_ptr(),
                           self.sw.data_ptr(), ctypes.byref(self._table()), plan.tables.data_ptr(),
@@ -347,9 +424,10 @@ class LayerMacro:
             raise MemoryError("the C forward kernel ran out of memory")
         return acc
 
-    def _torch_forward(self, x: torch.Tensor, digits: torch.Tensor, plan: _TilePlan, seed: int) -> torch.Tensor:
+    def _torch_forward(self, x: torch.Tensor, digits: torch.Tensor, plan: _TilePlan,
+                       seed: int | torch.Tensor) -> torch.Tensor:
         spec = self.spec
-        acc = torch.empty(x.shape[0], plan.tile.n_cols, dtype=torch.float64)
+        acc = torch.empty(x.shape[0], plan.tile.macro_cols, dtype=torch.float64, device=x.device)
         digits_f = digits.to(torch.float32)
         for n0 in range(0, x.shape[0], plan.vectors_per_chunk):
             xc = x[n0 : n0 + plan.vectors_per_chunk]
@@ -374,7 +452,7 @@ class LayerMacro:
         self.stats.backend = backend
 
     def _column_factors(self, n_cols: int) -> dict[str, torch.Tensor]:
-        """Per (k, c) of a tile of ``n_cols`` columns, float32 [S * n_cols]: ``colx = adc_lsb * sw_k / sum(pw)``
+        """Per (k, c) of a tile of ``n_cols`` macro columns, float32 [S * n_cols]: ``colx = adc_lsb * sw_k / sum(pw)``
         (towards dL/dx) and ``colq = adc_lsb * |sw_k| / sum |sw|`` (towards dL/dw)."""
         spec = self.spec
         sw = spec.slice_weights().astype(np.float64)
@@ -396,45 +474,54 @@ class LayerMacro:
         if self.fast_exact:
             g = grad.to(torch.float32)
             return g @ q.to(torch.float32).T, x.to(torch.float32).T @ g
-        gx = torch.zeros(N, lm.n_rows, dtype=torch.float32)
-        gq = torch.zeros(lm.n_rows, lm.n_cols, dtype=torch.float32)
+        gx = torch.zeros(N, lm.n_rows, dtype=torch.float32, device=x.device)
+        gq = torch.zeros(lm.n_rows, lm.n_cols, dtype=torch.float32, device=x.device)
         kern = self._kernels(x)
         codes = saved.codes if saved is not None else x.to(torch.float32).contiguous()
         for k, plan in enumerate(self._plans):
             t = plan.tile
             digits = saved.digits[k] if saved is not None else self._digits(q, plan)
-            gc = grad[:, t.col0 : t.col1].to(torch.float32).contiguous()  # [N, M]
+            gc = grad[:, t.col0 : t.col1].to(torch.float32)  # [N, M]
+            if t.paired:
+                gc = pair_gradient(gc)  # [N, macro columns]
+            gc = gc.contiguous()
             if kern is not None:  # accumulates into gx and gq
                 self._c_backward(kern, codes, digits, plan, gc, gx, gq)
             else:
                 g_rows, g_w = self._torch_backward(codes.to(torch.int32), digits, plan, gc)
                 gx[:, t.row0 : t.row1] += g_rows
-                gq[t.row0 : t.row1, t.col0 : t.col1] += g_w
+                gq[t.row0 : t.row1, t.col0 : t.col1] += unpair_weight_gradient(g_w) if t.paired else g_w
             if spec.weight_offset:
                 gx[:, t.row0 : t.row1] -= spec.weight_offset * gc.sum(dim=1, keepdim=True)
         return gx, gq
 
     def _c_backward(self, kern: native.Kernels, x: torch.Tensor, digits: torch.Tensor, plan: _TilePlan,
                     gc: torch.Tensor, gx: torch.Tensor, gq: torch.Tensor) -> None:
-        """The backward of a tile in C (levels recomputed), added into the layer's gx [N, K] and gq [K, M]."""
+        """The backward of a tile in C (levels recomputed), added into the layer's gx [N, K] and gq [K, M]; gc: the
+        upstream gradient of the tile's macro columns [N, macro columns]. A paired tile's weight gradient comes out
+        per macro column into a buffer of its own, and goes into gq with its pairs joined."""
         t = plan.tile
         n = x.shape[0]
         tr = self.transfer
-        gt = torch.zeros(_padded(n), t.n_cols, dtype=torch.float32)  # the upstream gradient by blocks of lanes
+        M = t.macro_cols
+        gt = torch.zeros(_padded(n), M, dtype=torch.float32)  # the upstream gradient by blocks of lanes
         gt[:n] = gc
-        gt = gt.reshape(-1, KERNEL_LANES, t.n_cols).transpose(1, 2).contiguous()
+        gt = gt.reshape(-1, KERNEL_LANES, M).transpose(1, 2).contiguous()
+        g_w = torch.zeros(t.n_rows, M, dtype=torch.float32) if t.paired else gq[t.row0 :, t.col0 :]
         rc = kern.backward(ctypes.byref(self._geometry(x, plan)), x.data_ptr(), digits.data_ptr(), self.pw.data_ptr(),
                            tr.slope_table.data_ptr(), plan.slopes.data_ptr(), tr.n_slope, self.spec.n_levels,
                            gt.data_ptr(), plan.colx.data_ptr(), plan.colq.data_ptr(),
-                           gx[:, t.row0 :].data_ptr(), gq[t.row0 :, t.col0 :].data_ptr())
+                           gx[:, t.row0 :].data_ptr(), g_w.data_ptr())
         if rc != 0:
             raise MemoryError("the C backward kernel ran out of memory")
+        if t.paired:
+            gq[t.row0 : t.row1, t.col0 : t.col1] += unpair_weight_gradient(g_w)
 
     def _torch_backward(self, x: torch.Tensor, digits: torch.Tensor, plan: _TilePlan,
                         gc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = plan.tile
-        g_rows = torch.zeros(x.shape[0], t.n_rows, dtype=torch.float32)
-        g_w = torch.zeros(t.n_rows, t.n_cols, dtype=torch.float32)
+        g_rows = torch.zeros(x.shape[0], t.n_rows, dtype=torch.float32, device=x.device)
+        g_w = torch.zeros(t.n_rows, t.macro_cols, dtype=torch.float32, device=x.device)
         digits_f = digits.to(torch.float32)
         for n0 in range(0, x.shape[0], plan.vectors_per_chunk):
             xc = x[n0 : n0 + plan.vectors_per_chunk]
@@ -459,7 +546,7 @@ def _levels(planes: torch.Tensor, digits: torch.Tensor, n_planes: int) -> torch.
 
 
 def torch_forward(tr: Transfer, planes: torch.Tensor, digits: torch.Tensor, plan: _TilePlan, first: int, ne: int,
-                  seed: int, pw: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+                  seed: int | torch.Tensor, pw: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
     """One chunk of the forward in torch: ``sum_{g, p, k} pw[p] * sw[k] * value(code)`` [n, M] (float64) for input
     slices [G, n * P, R] of vectors ``first ..`` and digits [G, R, S * M] (float32), the uniforms of the call
     ``seed`` (conversion (i, g, p, c) draws uniform ``((g * P + p) * C + c) * ne + i``, ``ne`` the call's vectors
@@ -467,10 +554,11 @@ def torch_forward(tr: Transfer, planes: torch.Tensor, digits: torch.Tensor, plan
     P = pw.shape[0]
     levels = _levels(planes, digits, P)
     G, n, _, C = levels.shape
-    i = torch.arange(first, first + n, dtype=torch.int64)[None, :, None, None]
-    g = torch.arange(G, dtype=torch.int64)[:, None, None, None]
-    p = torch.arange(P, dtype=torch.int64)[None, None, :, None]
-    c = torch.arange(C, dtype=torch.int64)[None, None, None, :]
+    dev = planes.device
+    i = torch.arange(first, first + n, dtype=torch.int64, device=dev)[None, :, None, None]
+    g = torch.arange(G, dtype=torch.int64, device=dev)[:, None, None, None]
+    p = torch.arange(P, dtype=torch.int64, device=dev)[None, None, :, None]
+    c = torch.arange(C, dtype=torch.int64, device=dev)[None, None, None, :]
     u = splitmix_uniforms(seed, ((g * P + p) * C + c) * ne + i)
     codes = tr.codes_from_uniforms(levels, plan.tables, u)
     if tr.value_table is None:
@@ -542,5 +630,6 @@ def macro_matmul(x: torch.Tensor, q: torch.Tensor, macro: LayerMacro) -> torch.T
     return _MacroMatmul.apply(x, q, macro)
 
 
-__all__ = ["BACKENDS", "DEFAULT_CHUNK_CONVERSIONS", "ColumnCorrection", "LayerMacro", "MacroStats", "macro_matmul",
-           "torch_backward", "torch_forward"]
+__all__ = ["BACKENDS", "DEFAULT_CHUNK_CONVERSIONS", "ColumnCorrection", "LayerMacro", "MacroStats", "join_pairs",
+           "macro_matmul", "pair_gradient", "split_pairs", "stored_digits", "torch_backward", "torch_forward",
+           "unpair_weight_gradient"]

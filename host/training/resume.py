@@ -8,7 +8,7 @@ for a fresh run), ``save`` writes the state at the start of an epoch. The file i
               rng.batches        the batch order generator's state (torch.Generator.get_state())
               rng.torch          torch's global generator state
     metadata  cimlab.resume      JSON: format, epoch (epochs done), steps, history, the optimizer's param groups and
-                                 scalar state, the scheduler's state, every CIM layer's numpy PCG64 state, identity
+                                 scalar state, the scheduler's state, every CIM layer's random stream state, identity
               cimlab.resume_sha256   SHA-256 of that JSON
 
 ``identity`` (task, mode, model, training options, data limits, the error model's hash ...) must match on resume, so
@@ -28,6 +28,7 @@ from torch import nn
 from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
 from cimlab.firmware_bridge.files import atomic_path, check_manifest_hash, text_sha256
 from cimlab.training.layers import cim_layers
+from cimlab.training.transfer import set_stream_state, stream_state
 
 FORMAT = "cimlab.resume"
 VERSION = 1
@@ -95,7 +96,7 @@ class EpochCheckpoint:
         meta = {
             "format": FORMAT, "version": VERSION, "identity": self.identity, "epoch": epoch, "steps": steps,
             "history": history, "optimizer": opt_meta, "scheduler": _jsonable(sched.state_dict()),
-            "cim_rngs": [layer.macro.rng.bit_generator.state for _, layer in cim_layers(model)],
+            "cim_rngs": [stream_state(layer.macro.rng) for _, layer in cim_layers(model)],
         }
         text = json.dumps(meta, sort_keys=True)
         with atomic_path(self.path) as tmp:
@@ -118,7 +119,7 @@ class EpochCheckpoint:
             if len(layers) != len(meta["cim_rngs"]):
                 raise ValueError(f"{len(meta['cim_rngs'])} CIM layer streams saved, the model has {len(layers)}")
             for (_, layer), state in zip(layers, meta["cim_rngs"], strict=True):
-                layer.macro.rng.bit_generator.state = state
+                set_stream_state(layer.macro.rng, state)
         except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
             raise ArtifactError(f"training state {str(self.path)!r} does not fit this model: {err}") from err
         self.saved_epoch = int(meta["epoch"])

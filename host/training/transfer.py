@@ -16,7 +16,9 @@ training and the data-driven twin read the same code, and probabilities are reso
 runs on a guide table (Chen and Asau's indexed search): ``T`` buckets of ``u`` per row hold the code at each
 bucket's left edge, with ``T`` chosen so that, where it can be, one comparison finishes the search (see
 ``Transfer._build_guide``). The uniforms are counter-based (``splitmix_uniforms``: a call's seed and the
-conversion's index), so any order of computing them, C or torch, gives the same bits.
+conversion's index), so any order of computing them, C or torch, gives the same bits. The seed of each call
+comes from the layer's random stream (``STREAMS``: a numpy PCG64 ``Generator`` on the CPU, or a ``TorchStream`` on
+a torch device; deterministic given its seed), so only one 64-bit word per tile and call is drawn from it.
 
 The deploy step: a ``ColumnDecoder`` maps each physical column's code to a value (a line from ``ColumnTrim``, or a
 table: the expected ideal code given the code read); the recombination then sums decoded values, and the
@@ -33,12 +35,13 @@ coarser ADC the slope of its staircase averaged over one step.
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import torch
@@ -73,12 +76,13 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def splitmix_uniforms(seed: int, index: torch.Tensor) -> torch.Tensor:
-    """32-bit uniforms (int32 bit patterns) of conversions ``index`` (int64 tensor) of a call seeded ``seed``:
-    half ``index & 1`` of SplitMix64's 64-bit word ``index >> 1``, i.e. ``mix(seed + (word + 1) * GAMMA)``
-    (Steele, Lea and Flood, OOPSLA 2014; the C kernels compute the same bits)."""
+def splitmix_uniforms(seed: int | torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """32-bit uniforms (int32 bit patterns) of conversions ``index`` (int64 tensor) of a call seeded ``seed`` (a
+    64-bit integer, or its int64 bit pattern as a 0-dim tensor on ``index``'s device): half ``index & 1`` of
+    SplitMix64's 64-bit word ``index >> 1``, i.e. ``mix(seed + (word + 1) * GAMMA)`` (Steele, Lea and Flood, OOPSLA
+    2014; the C kernels compute the same bits)."""
     z = (index >> 1) + 1
-    z = z * _signed64(SPLITMIX_GAMMA) + _signed64(seed)
+    z = z * _signed64(SPLITMIX_GAMMA) + (seed if isinstance(seed, torch.Tensor) else _signed64(seed))
     z = z ^ ((z >> 30) & ((1 << 34) - 1))
     z = z * _signed64(0xBF58476D1CE4E5B9)
     z = z ^ ((z >> 27) & ((1 << 37) - 1))
@@ -91,6 +95,79 @@ def splitmix_uniforms(seed: int, index: torch.Tensor) -> torch.Tensor:
 def _signed64(v: int) -> int:
     v &= (1 << 64) - 1
     return v - (1 << 64) if v >= 1 << 63 else v
+
+
+STREAMS = ("pcg64", "device")
+"""Random streams of a layer's sampled codes (each call of a tile takes one 64-bit seed of the counter-based
+uniforms from it): ``pcg64`` (numpy, on the CPU; the same codes on every device) or ``device`` (a torch generator on
+the layer's device: Philox on CUDA, so no number crosses the bus)."""
+
+
+class TorchStream:
+    """A random stream on a torch device: the 64-bit seeds of the counter-based uniforms drawn where the layer
+    computes (Philox on CUDA), as 0-dim int64 tensors, so sampling on a GPU waits on no copy. Deterministic given its
+    seed and device.
+
+    Args:
+        seed: the stream's seed (a 63-bit integer).
+        device: where the numbers are drawn.
+    """
+
+    def __init__(self, seed: int, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(int(seed))
+
+    def seed64(self) -> torch.Tensor:
+        """A uniform 64-bit integer (int64 bit pattern, 0-dim) on the stream's device."""
+        return torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64, device=self.device,
+                             generator=self.generator)
+
+    @property
+    def state(self) -> dict[str, str]:
+        """The generator's state as JSON-friendly text (for training states)."""
+        raw = self.generator.get_state().numpy().tobytes()
+        return {"torch_stream": str(self.device.type), "state": base64.b64encode(raw).decode("ascii")}
+
+    @state.setter
+    def state(self, value: dict[str, str]) -> None:
+        raw = np.frombuffer(base64.b64decode(value["state"]), dtype=np.uint8).copy()
+        self.generator.set_state(torch.from_numpy(raw))
+
+
+Stream: TypeAlias = np.random.Generator | TorchStream
+
+
+def make_stream(seed: int, kind: str, device: torch.device) -> Stream:
+    """A layer's random stream of kind ``pcg64`` or ``device`` (see ``STREAMS``), seeded with ``seed``."""
+    if kind == "pcg64":
+        return np.random.Generator(np.random.PCG64(int(seed)))
+    if kind == "device":
+        return TorchStream(seed, device)
+    raise ConfigError(f"random stream {kind!r} is not one of {', '.join(STREAMS)}")
+
+
+def draw_seed(rng: Stream) -> int | torch.Tensor:
+    """The next 64-bit seed of a call's uniforms (``splitmix_uniforms``): a Python int from a PCG64 stream (its next
+    raw output), a 0-dim int64 tensor on the stream's device from a ``TorchStream``."""
+    if isinstance(rng, TorchStream):
+        return rng.seed64()
+    return int(rng.bit_generator.random_raw())
+
+
+def stream_state(rng: Stream) -> dict[str, Any]:
+    """A stream's state as JSON-friendly data (numpy: its bit generator's state dict)."""
+    return rng.state if isinstance(rng, TorchStream) else rng.bit_generator.state
+
+
+def set_stream_state(rng: Stream, state: dict[str, Any]) -> None:
+    """Put a state from ``stream_state`` back (ValueError when it is another kind of stream's)."""
+    if isinstance(rng, TorchStream) != ("torch_stream" in state):
+        raise ValueError("the saved random stream is of another kind (pcg64 vs device) than the layer's")
+    if isinstance(rng, TorchStream):
+        rng.state = state
+    else:
+        rng.bit_generator.state = state
 
 
 def smoothing_half_width(spec: MacroSpec) -> float:
@@ -243,7 +320,7 @@ class TransferInfo:
 
 class Transfer:
     """An ADC transfer for the CIM layers (see the module docstring). Build with ``ideal``, ``from_model``,
-    ``gaussian`` or ``load``; all tables live on the CPU as torch tensors.
+    ``gaussian`` or ``load``; the tables are torch tensors on the CPU, or on ``device`` for a copy from ``to``.
 
     Attributes:
         spec: the macro.
@@ -267,6 +344,8 @@ class Transfer:
         self.kind = kind
         self.pooled = pooled
         self.info = info or TransferInfo(kind, pooled)
+        self.device = torch.device("cpu")
+        self._placed: dict[str, dict[str, torch.Tensor]] = {}
         L, C = spec.n_levels, spec.n_codes
         self.n_tables = 1 if pooled else spec.physical_cols
         shape = (self.n_tables, L, C)
@@ -276,7 +355,6 @@ class Transfer:
         self.probs = np.asarray(probs, dtype=np.float64)
         self.h = smoothing_half_width(spec)
         ideal = spec.ideal_codes(np.arange(L))
-        self.ideal_table = torch.from_numpy(ideal.astype(np.float32))
         self.lossless = bool(np.array_equal(ideal, np.arange(L)))
         """The ideal ADC returns every level as its own code (no rounding, no clipping)."""
         self.shortcut = True
@@ -429,6 +507,25 @@ class Transfer:
         # bound - 1 as signed int32 after flipping the top bit; bounds of 0 are never compared (see steps)
         self.cum = torch.from_numpy((np.maximum(padded - 1, 0) - (1 << 31)).ravel().astype(np.int32))
 
+    TABLES = ("slope_table", "guide", "guide_offset", "cum", "value_table")
+    """The attributes that hold the torch tables (``value_table`` is None when undecoded)."""
+
+    def to(self, device: torch.device | str) -> Transfer:
+        """This transfer with its tables on ``device`` (a shallow copy; the moved tables are kept, so switching a
+        layer between chips on a GPU copies each chip's tables once)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        key = str(device)
+        if key not in self._placed:
+            self._placed[key] = {name: table.to(device) for name in self.TABLES
+                                 if (table := getattr(self, name)) is not None}
+        out = copy.copy(self)
+        for name, table in self._placed[key].items():
+            setattr(out, name, table)
+        out.device = device
+        return out
+
     # ---- the deploy step ----------------------------------------------------------------------------------
     def decoded(self, decoder: ColumnDecoder | None) -> Transfer:
         """This chip with every code decoded per physical column before the recombination (a shallow copy
@@ -438,6 +535,7 @@ class Transfer:
             raise ConfigError(f"the decoder is for {decoder.table.shape[0]} columns and {decoder.table.shape[1]} "
                               f"codes; the macro has {self.spec.physical_cols} and {self.spec.n_codes}")
         out = copy.copy(self)
+        out._placed = {}  # its decoded tables differ from this transfer's
         out._set_decoder(decoder)
         return out
 
@@ -457,10 +555,11 @@ class Transfer:
             probs = np.broadcast_to(self.probs, (J, *self.probs.shape[1:]))
             self.mean = np.einsum("jsc,jc->js", probs, decoder.table)
             self.n_slope = J
-            self.value_table = torch.from_numpy(decoder.table.astype(np.float32).ravel())
+            self.value_table = torch.from_numpy(decoder.table.astype(np.float32).ravel()).to(self.device)
         slope = slope_rows(self.mean, self.h)  # [n_slope, L]
         # tables indexed by row = s * n_slope + j
-        self.slope_table = torch.from_numpy(np.ascontiguousarray(slope.T).reshape(-1).astype(np.float32))
+        slope_t = torch.from_numpy(np.ascontiguousarray(slope.T).reshape(-1).astype(np.float32))
+        self.slope_table = slope_t.to(self.device)
 
     # ---- torch side ---------------------------------------------------------------------------------------
     def table_index(self, columns: np.ndarray) -> torch.Tensor:
@@ -493,7 +592,7 @@ class Transfer:
         if self.layout == "packed":
             offset = self.guide_offset.index_select(0, idx).reshape(shape).to(torch.int64) & 0xFFFFFFFF
             return code + ((u.to(torch.int64) & ((1 << self.guide_shift) - 1)) >= offset)
-        signed = u ^ torch.tensor(-(1 << 31), dtype=torch.int32)
+        signed = u ^ torch.tensor(-(1 << 31), dtype=torch.int32, device=u.device)
         base = rows * self.spec.n_codes
         for _ in range(self.guide_steps):
             code = code + (signed > self.cum.index_select(0, (base + code).reshape(-1)).reshape(shape))
@@ -532,5 +631,6 @@ def check_spec(expected: MacroSpec, got: MacroSpec, what: str) -> None:
         raise ArtifactError(f"{what} is for another MacroSpec ({diff})")
 
 
-__all__ = ["KINDS", "ColumnDecoder", "ColumnTrim", "Transfer", "TransferInfo", "check_spec", "file_sha256",
-           "slope_rows", "smoothed_transfer", "smoothing_half_width", "splitmix_uniforms"]
+__all__ = ["KINDS", "STREAMS", "ColumnDecoder", "ColumnTrim", "Stream", "TorchStream", "Transfer", "TransferInfo",
+           "check_spec", "draw_seed", "file_sha256", "make_stream", "set_stream_state", "slope_rows",
+           "smoothed_transfer", "smoothing_half_width", "splitmix_uniforms", "stream_state"]

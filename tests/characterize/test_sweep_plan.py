@@ -166,3 +166,31 @@ def test_every_level_visits_every_row_group() -> None:
             for g in range(spec.n_groups):
                 hit[t[:, :, g][t[:, :, g] >= 0], g] = True
         assert hit[list(plan.levels)].all()
+
+
+def test_a_differential_macro_sweeps_each_array_in_turn_and_every_column_sees_every_level() -> None:
+    """No weight puts a digit on both arrays of a differential pair: the plan sweeps the positive array, then the
+    negative one with the weights negated, so every physical column of both gets every level as often."""
+    spec = MacroSpec(rows=32, cols=3, weight_bits=3, weight_storage="differential", cell_bits=2, input_bits=3,
+                     input_slice_bits=1, rows_per_conversion=8, adc_bits=5, adc_full_scale=31)
+    repeats = 5
+    plan = Plan(spec, PlanOptions(repeats=repeats, seed=4))
+    assert plan.unplanned_levels == () and plan.n_batches == 2 * plan.batches_per_side
+    seen = np.zeros((spec.n_slices, spec.n_levels), dtype=np.int64)
+    for i in range(plan.n_batches):
+        b = plan.batch(i)
+        assert b.side == i // plan.batches_per_side
+        assert (b.weights >= 0).all() if b.side == 0 else (b.weights <= 0).all()
+        levels = spec.ideal_levels(b.inputs, b.weights)  # [B, P, G, K, C]
+        aimed = b.targets >= 0
+        for k in b.swept_slices(spec):
+            if plan.dmax[k] == plan.d_top:
+                np.testing.assert_array_equal(levels[..., k, 0][aimed], b.targets[aimed])
+            seen[k] += np.bincount(levels[..., k, 0][aimed], minlength=spec.n_levels)
+        other = np.setdiff1d(np.arange(spec.n_slices), b.swept_slices(spec))
+        assert (levels[..., other, :] == 0).all()  # the other array holds 0 while one is swept
+    full = np.nonzero(plan.dmax == plan.d_top)[0]
+    assert set(full) == {0, 2}  # the low cell of each side (3-bit magnitudes: the top cell holds 1 bit)
+    for k in full:
+        np.testing.assert_array_equal(seen[k], plan.expected_targets())
+        assert seen[k][list(plan.levels)].min() >= repeats

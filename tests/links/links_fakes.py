@@ -1,4 +1,4 @@
-"""Test doubles for the link tests: a small Controller, echo peers (TCP, pty) and a fake ``pynq`` module."""
+"""Test doubles for the link tests: a small Controller and echo peers (TCP, pty)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import socket
 import threading
 import time
 import tty
-import types
-from collections import deque
 from typing import Any
 
 import numpy as np
@@ -270,107 +268,3 @@ class EchoPty:
         if self.slave >= 0:
             os.close(self.slave)
             self.slave = -1
-
-
-# ---- a fake pynq module ----------------------------------------------------------------------------------
-class FakeBuffer(np.ndarray):
-    """What ``pynq.allocate`` returns: an ndarray with a physical address, cache ops and freebuffer()."""
-
-    physical_address = 0x1000_0000
-    freed = False
-
-    def flush(self) -> None:
-        pass
-
-    def invalidate(self) -> None:
-        pass
-
-    def freebuffer(self) -> None:
-        self.freed = True
-
-
-class FakeChannel:
-    """One direction of a simple-mode AXI DMA, as pynq drives it: transfer, then poll ``idle``, then wait()."""
-
-    def __init__(self, dma: FakeDMA, send: bool) -> None:
-        self.dma = dma
-        self.send = send
-        self.running = True
-        self.transferred = 0
-        self.error = False
-        self.stuck = False
-        self.stopped = False
-        self._buf: FakeBuffer | None = None
-        self._nbytes = 0
-        self._got = 0
-        self._done = True
-
-    def transfer(self, array: FakeBuffer, start: int = 0, nbytes: int = 0) -> None:
-        if not self._done:
-            raise RuntimeError("DMA channel not idle")
-        n = nbytes or (array.nbytes - start)
-        self.dma.log.append(("send" if self.send else "recv", n))
-        self._buf, self._nbytes, self._done, self.transferred = array, n, False, 0
-        if self.send and not self.stuck:
-            self.dma.from_host(bytes(array[start : start + n]))
-            self._done = True
-
-    @property
-    def idle(self) -> bool:
-        if not self._done and not self.send and self.dma.packets:
-            packet = self.dma.packets.popleft()
-            if len(packet) > self._nbytes:
-                self.error = True
-                raise RuntimeError("DMA Internal Error (packet longer than the receive buffer)")
-            self._buf[: len(packet)] = np.frombuffer(packet, dtype=np.uint8)
-            self._got = len(packet)
-            self._done = True
-        return self._done
-
-    def wait(self) -> None:
-        if not self._done:
-            raise AssertionError("wait() before idle would spin forever on a real board")
-        self.transferred = self._nbytes if self.send else self._got
-
-    def stop(self) -> None:
-        self.stopped = True
-        self._done = True
-
-
-class FakeDMA:
-    """An AXI DMA whose MM2S stream feeds a Bridge and whose S2MM stream carries its replies, one packet each."""
-
-    def __init__(self, bridge: Bridge) -> None:
-        self.bridge = bridge
-        self.packets: deque[bytes] = deque()
-        self.log: list[tuple[str, int]] = []
-        self.sendchannel = FakeChannel(self, send=True)
-        self.recvchannel = FakeChannel(self, send=False)
-
-    def from_host(self, data: bytes) -> None:
-        self.packets.extend(self.bridge.receive(data))
-
-
-def make_fake_pynq(bridge: Bridge, *, dma_name: str = "axi_dma_0") -> types.ModuleType:
-    """A module standing in for ``pynq``: Overlay(path) with one DMA named ``dma_name``, and allocate()."""
-    mod = types.ModuleType("pynq")
-    mod.loaded = []  # type: ignore[attr-defined]
-    mod.buffers = []  # type: ignore[attr-defined]
-    mod.dma = FakeDMA(bridge)  # type: ignore[attr-defined]
-
-    class Overlay:
-        def __init__(self, path: str) -> None:
-            if not os.path.isfile(path):
-                raise OSError(f"bitstream {path} does not exist")
-            mod.loaded.append(path)  # type: ignore[attr-defined]
-            self.ip_dict = {dma_name: {"type": "xilinx.com:ip:axi_dma:7.1"}}
-            setattr(self, dma_name, mod.dma)  # type: ignore[attr-defined]
-
-    def allocate(shape: tuple[int, ...], dtype: Any = np.uint8) -> FakeBuffer:
-        buf = np.zeros(shape, dtype=dtype).view(FakeBuffer)
-        mod.buffers.append(buf)  # type: ignore[attr-defined]
-        return buf
-
-    mod.Overlay = Overlay  # type: ignore[attr-defined]
-    mod.allocate = allocate  # type: ignore[attr-defined]
-    return mod

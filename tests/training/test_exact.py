@@ -21,7 +21,8 @@ DEFAULT = MacroSpec()
 
 
 def chip_mac(chip: Chip, ops: MacroOperands) -> np.ndarray:
-    """The layer's MAC outputs as the chip computes them: program each tile, drive its rows, add the tiles."""
+    """The layer's MAC outputs as the chip computes them: program each tile (a paired tile's pairs on its two
+    columns), drive its rows, add the tiles (a pair's second column subtracted)."""
     spec = chip.spec
     lm = ops.layer_map
     total = np.zeros_like(ops.mac)
@@ -30,10 +31,11 @@ def chip_mac(chip: Chip, ops: MacroOperands) -> np.ndarray:
         # the rest of the macro holds other weights: they must not matter (their rows see input 0)
         macro_w = rng.integers(spec.weight_min, spec.weight_max + 1, (spec.rows, spec.cols))
         rows = slice(t.macro_row, t.macro_row + t.n_rows)
-        macro_w[rows, t.macro_col : t.macro_col + t.n_cols] = t.weights(ops.weights)
+        cols = slice(t.macro_col, t.macro_col + t.macro_cols)
+        macro_w[rows, cols] = t.split_pairs(t.weights(ops.weights))  # a paired tile: max(w, 0), max(-w, 0)
         assert chip.write_weights(macro_w) == []
         y = chip.mac(t.inputs(ops.inputs), row_start=t.macro_row)
-        total[:, t.col0 : t.col1] += y[:, t.macro_col : t.macro_col + t.n_cols]
+        total[:, t.col0 : t.col1] += t.join_pairs(y[:, cols])
     return total
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from training_helpers import SMALL_LOSSY, SMALL_ODD, SMALL_TWOS, ideal_model, noisy_model
+from training_helpers import SMALL_DIFF, SMALL_LOSSY, SMALL_ODD, SMALL_TWOS, ideal_model, noisy_model
 
 from cimlab.firmware_bridge.spec import MacroSpec
 from cimlab.mapping import map_layer
@@ -91,7 +91,8 @@ def check_gradients(spec: MacroSpec, transfer: Transfer, k: int, m: int, seed: i
 
 
 @pytest.mark.parametrize("pooled", [True, False], ids=["pooled", "per-column"])
-@pytest.mark.parametrize("spec", [SMALL_TWOS, SMALL_ODD, SMALL_LOSSY], ids=["twos", "unsigned-odd", "offset-clip"])
+@pytest.mark.parametrize("spec", [SMALL_TWOS, SMALL_ODD, SMALL_LOSSY, SMALL_DIFF],
+                         ids=["twos", "unsigned-odd", "offset-clip", "differential-clip"])
 def test_backward_equals_finite_differences_of_the_expected_transfer(spec: MacroSpec, pooled: bool) -> None:
     model = noisy_model(spec, seed=spec.rows, observed=0.8)
     transfer = Transfer.from_model(model, pooled=pooled)

@@ -45,6 +45,11 @@ SMALL_TWOS = MacroSpec(rows=32, cols=8, weight_bits=4, weight_storage="twos", ce
                        input_slice_bits=1, rows_per_conversion=8, adc_bits=4, adc_full_scale=15)
 """A small bit-serial two's-complement macro whose ADC resolves every level (lossless)."""
 
+SMALL_DIFF = MacroSpec(rows=24, cols=5, weight_bits=3, weight_storage="differential", cell_bits=2, input_bits=3,
+                       input_slice_bits=1, rows_per_conversion=6, adc_bits=4, adc_full_scale=15)
+"""Differential 3-bit magnitudes in 2-bit cells (two a side, the top one holding 1 bit), bit-serial inputs, an ADC
+that clips above 15 of the 18 levels."""
+
 
 def sim_url(spec: MacroSpec, profile: str = "ideal") -> str:
     """A sim:// URL of the twin profile with ``spec``'s fields as overrides."""

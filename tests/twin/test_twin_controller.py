@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -141,20 +140,23 @@ def test_registers() -> None:
 
 def test_counters_costs_and_ctrl_clear() -> None:
     twin = chip_sim.make_twin("default", 0)
-    spec, t = twin.spec, twin.profile.timing
+    spec = twin.spec
     reg = {name: r.addr for name, r in BY_NAME.items()}
     w, x = _random(twin, 10)
+    # cycle counts of the default profile worked out by hand from the RTL's states (bitstreams/rtl/cimlab_seq.sv;
+    # tests/rtl checks them against the RTL's own counters): a weight row is 4 bus words, +1 read latency, +2 write
+    # cycles; the 512-word input buffer takes 128 rows a run, each run pays 8 cycles of decode
     twin.write_weights(0, w)
-    write_cycles = t.op_overhead_cycles + spec.rows * (math.ceil(spec.cols * spec.weight_bits / t.bus_bits)
-                                                       + t.write_row_cycles)
-    assert twin.counters().cycles == write_cycles
+    write_cycles = 2 * 8 + 256 * (4 + 1 + 2)
+    assert twin.counters().cycles == write_cycles == 1808
+    # a vector: 16 group words +1, then 4 planes x (2 pulse + 16 groups x 6), 2 to finish the accumulate, 32 words
     _, cost = twin.mac(0, x)
-    per_vector = (math.ceil(spec.rows * spec.input_bits / t.bus_bits)
-                  + spec.n_planes * (t.wl_pulse_cycles + spec.n_groups * t.adc_cycles)
-                  + math.ceil(spec.cols * 32 / t.bus_bits))
-    assert cost.cycles == t.op_overhead_cycles + 10 * per_vector
+    per_vector = 16 + 1 + 4 * (2 + 16 * 6) + 2 + 32
+    assert twin.vector_cycles(0, spec.rows, raw=False) == per_vector
+    assert cost.cycles == 8 + 10 * per_vector
+    # raw codes: 32 output words per conversion, and the 2048-word output buffer holds one vector a run
     _, raw_cost = twin.mac_raw(0, x[:2])
-    assert raw_cost.cycles > 2 * per_vector  # raw codes take longer to read out
+    assert raw_cost.cycles == 2 * (8 + 16 + 1 + 4 * (2 + 16 * (6 + 32)))
     c = twin.counters()
     assert c.cycles == write_cycles + cost.cycles + raw_cost.cycles
     assert c.ops == 12 and c.conversions == 12 * spec.conversions_per_vector
@@ -163,6 +165,8 @@ def test_counters_costs_and_ctrl_clear() -> None:
     assert twin.read_reg(reg["CYCLES_LO"]) == c.cycles & 0xFFFFFFFF
     assert twin.read_reg(reg["CYCLES_HI"]) == c.cycles >> 32
     assert twin.read_reg(reg["OPS"]) == 12
+    twin.read_weights(0, 3)
+    assert twin.counters().last.cycles == 8 + 3 * (2 + 4)  # the SRAM's read port, then 4 words out
     assert twin.write_reg(reg["CTRL"], 1) == 0  # self-clearing
     c = twin.counters()
     assert (c.cycles, c.ops, c.conversions, c.energy_fj) == (0, 0, 0, 0)
@@ -171,17 +175,14 @@ def test_counters_costs_and_ctrl_clear() -> None:
 
 def test_a_row_range_converts_only_its_groups() -> None:
     twin = chip_sim.make_twin("default", 0)
-    spec, t = twin.spec, twin.profile.timing
+    spec = twin.spec
     x = np.ones((3, 20), dtype=np.uint8)
     codes, cost = twin.mac_raw(30, x)  # rows 30..49: groups 1..3 of 16 rows
     assert spec.group_span(30, 20) == (1, 4)
     assert codes.shape == (3, spec.n_planes, 3, spec.n_slices, spec.cols)
     assert twin.counters().conversions == 3 * spec.n_planes * 3 * spec.physical_cols
     _, mac_cost = twin.mac(30, x)
-    per_vector = (math.ceil(20 * spec.input_bits / t.bus_bits)
-                  + spec.n_planes * (t.wl_pulse_cycles + 3 * t.adc_cycles)
-                  + math.ceil(spec.cols * 32 / t.bus_bits))
-    assert mac_cost.cycles == t.op_overhead_cycles + 3 * per_vector
+    assert mac_cost.cycles == 8 + 3 * (3 + 1 + 4 * (2 + 3 * 6) + 2 + 32)
     assert cost.cycles > mac_cost.cycles
 
 

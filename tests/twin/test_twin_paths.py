@@ -14,6 +14,7 @@ from cimlab.chip_sim.controller import TwinController
 from cimlab.chip_sim.rng import VectorStream
 from cimlab.firmware_bridge.errmodel import ErrorModel
 from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.chip_sim.fsm import State
 from cimlab.firmware_bridge.registers import BY_NAME
 
 # small macros so the reference mode (pure Python, per conversion) stays fast
@@ -100,7 +101,7 @@ def test_reference_fsm_counts_clock_by_clock() -> None:
     x = np.ones((2, ref.spec.rows), dtype=np.uint8)
     _, cost = ref.mac(0, x)
     assert fsm.cycles == cost.cycles
-    assert fsm.state == "IDLE"
+    assert fsm.state is State.IDLE
 
 
 @pytest.mark.parametrize("profile", ["default", "nvm-2bit"])
