@@ -1,27 +1,30 @@
-"""The C kernels and the torch path compute the same layer: forward bit for bit, backward to float32 rounding."""
+"""The C kernels and the torch path compute the same layer: forward bit for bit, backward to float32 rounding; on
+every storage (differential digits included) and on paired tiles."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from training_helpers import SMALL_LOSSY, SMALL_ODD, SMALL_TWOS, noisy_model
+from training_helpers import SMALL_DIFF, SMALL_LOSSY, SMALL_ODD, SMALL_TWOS, noisy_model
 
 from cimlab.firmware_bridge.errors import ConfigError
 from cimlab.firmware_bridge.spec import MacroSpec
-from cimlab.mapping import map_layer
+from cimlab.mapping import map_layer, map_paired_layer
 from cimlab.training import native
 from cimlab.training.macro import LayerMacro, macro_matmul
 from cimlab.training.transfer import ColumnDecoder, Transfer
 
 
-def run(spec: MacroSpec, tr: Transfer, backend: str, seed: int) -> tuple[torch.Tensor, ...]:
+def run(spec: MacroSpec, tr: Transfer, backend: str, seed: int, *, paired: bool = False) -> tuple[torch.Tensor, ...]:
     rng = np.random.default_rng(seed)
     k, m = 2 * spec.rows + 3, spec.cols + 3  # several tiles, the last ones partial
     x = torch.tensor(rng.integers(0, spec.input_max + 1, (11, k)), dtype=torch.float32, requires_grad=True)
-    q = torch.tensor(rng.integers(spec.weight_min, spec.weight_max + 1, (k, m)), dtype=torch.float32,
-                     requires_grad=True)
-    macro = LayerMacro(map_layer(spec, k, m), tr, backend=backend, chunk_conversions=500)
+    low = -spec.weight_max if paired else spec.weight_min  # a paired layer holds both signs on a unipolar macro
+    q = torch.tensor(rng.integers(low, spec.weight_max + 1, (k, m)), dtype=torch.float32, requires_grad=True)
+    lm = (map_paired_layer if paired else map_layer)(spec, k, m)
+    assert all(t.paired == paired for t in lm.tiles)
+    macro = LayerMacro(lm, tr, backend=backend, chunk_conversions=500)
     macro.reseed(seed)
     y = macro_matmul(x, q, macro)
     y.backward(torch.tensor(rng.standard_normal((11, m)), dtype=torch.float32))
@@ -31,16 +34,18 @@ def run(spec: MacroSpec, tr: Transfer, backend: str, seed: int) -> tuple[torch.T
 
 @pytest.mark.parametrize("noise", [0.3, 0.7], ids=["packed", "wide"])
 @pytest.mark.parametrize("decoded", [False, True], ids=["raw", "decoded"])
-@pytest.mark.parametrize("spec", [SMALL_TWOS, SMALL_ODD, SMALL_LOSSY], ids=["twos", "unsigned-odd", "offset-clip"])
-def test_c_kernels_equal_the_torch_path(spec: MacroSpec, decoded: bool, noise: float) -> None:
+@pytest.mark.parametrize(("spec", "paired"), [(SMALL_TWOS, False), (SMALL_ODD, False), (SMALL_LOSSY, False),
+                                             (SMALL_DIFF, False), (SMALL_ODD, True)],
+                         ids=["twos", "unsigned-odd", "offset-clip", "differential", "paired"])
+def test_c_kernels_equal_the_torch_path(spec: MacroSpec, paired: bool, decoded: bool, noise: float) -> None:
     """Every table layout (packed with few buckets: register look-ups where the CPU has them; many buckets or the
     search layout: plain look-ups), levels within and past 32, column counts that are and are not multiples of 4."""
     model = noisy_model(spec, seed=2, noise=noise)
     tr = Transfer.from_model(model, pooled=False)
     if decoded:
         tr = tr.decoded(ColumnDecoder.from_model(noisy_model(spec, seed=3, noise=0.7, draws=16)))
-    y_c, gx_c, gq_c = run(spec, tr, "c", seed=5)
-    y_t, gx_t, gq_t = run(spec, tr, "torch", seed=5)
+    y_c, gx_c, gq_c = run(spec, tr, "c", seed=5, paired=paired)
+    y_t, gx_t, gq_t = run(spec, tr, "torch", seed=5, paired=paired)
     if decoded:
         assert torch.allclose(y_c, y_t, rtol=0, atol=1e-9)  # float sums in another order
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from training_helpers import SMALL_LOSSY, SMALL_ODD, SMALL_TWOS, noisy_model
+from training_helpers import SMALL_DIFF, SMALL_LOSSY, SMALL_ODD, SMALL_TWOS, noisy_model
 
 from cimlab.mapping import map_layer
 from cimlab.training.layers import CIMLinear, convert, reseed
@@ -170,7 +170,8 @@ def test_evaluation_leaves_the_training_streams_where_they_were() -> None:
 
 
 @pytest.mark.parametrize("backend", ["c", "torch"])
-@pytest.mark.parametrize("spec", [SMALL_TWOS, SMALL_LOSSY, SMALL_ODD], ids=["twos", "offset-clip", "unsigned-odd"])
+@pytest.mark.parametrize("spec", [SMALL_TWOS, SMALL_LOSSY, SMALL_ODD, SMALL_DIFF],
+                         ids=["twos", "offset-clip", "unsigned-odd", "differential"])
 def test_layer_forward_equals_the_twins_sampler_on_numpy_levels(spec, backend: str) -> None:  # noqa: ANN001
     """The layer's forward (C kernel or torch) against an independent numpy computation: ``MacroSpec.ideal_levels``,
     the twin's ``CodeSampler`` on the same 32-bit uniforms (numpy SplitMix64: conversion (i, g, p, c) takes half
