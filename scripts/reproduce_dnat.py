@@ -24,7 +24,9 @@ Steps (offline, on the CPU):
 
 Prints the table and, as the last line, one JSON object. Checkpoints and error models stay in ``--out``.
 
-Usage: python scripts/reproduce_dnat.py [--out DIR] [--draws K] [--quick] [--threads N] [--no-compile]
+The CIM layers run their C kernels (``CIMLAB_KERNELS=torch`` times the torch path instead).
+
+Usage: python scripts/reproduce_dnat.py [--out DIR] [--draws K] [--quick] [--threads N]
 """
 
 from __future__ import annotations
@@ -163,7 +165,7 @@ def noise_only(transfer: Any) -> Any:
     spec = model.spec
     sigma = np.nan_to_num(MacErrorModel(model).sigma())
     ideal = np.broadcast_to(spec.ideal_codes(np.arange(spec.n_levels)).astype(float), sigma.shape).copy()
-    return Transfer(spec, "gaussian", False, ideal, sigma=sigma)
+    return Transfer.gaussian(spec, ideal, sigma, pooled=False)
 
 
 # ---- networks --------------------------------------------------------------------------------------------------
@@ -363,10 +365,10 @@ def run_bounds_ablation(study: Study, chip: Chip) -> dict[str, Any]:
 
 
 # ---- 6. step time ----------------------------------------------------------------------------------------------
-def step_times(study: Study, chip: Chip, name: str) -> dict[str, float]:
+def step_times(study: Study, chip: Chip, name: str) -> dict[str, Any]:
     """Median-of-steps, best-of-``repeats`` training step of the quant model (exact shortcut: a plain convolution
     or matmul) and of D-NAT through the chip, same model and batch, interleaved."""
-    from cimlab.training.layers import set_transfer
+    from cimlab.training.layers import cim_layers, set_transfer
     from cimlab.training.loop import time_steps
     from cimlab.training.transfer import Transfer
 
@@ -380,9 +382,10 @@ def step_times(study: Study, chip: Chip, name: str) -> dict[str, float]:
             set_transfer(model, tr)
             times[key].append(time_steps(model, xb, yb, steps=3))
     best = {k: min(v) for k, v in times.items()}
-    study.log(f"step time {name}: {best}")
+    backend = next(layer for _, layer in cim_layers(model)).macro.stats.backend  # of the last (D-NAT) step
+    study.log(f"step time {name}: {best} (D-NAT layers on {backend})")
     return {"model": name, "batch": 64, "quant_step_s": best["quant"], "dnat_step_s": best["dnat"],
-            "step_ratio": best["dnat"] / best["quant"]}
+            "step_ratio": best["dnat"] / best["quant"], "dnat_backend": backend}
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
@@ -428,7 +431,7 @@ def print_table(results: dict[str, Any]) -> None:
     for s in results["step_time"]:
         console.print(f"training step, {s['model']}, batch {s['batch']}: quant (plain conv/matmul) "
                       f"{1e3 * s['quant_step_s']:.1f} ms, D-NAT {1e3 * s['dnat_step_s']:.1f} ms, "
-                      f"ratio {s['step_ratio']:.1f}", highlight=False)
+                      f"ratio {s['step_ratio']:.1f} (D-NAT layers: {s['dnat_backend']})", highlight=False)
     console.print(f"total {results['seconds']:.0f} s; checkpoints and error models in {results['out']}",
                   highlight=False)
 
@@ -457,7 +460,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; figures not meaningful)")
-    ap.add_argument("--no-compile", action="store_true", help="run the D-NAT kernels without torch.compile")
     return ap.parse_args(argv)
 
 
@@ -465,10 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from cimlab.training.macro import compile_kernels
-
     torch.set_num_threads(args.threads)
-    compile_kernels(not args.no_compile and not args.quick)
     t_start = time.perf_counter()
     out = args.out or Path(tempfile.mkdtemp(prefix="cimlab-dnat-"))
     out.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,11 @@
 
 ::
 
-    transfer.py    Transfer: ideal / measured (per column or pooled) / gaussian ADC transfer as torch tables;
-                   ColumnTrim: the per-chip trim of every physical column (deploy step)
-    macro.py       LayerMacro, macro_matmul: conversions in chunks (fused kernels, compile_kernels), codes drawn,
+    transfer.py    Transfer: ideal / measured (per column or pooled) / gaussian ADC transfer as sampling tables;
+                   ColumnDecoder, ColumnTrim: each physical column's codes decoded on the host (deploy step)
+    macro.py       LayerMacro, macro_matmul: conversions (C kernels, or torch in chunks), codes drawn, decoded,
                    recombined; statistical gradient; ColumnCorrection (per-output deploy step)
+    native.py      builds and loads the C kernels (cim_kernels.c)
     quant.py       InputQuantizer (E-PACT), weight levels by storage and polarity, UniformRanges (one weight and one
                    input range for every layer)
     layers.py      CIMLinear, CIMConv1d, CIMConv2d, convert (per-layer or uniform ranges, a polarity per layer),
@@ -36,9 +37,9 @@ from cimlab.training.layers import (
     set_learn,
     set_transfer,
 )
-from cimlab.training.macro import ColumnCorrection, LayerMacro, compile_kernels, macro_matmul
+from cimlab.training.macro import ColumnCorrection, LayerMacro, macro_matmul
 from cimlab.training.quant import InputQuantizer, UniformRanges
-from cimlab.training.transfer import ColumnTrim, Transfer
+from cimlab.training.transfer import ColumnDecoder, ColumnTrim, Transfer
 
 __all__ = [
     "CIMConv1d",
@@ -46,6 +47,7 @@ __all__ = [
     "CIMLayer",
     "CIMLinear",
     "ColumnCorrection",
+    "ColumnDecoder",
     "ColumnTrim",
     "InputQuantizer",
     "LayerMacro",
@@ -54,7 +56,6 @@ __all__ = [
     "calibrate",
     "calibrate_columns",
     "cim_layers",
-    "compile_kernels",
     "convert",
     "macro_matmul",
     "project_polarity",

@@ -2,9 +2,10 @@
 
 A CIM layer's arithmetic lives partly outside its parameters: each layer's ``LayerMacro`` holds the transfer's
 sampling tables (guide, slope), its tile plans and its random stream. ``to_device`` moves all of it, so on a GPU the
-fused sampling and gradient kernels (``cimlab.training.macro``) run there, and the 32-bit uniforms of the sampled
-codes are drawn there too (``stream="device"``: a torch Philox generator per layer) unless ``stream="pcg64"`` asks
-for the CPU's PCG64 stream copied over (the same draws as a CPU run, bit for bit, at the cost of the copy).
+layers' torch path (``cimlab.training.macro``: sampling and gradient; the C kernels are for the CPU) runs there, and
+the counter-based uniforms of the sampled codes are computed there from a seed per tile and call drawn on the device
+(``stream="device"``: a torch Philox generator per layer) unless ``stream="pcg64"`` asks for the CPU's PCG64 stream's
+seeds (the same codes as a CPU run, bit for bit).
 
 The CIM layers count on float32 integer sums being exact (below 2**24): on a GPU, TF32 (on by default for cuDNN
 convolutions) would round them, so ``to_device`` turns TF32 off for matmuls and convolutions.

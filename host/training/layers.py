@@ -88,7 +88,8 @@ class CIMLayer(nn.Module):
         spec, old = self.spec, self.macro
         cut = map_paired_layer if self.paired else map_layer
         self.macro = LayerMacro(cut(spec, self.in_rows, self.out_cols), old.transfer, rng=old.rng,
-                                chunk_conversions=old.chunk_conversions)
+                                chunk_conversions=old.chunk_conversions, backend=old.backend)
+        self.macro.to(old.device, stream=old.stream)
 
     @property
     def paired(self) -> bool:

@@ -2,33 +2,38 @@
 
 For each tile of the layer (``cimlab.mapping``) and each input vector, exactly as ``cimlab.firmware_bridge.spec`` defines
 it: input codes split into slices ``x_p``, stored weights into digits ``d_k``, the ideal partial sum of every
-conversion ``s[p, g, k, c] = sum_{r in group g} x_p[r] d_k[r, c]`` (one float32 batched matmul per chunk; exact,
-as the sums are small integers), a code per conversion from the ``Transfer`` (ideal, measured or gaussian), and
-the digital recombination ``rint(adc_lsb * sum code * plane_weight[p] * slice_weight[k]) - weight_offset * sum x``
-(``MacroSpec.recombine``). Tiles of one column range add up. With the ideal transfer this is bit-exact with the
-twin's ideal MAC (tests/training/test_exact.py).
+conversion ``s[p, g, k, c] = sum_{r in group g} x_p[r] d_k[r, c]``, a code per conversion drawn from the
+``Transfer``'s table with one 32-bit uniform (counter-based: ``cimlab.training.transfer.splitmix_uniforms``), the
+code decoded when the transfer has a deploy-step decoder, and the digital recombination
+``rint(adc_lsb * sum code * plane_weight[p] * slice_weight[k]) - weight_offset * sum x`` (``MacroSpec.recombine``;
+no rounding of decoded values). Tiles of one column range add up. With the ideal transfer this is bit-exact with
+the twin's ideal MAC (tests/training/test_exact.py).
 
 Stored digits follow the storage (``stored_digits``): two's complement / offset digits of ``w`` (plus the offset) by
 place value, or for ``differential`` storage the digits of ``max(w, 0)`` on the positive array's slices and of
-``max(-w, 0)`` on the negative array's. A *paired* tile (a layer of both signs on a unipolar macro,
-``cimlab.mapping.Tile.paired``) holds ``max(w, 0)`` and ``max(-w, 0)`` of each output on two adjacent macro
-columns (``split_pairs``): the conversions run over both, and each output is the first column's MAC minus the
-second's (``join_pairs``). In the backward pass an output's gradient goes to its two columns with opposite signs and
-a weight's gradient is the mean of what its two columns' digits receive, signed the same way (with an ideal ADC:
-exactly ``x^T dL/dy``, as for the digits of one column).
+``max(-w, 0)`` on the negative array's (their slice weights are negative). A *paired* tile (a layer of both signs
+on a unipolar macro, ``cimlab.mapping.Tile.paired``) holds ``max(w, 0)`` and ``max(-w, 0)`` of each output on two
+adjacent macro columns (``split_pairs``): the conversions run over both, and each output is the first column's MAC
+minus the second's (``join_pairs``). In the backward pass an output's gradient goes to its two columns with opposite
+signs and a weight's gradient is the mean of what its two columns' digits receive, signed the same way (with an
+ideal ADC: exactly ``x^T dL/dy``, as for the digits of one column). Both implementations below take any digits and
+slice weights, so both run paired tiles (over their macro columns) and differential digits.
 
-Memory stays bounded: vectors go through in chunks of at most ``chunk_conversions`` conversions, and nothing of
-size "conversions" is kept for the backward pass (the levels are recomputed there, chunk by chunk); only the input
-codes (as uint8 when they fit) and the weights are saved.
+Two implementations of the same numbers: the C kernels (``cim_kernels.c``, built on first use by
+``cimlab.training.native``), which hold no more than one vector's conversions of one row group at a time, and a
+torch path (``torch_forward``, ``torch_backward``) used where the C kernels are not available, on every device but
+the CPU, and as their reference in the tests; it runs vectors in chunks of at most ``chunk_conversions`` conversions. Both draw the same
+uniforms, so they read the same codes. Nothing of size "conversions" is kept for the backward pass: the levels
+are recomputed there; only the input codes (as uint8 when they fit) and the weights are saved.
 
 The statistical gradient (backward):
 
 - Paper (D-NAT, JETCAS 2022): the measured D-MAC-EM is discrete, so its sampled codes carry no gradient; they
   propose a "statistical training mechanism" that estimates the gradient of the discrete model from its
   statistics instead of from the sampled code.
-- Our reading: the forward pass uses the sampled code; the backward pass differentiates the *expected* code
-  ``m~(s) = E[code | s]``, smoothed (``cimlab.training.transfer``), at the conversion's ideal level: the upstream
-  gradient of a conversion is ``dL/dcode * m~'(s) * adc_lsb * plane_weight[p] * slice_weight[k]``, and
+- Our reading: the forward pass uses the sampled code; the backward pass differentiates the *expected* (decoded)
+  code ``m~(s) = E[value | s]``, smoothed (``cimlab.training.transfer``), at the conversion's ideal level: the
+  upstream gradient of a conversion is ``dL/dvalue * m~'(s) * adc_lsb * plane_weight[p] * slice_weight[k]``, and
   ``ds/dx_p[r] = d_k[r, c]``, ``ds/dd_k[r, c] = x_p[r]``.
 - Input slices and weight digits are bits of integers, so they need a straight-through rule too. Ours: a change
   ``e`` of an input code is spread evenly over its slices (each slice moves by ``e / sum(plane_weights)``, which
@@ -36,12 +41,15 @@ The statistical gradient (backward):
   change is spread over its digits with the sign of their place value: ``dL/dw = sum_k sign(sw_k) dL/dd_k /
   sum_k |sw_k|``. With an ideal, unclipped ADC this gives exactly ``dL/dx = dL/dy W^T`` and ``dL/dW = x^T dL/dy``
   (ordinary STE training); with a measured model each bit position is weighted by the slope its conversions see.
+  Both sums are taken before the contractions: ``dL/dx`` needs ``sum_p plane_weight[p] m~'`` per (vector, group,
+  column), ``dL/dw`` needs ``sum_k |sw_k| m~'`` per (vector, group, plane, output).
 - The final rounding to ``adc_lsb`` units is passed straight through.
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,51 +59,16 @@ import torch
 from cimlab.firmware_bridge.errors import ConfigError, ShapeError
 from cimlab.firmware_bridge.spec import MacroSpec
 from cimlab.mapping import LayerMap, Tile
-from cimlab.training.transfer import STREAMS, Stream, Transfer, draw_uniform32, make_stream
+from cimlab.training import native
+from cimlab.training.transfer import STREAMS, Stream, Transfer, draw_seed, make_stream, splitmix_uniforms
 
 DEFAULT_CHUNK_CONVERSIONS = 1 << 19
-"""Conversions per chunk: a chunk's temporaries (a few tensors of this many 4-byte elements) stay in cache."""
+"""Conversions per chunk of the torch path: a chunk's temporaries (a few tensors of this many 4-byte elements)."""
 EXACT_F32 = 1 << 24
 """Integers below this are exact in float32."""
-
-
-def packed_sample_sum(planes: torch.Tensor, digits_idx: torch.Tensor, bias_idx: torch.Tensor, u: torch.Tensor,
-                      guide: torch.Tensor, shift: int, buckets: int, pw_sw: torch.Tensor,
-                      trim_offset: torch.Tensor, trim_scale: torch.Tensor) -> torch.Tensor:
-    """One chunk of the forward for a measured transfer in the ``packed`` layout, fused: every conversion's guide
-    index ``(s * n_tables + j) * T + bucket(u)`` straight from one batched matmul (the digits pre-scaled by
-    ``n_tables * T``, each column's table as the bias; exact in float32, as it stays below 2**22), its code read
-    and finished with one comparison (as ``Transfer.codes_from_uniforms``), and the codes recombined.
-
-    Args: planes [G, n*P, R]; digits_idx [G, R, S*M]; bias_idx [1, 1, S*M]; u [G, n*P, S*M] int32 uniforms;
-    guide, shift, buckets: the transfer's table; pw_sw [P, S] (float32 or float64: the type of the sum);
-    trim_offset, trim_scale [S*M]: each column's code becomes ``(code - offset) * scale`` (0 and 1: untrimmed).
-    Returns ``sum code * plane_weight * slice_weight`` per vector and column, [n, M].
-    """
-    P, S = pw_sw.shape
-    G, nP, SM = u.shape
-    idx = torch.baddbmm(bias_idx, planes, digits_idx).to(torch.int32)
-    idx = idx + ((u >> shift) & (buckets - 1))
-    entry = guide[idx]
-    code = (entry >> (shift + 1)) + ((u & ((1 << shift) - 1)) >= (entry & ((2 << shift) - 1))).to(torch.int32)
-    # [G, n, P, S, M] weighted and summed over groups, planes and slices in one reduction (exact: integers)
-    code = (code.to(pw_sw.dtype) - trim_offset) * trim_scale
-    code = code.reshape(G, nP // P, P, S, SM // S)
-    return (code * pw_sw[None, None, :, :, None]).sum(dim=(0, 2, 3))
-
-
-def slope_grads(planes: torch.Tensor, digits: torch.Tensor, digits_rows: torch.Tensor, bias_rows: torch.Tensor,
-                slope_table: torch.Tensor, g_conv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk of the backward, fused: ``dL/ds = m~'(s) * dL/dcode`` per conversion (the slope's table row
-    ``s * n_tables + j`` straight from one batched matmul, as in ``packed_sample_sum``), then its contractions
-    with the digits and the input slices.
-
-    Args: planes [G, n*P, R]; digits, digits_rows (digits * n_tables) [G, R, S*M]; bias_rows [1, 1, S*M];
-    slope_table [rows]; g_conv [n*P, S*M], dL/dcode. Returns (dL/dplanes [G, n*P, R], dL/ddigits [G, R, S*M]).
-    """
-    rows = torch.baddbmm(bias_rows, planes, digits_rows).to(torch.int32)
-    ds = slope_table[rows] * g_conv
-    return torch.bmm(ds, digits.transpose(1, 2)), torch.bmm(planes.transpose(1, 2), ds)
+KERNEL_LANES = 16
+"""Vectors the C kernels take at a time (LANES in cim_kernels.c); their uniforms' counter pads to a multiple."""
+BACKENDS = ("auto", "c", "torch")
 
 
 def stored_digits(spec: MacroSpec, w: torch.Tensor) -> torch.Tensor:
@@ -136,33 +109,25 @@ def unpair_weight_gradient(g: torch.Tensor) -> torch.Tensor:
     return 0.5 * (g[:, 0::2] - g[:, 1::2])
 
 
-KERNELS: dict[str, Any] = {"sample": packed_sample_sum, "grads": slope_grads}
-"""The chunk kernels in use: the plain functions, or their ``torch.compile`` d versions (``compile_kernels``)."""
-
-
-def compile_kernels(enabled: bool = True) -> None:
-    """Run the chunk kernels through ``torch.compile`` (fused loops: about 5x faster on a CPU; needs a C++ compiler
-    there, and the first call of each takes tens of seconds) or, with ``enabled=False``, as plain torch."""
-    if enabled:
-        # sizes that happen to be equal (a batch and a column count) must not become guards: one graph per kernel
-        import torch.fx.experimental._config as fx_config
-
-        fx_config.use_duck_shape = False
-        KERNELS["sample"] = torch.compile(packed_sample_sum, dynamic=True)
-        KERNELS["grads"] = torch.compile(slope_grads, dynamic=True)
-    else:
-        KERNELS.update(sample=packed_sample_sum, grads=slope_grads)
-
-
 @dataclass
 class _TilePlan:
     tile: Tile
     groups: int
     offset: int  # row offset of the tile's first row inside its first group
-    tables: torch.Tensor  # [n_slices * n_cols] int32, transfer table index per (k, c)
-    vectors_per_chunk: int
-    bias_rows: torch.Tensor  # [1, 1, n_slices * n_cols] float32: the table index, the bias of a row matmul
-    trim: tuple[torch.Tensor, torch.Tensor] | None  # per (k, c): the transfer's trim offset and scale
+    tables: torch.Tensor  # int32 [n_slices * macro_cols]: sampling table index per (k, c)
+    slopes: torch.Tensor  # int32 [n_slices * macro_cols]: slope table index per (k, c)
+    values: torch.Tensor | None  # int32 [n_slices * macro_cols]: the decoder's row offset per (k, c), None: undecoded
+    vectors_per_chunk: int  # torch path
+    colx: torch.Tensor  # float32 [n_slices * macro_cols]: adc_lsb * sw_k / sum(pw), towards dL/dx
+    colq: torch.Tensor  # float32 [n_slices * macro_cols]: adc_lsb * |sw_k| / sum |sw|, towards dL/dw
+
+
+@dataclass
+class _Saved:
+    """What a forward pass keeps for its backward pass: the input codes and each tile's digits."""
+
+    codes: torch.Tensor  # float32 [N, K], integer valued
+    digits: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -218,11 +183,13 @@ class ColumnCorrection:
 
 @dataclass
 class MacroStats:
-    """What the last forward/backward did (for tests and reports)."""
+    """What the last forward did (for tests and reports): conversions, kernel calls or chunks, the most
+    conversions held in memory at once, and the backend (``c``, ``torch`` or ``matmul``)."""
 
     conversions: int = 0
     max_chunk_conversions: int = 0
     chunks: int = 0
+    backend: str = ""
 
 
 @dataclass
@@ -232,9 +199,11 @@ class LayerMacro:
     Attributes:
         layer_map: the tiles (``cimlab.mapping.map_layer``).
         transfer: the ADC transfer (``Transfer.ideal`` for the ideal quantized model).
-        rng: random stream of the sampled codes (numpy PCG64, or a ``TorchStream`` on the device; restart it
-            with ``reseed``).
-        chunk_conversions: most conversions per chunk.
+        rng: random stream of the sampled codes (numpy PCG64, or a ``TorchStream`` on the device; restart it with
+            ``reseed``): one 64-bit seed of the counter-based uniforms per tile and call.
+        chunk_conversions: most conversions per chunk of the torch path.
+        backend: ``c`` (the C kernels), ``torch``, or ``auto`` (C where it is built, for CPU tensors; the torch
+            path on every other device).
         device: where the conversions are computed (move with ``to``).
         stream: the kind of ``rng`` that ``reseed`` makes (``transfer.STREAMS``).
     """
@@ -245,6 +214,7 @@ class LayerMacro:
     chunk_conversions: int = DEFAULT_CHUNK_CONVERSIONS
     stats: MacroStats = field(default_factory=MacroStats)
     correction: ColumnCorrection | None = None
+    backend: str = "auto"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     stream: str = "pcg64"
 
@@ -254,10 +224,11 @@ class LayerMacro:
             raise ConfigError("the transfer's MacroSpec differs from the layer map's")
         if self.chunk_conversions < 1:
             raise ConfigError(f"chunk_conversions must be >= 1, got {self.chunk_conversions}")
-        pw_sw = np.outer(spec.plane_weights(), spec.slice_weights()).astype(np.float64)  # [P, S]
-        self.pw_sw = torch.from_numpy(pw_sw)
-        # bound of |sum code * pw * sw| over one tile, to choose float32 or float64 for the recombination
-        self._acc_bound = float(spec.n_groups * spec.adc_max * np.abs(pw_sw).sum())
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        pw, sw = spec.plane_weights(), spec.slice_weights()
+        self.pw = torch.from_numpy(pw.astype(np.int32))
+        self.sw = torch.from_numpy(sw.astype(np.float64))
         codes = np.arange(spec.input_max + 1, dtype=np.int64)[:, None]
         self._plane_lut = torch.from_numpy(spec.inputs_to_planes(codes)[:, :, 0].astype(np.float32))  # [V, P]
         self._plans = self._make_plans()
@@ -278,7 +249,7 @@ class LayerMacro:
             raise ConfigError(f"random stream {stream!r} is not one of {', '.join(STREAMS)}")
         self.device = torch.device(device)
         self.stream = stream or self.stream
-        self.pw_sw = self.pw_sw.to(self.device)
+        self.pw, self.sw = self.pw.to(self.device), self.sw.to(self.device)
         self._plane_lut = self._plane_lut.to(self.device)
         self.set_correction(self.correction)
         self.set_transfer(self.transfer)
@@ -292,19 +263,21 @@ class LayerMacro:
 
     def _make_plans(self) -> list[_TilePlan]:
         spec = self.spec
+        tr = self.transfer
         plans = []
+        dev = self.device
         for t in self.layer_map.tiles:
-            per_vector = t.conversions_per_vector(spec)
-            tables = self.transfer.table_index(t.physical_columns(spec)).to(self.device)
-            trim = self.transfer.trim_vectors(t.physical_columns(spec))
+            cols = t.physical_columns(spec)
+            values = tr.value_index(cols)
             plans.append(_TilePlan(
                 tile=t,
                 groups=t.n_groups(spec),
                 offset=t.row_offset(spec),
-                tables=tables,
-                vectors_per_chunk=max(1, self.chunk_conversions // per_vector),
-                bias_rows=tables.to(torch.float32).reshape(1, 1, -1),
-                trim=None if trim is None else (trim[0].to(self.device), trim[1].to(self.device)),
+                tables=tr.table_index(cols).to(dev),
+                slopes=tr.slope_index(cols).to(dev),
+                values=None if values is None else values.to(dev),
+                vectors_per_chunk=max(1, self.chunk_conversions // t.conversions_per_vector(spec)),
+                **{name: v.to(dev) for name, v in self._column_factors(t.macro_cols).items()},
             ))
         return plans
 
@@ -312,7 +285,8 @@ class LayerMacro:
     def fast_exact(self) -> bool:
         """The ideal transfer of a macro whose ADC resolves every level: the MAC is exactly ``x @ W``."""
         tr = self.transfer
-        return tr.kind == "ideal" and tr.lossless and tr.shortcut and self.correction is None and tr.trim is None
+        return (tr.kind == "ideal" and tr.lossless and tr.shortcut and self.correction is None
+                and tr.decoder is None)
 
     def set_correction(self, correction: ColumnCorrection | None) -> None:
         """Correct the MAC outputs per column (None: no correction)."""
@@ -322,21 +296,30 @@ class LayerMacro:
         self.correction = None if correction is None else correction.to(self.device)
 
     def chunk_bound(self) -> int:
-        """The most conversions one chunk holds for this layer (a vector is never split)."""
+        """The most conversions one chunk of the torch path holds for this layer (a vector is never split)."""
         spec = self.spec
         return max(p.vectors_per_chunk * p.tile.conversions_per_vector(spec) for p in self._plans)
 
+    def _kernels(self, x: torch.Tensor) -> native.Kernels | None:
+        """The C kernels when this layer uses them for ``x``: on the CPU (other devices take the torch path)."""
+        if self.backend == "torch" or x.device.type != "cpu":
+            return None
+        k = native.kernels()
+        if k is None and self.backend == "c":
+            raise ConfigError("backend 'c' asked for, but the C kernels are not available (see the log)")
+        return k
+
     # ---- the pieces -----------------------------------------------------------------------------------------
     def _digits(self, q: torch.Tensor, plan: _TilePlan) -> torch.Tensor:
-        """Stored digits of a tile's logical weights q [K, M] as [groups, rows_per_conversion, S * macro columns]
-        (a paired tile's pairs split over its macro columns)."""
+        """Stored digits of a tile's logical weights q [K, M] as int32 [groups, rows_per_conversion, S * macro
+        columns] (a paired tile's pairs split over its macro columns)."""
         spec = self.spec
         t = plan.tile
         w = q[t.row0 : t.row1, t.col0 : t.col1].to(torch.float64)
         digits = stored_digits(spec, split_pairs(w) if t.paired else w)
         rows = plan.groups * spec.rows_per_conversion
-        out = torch.zeros(rows, spec.n_slices, t.macro_cols, dtype=torch.float32, device=q.device)
-        out[plan.offset : plan.offset + t.n_rows] = digits.to(torch.float32)
+        out = torch.zeros(rows, spec.n_slices, t.macro_cols, dtype=torch.int32, device=q.device)
+        out[plan.offset : plan.offset + t.n_rows] = digits.to(torch.int32)
         return out.reshape(plan.groups, spec.rows_per_conversion, spec.n_slices * t.macro_cols)
 
     def _planes(self, x: torch.Tensor, plan: _TilePlan) -> torch.Tensor:
@@ -353,84 +336,105 @@ class LayerMacro:
         planes = planes.reshape(n, plan.groups, R, spec.n_planes).permute(1, 0, 3, 2)
         return planes.reshape(plan.groups, n * spec.n_planes, R)
 
-    def _recombine(self, codes: torch.Tensor, x: torch.Tensor, plan: _TilePlan) -> torch.Tensor:
-        """Codes [groups, n * P, S * macro columns] -> the tile's MAC outputs [n, macro columns] (float64, integer
-        valued)."""
+    def _geometry(self, x: torch.Tensor, plan: _TilePlan) -> native.GeomT:
         spec = self.spec
         t = plan.tile
-        n = x.shape[0]
-        dtype = self._sum_dtype()
-        if plan.trim is not None:
-            codes = (codes.to(dtype) - plan.trim[0].to(dtype)) * plan.trim[1].to(dtype)
-        total = codes.sum(dim=0, dtype=dtype) if plan.groups > 1 else codes[0].to(dtype)
-        per_plane = total.reshape(n, spec.n_planes * spec.n_slices, t.macro_cols)
-        acc = torch.einsum("nqm,q->nm", per_plane, self.pw_sw.reshape(-1).to(dtype))
-        return self._tile_outputs(acc, x, plan)
+        lm = self.layer_map
+        # a paired tile's gradient of its macro columns' weights goes to a buffer of its own (see _c_backward)
+        return native.GeomT(x.shape[0], x.shape[1], t.row0, t.n_rows, plan.offset, plan.groups,
+                            spec.rows_per_conversion, spec.n_planes, spec.input_slice_bits,
+                            spec.n_slices * t.macro_cols, spec.cell_bits, t.macro_cols, lm.n_rows,
+                            t.macro_cols if t.paired else lm.n_cols)
 
-    def _sum_dtype(self) -> torch.dtype:
-        # float32 is exact while |sum code * pw * sw| stays below 2**24 (true for most macros); else float64;
-        # trimmed codes are not integers: float64
-        exact = self._acc_bound < EXACT_F32 and self.transfer.trim is None
-        return torch.float32 if exact else torch.float64
+    def _table(self) -> native.TableT:
+        tr = self.transfer
+        return native.TableT(tr.guide.data_ptr(), tr.guide_offset.data_ptr(), tr.cum.data_ptr(), tr.guide_shift,
+                             tr.guide_buckets,
+                             tr.guide_steps, int(tr.layout == "packed"), self.spec.n_codes, tr.n_tables,
+                             self.spec.n_levels)
 
     def _tile_outputs(self, acc: torch.Tensor, x: torch.Tensor, plan: _TilePlan) -> torch.Tensor:
-        """``sum code * pw * sw`` [n, M] of a tile -> its MAC outputs (float64): ADC step and weight offset."""
+        """``sum_{g, p, k} value * pw * sw`` [n, macro columns] (float64) of a tile -> its MAC outputs [n, M]
+        (float64): ADC step (rounded as ``MacroSpec.recombine`` rounds codes; decoded values are not), weight
+        offset, and a paired tile's pairs joined."""
         spec = self.spec
         t = plan.tile
-        acc = acc.to(torch.float64)
         if spec.adc_full_scale != spec.adc_max:
-            acc = torch.round(acc * spec.adc_full_scale / spec.adc_max)
+            acc = acc * (spec.adc_full_scale / spec.adc_max)
+            if self.transfer.decoder is None:
+                acc = torch.round(acc)
         if spec.weight_offset:
             acc = acc - spec.weight_offset * x[:, t.row0 : t.row1].to(torch.float64).sum(dim=1, keepdim=True)
-        return acc
+        return join_pairs(acc) if t.paired else acc
 
     # ---- forward / backward ---------------------------------------------------------------------------------
     def forward_values(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """The layer's outputs [N, M] (float64, ``adc_lsb`` level units): the MACs (``mac_values``), corrected per
         column when a correction is set; no autograd."""
-        mac = self.mac_values(x, q)
-        return mac if self.correction is None else self.correction.apply(mac)
+        return self._forward(x, q, keep=False)[0]
+
+    def _forward(self, x: torch.Tensor, q: torch.Tensor, *, keep: bool) -> tuple[torch.Tensor, _Saved | None]:
+        """``forward_values`` and, with ``keep``, what the backward pass can reuse (None: nothing)."""
+        mac, saved = self._macs(x, q) if keep else (self.mac_values(x, q), None)
+        return (mac if self.correction is None else self.correction.apply(mac)), saved
 
     def mac_values(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """MAC outputs [N, M] (float64, in ``adc_lsb`` level units, integer valued: exact) for input codes x [N, K]
-        and logical weights q [K, M]; no autograd."""
+        """MAC outputs [N, M] (float64, in ``adc_lsb`` level units; integer valued unless decoded) for input
+        codes x [N, K] and logical weights q [K, M]; no autograd."""
+        return self._macs(x, q)[0]
+
+    def _macs(self, x: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, _Saved]:
         lm = self.layer_map
         N = x.shape[0]
-        out = torch.zeros(N, lm.n_cols, dtype=torch.float64, device=x.device)
         self.stats = MacroStats()
         if self.fast_exact:
             dtype = self._matmul_dtype()
             if dtype is not None:
                 self.stats.conversions = N * lm.conversions_per_vector()
-                return (x.to(dtype) @ q.to(dtype)).to(torch.float64)
-        tr = self.transfer
-        fused = tr.kind == "measured" and tr.layout == "packed"
-        pw_sw = self.pw_sw.to(self._sum_dtype())
+                self.stats.backend = "matmul"
+                return (x.to(dtype) @ q.to(dtype)).to(torch.float64), _Saved(x)
+        out = torch.zeros(N, lm.n_cols, dtype=torch.float64, device=x.device)
+        kern = self._kernels(x)
+        codes = x.to(torch.float32).contiguous()  # integer valued
+        saved = _Saved(codes)
         for plan in self._plans:
             t = plan.tile
             digits = self._digits(q, plan)
-            per_vec = t.conversions_per_vector(self.spec)
-            if fused:
-                digits_idx = digits * float(tr.n_tables * tr.guide_buckets)
-                bias_idx = plan.bias_rows * float(tr.guide_buckets)
-                untrimmed = (torch.zeros(1, device=x.device), torch.ones(1, device=x.device))
-                trim_off, trim_scale = plan.trim or untrimmed
-                trim_off, trim_scale = trim_off.to(pw_sw.dtype), trim_scale.to(pw_sw.dtype)
-            for n0 in range(0, N, plan.vectors_per_chunk):
-                xc = x[n0 : n0 + plan.vectors_per_chunk]
-                planes = self._planes(xc, plan)
-                if fused:
-                    shape = (plan.groups, planes.shape[1], digits.shape[2])
-                    u = draw_uniform32(self.rng, shape, x.device)
-                    acc = KERNELS["sample"](planes, digits_idx, bias_idx, u, tr.guide, tr.guide_shift,
-                                            tr.guide_buckets, pw_sw, trim_off, trim_scale)
-                    mac = self._tile_outputs(acc, xc, plan)
-                else:
-                    codes = tr.codes(torch.bmm(planes, digits), plan.tables, self.rng)
-                    mac = self._recombine(codes, xc, plan)
-                out[n0 : n0 + xc.shape[0], t.col0 : t.col1] += join_pairs(mac) if t.paired else mac
-                self._count(xc.shape[0] * per_vec)
-        return out
+            seed = draw_seed(self.rng)
+            if kern is not None:
+                acc = self._c_forward(kern, codes, digits, plan, int(seed) & ((1 << 64) - 1))
+                # the C kernel holds one vector's conversions of one group and plane at a time
+                self._count(N * t.conversions_per_vector(self.spec), "c", held=digits.shape[2])
+            else:
+                acc = self._torch_forward(codes, digits, plan, seed)
+            saved.digits.append(digits)
+            out[:, t.col0 : t.col1] += self._tile_outputs(acc, codes, plan)
+        return out, saved
+
+    def _c_forward(self, kern: native.Kernels, x: torch.Tensor, digits: torch.Tensor, plan: _TilePlan,
+                   seed: int) -> torch.Tensor:
+        tr = self.transfer
+        acc = torch.empty(x.shape[0], plan.tile.macro_cols, dtype=torch.float64)
+        dec = tr.value_table
+        rc = kern.forward(ctypes.byref(self._geometry(x, plan)), x.data_ptr(), digits.data_ptr(), self.pw.data_ptr(),
+                          self.sw.data_ptr(), ctypes.byref(self._table()), plan.tables.data_ptr(),
+                          None if dec is None else dec.data_ptr(),
+                          None if plan.values is None else plan.values.data_ptr(), seed, acc.data_ptr())
+        if rc != 0:
+            raise MemoryError("the C forward kernel ran out of memory")
+        return acc
+
+    def _torch_forward(self, x: torch.Tensor, digits: torch.Tensor, plan: _TilePlan,
+                       seed: int | torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        acc = torch.empty(x.shape[0], plan.tile.macro_cols, dtype=torch.float64, device=x.device)
+        digits_f = digits.to(torch.float32)
+        for n0 in range(0, x.shape[0], plan.vectors_per_chunk):
+            xc = x[n0 : n0 + plan.vectors_per_chunk]
+            acc[n0 : n0 + xc.shape[0]] = torch_forward(self.transfer, self._planes(xc, plan), digits_f, plan, n0,
+                                                       _padded(x.shape[0]), seed, self.pw, self.sw)
+            self._count(xc.shape[0] * plan.tile.conversions_per_vector(spec), "torch")
+        return acc
 
     def _matmul_dtype(self) -> torch.dtype | None:
         """The float type in which ``x @ q`` is exact for this layer (None: neither float32 nor float64)."""
@@ -441,15 +445,27 @@ class LayerMacro:
             return torch.float32
         return torch.float64 if bound < (1 << 53) else None
 
-    def _count(self, conversions: int) -> None:
+    def _count(self, conversions: int, backend: str, held: int | None = None) -> None:
         self.stats.conversions += conversions
         self.stats.chunks += 1
-        self.stats.max_chunk_conversions = max(self.stats.max_chunk_conversions, conversions)
+        self.stats.max_chunk_conversions = max(self.stats.max_chunk_conversions, held or conversions)
+        self.stats.backend = backend
 
-    def backward_values(self, x: torch.Tensor, q: torch.Tensor,
-                        grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _column_factors(self, n_cols: int) -> dict[str, torch.Tensor]:
+        """Per (k, c) of a tile of ``n_cols`` macro columns, float32 [S * n_cols]: ``colx = adc_lsb * sw_k / sum(pw)``
+        (towards dL/dx) and ``colq = adc_lsb * |sw_k| / sum |sw|`` (towards dL/dw)."""
+        spec = self.spec
+        sw = spec.slice_weights().astype(np.float64)
+        lsb = float(spec.adc_lsb)
+        colx = np.repeat(lsb * sw / float(spec.plane_weights().sum()), n_cols)
+        colq = np.repeat(lsb * np.abs(sw) / np.abs(sw).sum(), n_cols)
+        return {"colx": torch.from_numpy(colx.astype(np.float32)), "colq": torch.from_numpy(colq.astype(np.float32))}
+
+    def backward_values(self, x: torch.Tensor, q: torch.Tensor, grad: torch.Tensor,
+                        saved: _Saved | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Statistical gradients (see the module docstring) of the MAC outputs w.r.t. the input codes [N, K] and
-        the logical weights [K, M], given the upstream gradient [N, M]."""
+        the logical weights [K, M], given the upstream gradient [N, M]; ``saved``: what ``_forward`` kept for
+        these inputs and weights (recomputed where missing)."""
         spec = self.spec
         lm = self.layer_map
         N = x.shape[0]
@@ -460,41 +476,121 @@ class LayerMacro:
             return g @ q.to(torch.float32).T, x.to(torch.float32).T @ g
         gx = torch.zeros(N, lm.n_rows, dtype=torch.float32, device=x.device)
         gq = torch.zeros(lm.n_rows, lm.n_cols, dtype=torch.float32, device=x.device)
-        lsb = float(spec.adc_lsb)
-        pw_sw = self.pw_sw.to(torch.float32) * lsb  # [P, S]
-        plane_norm = float(spec.plane_weights().sum())
-        sw = spec.slice_weights()
-        slice_mix = torch.tensor(np.sign(sw) / np.abs(sw).sum(), dtype=torch.float32, device=x.device)  # [S]
-        R = spec.rows_per_conversion
-        for plan in self._plans:
+        kern = self._kernels(x)
+        codes = saved.codes if saved is not None else x.to(torch.float32).contiguous()
+        for k, plan in enumerate(self._plans):
             t = plan.tile
-            digits = self._digits(q, plan)  # [G, R, S*M]
-            digits_rows = digits * float(self.transfer.n_tables)
-            gd = torch.zeros_like(digits)
-            for n0 in range(0, N, plan.vectors_per_chunk):
-                xc = x[n0 : n0 + plan.vectors_per_chunk]
-                n = xc.shape[0]
-                planes = self._planes(xc, plan)  # [G, n*P, R]
-                gc = grad[n0 : n0 + n, t.col0 : t.col1].to(torch.float32)  # [n, M]
-                if t.paired:
-                    gc = pair_gradient(gc)  # [n, macro columns]
-                g_conv = (gc[:, None, None, :] * pw_sw[None, :, :, None]).reshape(n * spec.n_planes, -1)
-                if plan.trim is not None:
-                    g_conv = g_conv * plan.trim[1]
-                g_planes, g_digits = KERNELS["grads"](planes, digits, digits_rows, plan.bias_rows,
-                                                      self.transfer.slope_table, g_conv)
-                gd += g_digits
-                g_planes = g_planes.reshape(plan.groups, n, spec.n_planes, R).sum(dim=2)  # [G, n, R]
-                g_rows = g_planes.permute(1, 0, 2).reshape(n, plan.groups * R)
-                g_rows = g_rows[:, plan.offset : plan.offset + t.n_rows]
-                g_rows = g_rows / plane_norm
-                if spec.weight_offset:
-                    g_rows = g_rows - spec.weight_offset * gc.sum(dim=1, keepdim=True)
-                gx[n0 : n0 + n, t.row0 : t.row1] += g_rows
-            gd = gd.reshape(plan.groups * R, spec.n_slices, t.macro_cols)[plan.offset : plan.offset + t.n_rows]
-            gw = torch.einsum("rkm,k->rm", gd, slice_mix)
-            gq[t.row0 : t.row1, t.col0 : t.col1] += unpair_weight_gradient(gw) if t.paired else gw
+            digits = saved.digits[k] if saved is not None else self._digits(q, plan)
+            gc = grad[:, t.col0 : t.col1].to(torch.float32)  # [N, M]
+            if t.paired:
+                gc = pair_gradient(gc)  # [N, macro columns]
+            gc = gc.contiguous()
+            if kern is not None:  # accumulates into gx and gq
+                self._c_backward(kern, codes, digits, plan, gc, gx, gq)
+            else:
+                g_rows, g_w = self._torch_backward(codes.to(torch.int32), digits, plan, gc)
+                gx[:, t.row0 : t.row1] += g_rows
+                gq[t.row0 : t.row1, t.col0 : t.col1] += unpair_weight_gradient(g_w) if t.paired else g_w
+            if spec.weight_offset:
+                gx[:, t.row0 : t.row1] -= spec.weight_offset * gc.sum(dim=1, keepdim=True)
         return gx, gq
+
+    def _c_backward(self, kern: native.Kernels, x: torch.Tensor, digits: torch.Tensor, plan: _TilePlan,
+                    gc: torch.Tensor, gx: torch.Tensor, gq: torch.Tensor) -> None:
+        """The backward of a tile in C (levels recomputed), added into the layer's gx [N, K] and gq [K, M]; gc: the
+        upstream gradient of the tile's macro columns [N, macro columns]. A paired tile's weight gradient comes out
+        per macro column into a buffer of its own, and goes into gq with its pairs joined."""
+        t = plan.tile
+        n = x.shape[0]
+        tr = self.transfer
+        M = t.macro_cols
+        gt = torch.zeros(_padded(n), M, dtype=torch.float32)  # the upstream gradient by blocks of lanes
+        gt[:n] = gc
+        gt = gt.reshape(-1, KERNEL_LANES, M).transpose(1, 2).contiguous()
+        g_w = torch.zeros(t.n_rows, M, dtype=torch.float32) if t.paired else gq[t.row0 :, t.col0 :]
+        rc = kern.backward(ctypes.byref(self._geometry(x, plan)), x.data_ptr(), digits.data_ptr(), self.pw.data_ptr(),
+                           tr.slope_table.data_ptr(), plan.slopes.data_ptr(), tr.n_slope, self.spec.n_levels,
+                           gt.data_ptr(), plan.colx.data_ptr(), plan.colq.data_ptr(),
+                           gx[:, t.row0 :].data_ptr(), g_w.data_ptr())
+        if rc != 0:
+            raise MemoryError("the C backward kernel ran out of memory")
+        if t.paired:
+            gq[t.row0 : t.row1, t.col0 : t.col1] += unpair_weight_gradient(g_w)
+
+    def _torch_backward(self, x: torch.Tensor, digits: torch.Tensor, plan: _TilePlan,
+                        gc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = plan.tile
+        g_rows = torch.zeros(x.shape[0], t.n_rows, dtype=torch.float32, device=x.device)
+        g_w = torch.zeros(t.n_rows, t.macro_cols, dtype=torch.float32, device=x.device)
+        digits_f = digits.to(torch.float32)
+        for n0 in range(0, x.shape[0], plan.vectors_per_chunk):
+            xc = x[n0 : n0 + plan.vectors_per_chunk]
+            n = xc.shape[0]
+            rows, w = torch_backward(self.transfer, self._planes(xc, plan), digits_f, plan, gc[n0 : n0 + n],
+                                     plan.colx, plan.colq, self.pw)
+            g_rows[n0 : n0 + n] = rows
+            g_w += w
+        return g_rows, g_w
+
+
+def _padded(n: int) -> int:
+    """``n`` rounded up to a multiple of the C kernels' lanes."""
+    return -(-n // KERNEL_LANES) * KERNEL_LANES
+
+
+def _levels(planes: torch.Tensor, digits: torch.Tensor, n_planes: int) -> torch.Tensor:
+    """Levels int32 [G, n, P, S * M] of input slices [G, n * P, R] and digits [G, R, S * M] (float32 products of
+    small integers: exact)."""
+    G, nP, _ = planes.shape
+    return torch.bmm(planes, digits).to(torch.int32).reshape(G, nP // n_planes, n_planes, digits.shape[2])
+
+
+def torch_forward(tr: Transfer, planes: torch.Tensor, digits: torch.Tensor, plan: _TilePlan, first: int, ne: int,
+                  seed: int | torch.Tensor, pw: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+    """One chunk of the forward in torch: ``sum_{g, p, k} pw[p] * sw[k] * value(code)`` [n, M] (float64) for input
+    slices [G, n * P, R] of vectors ``first ..`` and digits [G, R, S * M] (float32), the uniforms of the call
+    ``seed`` (conversion (i, g, p, c) draws uniform ``((g * P + p) * C + c) * ne + i``, ``ne`` the call's vectors
+    rounded up to the C kernels' lanes)."""
+    P = pw.shape[0]
+    levels = _levels(planes, digits, P)
+    G, n, _, C = levels.shape
+    dev = planes.device
+    i = torch.arange(first, first + n, dtype=torch.int64, device=dev)[None, :, None, None]
+    g = torch.arange(G, dtype=torch.int64, device=dev)[:, None, None, None]
+    p = torch.arange(P, dtype=torch.int64, device=dev)[None, None, :, None]
+    c = torch.arange(C, dtype=torch.int64, device=dev)[None, None, None, :]
+    u = splitmix_uniforms(seed, ((g * P + p) * C + c) * ne + i)
+    codes = tr.codes_from_uniforms(levels, plan.tables, u)
+    if tr.value_table is None:
+        value = codes.to(torch.float64)
+    else:
+        idx = (codes + plan.values).reshape(-1)
+        value = tr.value_table.index_select(0, idx).reshape(codes.shape).to(torch.float64)
+    acc = torch.einsum("gnpc,p->nc", value, pw.to(torch.float64))
+    return torch.einsum("nkm,k->nm", acc.reshape(n, sw.shape[0], C // sw.shape[0]), sw)
+
+
+def torch_backward(tr: Transfer, planes: torch.Tensor, digits: torch.Tensor, plan: _TilePlan, gc: torch.Tensor,
+                   colx: torch.Tensor, colq: torch.Tensor, pw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of the backward in torch: (dL/dx of the tile's rows [n, n_rows], dL/dw [n_rows, M]) for input
+    slices [G, n * P, R], digits [G, R, S * M] (float32) and the upstream gradient gc [n, M] (see
+    ``cim_backward`` in cim_kernels.c for the sums)."""
+    t = plan.tile
+    P = pw.shape[0]
+    levels = _levels(planes, digits, P)
+    G, n, _, C = levels.shape
+    M = gc.shape[1]
+    S = C // M
+    sl = tr.slope_table.index_select(0, (levels * tr.n_slope + plan.slopes).reshape(-1)).reshape(levels.shape)
+    pwf = pw.to(torch.float32)
+    sa = torch.einsum("gnpc,p->gnc", sl, pwf) * (gc.repeat(1, S) * colx)[None]  # [G, n, C]
+    g_groups = torch.bmm(sa, digits.transpose(1, 2))  # [G, n, R]
+    R = digits.shape[1]
+    g_rows = g_groups.permute(1, 0, 2).reshape(n, G * R)[:, plan.offset : plan.offset + t.n_rows]
+    sb = (sl.reshape(G, n, P, S, M) * colq.reshape(S, M)).sum(dim=3)  # [G, n, P, M]
+    sb = sb * pwf[None, None, :, None] * gc[None, :, None, :]
+    g_w = torch.bmm(planes.transpose(1, 2), sb.reshape(G, n * P, M)).reshape(G * R, M)
+    return g_rows, g_w[plan.offset : plan.offset + t.n_rows]
 
 
 class _MacroMatmul(torch.autograd.Function):
@@ -502,21 +598,20 @@ class _MacroMatmul(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, x: torch.Tensor, q: torch.Tensor, macro: LayerMacro
     ) -> torch.Tensor:
-        xd = x.detach()
-        codes = torch.round(xd)
-        spec = macro.spec
-        compact = codes.to(torch.uint8) if spec.input_max < 256 else codes.to(torch.int32)
+        codes = torch.round(x.detach())
         qd = torch.round(q.detach())
         ctx.macro = macro
-        ctx.save_for_backward(compact, qd)
-        return macro.forward_values(codes, qd).to(x.dtype)
+        out, ctx.saved = macro._forward(codes, qd, keep=any(ctx.needs_input_grad[:2]))
+        ctx.save_for_backward(qd)
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        compact, qd = ctx.saved_tensors
-        gx, gq = ctx.macro.backward_values(compact, qd, grad.contiguous())
+        (qd,) = ctx.saved_tensors
+        saved, ctx.saved = ctx.saved, None
+        gx, gq = ctx.macro.backward_values(saved.codes, qd, grad.contiguous(), saved)
         return (gx if ctx.needs_input_grad[0] else None), (gq if ctx.needs_input_grad[1] else None), None
 
 
@@ -535,6 +630,6 @@ def macro_matmul(x: torch.Tensor, q: torch.Tensor, macro: LayerMacro) -> torch.T
     return _MacroMatmul.apply(x, q, macro)
 
 
-__all__ = ["DEFAULT_CHUNK_CONVERSIONS", "KERNELS", "ColumnCorrection", "LayerMacro", "compile_kernels", "join_pairs",
-           "packed_sample_sum", "pair_gradient", "slope_grads", "split_pairs", "stored_digits",
-           "unpair_weight_gradient", "MacroStats", "macro_matmul"]
+__all__ = ["BACKENDS", "DEFAULT_CHUNK_CONVERSIONS", "ColumnCorrection", "LayerMacro", "MacroStats", "join_pairs",
+           "macro_matmul", "pair_gradient", "split_pairs", "stored_digits", "torch_backward", "torch_forward",
+           "unpair_weight_gradient"]

@@ -42,9 +42,7 @@ def expected_output(macro: LayerMacro, planes: np.ndarray, digits: np.ndarray, x
         levels = np.einsum("npgr,grkm->npgkm", pl.reshape(pl.shape[0], spec.n_planes, g1 - g0, R),
                            dg.reshape(g1 - g0, R, spec.n_slices, t.n_cols))
         cols = t.physical_columns(spec)
-        m = tr.expected(levels, cols)
-        if tr.trim is not None:  # the host's per-column trim of every code
-            m = (m - tr.trim.offset[cols]) * tr.trim.scale[cols]
+        m = tr.expected(levels, cols)  # of the decoded values, when the transfer has a decoder
         out = spec.adc_lsb * np.einsum("npgkm,p,k->nm", m, pw, sw)
         out -= spec.weight_offset * x[:, t.row0 : t.row1].sum(axis=1, keepdims=True)
         total += float((g[:, t.col0 : t.col1] * out).sum())
@@ -148,5 +146,24 @@ def test_backward_of_a_trimmed_chip_equals_finite_differences_of_its_trimmed_exp
     rng = np.random.default_rng(4)
     J = spec.physical_cols
     trim = ColumnTrim(rng.normal(0.0, 0.5, J), rng.uniform(0.8, 1.25, J))
-    transfer = Transfer.from_model(noisy_model(spec, seed=6), pooled=False).trimmed(trim)
+    raw = Transfer.from_model(noisy_model(spec, seed=6), pooled=False)
+    transfer = raw.trimmed(trim)
+    levels = np.linspace(-2.0, spec.s_max + 2.0, 57)
+    for j in (0, J // 2, J - 1):  # a line decoder moves the expected transfer by the same line
+        want = (raw.expected(levels, j) - trim.offset[j]) * trim.scale[j]
+        assert np.allclose(transfer.expected(levels, j), want)
     check_gradients(spec, transfer, k=spec.rows + 5, m=spec.cols + 2, seed=3)
+
+
+@pytest.mark.parametrize("pooled", [True, False], ids=["pooled", "per-column"])
+def test_backward_through_a_table_decoder_equals_finite_differences_of_the_decoded_expected_transfer(
+        pooled: bool) -> None:
+    from cimlab.training.transfer import ColumnDecoder
+
+    spec = SMALL_TWOS
+    model = noisy_model(spec, seed=11, noise=0.8)
+    decoder = ColumnDecoder.from_model(noisy_model(spec, seed=12, noise=0.8, draws=16))  # a short characterization
+    transfer = Transfer.from_model(model, pooled=pooled).decoded(decoder)
+    probs = transfer.probs[0 if pooled else 3]  # [L, C]: the decoded mean is the code distribution's
+    assert np.allclose(transfer.mean[3], probs @ decoder.table[3])
+    check_gradients(spec, transfer, k=spec.rows + 5, m=spec.cols + 2, seed=4)

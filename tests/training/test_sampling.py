@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from training_helpers import SMALL_LOSSY, SMALL_ODD, SMALL_TWOS, noisy_model
+from training_helpers import SMALL_DIFF, SMALL_LOSSY, SMALL_ODD, SMALL_TWOS, noisy_model
 
 from cimlab.mapping import map_layer
 from cimlab.training.layers import CIMLinear, convert, reseed
@@ -13,15 +13,41 @@ from cimlab.training.loop import TrainConfig, fit
 from cimlab.training.macro import LayerMacro, macro_matmul
 from cimlab.training.models import digits_mlp
 from cimlab.training.tasks import load_task
-from cimlab.training.transfer import Transfer
+from cimlab.training.transfer import Transfer, splitmix_uniforms
 
 N_DRAWS = 40_000
 
 
 def draw(tr: Transfer, level: int, column: int, n: int = N_DRAWS, seed: int = 0) -> np.ndarray:
+    """``n`` codes of one (level, column) from the counter-based uniforms training uses."""
     levels = torch.full((n, 1), float(level))
     tables = tr.table_index(np.array([column]))
-    return tr.codes(levels, tables, np.random.Generator(np.random.PCG64(seed))).to(torch.int64).numpy()[:, 0]
+    u = splitmix_uniforms(seed, torch.arange(n, dtype=torch.int64)).reshape(n, 1)
+    return tr.codes_from_uniforms(levels, tables, u).to(torch.int64).numpy()[:, 0]
+
+
+def splitmix64_reference(seed: int, words: np.ndarray) -> np.ndarray:
+    """SplitMix64's outputs ``words`` (0-based) of a generator seeded ``seed``, in numpy uint64 arithmetic (an
+    implementation independent of the library's torch and C ones)."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed) + (words.astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def test_uniforms_are_splitmix64_halves() -> None:
+    """The published first outputs of SplitMix64 seeded 0 (Steele et al. 2014; Java's SplittableRandom), each
+    64-bit word giving two conversions their 32-bit uniforms, low half first."""
+    words = [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    assert [int(v) for v in splitmix64_reference(0, np.arange(3))] == words
+    u = splitmix_uniforms(0, torch.arange(6, dtype=torch.int64)).numpy().view(np.uint32)
+    assert [int(v) for v in u] == [h for w in words for h in (w & 0xFFFFFFFF, w >> 32)]
+    seed = 0xDEADBEEF12345678
+    k = np.arange(1 << 12)
+    want = splitmix64_reference(seed, k >> 1)
+    want = np.where(k & 1, want >> np.uint64(32), want & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    assert np.array_equal(splitmix_uniforms(seed, torch.from_numpy(k)).numpy().view(np.uint32), want)
 
 
 @pytest.mark.parametrize("spec", [SMALL_TWOS, SMALL_ODD], ids=["twos", "unsigned-odd"])
@@ -84,8 +110,8 @@ def test_chunking_does_not_change_the_ideal_result_and_bounds_the_chunk() -> Non
     lm = map_layer(spec, 70, 13)
     x = torch.randint(0, spec.input_max + 1, (33, 70)).float()
     q = torch.randint(-8, 8, (70, 13)).float()
-    big = LayerMacro(lm, tr)
-    small = LayerMacro(lm, tr, chunk_conversions=1000)
+    big = LayerMacro(lm, tr, backend="torch")
+    small = LayerMacro(lm, tr, chunk_conversions=1000, backend="torch")
     assert torch.equal(macro_matmul(x, q, big), macro_matmul(x, q, small))
     assert max(t.conversions_per_vector(spec) for t in lm.tiles) <= 1000  # a vector fits a chunk here
     assert small.stats.max_chunk_conversions <= small.chunk_bound() <= 1000
@@ -143,26 +169,33 @@ def test_evaluation_leaves_the_training_streams_where_they_were() -> None:
     assert np.array_equal(layer.macro.rng.bit_generator.random_raw(4), expected)
 
 
-@pytest.mark.parametrize("spec", [SMALL_TWOS, SMALL_LOSSY], ids=["twos", "offset-clip"])
-def test_fused_layer_forward_equals_the_twins_sampler_on_numpy_levels(spec) -> None:  # noqa: ANN001
-    """The fused chunk kernel (guide index from one matmul, code, recombination) against an independent numpy
-    computation: ``MacroSpec.ideal_levels``, the twin's ``CodeSampler`` on the same 32-bit uniforms, and
+@pytest.mark.parametrize("backend", ["c", "torch"])
+@pytest.mark.parametrize("spec", [SMALL_TWOS, SMALL_LOSSY, SMALL_ODD, SMALL_DIFF],
+                         ids=["twos", "offset-clip", "unsigned-odd", "differential"])
+def test_layer_forward_equals_the_twins_sampler_on_numpy_levels(spec, backend: str) -> None:  # noqa: ANN001
+    """The layer's forward (C kernel or torch) against an independent numpy computation: ``MacroSpec.ideal_levels``,
+    the twin's ``CodeSampler`` on the same 32-bit uniforms (numpy SplitMix64: conversion (i, g, p, c) takes half
+    k & 1 of word k >> 1 of the tile's seed, k = ((g P + p) C + c) Ne + i, Ne = n rounded up to 16), and
     ``MacroSpec.recombine``."""
-    from cimlab.training.transfer import uniform32
-
     model = noisy_model(spec, seed=12, noise=0.5)
     tr = Transfer.from_model(model, pooled=False)
-    assert tr.layout == "packed"  # the fused path
     rng = np.random.default_rng(3)
     x = rng.integers(0, spec.input_max + 1, (9, spec.rows))
     w = rng.integers(spec.weight_min, spec.weight_max + 1, (spec.rows, spec.cols))
-    macro = LayerMacro(map_layer(spec, spec.rows, spec.cols), tr)
+    macro = LayerMacro(map_layer(spec, spec.rows, spec.cols), tr, backend=backend)
     macro.reseed(4)
     got = macro.mac_values(torch.tensor(x, dtype=torch.float32), torch.tensor(w, dtype=torch.float32))
+    assert macro.stats.backend == backend
+    seed = int(np.random.Generator(np.random.PCG64(4)).bit_generator.random_raw())  # the one tile's seed
     levels = spec.ideal_levels(x, w)  # [n, P, G, S, C]
-    order = levels.transpose(2, 0, 1, 3, 4)  # the kernel draws its uniforms in [G, n, P, S, C] order
-    bits = uniform32(np.random.Generator(np.random.PCG64(4)), order.size).view(np.uint32).reshape(order.shape)
+    n, P, G, S, C = levels.shape
+    order = levels.transpose(0, 2, 1, 3, 4).reshape(n, G, P, S * C)  # conversion (i, g, p, c)
+    ne = -(-n // 16) * 16
+    i, g, p, c = np.meshgrid(np.arange(n), np.arange(G), np.arange(P), np.arange(S * C), indexing="ij")
+    k = ((g * P + p) * (S * C) + c) * ne + i
+    words = splitmix64_reference(seed, k >> 1)
+    bits = np.where(k & 1, words >> np.uint64(32), words & np.uint64(0xFFFFFFFF)).astype(np.uint32)
     flat = order.reshape(-1, spec.physical_cols)
-    codes = model.sampler().sample_bits(flat, bits.reshape(flat.shape)).reshape(order.shape)
-    want = spec.recombine(codes.transpose(1, 2, 0, 3, 4), x)
+    codes = model.sampler().sample_bits(flat, bits.reshape(flat.shape)).reshape(n, G, P, S, C)
+    want = spec.recombine(codes.transpose(0, 2, 1, 3, 4), x)
     assert np.array_equal(got.numpy().astype(np.int64), want)
