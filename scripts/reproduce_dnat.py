@@ -457,7 +457,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, help="folder for error models and checkpoints (default: a temp folder)")
     ap.add_argument("--draws", type=int, default=3, help="draws of each error model per evaluation")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (more only on an idle machine: OpenMP's barriers spin, and a core "
+                         "shared with another process stalls every parallel region)")
     ap.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; figures not meaningful)")
     return ap.parse_args(argv)
 
@@ -494,5 +496,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.exit(main())
