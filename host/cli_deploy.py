@@ -213,16 +213,19 @@ def bench_table(r: dict[str, Any]) -> Table:
 @click.option("--trim", "trim_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Per-chip step: trim each physical column by the gain and offset of this short characterization "
                    "of the chip (cimlab characterize --repeats 16); the chip then returns raw codes (MAC_RAW).")
+@click.option("--decode", "decode_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Per-chip step, instead of --trim: decode each physical column's codes by a table (the expected "
+                   "ideal level of each code) from this short characterization of the chip; raw codes (MAC_RAW).")
 @click.option("--calibrate", "calibrate_n", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Per-chip step: fit each layer's per-output gain and offset on the chip with N training images "
-                   "(no labels) before the run.")
+              help="Per-chip step: fit each layer's per-output gain and offset, and measure the batch-norm "
+                   "statistics, on the chip with N training images (no labels) before the run.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @json_option
 @cim_errors
 def bench_cmd(package: Path, link_url: str, timeout: float, task: str | None, data_dir: Path | None,
               limit: int | None, batch_size: int, draws: int, error_model: Path | None, pooled: bool, seed: int,
-              window: int, max_rewrites: int, trim_file: Path | None, calibrate_n: int, progress: bool,
-              as_json: bool) -> None:
+              window: int, max_rewrites: int, trim_file: Path | None, decode_file: Path | None, calibrate_n: int,
+              progress: bool, as_json: bool) -> None:
     """Run PACKAGE's network on the chip at --link over the task's test set: accuracy on the chip against the
     host's prediction (ideal MACs, and the error model: mean ± std over draws), images/s, link bytes, chip cycles,
     latency and energy, and which bound holds."""
@@ -230,13 +233,19 @@ def bench_cmd(package: Path, link_url: str, timeout: float, task: str | None, da
     from cimlab.deploy.package import DeployPackage
     from cimlab.estimate import estimate_package
     from cimlab.training.tasks import load_task
-    from cimlab.training.transfer import ColumnTrim
+    from cimlab.training.transfer import ColumnDecoder, ColumnTrim
 
+    if trim_file is not None and decode_file is not None:
+        raise ConfigError("give --trim or --decode, not both (both decode each column's raw codes)")
     pkg = DeployPackage.load(package)
     if task is not None and task != pkg.task:
         raise ConfigError(f"--task {task!r}: package {package.name} holds a network for task {pkg.task!r}")
     data = load_task(pkg.task, data_dir, limit=limit)
-    trim = ColumnTrim.load(trim_file) if trim_file is not None else None
+    trim: ColumnTrim | ColumnDecoder | None = None
+    if trim_file is not None:
+        trim = ColumnTrim.load(trim_file)
+    elif decode_file is not None:
+        trim = ColumnDecoder.load(decode_file)
     calibration = data.x_train[:calibrate_n] if calibrate_n else None
     with open_chip(link_url, timeout, window=window) as chip:
         err_console.print(f"[bold]bench[/] {pkg.describe()}", highlight=False)

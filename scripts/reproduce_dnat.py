@@ -11,13 +11,15 @@ Steps (offline, on the CPU):
 2. Digits, ``digits_mlp`` and ``digits_cnn``: ``float``, then ``quant`` (the ideal quantized model, the upper
    bound) per MacroSpec.
 3. Per error model and network: ``naive`` (quant under the chip), ``naive + deploy step`` (each physical column's
-   gain trimmed from the short characterization, then each output column's gain and offset fitted on the chip
-   against the exact MACs), ``D-NAT`` (fine-tuned from quant through the chip with the deploy step in the loop,
+   codes decoded by a table from the short characterization, the expected ideal level of each code, as
+   ``cimlab bench --decode``; then each output column's gain and offset fitted on the chip against the exact MACs
+   and the batch-norm statistics measured on the chip, as ``--calibrate``), ``D-NAT`` (fine-tuned from quant through the chip with the deploy step in the loop,
    evaluated with it), mean over ``--draws`` draws. ``recovery = (D-NAT - naive) / (quant - naive)``, ``null``
    where naive loses less than the evaluation's noise. Where read noise bounds what any training can reach, the
    bound is D-NAT on the chip's read noise alone (ideal mean, the measured per-level sigma).
-4. One network for many chips: D-NAT through chips 1-4 (one chip per batch, each as deployed), evaluated on chips 5
-   and 6 with their own deploy step, next to D-NAT trained on chip 5 itself.
+4. One network for many chips: D-NAT through chips 1-4 (one chip per batch, each as deployed, its columns in a
+   fresh random placement every epoch), evaluated on chips 5 and 6 with their own deploy step, next to D-NAT
+   trained on each of them.
 5. Input bounds where the lower one could matter: signed (standardised) digits, E-PACT vs PACT vs fixed clipping.
 6. Step time: a D-NAT training step (per-column error model) / the quant model's step (a plain convolution /
    matmul), same model and batch, best of interleaved repeats.
@@ -135,15 +137,11 @@ def characterize_chip(case: ErrorCase, seed: int, out: Path, plan: Plan) -> Chip
 
 
 def chip_transfer(chip: Chip) -> Any:
-    """The chip as deployed: its per-column error model, trimmed per physical column from the short
-    characterization (gain only: the offsets are left to the per-output step, which sees the clipping)."""
-    import numpy as np
+    """The chip as deployed: its per-column error model, each physical column's codes decoded by the table of
+    its short characterization (``cimlab bench --decode``)."""
+    from cimlab.training.transfer import ColumnDecoder, Transfer
 
-    from cimlab.training.transfer import ColumnTrim, Transfer
-
-    trim = ColumnTrim.load(chip.short_file)
-    return Transfer.load(chip.model_file, pooled=False).trimmed(
-        ColumnTrim(np.zeros_like(trim.offset), trim.scale, trim.source))
+    return Transfer.load(chip.model_file, pooled=False).decoded(ColumnDecoder.load(chip.short_file))
 
 
 def raw_transfer(chip: Chip) -> Any:
@@ -246,8 +244,9 @@ class Study:
         return m
 
     def dnat(self, quant: Path, chips: list[Any], *, learn: str = "epact", data: Any = None,
-             epochs: int | None = None, deploy_step: bool = True) -> tuple[Any, float]:
-        """D-NAT from the quant checkpoint through ``chips`` (one per batch); (model, seconds)."""
+             epochs: int | None = None, deploy_step: bool = True, shuffle: bool = False) -> tuple[Any, float]:
+        """D-NAT from the quant checkpoint through ``chips`` (one per batch; ``shuffle``: each chip's columns in a
+        fresh placement every epoch); (model, seconds)."""
         from cimlab.training.api import prepare_model
         from cimlab.training.checkpoint import load_checkpoint
         from cimlab.training.loop import fit
@@ -257,7 +256,7 @@ class Study:
                                  learn=learn, seed=self.seed)
         t0 = time.perf_counter()
         fit(model, data, self.cfg(epochs or self.plan.dnat_epochs), evaluate_each_epoch=False,
-            population=chips, calibration=self.calibration() if deploy_step else ())
+            population=chips, calibration=self.calibration() if deploy_step else (), shuffle_columns=shuffle)
         return model, time.perf_counter() - t0
 
 
@@ -313,7 +312,7 @@ def run_population(study: Study, chips: dict[int, Chip], name: str) -> dict[str,
     spec = transfers[study.plan.train_chips[0]].spec
     qpath = study.quant_net(name, spec)
     qm = quant_model(qpath)
-    pop_model, seconds = study.dnat(qpath, [transfers[s] for s in study.plan.train_chips])
+    pop_model, seconds = study.dnat(qpath, [transfers[s] for s in study.plan.train_chips], shuffle=True)
     held: dict[str, Any] = {}
     for s in study.plan.held_out:
         t = transfers[s]
@@ -458,7 +457,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, help="folder for error models and checkpoints (default: a temp folder)")
     ap.add_argument("--draws", type=int, default=3, help="draws of each error model per evaluation")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (more only on an idle machine: OpenMP's barriers spin, and a core "
+                         "shared with another process stalls every parallel region)")
     ap.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; figures not meaningful)")
     return ap.parse_args(argv)
 
@@ -495,5 +496,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.exit(main())

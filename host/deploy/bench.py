@@ -43,13 +43,13 @@ import torch
 
 from cimlab.deploy.package import DeployPackage
 from cimlab.deploy.program import DEFAULT_MAX_REWRITES, PageLoader
-from cimlab.deploy.runner import ChipRunner, attach_chip, build_model, predict
+from cimlab.deploy.runner import ChipRunner, attach_chip, build_model, column_decoder, predict
 from cimlab.driver import Chip
 from cimlab.firmware_bridge.errors import ConfigError
 from cimlab.firmware_bridge.frame import OVERHEAD
 from cimlab.training.layers import calibrate_columns, set_transfer
 from cimlab.training.loop import accuracy_draws, progress_bar
-from cimlab.training.transfer import ColumnTrim, Transfer, check_spec, file_sha256
+from cimlab.training.transfer import ColumnDecoder, ColumnTrim, Transfer, check_spec, file_sha256
 
 SPREAD_SIGMAS = 3.0
 """Standard deviations of the prediction within which the chip's accuracy counts as predicted."""
@@ -121,7 +121,7 @@ class ChipRun:
 
 
 def run_on_chip(pkg: DeployPackage, chip: Chip, x: torch.Tensor, *, batch_size: int, progress: bool,
-                max_rewrites: int, trim: ColumnTrim | None = None,
+                max_rewrites: int, trim: ColumnTrim | ColumnDecoder | None = None,
                 calibration: Sequence[torch.Tensor] = ()) -> ChipRun:
     """Verify the first page, apply the deploy step (``trim``, then per-output calibration on the chip with the
     ``calibration`` batches), then run every image with each CIM layer's MACs on the chip; the chip's STATUS and
@@ -151,7 +151,7 @@ def run_on_chip(pkg: DeployPackage, chip: Chip, x: torch.Tensor, *, batch_size: 
 
 def host_prediction(pkg: DeployPackage, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, draws: int,
                     error_model: str | os.PathLike | None, pooled: bool, seed: int,
-                    trim: ColumnTrim | None = None, calibration: Sequence[torch.Tensor] = ()
+                    trim: ColumnTrim | ColumnDecoder | None = None, calibration: Sequence[torch.Tensor] = ()
                     ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The same network on the host: logits with ideal MACs, and the accuracy under the error model (mean, std
     over ``draws``) with the same deploy step as the chip path."""
@@ -162,7 +162,7 @@ def host_prediction(pkg: DeployPackage, x: torch.Tensor, y: torch.Tensor, *, bat
     prediction: dict[str, Any] = {"ideal": acc_ideal, "error_model": em_path, "note": em_note, "pooled": None,
                                   "draws": [], "mean": None, "std": None}
     if em_path is not None and draws > 0:
-        transfer = Transfer.load(em_path, pooled=pooled).trimmed(trim)
+        transfer = Transfer.load(em_path, pooled=pooled).decoded(column_decoder(trim, pkg.spec))
         check_spec(pkg.spec, transfer.spec, f"error model {em_path!r}")
         set_transfer(host, transfer)
         if calibration:
@@ -198,7 +198,7 @@ def bounds(spec: Any, run: ChipRun, n: int, rate: float) -> dict[str, Any]:
 def bench_package(pkg: DeployPackage, chip: Chip, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512,
                   draws: int = 5, error_model: str | os.PathLike | None = None, pooled: bool = False,
                   seed: int = 0, progress: bool = False, max_rewrites: int = DEFAULT_MAX_REWRITES,
-                  link_rate: float | None = None, trim: ColumnTrim | None = None,
+                  link_rate: float | None = None, trim: ColumnTrim | ColumnDecoder | None = None,
                   calibration: torch.Tensor | None = None) -> dict[str, Any]:
     """Benchmark the package on the chip with test inputs ``x`` and labels ``y`` (see the module docstring).
 
@@ -211,11 +211,13 @@ def bench_package(pkg: DeployPackage, chip: Chip, x: torch.Tensor, y: torch.Tens
         seed: first seed of the prediction's draws.
         progress: show a progress bar on stderr.
         link_rate: the link's rate, bytes/s (default: its ``rate_hint``, else measured with PING).
-        trim, calibration: the per-chip deploy step. ``trim``: each physical column's gain and offset from a short
-            characterization of this chip (the chip then returns raw codes, MAC_RAW, and the host recombines
-            them trimmed); ``calibration``: inputs (no labels) on which each layer's per-output gain and offset
-            are fitted on the chip against the exact MACs (``cimlab.training.layers.calibrate_columns``) before
-            the timed run. The prediction applies the same step under the error model.
+        trim, calibration: the per-chip deploy step. ``trim``: how each physical column's raw codes are decoded,
+            from a short characterization of this chip: its gain and offset (``ColumnTrim``), or a table of the
+            expected ideal level of each code (``ColumnDecoder``); the chip then returns raw codes (MAC_RAW) and
+            the host recombines the decoded values. ``calibration``: inputs (no labels) on which each layer's
+            per-output gain and offset are fitted on the chip against the exact MACs, and the batch-norm
+            statistics measured on the chip (``cimlab.training.layers.calibrate_columns``), before the timed run.
+            The prediction applies the same step under the error model.
 
     Returns:
         The figures (JSON-friendly), plus ``"_chip_logits"`` and ``"_ideal_logits"`` (torch tensors, dropped by
@@ -232,9 +234,7 @@ def bench_package(pkg: DeployPackage, chip: Chip, x: torch.Tensor, y: torch.Tens
     if draws < 0:
         raise ConfigError(f"draws must be >= 0, got {draws}")
     n, spec, hello = int(x.shape[0]), pkg.spec, chip.hello
-    if trim is not None and trim.offset.shape != (spec.physical_cols,):
-        raise ConfigError(f"the trim has {trim.offset.shape[0]} physical columns; this macro has "
-                          f"{spec.physical_cols} ({spec.describe()})")
+    column_decoder(trim, spec)  # ConfigError for another macro's
     pkg.check_hello(hello, f"the chip at {chip.link.url}")
     batches = _batches(calibration, batch_size)
     run = run_on_chip(pkg, chip, x, batch_size=batch_size, progress=progress, max_rewrites=max_rewrites,
@@ -276,6 +276,7 @@ def bench_package(pkg: DeployPackage, chip: Chip, x: torch.Tensor, y: torch.Tens
         "deploy": run.deploy.as_dict(max_cells=20),
         "weight_mismatches": len(run.loader.mismatches),
         "deploy_step": {"trim": trim.source if trim is not None else None,
+                        "decoder": None if trim is None else "line" if isinstance(trim, ColumnTrim) else trim.kind,
                         "calibration_images": int(calibration.shape[0]) if calibration is not None else 0,
                         "calibration_s": run.calibration_s},
         "_chip_logits": run.logits, "_ideal_logits": ideal_logits,

@@ -32,7 +32,7 @@ from cimlab.training.api import model_from_checkpoint
 from cimlab.training.checkpoint import Checkpoint
 from cimlab.training.layers import CIMLayer, cim_layers, reseed
 from cimlab.training.macro import LayerMacro
-from cimlab.training.transfer import ColumnTrim, Transfer
+from cimlab.training.transfer import ColumnDecoder, ColumnTrim, Transfer
 
 
 def build_model(pkg: DeployPackage, transfer: Transfer | None = None) -> nn.Module:
@@ -83,12 +83,13 @@ class ChipMacro(LayerMacro):
     """A layer's macro whose MACs run on the chip (inference only; see the module docstring)."""
 
     def __init__(self, layer_map: LayerMap, runner: ChipRunner, name: str, weights: np.ndarray,
-                 trim: ColumnTrim | None = None) -> None:
-        super().__init__(layer_map, Transfer.ideal(layer_map.spec).trimmed(trim))
+                 trim: ColumnTrim | ColumnDecoder | None = None) -> None:
+        decoder = column_decoder(trim, layer_map.spec)
+        super().__init__(layer_map, Transfer.ideal(layer_map.spec).decoded(decoder))
         self.runner = runner
         self.name = name
         self.weights = torch.from_numpy(np.asarray(weights, dtype=np.int64))
-        self.trim = trim
+        self.decoder = decoder
 
     @property
     def fast_exact(self) -> bool:
@@ -99,7 +100,7 @@ class ChipMacro(LayerMacro):
         """MAC outputs [N, M] from the chip for input codes x [N, K]; q must be the weights the chip holds."""
         if q.shape != self.weights.shape or not torch.equal(torch.round(q).to(torch.int64), self.weights):
             raise ArtifactError(f"layer {self.name!r} asks for other weights than the chip was programmed with")
-        return self.runner.layer_mac(self.name, self.layer_map, x, self.trim)
+        return self.runner.layer_mac(self.name, self.layer_map, x, self.decoder)
 
     def backward_values(self, x: torch.Tensor, q: torch.Tensor,
                         grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,20 +127,21 @@ class ChipRunner:
         self.calls = 0
         self.on_call: Callable[[], None] | None = None
 
-    def layer_mac(self, name: str, lm: LayerMap, x: torch.Tensor, trim: ColumnTrim | None = None) -> torch.Tensor:
+    def layer_mac(self, name: str, lm: LayerMap, x: torch.Tensor,
+                  decoder: ColumnDecoder | None = None) -> torch.Tensor:
         """The layer's MAC outputs [N, M] (float64): each tile's rows driven on the chip, its columns read (a paired
-        tile's two columns per output subtracted), tiles of one column range added. With a ``trim`` the chip returns
-        its raw codes (MAC_RAW) and the host recombines them with each physical column trimmed
-        (``cimlab.training.transfer.ColumnTrim``)."""
+        tile's two columns per output subtracted), tiles of one column range added. With a ``decoder`` the chip
+        returns its raw codes (MAC_RAW) and the host recombines each physical column's decoded values
+        (``cimlab.training.transfer.ColumnDecoder``: a trim's line, or a table)."""
         codes = torch.round(x).to(torch.int64).numpy()
-        out = np.zeros((codes.shape[0], lm.n_cols), dtype=np.float64 if trim is not None else np.int64)
+        out = np.zeros((codes.shape[0], lm.n_cols), dtype=np.float64 if decoder is not None else np.int64)
         for t in sorted(lm.tiles, key=lambda t: t.page):
             self.loader.ensure(t.page)
             xt = codes[:, t.row0 : t.row1]
-            if trim is None:
+            if decoder is None:
                 y = self.chip.mac(xt, row_start=t.macro_row)[:, t.macro_col : t.macro_col + t.macro_cols]
             else:
-                y = self._trimmed_mac(xt, t, trim)
+                y = self._decoded_mac(xt, t, decoder)
             out[:, t.col0 : t.col1] += t.join_pairs(y)
             self.vectors += codes.shape[0]
             self.calls += 1
@@ -147,25 +149,38 @@ class ChipRunner:
                 self.on_call()
         return torch.from_numpy(out).to(torch.float64)
 
-    def _trimmed_mac(self, x: np.ndarray, t: Any, trim: ColumnTrim) -> np.ndarray:
-        """One tile's outputs [n, its macro columns] from its raw codes, each physical column trimmed, recombined as
-        ``MacroSpec.recombine`` does."""
+    def _decoded_mac(self, x: np.ndarray, t: Any, decoder: ColumnDecoder) -> np.ndarray:
+        """One tile's outputs [n, its macro columns] from its raw codes, each physical column's codes decoded,
+        recombined as ``MacroSpec.recombine`` does."""
         spec = self.chip.spec
         raw = self.chip.mac_raw(x, row_start=t.macro_row)  # [n, P, G, S, cols]
         cols = slice(t.macro_col, t.macro_col + t.macro_cols)
         j = t.physical_columns(spec)  # [S, tile columns]
-        trimmed = (raw[..., cols].astype(np.float64) - trim.offset[j]) * trim.scale[j]
-        acc = np.einsum("npgkc,p,k->nc", trimmed, spec.plane_weights(), spec.slice_weights())
+        decoded = decoder.table[j, raw[..., cols].astype(np.int64)]
+        acc = np.einsum("npgkc,p,k->nc", decoded, spec.plane_weights(), spec.slice_weights())
         acc = acc * (spec.adc_full_scale / spec.adc_max)
         if spec.weight_offset:
             acc -= spec.weight_offset * x.sum(axis=1, keepdims=True)
         return acc
 
 
+def column_decoder(step: ColumnTrim | ColumnDecoder | None, spec: Any) -> ColumnDecoder | None:
+    """The per-column decoder of a deploy step: a trim's line decoder, a decoder as it is, or None."""
+    if step is None or isinstance(step, ColumnDecoder):
+        decoder = step
+    else:
+        decoder = step.decoder(spec)
+    if decoder is not None and decoder.table.shape != (spec.physical_cols, spec.n_codes):
+        raise ConfigError(f"the trim or decoder has {decoder.table.shape[0]} physical columns and "
+                          f"{decoder.table.shape[1]} codes; this macro has {spec.physical_cols} and {spec.n_codes} "
+                          f"({spec.describe()})")
+    return decoder
+
+
 def attach_chip(model: nn.Module, pkg: DeployPackage, chip: Chip, loader: PageLoader,
-                trim: ColumnTrim | None = None) -> ChipRunner:
-    """Give every CIM layer of ``model`` (from ``build_model``) a ``ChipMacro`` (reading raw codes and trimming
-    them per physical column when ``trim`` is given); returns the runner."""
+                trim: ColumnTrim | ColumnDecoder | None = None) -> ChipRunner:
+    """Give every CIM layer of ``model`` (from ``build_model``) a ``ChipMacro`` (reading raw codes and decoding
+    them per physical column when a trim or decoder is given); returns the runner."""
     runner = ChipRunner(chip, pkg, loader)
     for name, layer in cim_layers(model):
         layer.macro = ChipMacro(pkg.schedule.layer_map(name), runner, name, pkg.layers[name].weights, trim)

@@ -542,14 +542,20 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], *, quantile: fl
 
 
 @torch.no_grad()
-def calibrate_columns(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, ColumnCorrection]:
+def calibrate_columns(model: nn.Module, batches: Iterable[torch.Tensor], *,
+                      batch_norm: bool = True) -> dict[str, ColumnCorrection]:
     """The per-chip deploy-time step: fit each CIM layer's per-column correction (``ColumnCorrection``) on the
-    chip the layers compute on now (an error model, or the chip itself behind ``cimlab.deploy.runner``).
+    chip the layers compute on now (an error model, or the chip itself behind ``cimlab.deploy.runner``), and
+    re-estimate the batch-norm statistics on that chip.
 
     Layer by layer in module order, with the layers before already corrected: the calibration inputs (no labels)
     run through the model, the layer's input codes are sent to its macro once more, and its MAC outputs are fitted
     against the exact integer MACs of the same codes and programmed weights (``codes @ weights``, which the host
-    knows). Costs one pass of ``batches`` per CIM layer. Returns {layer name: correction}, also set on the layers.
+    knows). With ``batch_norm`` (and batch-norm layers in the model), every batch norm's running mean and variance
+    are then measured afresh on the same inputs (``recalibrate_batch_norm``), so the next layer sees its inputs as
+    normalised on this chip: statistics learned under other chips' errors (a population, or a chip's read noise)
+    do not fit this one. Costs one pass of ``batches`` per CIM layer (two with batch norm). Returns {layer name:
+    correction}, also set on the layers.
     """
     batches = list(batches)
     if not batches:
@@ -557,6 +563,7 @@ def calibrate_columns(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict
     layers = list(cim_layers(model))
     for _, layer in layers:
         layer.macro.set_correction(None)
+    norms = batch_norms(model) if batch_norm else []
     was = model.training
     model.eval()
     fitted: dict[str, ColumnCorrection] = {}
@@ -577,9 +584,45 @@ def calibrate_columns(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict
             ideal = x.to(torch.float64) @ weights.to(torch.float64)
             fitted[name] = ColumnCorrection.fit(measured, ideal)
             layer.macro.set_correction(fitted[name])
+            if norms:
+                recalibrate_batch_norm(model, batches)
     finally:
         model.train(was)
     return fitted
+
+
+def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The model's batch-norm layers that keep running statistics."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Measure every batch norm's running mean and variance afresh: the equally weighted average over
+    ``batches`` (no labels) of the batch statistics, the rest of the model in eval mode (on the chip or error
+    model the CIM layers compute on now). Affine parameters are kept. Returns the number of batch-norm layers."""
+    norms = batch_norms(model)
+    batches = list(batches)
+    if not norms:
+        return 0
+    if not batches:
+        raise ConfigError("batch-norm recalibration needs at least one batch of inputs")
+    was = model.training
+    momenta = [bn.momentum for bn in norms]
+    model.eval()
+    try:
+        for bn in norms:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average over the batches
+            bn.train()
+        for xb in batches:
+            model(xb)
+    finally:
+        for bn, momentum in zip(norms, momenta, strict=True):
+            bn.momentum = momentum
+        model.train(was)
+    return len(norms)
 
 
 def set_columns(model: nn.Module, corrections: dict[str, ColumnCorrection] | None) -> None:
@@ -596,6 +639,7 @@ def clear_columns(model: nn.Module) -> None:
     set_columns(model, None)
 
 
-__all__ = ["CIMConv1d", "CIMConv2d", "CIMLayer", "CIMLinear", "MacroOperands", "calibrate", "calibrate_columns",
-           "cim_layers", "clear_columns", "convert", "model_polarity", "model_quant", "model_spec", "project_polarity",
-           "reseed", "set_columns", "set_learn", "set_transfer"]
+__all__ = ["CIMConv1d", "CIMConv2d", "CIMLayer", "CIMLinear", "MacroOperands", "batch_norms", "calibrate",
+           "calibrate_columns", "cim_layers", "clear_columns", "convert", "model_polarity", "model_quant",
+           "model_spec", "project_polarity", "recalibrate_batch_norm", "reseed", "set_columns", "set_learn",
+           "set_transfer"]

@@ -139,7 +139,7 @@ def progress_bar(enabled: bool, total: int, description: str) -> Iterator[Any]:
 def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = False,
         evaluate_each_epoch: bool = True, description: str = "train",
         population: Sequence[Transfer] = (), calibration: Sequence[torch.Tensor] = (),
-        checkpoint: EpochCheckpoint | None = None, replicas: Replicas | None = None) -> TrainResult:
+        shuffle_columns: bool = False, checkpoint: EpochCheckpoint | None = None, replicas: Replicas | None = None) -> TrainResult:
     """Train ``model`` on ``data`` with cross entropy (see ``TrainConfig``); returns what happened.
 
     ``population``: error models of several chips of one design; each step draws one of them (uniformly, from
@@ -149,7 +149,14 @@ def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = 
     ``calibration``: input batches (no labels) for the deploy-time step. When given, training sees every chip as
     it will be deployed: at the start of each epoch each chip's per-column corrections are fitted for the current
     weights (``layers.calibrate_columns``; the model's own transfer when there is no population) and applied to
-    the steps through that chip. Afterwards the model holds the corrections of the last chip it used.
+    the steps through that chip. Afterwards the model holds the corrections of the last chip it used. (Batch norm
+    trains on batch statistics, so its running statistics are left to the deploy step, which measures them on
+    the chip.)
+
+    ``shuffle_columns``: at the start of each epoch every chip of the population gets a fresh random placement of
+    its physical columns (``Transfer.permuted``, from the seeded generator). A few measured dies then stand for
+    the design's spread of columns rather than for themselves: without it a network learns where its training
+    chips' bad columns sit, which a chip it never saw does not share.
 
     With ``checkpoint``, the whole training state is restored first (``--resume``) and saved at the start of every
     epoch, so an interrupted run continues bit-identically from the epoch it was in.
@@ -181,7 +188,8 @@ def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = 
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)))
-    chips = population or [None]
+    if shuffle_columns and not population:
+        raise ConfigError("shuffle_columns needs a population of chips")
     result = TrainResult()
     start_epoch = 0
     if checkpoint is not None:
@@ -197,7 +205,8 @@ def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = 
                 checkpoint.save(model, opt, sched, gen, epoch=epoch, steps=result.steps, history=result.history)
             if replicas is not None:
                 replicas.reseed(model, cfg.seed, epoch)
-            corrections = _chip_corrections(model, chips, calibration) if calibration else None
+            chips = _placements(population, gen) if shuffle_columns else population
+            corrections = _chip_corrections(model, chips or [None], calibration) if calibration else None
             if replicas is not None and corrections is not None:
                 corrections = replicas.broadcast_corrections(corrections)
             model.train()
@@ -212,9 +221,9 @@ def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = 
                 xb, yb = data.x_train[idx], data.y_train[idx]
                 if data.augment is not None:
                     xb = data.augment(xb, gen)
-                if population:
-                    chip = int(torch.randint(len(population), (1,), generator=gen))
-                    set_transfer(model, population[chip])
+                if chips:
+                    chip = int(torch.randint(len(chips), (1,), generator=gen))
+                    set_transfer(model, chips[chip])
                     if corrections is not None:
                         set_columns(model, corrections[chip])
                 weight = 1.0
@@ -248,6 +257,11 @@ def fit(model: nn.Module, data: TaskData, cfg: TrainConfig, *, progress: bool = 
     return result
 
 
+def _placements(population: list[Transfer], gen: torch.Generator) -> list[Transfer]:
+    """Each chip of the population with its physical columns in a random order drawn from ``gen``."""
+    return [t.permuted(torch.randperm(t.spec.physical_cols, generator=gen).numpy()) for t in population]
+
+
 def _chip_corrections(model: nn.Module, chips: list[Transfer | None],
                       calibration: Sequence[torch.Tensor]) -> list[dict[str, ColumnCorrection]]:
     """Each chip's per-column corrections for the current weights (``None``: the model's transfer as it is)."""
@@ -255,7 +269,7 @@ def _chip_corrections(model: nn.Module, chips: list[Transfer | None],
     for chip in chips:
         if chip is not None:
             set_transfer(model, chip)
-        out.append(calibrate_columns(model, calibration))
+        out.append(calibrate_columns(model, calibration, batch_norm=False))
     return out
 
 

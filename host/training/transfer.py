@@ -358,7 +358,8 @@ class Transfer:
         self.lossless = bool(np.array_equal(ideal, np.arange(L)))
         """The ideal ADC returns every level as its own code (no rounding, no clipping)."""
         self.shortcut = True
-        self._build_guide(np.asarray(counts, dtype=np.int64))
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self._build_guide(self.counts)
         self._set_decoder(None)
 
     # ---- construction -------------------------------------------------------------------------------------
@@ -538,6 +539,24 @@ class Transfer:
         out._placed = {}  # its decoded tables differ from this transfer's
         out._set_decoder(decoder)
         return out
+
+    def permuted(self, order: np.ndarray) -> Transfer:
+        """The same columns in another placement: physical column ``j`` of the result behaves as column
+        ``order[j]`` of this one (its code distribution and its decoder row). A chip of the same design whose
+        columns came out of the same spread, for training through many placements (``fit(shuffle_columns=True)``);
+        a pooled transfer is its own permutation."""
+        J = self.spec.physical_cols
+        order = np.asarray(order)
+        if order.shape != (J,) or not np.array_equal(np.sort(order), np.arange(J)):
+            raise ConfigError(f"a column order is a permutation of the macro's {J} physical columns")
+        if self.pooled and self.decoder is None:
+            return self
+        probs, counts = (self.probs, self.counts) if self.pooled else (self.probs[order], self.counts[order])
+        out = Transfer(self.spec, self.kind, self.pooled, probs, counts, info=self.info)  # type: ignore[arg-type]
+        out.shortcut = self.shortcut
+        if self.decoder is not None:
+            out._set_decoder(ColumnDecoder(self.decoder.table[order], self.decoder.kind, self.decoder.source))
+        return out.to(self.device)
 
     def trimmed(self, trim: ColumnTrim | None) -> Transfer:
         """``decoded`` with the line decoder of ``trim`` (None: undecoded)."""

@@ -68,3 +68,30 @@ def test_a_trim_for_another_macro_is_refused(mlp_pkg: DeployPackage) -> None:
     bad = ColumnTrim(np.zeros(3), np.ones(3))
     with Chip.open("sim://?profile=default") as chip, pytest.raises(ConfigError, match="physical columns"):
         bench_package(mlp_pkg, chip, data.x_test, data.y_test, draws=0, trim=bad)
+
+
+def test_table_decoder_on_the_chip_path_decodes_raw_codes_as_the_host_predicts(
+        mlp_pkg: DeployPackage, twin_models: tuple[Path, Path]) -> None:
+    """A table decoder from the short characterization (the expected ideal level of each code): the chip path
+    decodes MAC_RAW with it, the prediction under the error model with the same table; both agree, and a table
+    that maps every code to itself gives the chip's own MACs."""
+    from cimlab.training.transfer import ColumnDecoder
+
+    full, short = twin_models
+    spec = mlp_pkg.spec
+    data = digits(120)
+    identity = ColumnDecoder(np.tile(np.arange(spec.n_codes, dtype=np.float64), (spec.physical_cols, 1)))
+    with Chip.open("sim://?profile=default&seed=2", window=1) as chip:
+        plain = bench_package(mlp_pkg, chip, data.x_test[:40], data.y_test[:40], draws=0)
+    with Chip.open("sim://?profile=default&seed=2", window=1) as chip:
+        same = bench_package(mlp_pkg, chip, data.x_test[:40], data.y_test[:40], draws=0, trim=identity)
+    assert np.array_equal(plain["_chip_logits"].numpy(), same["_chip_logits"].numpy())
+    table = ColumnDecoder.load(short)
+    with Chip.open(TWIN) as chip:
+        after = bench_package(mlp_pkg, chip, data.x_test, data.y_test, trim=table, draws=4, error_model=full,
+                              calibration=data.x_train[:256])
+    assert after["deploy_step"]["decoder"] == "table" and after["deploy_step"]["trim"] == str(short)
+    p = after["prediction"]
+    assert abs(after["accuracy_chip"] - p["mean"]) <= 3 * p["std"] + 0.03, (after["accuracy_chip"], p)
+    with Chip.open("sim://?profile=default") as chip, pytest.raises(ConfigError, match="physical columns"):
+        bench_package(mlp_pkg, chip, data.x_test[:8], data.y_test[:8], draws=0, trim=ColumnDecoder(np.zeros((3, 4))))
