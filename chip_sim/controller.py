@@ -43,9 +43,8 @@ from cimlab.chip_sim.rtl.params import fabric_layout, fabric_timing
 from cimlab.firmware_bridge.controller import Controller, Counters, Identity, OpCost
 from cimlab.firmware_bridge.errmodel import ErrorModel
 from cimlab.firmware_bridge.fabric import Activity
-from cimlab.firmware_bridge.errors import DeviceError, ShapeError
+from cimlab.firmware_bridge.errors import ShapeError
 from cimlab.firmware_bridge.files import package_version
-from cimlab.firmware_bridge.messages import Status
 from cimlab.firmware_bridge.registers import BY_NAME, REGISTERS, check_write, host_register, signed32
 
 if TYPE_CHECKING:

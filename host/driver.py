@@ -62,7 +62,6 @@ from cimlab.firmware_bridge.frame import (
     BadFrame,
     Frame,
     Framer,
-    WireLog,
     encode_frame,
 )
 from cimlab.firmware_bridge.messages import Opcode, Status

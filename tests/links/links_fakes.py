@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from cimlab.firmware_bridge.bridge import Bridge
 from cimlab.firmware_bridge.controller import Controller, Counters, Identity, OpCost
 from cimlab.firmware_bridge.errors import DeviceError
 from cimlab.firmware_bridge.frame import REPLY_FLAG, Frame, Framer, encode_frame

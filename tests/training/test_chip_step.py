@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from training_helpers import SMALL_TWOS, noisy_model
+from training_helpers import SMALL_TWOS, noisy_model, train_population_twice
 
 from cimlab.firmware_bridge.errors import ConfigError
-from cimlab.training.layers import CIMLinear, calibrate, calibrate_columns, cim_layers, convert
+from cimlab.training.layers import CIMLinear, calibrate_columns, cim_layers
 from cimlab.training.loop import TrainConfig, fit
-from cimlab.training.models import digits_mlp
 from cimlab.training.tasks import load_task
 from cimlab.training.transfer import ColumnDecoder, Transfer, splitmix_uniforms
 
@@ -75,20 +74,12 @@ def test_permuted_transfer_reads_each_column_from_its_new_place() -> None:
 
 
 def test_training_through_shuffled_placements_is_deterministic_and_uses_permuted_chips() -> None:
-    spec = SMALL_TWOS
-    data = load_task("digits", limit=64)
-    chips = [Transfer.from_model(noisy_model(spec, seed=s), pooled=False) for s in (1, 2)]
-    states = []
-    for _ in range(2):
-        torch.manual_seed(0)
-        model = convert(digits_mlp(hidden=8), spec, chips[0], seed=0)
-        calibrate(model, [data.x_train[:32]])
-        fit(model, data, TrainConfig(epochs=2, batch_size=16, seed=3), evaluate_each_epoch=False,
-            population=chips, calibration=[data.x_train[:32]], shuffle_columns=True)
-        states.append(model.state_dict())
+    chips, models = train_population_twice(2, shuffle_columns=True)
+    for model in models:
         used = next(layer for _, layer in cim_layers(model)).transfer
         assert used not in chips  # a placement of one of them, not the measured order
         assert any(np.array_equal(np.sort(used.probs, axis=0), np.sort(c.probs, axis=0)) for c in chips)
+    states = [m.state_dict() for m in models]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     with pytest.raises(ConfigError, match="population"):
-        fit(model, data, TrainConfig(epochs=1), shuffle_columns=True)
+        fit(models[0], load_task("digits", limit=64), TrainConfig(epochs=1), shuffle_columns=True)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from training_helpers import SMALL_TWOS, noisy_model
+from training_helpers import SMALL_TWOS, noisy_model, train_population_twice
 
 from cimlab.firmware_bridge.errors import ConfigError, ShapeError
-from cimlab.training.layers import CIMLinear, calibrate, calibrate_columns, cim_layers, clear_columns, convert
+from cimlab.training.layers import CIMLinear, calibrate_columns, cim_layers, clear_columns, convert
 from cimlab.training.loop import TrainConfig, fit
 from cimlab.training.macro import ColumnCorrection
 from cimlab.training.models import digits_mlp
@@ -64,20 +64,12 @@ def test_calibrated_layer_matches_the_exact_matmul_on_a_chip_with_column_offsets
 
 
 def test_population_training_with_calibration_is_deterministic_and_ends_on_a_chip_of_the_population() -> None:
-    spec = SMALL_TWOS
-    data = load_task("digits", limit=64)
-    chips = [Transfer.from_model(noisy_model(spec, seed=s), pooled=False) for s in (1, 2)]
-    states = []
-    for _ in range(2):
-        torch.manual_seed(0)
-        model = convert(digits_mlp(hidden=8), spec, chips[0], seed=0)
-        calibrate(model, [data.x_train[:32]])
-        fit(model, data, TrainConfig(epochs=1, batch_size=16, seed=3), evaluate_each_epoch=False,
-            population=chips, calibration=[data.x_train[:32]])
-        states.append(model.state_dict())
+    chips, models = train_population_twice(1)
+    for model in models:
         layers = list(cim_layers(model))
         assert all(layer.transfer in chips for _, layer in layers)
         assert all(layer.macro.correction is not None for _, layer in layers)
+    states = [m.state_dict() for m in models]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 

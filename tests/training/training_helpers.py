@@ -55,3 +55,27 @@ def sim_url(spec: MacroSpec, profile: str = "ideal") -> str:
     """A sim:// URL of the twin profile with ``spec``'s fields as overrides."""
     fields = "&".join(f"{k}={v}" for k, v in spec.to_dict().items())
     return f"sim://?profile={profile}&{fields}"
+
+
+def train_population_twice(epochs: int, **fit_options: object) -> tuple[list, list]:
+    """Train the same small digits MLP twice, from the same seeds, through a population of two noisy chips of
+    ``SMALL_TWOS`` (calibration batches on): ([chip transfers], [trained models]). Imports torch lazily."""
+    import torch
+
+    from cimlab.training.layers import calibrate, convert
+    from cimlab.training.loop import TrainConfig, fit
+    from cimlab.training.models import digits_mlp
+    from cimlab.training.tasks import load_task
+    from cimlab.training.transfer import Transfer
+
+    data = load_task("digits", limit=64)
+    chips = [Transfer.from_model(noisy_model(SMALL_TWOS, seed=s), pooled=False) for s in (1, 2)]
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = convert(digits_mlp(hidden=8), SMALL_TWOS, chips[0], seed=0)
+        calibrate(model, [data.x_train[:32]])
+        fit(model, data, TrainConfig(epochs=epochs, batch_size=16, seed=3), evaluate_each_epoch=False,
+            population=chips, calibration=[data.x_train[:32]], **fit_options)
+        models.append(model)
+    return chips, models
