@@ -31,8 +31,8 @@ from cimlab.firmware_bridge.packing import output_field
 from cimlab.links import open_link
 from cimlab.twinproc import TwinProcess
 
-ROWS = 8192  # a tall array, so one bulk write is 256 KiB of 4-bit weights
-COLS = 64
+ROWS = 2048  # one bulk write is 128 KiB of 4-bit weights, on a geometry the fabric's buffers can hold
+COLS = 128
 
 
 def bench_one(baud: int, seconds: float, window: int) -> dict[str, float]:
