@@ -37,11 +37,12 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from _study import progress_log, study_folder
 
 FLOAT_TARGET_POINTS = 3.0
 """Uniform 2-bit unipolar must come within this many points of float (digits)."""
@@ -299,12 +300,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    out = args.out or Path(tempfile.mkdtemp(prefix="cimlab-nvm-"))
-    out.mkdir(parents=True, exist_ok=True)
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t_start:6.1f} s, cpu {time.process_time():6.1f} s] {msg}", file=sys.stderr,
-              flush=True)
+    out = study_folder(args.out, "cimlab-nvm-")
+    log = progress_log(t_start)
 
     plan = quick_plan() if args.quick else Plan()
     draws = 1 if args.quick else args.draws
