@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from cimlab.firmware_bridge.errors import ArtifactError, ConfigError
+from cimlab.firmware_bridge.spec import MacroSpec
 from cimlab.deploy.package import DeployPackage
 from cimlab.deploy.program import PageLoader
 from cimlab.driver import Chip
@@ -164,7 +165,7 @@ class ChipRunner:
         return acc
 
 
-def column_decoder(step: ColumnTrim | ColumnDecoder | None, spec: Any) -> ColumnDecoder | None:
+def column_decoder(step: ColumnTrim | ColumnDecoder | None, spec: MacroSpec) -> ColumnDecoder | None:
     """The per-column decoder of a deploy step: a trim's line decoder, a decoder as it is, or None."""
     if step is None or isinstance(step, ColumnDecoder):
         decoder = step
