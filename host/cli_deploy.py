@@ -46,10 +46,14 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
 @click.option("--pack", type=click.Choice(PACK_MODES), default="rows", show_default=True,
               help="How tiles share a load of the macro: rows (keep training's columns, stack in free row "
                    "groups), full (also move columns: fewest loads), none (one tile per load).")
+@click.option("--place-on", "place_on", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="An error model of the target die (a short `cimlab characterize`): put the busiest columns on "
+                   "the columns it converts best. For a network trained on a population of dies; a network trained "
+                   "on one die keeps training's columns.")
 @json_option
 @cim_errors
 def compile_cmd(checkpoint: Path, link_url: str | None, timeout: float, profile: str | None, out_file: Path,
-                pack: str, as_json: bool) -> None:
+                pack: str, place_on: Path | None, as_json: bool) -> None:
     """Compile CHECKPOINT (a quant or dnat checkpoint) into a deployment package for the macro at --link or of
     --profile (default: the checkpoint's own MacroSpec).
 
@@ -70,7 +74,7 @@ def compile_cmd(checkpoint: Path, link_url: str | None, timeout: float, profile:
         from cimlab.chip_sim.profiles import load_profile
 
         spec, source = load_profile(profile).spec, f"twin profile {profile!r}"
-    pkg = compile_checkpoint(checkpoint, spec=spec, spec_source=source, hello=hello, pack=pack)
+    pkg = compile_checkpoint(checkpoint, spec=spec, spec_source=source, hello=hello, pack=pack, place_on=place_on)
     path = pkg.save(out_file)
     summary = {"package": str(path), "checkpoint": str(checkpoint), "target": pkg.manifest["target"],
                "spec": pkg.spec.to_dict(), **pkg.schedule.summary(),
@@ -92,6 +96,10 @@ def compile_cmd(checkpoint: Path, link_url: str | None, timeout: float, profile:
         err_console.print(f"[yellow]note[/]: {len(moved)} tile(s) sit on other macro columns than training used "
                           "(--pack full); an error model with per-column tables sees other columns on the chip",
                           highlight=False)
+    if s.column_order is not None:
+        moved_cols = sum(int(c) != i for i, c in enumerate(s.chip_columns()))
+        console.print(f"placed on the die of {str(place_on)!r}: {moved_cols} of {pkg.spec.cols} columns on other "
+                      "chip columns (the busiest on the most accurate)", highlight=False)
     console.print(f"{s.n_pages} page(s), utilization {', '.join(f'{u:.0%}' for u in s.summary()['utilization'])}; "
                   f"{s.programming_passes_per_batch} programming pass(es) per inference batch "
                   f"(rows per pass: {pkg.rows_written_per_pass()})", highlight=False)

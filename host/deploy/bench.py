@@ -43,7 +43,7 @@ import torch
 
 from cimlab.deploy.package import DeployPackage
 from cimlab.deploy.program import DEFAULT_MAX_REWRITES, PageLoader
-from cimlab.deploy.runner import ChipRunner, attach_chip, build_model, column_decoder, predict
+from cimlab.deploy.runner import ChipRunner, attach_chip, build_model, column_decoder, placed_transfer, predict
 from cimlab.driver import Chip
 from cimlab.firmware_bridge.errors import ConfigError
 from cimlab.firmware_bridge.frame import OVERHEAD
@@ -164,7 +164,7 @@ def host_prediction(pkg: DeployPackage, x: torch.Tensor, y: torch.Tensor, *, bat
     if em_path is not None and draws > 0:
         transfer = Transfer.load(em_path, pooled=pooled).decoded(column_decoder(trim, pkg.spec))
         check_spec(pkg.spec, transfer.spec, f"error model {em_path!r}")
-        set_transfer(host, transfer)
+        set_transfer(host, placed_transfer(pkg, transfer))
         if calibration:
             calibrate_columns(host, calibration)
         accs = accuracy_draws(host, x, y, draws, seed=seed, batch_size=batch_size)

@@ -16,11 +16,13 @@ from typing import Any
 
 import torch
 
+from cimlab.firmware_bridge.errmodel import ErrorModel
 from cimlab.firmware_bridge.errors import ArtifactError
 from cimlab.firmware_bridge.frame import PROTOCOL_VERSION
 from cimlab.firmware_bridge.registers import REGMAP_VERSION
 from cimlab.firmware_bridge.spec import MacroSpec
 from cimlab.deploy.package import DeployPackage, LayerParams, build_pages
+from cimlab.deploy.placement import place_on_chip
 from cimlab.deploy.schedule import plan
 from cimlab.training.api import model_from_checkpoint
 from cimlab.training.checkpoint import load_checkpoint
@@ -56,7 +58,8 @@ def layer_params(name: str, layer: CIMLayer) -> LayerParams:
 
 
 def compile_checkpoint(checkpoint: str | os.PathLike, *, spec: MacroSpec | None = None, spec_source: str = "",
-                       hello: Any = None, pack: str = "rows") -> DeployPackage:
+                       hello: Any = None, pack: str = "rows", place_on: str | os.PathLike | None = None
+                       ) -> DeployPackage:
     """Compile a ``quant`` or ``dnat`` checkpoint into a package (not yet saved: call ``save``).
 
     Args:
@@ -67,9 +70,14 @@ def compile_checkpoint(checkpoint: str | os.PathLike, *, spec: MacroSpec | None 
         hello: the chip's ``cimlab.driver.Hello`` when compiling against a connected chip (its protocol and
             register-map versions and chip id go into the manifest); None: this host's versions.
         pack: how tiles share macro loads: ``rows``, ``full`` or ``none`` (``cimlab.deploy.schedule``).
+        place_on: an error model file of the target die (a short ``cimlab characterize``): its columns are placed
+            where that die converts best (``cimlab.deploy.placement``); for a network trained on a population of
+            dies. None: training's columns.
 
     Raises:
-        ArtifactError: unreadable or corrupt checkpoint, a float model, or one for another MacroSpec.
+        ArtifactError: unreadable or corrupt checkpoint or error model, a float model, or one for another
+            MacroSpec.
+        ConfigError: ``place_on`` characterizes another MacroSpec.
     """
     ck = load_checkpoint(checkpoint, spec=spec, spec_source=spec_source or "the target")
     target = ck.spec
@@ -83,6 +91,8 @@ def compile_checkpoint(checkpoint: str | os.PathLike, *, spec: MacroSpec | None 
     paired = {name for name, layer in cim_layers(model) if layer.paired}
     schedule = plan(target, [(n, lp.weights.shape[0], lp.weights.shape[1]) for n, lp in layers.items()], pack=pack,
                     paired=paired)
+    if place_on is not None:
+        schedule = place_on_chip(schedule, ErrorModel.load(place_on))
     pages = build_pages(target, schedule, {n: lp.weights for n, lp in layers.items()})
     state = {}
     for key, t in ck.tensors.items():
@@ -102,6 +112,7 @@ def compile_checkpoint(checkpoint: str | os.PathLike, *, spec: MacroSpec | None 
         "checkpoint": {"path": str(Path(checkpoint)), "sha256": file_sha256(checkpoint),
                        "tensors_sha256": m["tensors_sha256"], "manifest": m},
         "error_model": m.get("error_model"),
+        "placed_on": None if place_on is None else {"path": str(Path(place_on)), "sha256": file_sha256(place_on)},
     }
     return DeployPackage(manifest, target, schedule, layers, pages, state)
 

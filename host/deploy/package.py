@@ -3,8 +3,9 @@
 One ``.npz`` file (plain numpy, no pickle: ``numpy.load(path, allow_pickle=False)`` reads it), written atomically::
 
     manifest                0-d unicode array: a JSON object (below)
-    page.<p>                [rows, cols] logical weights of macro load p, the chip's wire dtype (what WRITE_WEIGHTS
-                            sends; cells outside every tile are 0)
+    page.<p>                [rows, cols] logical weights of macro load p as the chip holds them (a placed schedule's
+                            columns on their chip columns), the chip's wire dtype (what WRITE_WEIGHTS sends; cells
+                            outside every tile are 0)
     layer.<name>.weights    [K, M] int: the layer's logical weights as programmed (signed for a layer on column
                             pairs, whose tiles split them; magnitudes for a unipolar-neg layer on a unipolar macro)
     layer.<name>.scale      [M] float32: per-output-channel weight scale (negative for those magnitudes)
@@ -14,14 +15,15 @@ One ``.npz`` file (plain numpy, no pickle: ``numpy.load(path, allow_pickle=False
 
 Manifest::
 
-    {"format": "cimlab.deploy", "version": 1,
+    {"format": "cimlab.deploy", "version": 4,
      "spec": {MacroSpec fields}, "protocol_version": int, "regmap_version": int,
      "target": {"source": "...", "chip_id": "..."},
      "task": "digits", "model": {"name", "kwargs"}, "mode": "quant" | "dnat", "quantizer": "epact" | ...,
      "quant": "per-layer" | "uniform",
      "checkpoint": {"path", "sha256" (file bytes), "tensors_sha256", "manifest": {the checkpoint's manifest}},
      "error_model": {"sha256", ...} | null,          the error model the checkpoint was trained with
-     "schedule": {Schedule.to_dict()},
+     "placed_on": {"path", "sha256"} | null,          the die's error model the columns were placed on
+     "schedule": {Schedule.to_dict()},                  with "column_order" when placed
      "rows_written_per_pass": [int per page],         rows that differ from the previous page's image
      "layers": [{"name", "kind", "n_rows", "n_cols", "lo", "hi", "delta", "polarity", "geometry"}],
      "digital": "...",                                the host's arithmetic around the macro, in words
@@ -69,7 +71,7 @@ from cimlab.firmware_bridge.spec import MacroSpec
 from cimlab.mapping import POLARITIES
 
 FORMAT = "cimlab.deploy"
-VERSION = 3
+VERSION = 4
 MAX_MANIFEST_CHARS = 1 << 22
 """Longest manifest read, characters."""
 MAX_STATE_BYTES = 1 << 28
@@ -368,8 +370,8 @@ def _check_polarity(where: str, spec: MacroSpec, schedule: Schedule, layers: dic
 
 
 def build_pages(spec: MacroSpec, schedule: Schedule, weights: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The weight image [rows, cols] (int64) of every page: each tile's block of its layer's weights [K, M] at its
-    place, 0 elsewhere.
+    """The weight image [rows, cols] (int64) of every page as the chip holds it: each tile's block of its layer's
+    weights [K, M] at its place, its logical columns on the schedule's chip columns, 0 elsewhere.
 
     Raises:
         ShapeError: a layer's weights of the wrong shape or outside the spec's weight range.
@@ -388,7 +390,15 @@ def build_pages(spec: MacroSpec, schedule: Schedule, weights: dict[str, np.ndarr
         for t in lm.tiles:
             rows = slice(t.macro_row, t.macro_row + t.n_rows)
             pages[t.page][rows, t.macro_col : t.macro_col + t.macro_cols] = t.split_pairs(t.weights(w))
-    return pages
+    if schedule.column_order is None:
+        return pages
+    chip_cols = schedule.chip_columns()
+    placed = []
+    for img in pages:
+        on_chip = np.zeros_like(img)
+        on_chip[:, chip_cols] = img
+        placed.append(on_chip)
+    return placed
 
 
 __all__ = ["DIGITAL", "FORMAT", "VERSION", "DeployPackage", "LayerParams", "arrays_sha256", "build_pages"]

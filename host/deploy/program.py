@@ -34,7 +34,8 @@ DEFAULT_MAX_REWRITES = 3
 class CellMismatch:
     """A macro cell that does not hold what the package wants after every rewrite.
 
-    ``layer``/``tile``/``layer_row``/``layer_col`` are None for a cell outside every tile (it should hold 0).
+    ``macro_col`` is the chip's column (a placed schedule's logical column differs); ``layer``/``tile``/
+    ``layer_row``/``layer_col`` are None for a cell outside every tile (it should hold 0).
     """
 
     page: int
@@ -114,20 +115,23 @@ def locate(pkg: DeployPackage, page: int, read: np.ndarray) -> list[CellMismatch
     image = pkg.page_image(page)
     cells = np.argwhere(read != image)
     owners = pkg.schedule.page_tiles(page)
+    logical = np.argsort(pkg.schedule.chip_columns())  # the schedule's column of each chip column
     out = []
-    for r, c in cells:
-        r, c = int(r), int(c)
+    for r, chip_c in cells:
+        r, c = int(r), int(logical[chip_c])
         owner = None
         for p in owners:
             t = p.tile
             if t.macro_row <= r < t.macro_row + t.n_rows and t.macro_col <= c < t.macro_col + t.macro_cols:
                 owner = p
                 break
+        chip_c = int(chip_c)
+        expected, got = int(image[r, chip_c]), int(read[r, chip_c])
         if owner is None:
-            out.append(CellMismatch(page, r, c, int(image[r, c]), int(read[r, c]), None, None, None, None))
+            out.append(CellMismatch(page, r, chip_c, expected, got, None, None, None, None))
         else:
             t = owner.tile
-            out.append(CellMismatch(page, r, c, int(image[r, c]), int(read[r, c]), owner.layer, owner.index,
+            out.append(CellMismatch(page, r, chip_c, expected, got, owner.layer, owner.index,
                                     t.row0 + r - t.macro_row, t.col0 + c - t.macro_col))
     return out
 

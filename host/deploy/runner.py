@@ -38,7 +38,7 @@ from cimlab.training.transfer import ColumnDecoder, ColumnTrim, Transfer
 
 def build_model(pkg: DeployPackage, transfer: Transfer | None = None) -> nn.Module:
     """The package's network on the host (eval mode), CIM layers at the package's placement with ``transfer``
-    (default: the ideal ADC).
+    (the chip's columns, default: the ideal ADC; a placed schedule's logical columns see their chip columns).
 
     Raises:
         ArtifactError: the package's tensors do not rebuild its model, or a layer quantizes to other weights than
@@ -53,7 +53,7 @@ def build_model(pkg: DeployPackage, transfer: Transfer | None = None) -> nn.Modu
     if names != list(pkg.layers):
         raise ArtifactError(f"the package's model has CIM layers {names}, its manifest lists {list(pkg.layers)}")
     spec = pkg.spec
-    transfer = transfer or Transfer.ideal(spec)
+    transfer = placed_transfer(pkg, transfer or Transfer.ideal(spec))
     for name, layer in layers:
         if layer.spec != spec:
             raise ArtifactError(f"layer {name!r} is built for another MacroSpec than the package's")
@@ -70,6 +70,14 @@ def build_model(pkg: DeployPackage, transfer: Transfer | None = None) -> nn.Modu
     reseed(model, 0)
     model.eval()
     return model
+
+
+def placed_transfer(pkg: DeployPackage, transfer: Transfer) -> Transfer:
+    """``transfer`` (the chip's physical columns) as the package's layers see it: a placed schedule's logical
+    columns behave as their chip columns."""
+    if pkg.schedule.column_order is None:
+        return transfer
+    return transfer.permuted(pkg.schedule.physical_order())
 
 
 def programmed_weights(layer: CIMLayer) -> np.ndarray:
@@ -136,13 +144,15 @@ class ChipRunner:
         (``cimlab.training.transfer.ColumnDecoder``: a trim's line, or a table)."""
         codes = torch.round(x).to(torch.int64).numpy()
         out = np.zeros((codes.shape[0], lm.n_cols), dtype=np.float64 if decoder is not None else np.int64)
+        chip_cols = self.pkg.schedule.chip_columns()
         for t in sorted(lm.tiles, key=lambda t: t.page):
             self.loader.ensure(t.page)
             xt = codes[:, t.row0 : t.row1]
+            cols = chip_cols[t.macro_col : t.macro_col + t.macro_cols]
             if decoder is None:
-                y = self.chip.mac(xt, row_start=t.macro_row)[:, t.macro_col : t.macro_col + t.macro_cols]
+                y = self.chip.mac(xt, row_start=t.macro_row)[:, cols]
             else:
-                y = self._decoded_mac(xt, t, decoder)
+                y = self._decoded_mac(xt, t.macro_row, cols, decoder)
             out[:, t.col0 : t.col1] += t.join_pairs(y)
             self.vectors += codes.shape[0]
             self.calls += 1
@@ -150,13 +160,12 @@ class ChipRunner:
                 self.on_call()
         return torch.from_numpy(out).to(torch.float64)
 
-    def _decoded_mac(self, x: np.ndarray, t: Any, decoder: ColumnDecoder) -> np.ndarray:
-        """One tile's outputs [n, its macro columns] from its raw codes, each physical column's codes decoded,
-        recombined as ``MacroSpec.recombine`` does."""
+    def _decoded_mac(self, x: np.ndarray, row_start: int, cols: np.ndarray, decoder: ColumnDecoder) -> np.ndarray:
+        """One tile's outputs [n, len(cols)] from the raw codes of its chip columns ``cols``, each physical column's
+        codes decoded, recombined as ``MacroSpec.recombine`` does."""
         spec = self.chip.spec
-        raw = self.chip.mac_raw(x, row_start=t.macro_row)  # [n, P, G, S, cols]
-        cols = slice(t.macro_col, t.macro_col + t.macro_cols)
-        j = t.physical_columns(spec)  # [S, tile columns]
+        raw = self.chip.mac_raw(x, row_start=row_start)  # [n, P, G, S, cols]
+        j = np.arange(spec.n_slices)[:, None] * spec.cols + cols[None, :]  # [S, tile columns]
         decoded = decoder.table[j, raw[..., cols].astype(np.int64)]
         acc = np.einsum("npgkc,p,k->nc", decoded, spec.plane_weights(), spec.slice_weights())
         acc = acc * (spec.adc_full_scale / spec.adc_max)
@@ -205,4 +214,5 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256,
     return torch.cat(outs)
 
 
-__all__ = ["ChipMacro", "ChipRunner", "attach_chip", "build_model", "predict", "programmed_weights"]
+__all__ = ["ChipMacro", "ChipRunner", "attach_chip", "build_model", "placed_transfer", "predict",
+           "programmed_weights"]

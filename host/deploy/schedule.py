@@ -37,6 +37,12 @@ takes two adjacent macro columns (positive and negative part), so its column ran
 pair is placed, packed and serialised as one unit of its tile: a pair is never split across pages, rows or
 columns. (A ``differential`` macro pairs every weight in hardware, on its second array.)
 
+Per-chip column placement (``column_order``, set by ``cimlab.deploy.placement``): the tiles' ``macro_col`` are the
+schedule's own (*logical*) columns, and logical column ``c`` sits on the chip's macro column ``column_order[c]`` on
+every page, with all its weight slices. Page images are stored as the chip holds them; the runner reads each
+logical column's outputs from its chip column. A schedule with paired tiles moves whole pairs (``2u``, ``2u+1`` to
+an even column and the next). None: logical and chip columns are the same.
+
 ``programming_passes_per_batch`` is 0 for a one-page network (programmed once by deploy, never again) and the
 number of pages otherwise (every batch loads page 0, 1, ... in turn).
 """
@@ -75,11 +81,13 @@ class Schedule:
         spec: the macro.
         layers: ``(layer name, LayerMap)`` in execution order; each LayerMap's tiles carry their placement.
         pack: the packing mode that placed the tiles (``PACK_MODES``).
+        column_order: the chip's macro column of each logical macro column (see the module docstring), or None.
     """
 
     spec: MacroSpec
     layers: tuple[tuple[str, LayerMap], ...]
     pack: str = "rows"
+    column_order: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.pack not in PACK_MODES:
@@ -91,6 +99,8 @@ class Schedule:
             if lm.spec != self.spec:
                 raise ConfigError(f"layer {name!r} is mapped for another MacroSpec")
         check_no_collisions(self.spec, list(self.tiles()))
+        if self.column_order is not None:
+            check_column_order(self.spec, self.column_order, any(p.tile.paired for p in self.tiles()))
 
     @property
     def n_pages(self) -> int:
@@ -121,6 +131,24 @@ class Schedule:
             raise ConfigError(f"page {page} is outside 0..{self.n_pages - 1}")
         return [p for p in self.tiles() if p.tile.page == page]
 
+    def chip_columns(self) -> np.ndarray:
+        """The chip's macro column of each logical macro column, int64 [cols] (the identity when unplaced)."""
+        if self.column_order is None:
+            return np.arange(self.spec.cols, dtype=np.int64)
+        return np.asarray(self.column_order, dtype=np.int64)
+
+    def physical_order(self) -> np.ndarray:
+        """The chip's physical column of each logical physical column ``j = k * cols + c``, int64 [physical_cols]:
+        the order ``cimlab.training.transfer.Transfer.permuted`` takes to see the chip's columns at this
+        placement."""
+        k = np.arange(self.spec.n_slices, dtype=np.int64)[:, None] * self.spec.cols
+        return (k + self.chip_columns()[None, :]).reshape(-1)
+
+    def placed_on(self, column_order: Sequence[int] | np.ndarray | None) -> Schedule:
+        """The same tiles and pages with ``column_order`` (None: unplaced)."""
+        order = None if column_order is None else tuple(int(c) for c in column_order)
+        return Schedule(self.spec, self.layers, self.pack, order)
+
     def utilization(self, page: int) -> float:
         """Fraction of the macro's cells holding a tile's weight on ``page``."""
         used = sum(p.tile.n_rows * p.tile.macro_cols for p in self.page_tiles(page))
@@ -135,12 +163,13 @@ class Schedule:
             "pack": self.pack,
             "programming_passes_per_batch": self.programming_passes_per_batch,
             "utilization": [round(self.utilization(p), 4) for p in range(self.n_pages)],
+            "column_order": None if self.column_order is None else list(self.column_order),
         }
 
     # ---- serialisation ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (the package manifest's ``schedule``)."""
-        return {
+        out: dict[str, Any] = {
             "pack": self.pack,
             "pages": self.n_pages,
             "programming_passes_per_batch": self.programming_passes_per_batch,
@@ -155,6 +184,9 @@ class Schedule:
                 for name, lm in self.layers
             ],
         }
+        if self.column_order is not None:
+            out["column_order"] = list(self.column_order)
+        return out
 
     @classmethod
     def from_dict(cls, spec: MacroSpec, data: Any) -> Schedule:
@@ -169,7 +201,11 @@ class Schedule:
                               for t in entry["tiles"])
                 lm = LayerMap(spec, int(entry["n_rows"]), int(entry["n_cols"]), tiles)
                 layers.append((str(entry["name"]), lm))
-            sched = cls(spec, tuple(layers), str(data["pack"]))
+            order = data.get("column_order")
+            if order is not None and not isinstance(order, list):
+                raise ValueError("column_order must be a list of macro columns")
+            sched = cls(spec, tuple(layers), str(data["pack"]),
+                        None if order is None else tuple(int(c) for c in order))
         except (KeyError, TypeError, ValueError, ConfigError) as err:
             raise ArtifactError(f"package schedule is malformed: {err}") from err
         if "pages" in data and int(data["pages"]) != sched.n_pages:
@@ -181,6 +217,18 @@ def footprint(spec: MacroSpec, tile: Tile) -> tuple[int, int]:
     """(row groups, macro columns) a tile occupies at a group-aligned placement (a paired tile: both columns of
     every pair)."""
     return math.ceil(tile.n_rows / spec.rows_per_conversion), tile.macro_cols
+
+
+def check_column_order(spec: MacroSpec, order: Sequence[int], paired: bool) -> None:
+    """ConfigError unless ``order`` is a permutation of the macro's columns (that moves whole column pairs when
+    ``paired``)."""
+    a = np.asarray(order)
+    if a.shape != (spec.cols,) or not np.array_equal(np.sort(a), np.arange(spec.cols)):
+        raise ConfigError(f"a column order is a permutation of the macro's {spec.cols} columns (0..{spec.cols - 1}), "
+                          f"got {len(a)} entries")
+    if paired and (spec.cols % 2 or (a[0::2] % 2).any() or not np.array_equal(a[1::2], a[0::2] + 1)):
+        raise ConfigError("a schedule with paired tiles moves whole column pairs: logical columns 2u and 2u+1 go "
+                          "to an even chip column and the next")
 
 
 def check_no_collisions(spec: MacroSpec, placed: Sequence[PlacedTile]) -> None:
@@ -300,4 +348,5 @@ def plan(spec: MacroSpec, layers: Sequence[tuple[str, int, int]], *, pack: str =
     return Schedule(spec, out, pack)
 
 
-__all__ = ["PACK_MODES", "PlacedTile", "Schedule", "check_no_collisions", "footprint", "map_paired_layer", "plan"]
+__all__ = ["PACK_MODES", "PlacedTile", "Schedule", "check_column_order", "check_no_collisions", "footprint",
+           "map_paired_layer", "plan"]

@@ -73,3 +73,18 @@ def test_cimlab_info_never_imports_torch() -> None:
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_compile_places_on_a_die(mlp_ckpt: Path, harsh_model: Path, tmp_path: Path) -> None:
+    """``--place-on``: the harsh die reads every seventh physical column one code high, so the network's columns go
+    elsewhere first; a file that is not an error model is refused by name."""
+    pkg = tmp_path / "placed.npz"
+    code, out = run("compile", mlp_ckpt, "--profile", "default", "--out", pkg, "--place-on", harsh_model, "--json")
+    assert code == 0, out
+    order = last_json(out)["column_order"]
+    assert sorted(order) == list(range(64)) and order != list(range(64))
+    assert "placed on the die of" in out
+    bogus = tmp_path / "bogus.npz"
+    bogus.write_bytes(b"not a zip")
+    code, out = run("compile", mlp_ckpt, "--profile", "default", "--out", tmp_path / "x.npz", "--place-on", bogus)
+    assert code != 0 and "bogus.npz" in out and not (tmp_path / "x.npz").exists()

@@ -56,7 +56,7 @@ def test_manifest_and_plain_numpy_reading(mlp_ckpt: Path, mlp_pkg: DeployPackage
         manifest = json.loads(str(z["manifest"]))
         assert z["page.0"].dtype == DEFAULT_SPEC.weight_dtype
         names = set(z.files)
-    assert manifest["format"] == "cimlab.deploy" and manifest["version"] == 3
+    assert manifest["format"] == "cimlab.deploy" and manifest["version"] == 4
     assert manifest["spec"] == DEFAULT_SPEC.to_dict()
     assert manifest["protocol_version"] == PROTOCOL_VERSION and manifest["regmap_version"] == REGMAP_VERSION
     assert manifest["task"] == "digits" and manifest["mode"] == "quant"
