@@ -105,6 +105,10 @@ class ChipMacro(LayerMacro):
         """Never: every MAC goes to the chip."""
         return False
 
+    def reads_images(self, x: torch.Tensor) -> bool:
+        """Never: the chip takes the im2col matrix."""
+        return False
+
     def mac_values(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """MAC outputs [N, M] from the chip for input codes x [N, K]; q must be the weights the chip holds."""
         if q.shape != self.weights.shape or not torch.equal(torch.round(q).to(torch.int64), self.weights):

@@ -50,8 +50,12 @@ typedef struct {
     int32_t cols;      /* conversions per group and plane: slices x tile columns (C) */
     int32_t cell_bits;
     int32_t out_cols;  /* tile columns M (column c is slice c / M, tile column c % M) */
-    int32_t gx_stride; /* backward: elements between two vectors of gx (gx points at the tile's first row) */
+    int32_t gx_stride; /* unused: gx has x's layout */
     int32_t gq_stride; /* backward: elements between two rows of gq (gq points at the tile's first row and column) */
+    /* conv != 0: x (and gx) is a batch of padded images [B][img_c][img_h][img_w] and its matrix is their im2col, read
+     * in place: vector i is output pixel (i / (out_h * out_w), its row, its column), matrix column k is (channel,
+     * kernel row, kernel column) in torch.nn.functional.unfold's order; x_stride is then unused */
+    int32_t conv, img_c, img_h, img_w, k_h, k_w, s_h, s_w, d_h, d_w, out_h, out_w;
 } geom_t;
 
 typedef struct {
@@ -172,11 +176,41 @@ static int tile_tables(tile_t* t, const table_t* tb, const float* dec) {
     return 0;
 }
 
-/* A block of LANES vectors in one group: inputs row by row and bit masks. */
+/* A block of LANES vectors in one group: inputs row by row and bit masks, and where x holds them. */
 typedef struct {
-    int32_t* v;    /* [R][LANES] */
-    uint32_t* xm;  /* [bits][W][LANES]: bit b of the codes of the rows of word w */
+    int32_t* v;       /* [R][LANES] */
+    uint32_t* xm;     /* [bits][W][LANES]: bit b of the codes of the rows of word w */
+    const int64_t* col_at;  /* [n_rows]: offset in x of the tile's row pos, beyond the vector's own */
+    int64_t at[LANES];      /* offset in x of each lane's vector (its first matrix column) */
 } block_t;
+
+/* where x holds (vector i, matrix column k) = at(i) + col_at(k): the tile's rows' part, [n_rows]; NULL: memory */
+static int64_t* column_offsets(const geom_t* g) {
+    int64_t* o = (int64_t*)malloc(sizeof(int64_t) * (size_t)(g->n_rows > 0 ? g->n_rows : 1));
+    if (!o) return NULL;
+    for (int32_t pos = 0; pos < g->n_rows; pos++) {
+        const int32_t k = g->row0 + pos, kk = g->k_h * g->k_w;
+        o[pos] = g->conv ? ((int64_t)(k / kk) * g->img_h + (int64_t)(k % kk / g->k_w) * g->d_h) * g->img_w +
+                               (int64_t)(k % g->k_w) * g->d_w
+                         : (int64_t)k;
+    }
+    return o;
+}
+
+/* each lane's vector's part of its offsets in x (vectors i0 .. i0 + nb - 1; lanes past nb: 0) */
+static void lane_offsets(const geom_t* g, int32_t i0, int32_t nb, int64_t* at) {
+    const int32_t L = g->out_h * g->out_w;
+    for (int32_t i = 0; i < LANES; i++) {
+        const int32_t n = i0 + i;
+        if (i >= nb) at[i] = 0;
+        else if (!g->conv) at[i] = (int64_t)n * g->x_stride;
+        else {
+            const int32_t b = n / L, l = n % L;
+            at[i] = ((int64_t)b * g->img_c * g->img_h + (int64_t)(l / g->out_w) * g->s_h) * g->img_w +
+                    (int64_t)(l % g->out_w) * g->s_w;
+        }
+    }
+}
 
 /* the group's input codes of vectors i0 .. i0 + nb - 1 by row, and (where blk->xm is given) their bit masks (bit ib
  * of slice p is bit p * slice_bits + ib of the code); rows outside the tile and lanes past nb hold 0 */
@@ -185,11 +219,12 @@ static void block_inputs(const geom_t* g, const tile_t* t, const float* x, int32
     const int32_t R = g->rows, B = g->planes * g->slice_bits, W = t->W;
     int32_t* v = blk->v;
     memset(v, 0, sizeof(int32_t) * (size_t)R * LANES);
+    lane_offsets(g, i0, nb, blk->at);
     for (int32_t r = 0; r < R; r++) {
         const int32_t pos = grp * R + r - g->offset;
         if (pos < 0 || pos >= g->n_rows) continue;
-        const float* xr = x + (size_t)i0 * g->x_stride + g->row0 + pos;
-        for (int32_t i = 0; i < nb; i++) v[r * LANES + i] = (int32_t)xr[(size_t)i * g->x_stride];
+        const float* xr = x + blk->col_at[pos];
+        for (int32_t i = 0; i < nb; i++) v[r * LANES + i] = (int32_t)xr[blk->at[i]];
     }
     if (!blk->xm) return;
     for (int32_t b = 0; b < B; b++)
@@ -466,8 +501,10 @@ int cim_forward(const geom_t* g, const float* x, const int32_t* digits, const in
     int32_t* iacc = (int32_t*)zeros((size_t)C * LANES);
     blk.v = (int32_t*)zeros((size_t)g->rows * LANES);
     blk.xm = (uint32_t*)zeros((size_t)P * g->slice_bits * ((g->rows + 31) / 32) * LANES);
+    int64_t* col_at = column_offsets(g);
+    blk.col_at = col_at;
     if (tile_init(&t, g, digits, tabs, NULL, dtabs, NULL, NULL) || tile_tables(&t, tb, dec) || !dacc || !iacc ||
-        !blk.v || !blk.xm)
+        !blk.v || !blk.xm || !col_at)
         goto done;
     pass_t ps = {g, &t, &blk, tb, pw, dec, Ne, 0, 0, seed, iacc, dacc};
     for (int32_t i0 = 0; i0 < g->n; i0 += LANES) {
@@ -500,7 +537,7 @@ int cim_forward(const geom_t* g, const float* x, const int32_t* digits, const in
     rc = 0;
 done:
     tile_free(&t);
-    free(dacc); free(iacc); free(blk.v); free(blk.xm);
+    free(dacc); free(iacc); free(blk.v); free(blk.xm); free(col_at);
     return rc;
 }
 
@@ -586,7 +623,7 @@ static void grads_free(grads_t* w) { free(w->tw); free(w->gxb); free(w->xf); fre
 /* dL/dx and dL/dw of a block in one group from its slope sums (sa [C][LANES], sb [P][M][LANES]; see the top of the
  * file) and its upstream gradient (gt [M][LANES]), as two small matrix products: [lanes x C] x [C x rows] and
  * [rows x (planes, lanes)] x [(planes, lanes) x M]; gqp [G * Rp][Mp] */
-static void block_grads(const geom_t* g, const tile_t* t, const block_t* blk, int32_t i0, int32_t nb, int32_t grp,
+static void block_grads(const geom_t* g, const tile_t* t, const block_t* blk, int32_t nb, int32_t grp,
                         const int32_t* pw, const float* sa, const float* sb, const float* gt, grads_t* w, float* gx,
                         float* gqp) {
     const int32_t C = t->C, M = t->M, S = t->S, Mp = t->Mp, Rp = t->Rp, P = g->planes, R = g->rows;
@@ -607,9 +644,9 @@ static void block_grads(const geom_t* g, const tile_t* t, const block_t* blk, in
     const int32_t base = grp * R - g->offset;
     const int32_t rlo = base < 0 ? -base : 0, rhi = (g->n_rows - base < R) ? g->n_rows - base : R;
     for (int32_t i = 0; i < nb; i++) {
-        float* dst = gx + (size_t)(i0 + i) * g->gx_stride + base;
+        float* dst = gx + blk->at[i];
         const float* src = w->gxb + (size_t)i * Rp;
-        for (int32_t r = rlo; r < rhi; r++) dst[r] += src[r];
+        for (int32_t r = rlo; r < rhi; r++) dst[blk->col_at[base + r]] += src[r];
     }
     for (int32_t p = 0; p < P; p++) {
         const float wp = (float)pw[p];
@@ -646,8 +683,8 @@ static void copy_gq(const geom_t* g, const tile_t* t, const float* gqp, float* g
         }
 }
 
-/* Backward: gx (the tile's rows of n vectors) and gq (its n_rows x M block) accumulated into, the levels recomputed. gt: the upstream gradient
- * by blocks, [pad16(n) / LANES][M][LANES]. Returns 0, or -1 (memory). */
+/* Backward: gx (x's layout: the tile's rows of n vectors) and gq (its n_rows x M block) accumulated into, the levels
+ * recomputed. gt: the upstream gradient by blocks, [pad16(n) / LANES][M][LANES]. Returns 0, or -1 (memory). */
 int cim_backward(const geom_t* g, const float* x, const int32_t* digits, const int32_t* pw, const float* slope,
                  const int32_t* stabs, int32_t n_slope, int32_t n_levels, const float* gt, const float* colx,
                  const float* colq, float* gx, float* gq) {
@@ -662,8 +699,10 @@ int cim_backward(const geom_t* g, const float* x, const int32_t* digits, const i
     float* sbb = (float*)zeros((size_t)P * M * LANES);
     blk.v = (int32_t*)zeros((size_t)g->rows * LANES);
     blk.xm = (uint32_t*)zeros((size_t)P * g->slice_bits * ((g->rows + 31) / 32) * LANES);
+    int64_t* col_at = column_offsets(g);
+    blk.col_at = col_at;
     if (tile_init(&t, g, digits, NULL, stabs, NULL, colq, colx) || tile_slopes(&t, slope, n_slope, n_levels) ||
-        grads_init(&w, g, &t) || !gqp || !sab || !sbb || !blk.v || !blk.xm)
+        grads_init(&w, g, &t) || !gqp || !sab || !sbb || !blk.v || !blk.xm || !col_at)
         goto done;
     for (int32_t i0 = 0; i0 < g->n; i0 += LANES) {
         const int32_t nb = (g->n - i0 < LANES) ? g->n - i0 : LANES;
@@ -685,7 +724,7 @@ int cim_backward(const geom_t* g, const float* x, const int32_t* digits, const i
                     lane_slopes(&t, slope, n_slope, c, lev, sl);
                     add_slopes(&t, p, c, (float)pw[p], sl, sab, sbb);
                 }
-            block_grads(g, &t, &blk, i0, nb, grp, pw, sab, sbb, gtb, &w, gx, gqp);
+            block_grads(g, &t, &blk, nb, grp, pw, sab, sbb, gtb, &w, gx, gqp);
         }
     }
     copy_gq(g, &t, gqp, gq);
@@ -693,6 +732,6 @@ int cim_backward(const geom_t* g, const float* x, const int32_t* digits, const i
 done:
     tile_free(&t);
     grads_free(&w);
-    free(gqp); free(sab); free(sbb); free(blk.v); free(blk.xm);
+    free(gqp); free(sab); free(sbb); free(blk.v); free(blk.xm); free(col_at);
     return rc;
 }

@@ -29,7 +29,14 @@ from torch import nn
 from cimlab.firmware_bridge.errors import ConfigError, ShapeError
 from cimlab.firmware_bridge.spec import MacroSpec
 from cimlab.mapping import POLARITIES, LayerMap, map_layer, map_paired_layer
-from cimlab.training.macro import DEFAULT_CHUNK_CONVERSIONS, EXACT_F32, ColumnCorrection, LayerMacro, macro_matmul
+from cimlab.training.macro import (
+    DEFAULT_CHUNK_CONVERSIONS,
+    EXACT_F32,
+    ColumnCorrection,
+    ImageRows,
+    LayerMacro,
+    macro_matmul,
+)
 from cimlab.training.quant import (
     QUANT_SCHEMES,
     InputQuantizer,
@@ -298,8 +305,14 @@ class _CIMConv(CIMLayer):
                 acc = acc + (torch.round(acc) - acc).detach()
         else:
             B = codes.shape[0]
-            mat, (ho, wo) = self._unfold(codes)
-            acc = self._mac(mat, q).reshape(B, ho * wo, M).transpose(1, 2).reshape(B, M, ho, wo)
+            if self.macro.reads_images(codes):  # the C kernels read the im2col matrix in place
+                images = ImageRows(B, self.in_channels, codes.shape[2], codes.shape[3], self._k2(), self._s2(),
+                                   self._d2())
+                acc, (ho, wo) = macro_matmul(codes, q.T, self.macro, images), images.out
+            else:
+                mat, (ho, wo) = self._unfold(codes)
+                acc = self._mac(mat, q)
+            acc = acc.reshape(B, ho * wo, M).transpose(1, 2).reshape(B, M, ho, wo)
         y = self._finish(acc, q, scale, delta, lo, 1)
         return y.squeeze(2) if self.dims == 1 else y
 

@@ -122,6 +122,49 @@ class _TilePlan:
     colq: torch.Tensor  # float32 [n_slices * macro_cols]: adc_lsb * |sw_k| / sum |sw|, towards dL/dw
 
 
+@dataclass(frozen=True)
+class ImageRows:
+    """A batch of padded images [batch, channels, height, width] read as the matrix ``torch.nn.functional.unfold``
+    makes of them, without making it: vector ``i`` is output pixel ``(i // (out_h * out_w), row, column)``, matrix
+    column ``k`` is (channel, kernel row, kernel column). The C kernels read the images in place and add the input
+    gradient into an image of the same shape (the im2col and its fold fused into their loads and stores)."""
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+
+    @property
+    def out(self) -> tuple[int, int]:
+        """Output pixels (rows, columns) of each image."""
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
+        return (self.height - dh * (kh - 1) - 1) // sh + 1, (self.width - dw * (kw - 1) - 1) // sw + 1
+
+    @property
+    def n_vectors(self) -> int:
+        """Vectors (output pixels of every image)."""
+        ho, wo = self.out
+        return self.batch * ho * wo
+
+    @property
+    def n_rows(self) -> int:
+        """Matrix columns (the layer's rows): channels x kernel positions."""
+        return self.channels * self.kernel[0] * self.kernel[1]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """The images' shape."""
+        return self.batch, self.channels, self.height, self.width
+
+    def unfold(self, images: torch.Tensor) -> torch.Tensor:
+        """The matrix [n_vectors, n_rows] (the reference the kernels' in-place reads are tested against)."""
+        cols = torch.nn.functional.unfold(images, self.kernel, dilation=self.dilation, stride=self.stride)
+        return cols.transpose(1, 2).reshape(-1, self.n_rows)
+
+
 @dataclass
 class _Saved:
     """What a forward pass keeps for its backward pass: the input codes and each tile's digits."""
@@ -336,15 +379,21 @@ class LayerMacro:
         planes = planes.reshape(n, plan.groups, R, spec.n_planes).permute(1, 0, 3, 2)
         return planes.reshape(plan.groups, n * spec.n_planes, R)
 
-    def _geometry(self, x: torch.Tensor, plan: _TilePlan) -> native.GeomT:
+    def _geometry(self, x: torch.Tensor, plan: _TilePlan, images: ImageRows | None = None) -> native.GeomT:
         spec = self.spec
         t = plan.tile
         lm = self.layer_map
         # a paired tile's gradient of its macro columns' weights goes to a buffer of its own (see _c_backward)
-        return native.GeomT(x.shape[0], x.shape[1], t.row0, t.n_rows, plan.offset, plan.groups,
-                            spec.rows_per_conversion, spec.n_planes, spec.input_slice_bits,
-                            spec.n_slices * t.macro_cols, spec.cell_bits, t.macro_cols, lm.n_rows,
-                            t.macro_cols if t.paired else lm.n_cols)
+        g = native.GeomT(x.shape[0], x.shape[1], t.row0, t.n_rows, plan.offset, plan.groups,
+                         spec.rows_per_conversion, spec.n_planes, spec.input_slice_bits,
+                         spec.n_slices * t.macro_cols, spec.cell_bits, t.macro_cols, lm.n_rows,
+                         t.macro_cols if t.paired else lm.n_cols)
+        if images is not None:
+            g.n, g.x_stride, g.conv = images.n_vectors, 0, 1
+            g.img_c, g.img_h, g.img_w = images.channels, images.height, images.width
+            (g.k_h, g.k_w), (g.s_h, g.s_w), (g.d_h, g.d_w) = images.kernel, images.stride, images.dilation
+            g.out_h, g.out_w = images.out
+        return g
 
     def _table(self) -> native.TableT:
         tr = self.transfer
@@ -373,20 +422,34 @@ class LayerMacro:
         column when a correction is set; no autograd."""
         return self._forward(x, q, keep=False)[0]
 
-    def _forward(self, x: torch.Tensor, q: torch.Tensor, *, keep: bool) -> tuple[torch.Tensor, _Saved | None]:
-        """``forward_values`` and, with ``keep``, what the backward pass can reuse (None: nothing)."""
-        mac, saved = self._macs(x, q) if keep else (self.mac_values(x, q), None)
+    def _forward(self, x: torch.Tensor, q: torch.Tensor, *, keep: bool,
+                 images: ImageRows | None = None) -> tuple[torch.Tensor, _Saved | None]:
+        """``forward_values`` (of the matrix of ``images`` when given) and, with ``keep``, what the backward pass can
+        reuse (None: nothing)."""
+        if images is not None:
+            mac, saved = self._macs(x, q, images)
+            saved = saved if keep else None
+        else:
+            mac, saved = self._macs(x, q) if keep else (self.mac_values(x, q), None)
         return (mac if self.correction is None else self.correction.apply(mac)), saved
+
+    def reads_images(self, x: torch.Tensor) -> bool:
+        """Whether this layer's conversions read a convolution's images ``x`` in place (``ImageRows``): with the C
+        kernels (on the CPU), through the conversions (not an exact shortcut), without a weight offset."""
+        return not self.fast_exact and not self.spec.weight_offset and self._kernels(x) is not None
 
     def mac_values(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """MAC outputs [N, M] (float64, in ``adc_lsb`` level units; integer valued unless decoded) for input
         codes x [N, K] and logical weights q [K, M]; no autograd."""
         return self._macs(x, q)[0]
 
-    def _macs(self, x: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, _Saved]:
+    def _macs(self, x: torch.Tensor, q: torch.Tensor,
+              images: ImageRows | None = None) -> tuple[torch.Tensor, _Saved]:
         lm = self.layer_map
-        N = x.shape[0]
+        N = x.shape[0] if images is None else images.n_vectors
         self.stats = MacroStats()
+        if images is not None and not self.reads_images(x):
+            raise ConfigError("a convolution's images are read in place by the C kernels only (see reads_images)")
         if self.fast_exact:
             dtype = self._matmul_dtype()
             if dtype is not None:
@@ -402,7 +465,7 @@ class LayerMacro:
             digits = self._digits(q, plan)
             seed = draw_seed(self.rng)
             if kern is not None:
-                acc = self._c_forward(kern, codes, digits, plan, int(seed) & ((1 << 64) - 1))
+                acc = self._c_forward(kern, codes, digits, plan, int(seed) & ((1 << 64) - 1), images)
                 # the C kernel holds one vector's conversions of one group and plane at a time
                 self._count(N * t.conversions_per_vector(self.spec), "c", held=digits.shape[2])
             else:
@@ -412,11 +475,12 @@ class LayerMacro:
         return out, saved
 
     def _c_forward(self, kern: native.Kernels, x: torch.Tensor, digits: torch.Tensor, plan: _TilePlan,
-                   seed: int) -> torch.Tensor:
+                   seed: int, images: ImageRows | None = None) -> torch.Tensor:
         tr = self.transfer
-        acc = torch.empty(x.shape[0], plan.tile.macro_cols, dtype=torch.float64)
+        geometry = self._geometry(x, plan, images)
+        acc = torch.empty(geometry.n, plan.tile.macro_cols, dtype=torch.float64)
         dec = tr.value_table
-        rc = kern.forward(ctypes.byref(self._geometry(x, plan)), x.data_ptr(), digits.data_ptr(), self.pw.data_ptr(),
+        rc = kern.forward(ctypes.byref(geometry), x.data_ptr(), digits.data_ptr(), self.pw.data_ptr(),
                           self.sw.data_ptr(), ctypes.byref(self._table()), plan.tables.data_ptr(),
                           None if dec is None else dec.data_ptr(),
                           None if plan.values is None else plan.values.data_ptr(), seed, acc.data_ptr())
@@ -461,20 +525,23 @@ class LayerMacro:
         colq = np.repeat(lsb * np.abs(sw) / np.abs(sw).sum(), n_cols)
         return {"colx": torch.from_numpy(colx.astype(np.float32)), "colq": torch.from_numpy(colq.astype(np.float32))}
 
-    def backward_values(self, x: torch.Tensor, q: torch.Tensor, grad: torch.Tensor,
-                        saved: _Saved | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Statistical gradients (see the module docstring) of the MAC outputs w.r.t. the input codes [N, K] and
-        the logical weights [K, M], given the upstream gradient [N, M]; ``saved``: what ``_forward`` kept for
-        these inputs and weights (recomputed where missing)."""
+    def backward_values(self, x: torch.Tensor, q: torch.Tensor, grad: torch.Tensor, saved: _Saved | None = None,
+                        images: ImageRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Statistical gradients (see the module docstring) of the MAC outputs w.r.t. the input codes [N, K] (the
+        images [B, C, H, W] when ``images`` describes them) and the logical weights [K, M], given the upstream
+        gradient [N, M]; ``saved``: what ``_forward`` kept for these inputs and weights (recomputed where
+        missing)."""
         spec = self.spec
         lm = self.layer_map
-        N = x.shape[0]
+        N = x.shape[0] if images is None else images.n_vectors
         if self.correction is not None:
             grad = grad / self.correction.gain
+        if images is not None and not self.reads_images(x):
+            raise ConfigError("a convolution's images are read in place by the C kernels only (see reads_images)")
         if self.fast_exact:
             g = grad.to(torch.float32)
             return g @ q.to(torch.float32).T, x.to(torch.float32).T @ g
-        gx = torch.zeros(N, lm.n_rows, dtype=torch.float32, device=x.device)
+        gx = torch.zeros(x.shape if images is not None else (N, lm.n_rows), dtype=torch.float32, device=x.device)
         gq = torch.zeros(lm.n_rows, lm.n_cols, dtype=torch.float32, device=x.device)
         kern = self._kernels(x)
         codes = saved.codes if saved is not None else x.to(torch.float32).contiguous()
@@ -486,7 +553,7 @@ class LayerMacro:
                 gc = pair_gradient(gc)  # [N, macro columns]
             gc = gc.contiguous()
             if kern is not None:  # accumulates into gx and gq
-                self._c_backward(kern, codes, digits, plan, gc, gx, gq)
+                self._c_backward(kern, codes, digits, plan, gc, gx, gq, images)
             else:
                 g_rows, g_w = self._torch_backward(codes.to(torch.int32), digits, plan, gc)
                 gx[:, t.row0 : t.row1] += g_rows
@@ -496,22 +563,23 @@ class LayerMacro:
         return gx, gq
 
     def _c_backward(self, kern: native.Kernels, x: torch.Tensor, digits: torch.Tensor, plan: _TilePlan,
-                    gc: torch.Tensor, gx: torch.Tensor, gq: torch.Tensor) -> None:
-        """The backward of a tile in C (levels recomputed), added into the layer's gx [N, K] and gq [K, M]; gc: the
-        upstream gradient of the tile's macro columns [N, macro columns]. A paired tile's weight gradient comes out
-        per macro column into a buffer of its own, and goes into gq with its pairs joined."""
+                    gc: torch.Tensor, gx: torch.Tensor, gq: torch.Tensor, images: ImageRows | None = None) -> None:
+        """The backward of a tile in C (levels recomputed), added into the layer's gx (x's shape: [N, K], or the
+        images') and gq [K, M]; gc: the upstream gradient of the tile's macro columns [N, macro columns]. A paired
+        tile's weight gradient comes out per macro column into a buffer of its own, and goes into gq with its pairs
+        joined."""
         t = plan.tile
-        n = x.shape[0]
+        geometry = self._geometry(x, plan, images)
+        n = geometry.n
         tr = self.transfer
         M = t.macro_cols
         gt = torch.zeros(_padded(n), M, dtype=torch.float32)  # the upstream gradient by blocks of lanes
         gt[:n] = gc
         gt = gt.reshape(-1, KERNEL_LANES, M).transpose(1, 2).contiguous()
         g_w = torch.zeros(t.n_rows, M, dtype=torch.float32) if t.paired else gq[t.row0 :, t.col0 :]
-        rc = kern.backward(ctypes.byref(self._geometry(x, plan)), x.data_ptr(), digits.data_ptr(), self.pw.data_ptr(),
+        rc = kern.backward(ctypes.byref(geometry), x.data_ptr(), digits.data_ptr(), self.pw.data_ptr(),
                            tr.slope_table.data_ptr(), plan.slopes.data_ptr(), tr.n_slope, self.spec.n_levels,
-                           gt.data_ptr(), plan.colx.data_ptr(), plan.colq.data_ptr(),
-                           gx[:, t.row0 :].data_ptr(), g_w.data_ptr())
+                           gt.data_ptr(), plan.colx.data_ptr(), plan.colq.data_ptr(), gx.data_ptr(), g_w.data_ptr())
         if rc != 0:
             raise MemoryError("the C backward kernel ran out of memory")
         if t.paired:
@@ -596,40 +664,48 @@ def torch_backward(tr: Transfer, planes: torch.Tensor, digits: torch.Tensor, pla
 class _MacroMatmul(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, q: torch.Tensor, macro: LayerMacro
+        ctx: Any, x: torch.Tensor, q: torch.Tensor, macro: LayerMacro, images: ImageRows | None
     ) -> torch.Tensor:
         codes = torch.round(x.detach())
         qd = torch.round(q.detach())
         ctx.macro = macro
-        out, ctx.saved = macro._forward(codes, qd, keep=any(ctx.needs_input_grad[:2]))
+        ctx.images = images
+        out, ctx.saved = macro._forward(codes, qd, keep=any(ctx.needs_input_grad[:2]), images=images)
         ctx.save_for_backward(qd)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         (qd,) = ctx.saved_tensors
         saved, ctx.saved = ctx.saved, None
-        gx, gq = ctx.macro.backward_values(saved.codes, qd, grad.contiguous(), saved)
-        return (gx if ctx.needs_input_grad[0] else None), (gq if ctx.needs_input_grad[1] else None), None
+        gx, gq = ctx.macro.backward_values(saved.codes, qd, grad.contiguous(), saved, ctx.images)
+        return (gx if ctx.needs_input_grad[0] else None), (gq if ctx.needs_input_grad[1] else None), None, None
 
 
-def macro_matmul(x: torch.Tensor, q: torch.Tensor, macro: LayerMacro) -> torch.Tensor:
+def macro_matmul(x: torch.Tensor, q: torch.Tensor, macro: LayerMacro, images: ImageRows | None = None
+                 ) -> torch.Tensor:
     """MAC outputs [N, M] of input codes x [N, K] on logical weights q [K, M] (both integer valued float tensors,
-    autograd through the statistical gradient). See the module docstring.
+    autograd through the statistical gradient). See the module docstring. With ``images``, x holds a convolution's
+    padded images (``ImageRows.shape``) and the matrix is theirs, read in place (only where
+    ``macro.reads_images(x)``).
 
     Raises:
         ShapeError: shapes that do not match the layer map.
     """
     lm = macro.layer_map
-    if x.ndim != 2 or x.shape[1] != lm.n_rows:
+    if images is not None:
+        if tuple(x.shape) != images.shape or images.n_rows != lm.n_rows:
+            raise ShapeError(f"input images must have shape {list(images.shape)} and {lm.n_rows} matrix columns, "
+                             f"got {list(x.shape)} and {images.n_rows}")
+    elif x.ndim != 2 or x.shape[1] != lm.n_rows:
         raise ShapeError(f"input codes must have shape [N, {lm.n_rows}], got {list(x.shape)}")
     if q.shape != (lm.n_rows, lm.n_cols):
         raise ShapeError(f"weights must have shape {[lm.n_rows, lm.n_cols]}, got {list(q.shape)}")
-    return _MacroMatmul.apply(x, q, macro)
+    return _MacroMatmul.apply(x, q, macro, images)
 
 
-__all__ = ["BACKENDS", "DEFAULT_CHUNK_CONVERSIONS", "ColumnCorrection", "LayerMacro", "MacroStats", "join_pairs",
-           "macro_matmul", "pair_gradient", "split_pairs", "stored_digits", "torch_backward", "torch_forward",
+__all__ = ["BACKENDS", "DEFAULT_CHUNK_CONVERSIONS", "ColumnCorrection", "ImageRows", "LayerMacro", "MacroStats",
+           "join_pairs", "macro_matmul", "pair_gradient", "split_pairs", "stored_digits", "torch_backward", "torch_forward",
            "unpair_weight_gradient"]

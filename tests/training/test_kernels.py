@@ -8,11 +8,11 @@ import pytest
 import torch
 from training_helpers import SMALL_DIFF, SMALL_LOSSY, SMALL_ODD, SMALL_TWOS, noisy_model
 
-from cimlab.firmware_bridge.errors import ConfigError
+from cimlab.firmware_bridge.errors import ConfigError, ShapeError
 from cimlab.firmware_bridge.spec import MacroSpec
 from cimlab.mapping import map_layer, map_paired_layer
 from cimlab.training import native
-from cimlab.training.macro import LayerMacro, macro_matmul
+from cimlab.training.macro import ImageRows, LayerMacro, macro_matmul
 from cimlab.training.transfer import ColumnDecoder, Transfer
 
 
@@ -99,3 +99,43 @@ def test_kernels_can_be_turned_off_and_are_built_once(monkeypatch: pytest.Monkey
     finally:
         monkeypatch.undo()
         native.reset()
+
+
+@pytest.mark.parametrize(("kernel", "stride", "dilation"), [((3, 3), (1, 1), (1, 1)), ((2, 3), (2, 1), (1, 2))],
+                         ids=["3x3", "strided-dilated"])
+@pytest.mark.parametrize(("spec", "paired"), [(SMALL_TWOS, False), (SMALL_ODD, True)], ids=["twos", "paired"])
+def test_images_read_in_place_equal_their_unfolded_matrix(spec: MacroSpec, paired: bool, kernel: tuple[int, int],
+                                                          stride: tuple[int, int], dilation: tuple[int, int]) -> None:
+    """The C kernels reading a convolution's images in place (``ImageRows``) give the torch path's outputs on the
+    unfolded matrix (``torch.nn.functional.unfold``), and its input gradient folded back (``fold``) into the
+    images: the same codes, the same uniforms."""
+    rng = np.random.default_rng(7)
+    images = ImageRows(3, 5, 9, 8, kernel, stride, dilation)
+    k, m = images.n_rows, spec.cols + 3
+    x = torch.tensor(rng.integers(0, spec.input_max + 1, images.shape), dtype=torch.float32, requires_grad=True)
+    low = -spec.weight_max if paired else spec.weight_min
+    q0 = torch.tensor(rng.integers(low, spec.weight_max + 1, (k, m)), dtype=torch.float32)
+    g = torch.tensor(rng.standard_normal((images.n_vectors, m)), dtype=torch.float32)
+    tr = Transfer.from_model(noisy_model(spec, seed=2, noise=0.3), pooled=False)
+    lm = (map_paired_layer if paired else map_layer)(spec, k, m)
+    results = {}
+    for backend in ("c", "torch"):
+        macro = LayerMacro(lm, tr, backend=backend, chunk_conversions=500)
+        macro.reseed(3)
+        q = q0.clone().requires_grad_(True)
+        xi = x.detach().clone().requires_grad_(True)
+        if backend == "c":
+            assert macro.reads_images(xi)
+            y = macro_matmul(xi, q, macro, images)
+        else:
+            assert not macro.reads_images(xi)
+            y = macro_matmul(images.unfold(xi), q, macro)
+        y.backward(g)
+        results[backend] = (y.detach(), xi.grad, q.grad)
+    (y_c, gx_c, gq_c), (y_t, gx_t, gq_t) = results["c"], results["torch"]
+    assert torch.equal(y_c, y_t)
+    assert gx_c.shape == images.shape and gx_c.abs().max() > 0
+    assert torch.allclose(gx_c, gx_t, rtol=1e-5, atol=1e-4 * float(gx_t.abs().max()))
+    assert torch.allclose(gq_c, gq_t, rtol=1e-5, atol=1e-4 * float(gq_t.abs().max()))
+    with pytest.raises(ShapeError, match="images"):
+        macro_matmul(x[:, :, 1:], q0, LayerMacro(lm, tr, backend="c"), images)
