@@ -20,10 +20,14 @@ def test_quick_study_reports_recovery_bound_held_out_gap_and_step_ratio(tmp_path
     out = json.loads(res.stdout.strip().splitlines()[-1])
     s = out["summary"]
     case = out["cases"][0]
-    assert case["error_model"] == "noise" and case["bound"] is not None  # the noise case measures its bound
+    assert case["error_model"] == "noise"
+    assert case["bound"] == min(case["bound_noise"], case["bound_systematic"])  # both parts of the chip's errors
     assert set(s["recovery"]) == {"noise/digits_mlp"} and "noise/digits_mlp" in s["bound"]
     assert 0.0 <= case["quant"] <= 1.0 and 0.0 <= case["naive"] <= 1.0
-    assert set(out["population"][0]["held_out"]) == {"chip2"}
+    held = out["population"][0]["held_out"]
+    assert set(held) == {"chip2"}
+    assert held["chip2"]["chip_trained"] == max(held["chip2"]["chip_trained_unplaced"],
+                                                held["chip2"]["chip_trained_placed"])
     assert set(out["bounds"]) == {"epact", "pact", "fixed"}
     assert s["step_ratio"] > 0 and out["step_time"][0]["dnat_step_s"] > 0
     assert (tmp_path / "em-noise-s1" / "short").is_dir()  # the deploy step's short characterization
