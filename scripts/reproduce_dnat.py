@@ -80,12 +80,13 @@ SHORT_REPEATS = 16
 
 @dataclass
 class Plan:
-    """Training lengths (epochs) and sizes of the study."""
+    """Training lengths (epochs) and sizes of the study. D-NAT (and the bounds, trained as long) runs until it
+    stops gaining, per model (side experiment, non-linear chip: the MLP 92.1 / 93.4 / 94.4 / 94.0 % after 8 / 24 /
+    64 / 128 epochs, the CNN 85.7 / 90.4 / 90.6 % after 8 / 24 / 64)."""
 
     float_epochs: int = 20
     quant_epochs: int = 8
-    dnat_epochs: int = 24
-    bound_epochs: int = 24
+    dnat_epochs: dict[str, int] = field(default_factory=lambda: {"digits_mlp": 64, "digits_cnn": 24})
     repeats: int = 512
     calibration: int = 128
     limit: int | None = None
@@ -99,7 +100,7 @@ class Plan:
 
 def quick_plan() -> Plan:
     """A smoke-test plan for the test suite: every step once, on the MLP, tiny (figures not meaningful)."""
-    return Plan(float_epochs=1, quant_epochs=1, dnat_epochs=1, bound_epochs=1, repeats=8, calibration=32,
+    return Plan(float_epochs=1, quant_epochs=1, dnat_epochs={"digits_mlp": 1}, repeats=8, calibration=32,
                 limit=96, models=("digits_mlp",), cases=(CASES[2],), train_chips=(1,), held_out=(2,),
                 step_repeats=1)
 
@@ -271,18 +272,19 @@ class Study:
         return m
 
     def dnat(self, quant: Path, chips: list[Any], *, learn: str = "epact", data: Any = None,
-             epochs: int | None = None, deploy_step: bool = True, shuffle: bool = False) -> tuple[Any, float]:
+             deploy_step: bool = True, shuffle: bool = False) -> tuple[Any, float]:
         """D-NAT from the quant checkpoint through ``chips`` (one per batch; ``shuffle``: each chip's columns in a
-        fresh placement every epoch); (model, seconds)."""
+        fresh placement every epoch) for the plan's epochs of its model; (model, seconds)."""
         from cimlab.training.api import prepare_model
         from cimlab.training.checkpoint import load_checkpoint
         from cimlab.training.loop import fit
 
         data = data or self.data
-        model, _ = prepare_model(data, "dnat", spec=chips[0].spec, transfer=chips[0], init=load_checkpoint(quant),
-                                 learn=learn, seed=self.seed)
+        init = load_checkpoint(quant)
+        model, _ = prepare_model(data, "dnat", spec=chips[0].spec, transfer=chips[0], init=init, learn=learn,
+                                 seed=self.seed)
         t0 = time.perf_counter()
-        fit(model, data, self.cfg(epochs or self.plan.dnat_epochs), evaluate_each_epoch=False,
+        fit(model, data, self.cfg(self.plan.dnat_epochs[init.manifest["model"]["name"]]), evaluate_each_epoch=False,
             population=chips, calibration=self.calibration() if deploy_step else (), shuffle_columns=shuffle)
         return model, time.perf_counter() - t0
 
@@ -330,15 +332,16 @@ def run_case(study: Study, chip: Chip, name: str) -> dict[str, Any]:
 
 
 def bounds(study: Study, qpath: Path, raw: Any) -> dict[str, float | None]:
-    """What training can reach through each part of the chip's errors alone, each trained from quant for
-    ``bound_epochs`` (as long as D-NAT) and evaluated through the same part: its read noise (``noise_only``) and its systematic errors
-    (``systematic_only``, with the deploy step); ``bound``: the lower of the two (an estimate: each part alone is
-    no harder than both together)."""
+    """What training can reach through each part of the chip's errors alone, each trained from quant as long as
+    D-NAT and evaluated through the same part: its read noise (``noise_only``) and its systematic errors
+    (``systematic_only``, with the deploy step); ``bound``: the lower of the two. Each is an upper estimate of what
+    is reachable on the chip (each part alone is no harder than both together, and the systematic part reads exact
+    means), so recovery against it is a lower estimate."""
     nz, sy = noise_only(raw), systematic_only(raw)
-    noise_model, _ = study.dnat(qpath, [nz], epochs=study.plan.bound_epochs, deploy_step=False)
+    noise_model, _ = study.dnat(qpath, [nz], deploy_step=False)
     out: dict[str, float | None] = {"bound_noise": study.accuracy(noise_model, nz), "bound_systematic": None}
     if sy is not None:
-        sy_model, _ = study.dnat(qpath, [sy], epochs=study.plan.bound_epochs)
+        sy_model, _ = study.dnat(qpath, [sy])
         out["bound_systematic"] = study.accuracy(sy_model, sy)
     out["bound"] = min(v for v in out.values() if v is not None)
     return out
@@ -502,11 +505,10 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     steps = {s["model"]: s for s in results["step_time"]}
     return {
         "recovery": {f"{e['error_model']}/{e['model']}": e["recovery"] for e in results["cases"]},
-        "bound": {f"{e['error_model']}/{e['model']}": e["bound"] for e in results["cases"] if e["bound"]},
+        "bound": {f"{e['error_model']}/{e['model']}": e["bound"] for e in results["cases"]},
         "bound_noise": {f"{e['error_model']}/{e['model']}": e["bound_noise"] for e in results["cases"]},
         "bound_systematic": {f"{e['error_model']}/{e['model']}": e["bound_systematic"] for e in results["cases"]},
-        "recovery_vs_bound": {f"{e['error_model']}/{e['model']}": e["recovery_vs_bound"]
-                              for e in results["cases"] if e["bound"]},
+        "recovery_vs_bound": {f"{e['error_model']}/{e['model']}": e["recovery_vs_bound"] for e in results["cases"]},
         "held_out_gap_points": {p["model"]: p["worst_gap_points"] for p in results["population"]},
         "step_ratio": steps.get("digits_cnn", next(iter(steps.values())))["step_ratio"],
         "step_ratio_mlp": steps["digits_mlp"]["step_ratio"] if "digits_mlp" in steps else None,
