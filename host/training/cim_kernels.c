@@ -376,8 +376,32 @@ static void column_portable(const pass_t* ps, int32_t c) {
 #define HAVE_COLUMN_AVX512 1
 static inline __m512i mullo64(__m512i a, uint64_t b) { return _mm512_mullo_epi64(a, _mm512_set1_epi64((long long)b)); }
 
-/* columns c0 .. c0 + NCOL - 1 of a group's pass with AVX-512, for fast tiles: the same numbers as column_portable;
- * NCOL columns side by side give the processor independent chains to overlap */
+/* the codes of column c for levels lev and uniforms u by gathers from the transfer's table (any layout): as
+ * lane_codes_table */
+static inline __m512i gather_codes(const table_t* tb, const tile_t* t, int32_t c, __m512i lev, __m512i u) {
+    const __m512i one = _mm512_set1_epi32(1);
+    const __m512i row = _mm512_add_epi32(_mm512_mullo_epi32(lev, _mm512_set1_epi32(tb->n_tables)),
+                                         _mm512_set1_epi32(t->tabs[c]));
+    const __m512i e = _mm512_add_epi32(_mm512_mullo_epi32(row, _mm512_set1_epi32(tb->buckets)),
+                                       _mm512_srli_epi32(u, (unsigned)tb->shift));
+    __m512i k = _mm512_i32gather_epi32(e, (const void*)tb->guide, 4);
+    if (tb->packed) {
+        const __m512i low = _mm512_and_si512(u, _mm512_set1_epi32((int32_t)((1u << tb->shift) - 1u)));
+        const __m512i o = _mm512_i32gather_epi32(e, (const void*)tb->off, 4);
+        return _mm512_mask_add_epi32(k, _mm512_cmpge_epu32_mask(low, o), k, one);
+    }
+    const __m512i su = _mm512_xor_si512(u, _mm512_set1_epi32((int32_t)0x80000000u));
+    const __m512i base = _mm512_mullo_epi32(row, _mm512_set1_epi32(tb->n_codes));
+    for (int32_t st = 0; st < tb->steps; st++) {
+        const __m512i b = _mm512_i32gather_epi32(_mm512_add_epi32(base, k), (const void*)tb->cum, 4);
+        k = _mm512_mask_add_epi32(k, _mm512_cmpgt_epi32_mask(su, b), k, one);
+    }
+    return k;
+}
+
+/* columns c0 .. c0 + NCOL - 1 of a group's pass with AVX-512: the same numbers as column_portable. Fast tiles look
+ * codes and values up in registers, the others gather them from the tables. NCOL columns side by side give the
+ * processor independent chains to overlap */
 #define NCOL 4
 static void columns_avx512(const pass_t* ps, int32_t c0) {
     const geom_t* g = ps->g;
@@ -417,6 +441,10 @@ static void columns_avx512(const pass_t* ps, int32_t c0) {
         for (int32_t j = 0; j < NCOL; j++) z[j] = mullo64(_mm512_xor_si512(z[j], _mm512_srli_epi64(z[j], 27)), 0x94D049BB133111EBull);
         for (int32_t j = 0; j < NCOL; j++) {
             const __m512i u = _mm512_xor_si512(z[j], _mm512_srli_epi64(z[j], 31));  /* 16 uniforms, low halves first */
+            if (!t->fast) {
+                code[j] = gather_codes(ps->tb, t, c0 + j, lev[j], u);
+                continue;
+            }
             const __m512i idx = _mm512_add_epi32(lev[j], _mm512_slli_epi32(_mm512_srli_epi32(u, (unsigned)shift), 5));
             const __m512i k = lut_i32(t->lcode + (size_t)(c0 + j) * T * LUT, idx, T);
             const __m512i o = lut_i32((const int32_t*)t->loff + (size_t)(c0 + j) * T * LUT, idx, T);
@@ -426,8 +454,10 @@ static void columns_avx512(const pass_t* ps, int32_t c0) {
         if (ps->dec) {
             const __m512d w = _mm512_set1_pd((double)ps->pw[p]);
             for (int32_t j = 0; j < NCOL; j++) {
-                const float* l = t->ldec + (size_t)(c0 + j) * LUT;
-                const __m512 v = _mm512_permutex2var_ps(_mm512_loadu_ps(l), code[j], _mm512_loadu_ps(l + 16));
+                const float* l = t->ldec ? t->ldec + (size_t)(c0 + j) * LUT : NULL;
+                const __m512 v = l ? _mm512_permutex2var_ps(_mm512_loadu_ps(l), code[j], _mm512_loadu_ps(l + 16))
+                                   : _mm512_i32gather_ps(_mm512_add_epi32(code[j], _mm512_set1_epi32(t->dtabs[c0 + j])),
+                                                         (const void*)ps->dec, 4);
                 da0[j] = _mm512_fmadd_pd(w, _mm512_cvtps_pd(_mm512_castps512_ps256(v)), da0[j]);
                 da1[j] = _mm512_fmadd_pd(w, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))),
                                          da1[j]);
@@ -454,90 +484,6 @@ static void columns_avx512(const pass_t* ps, int32_t c0) {
         }
     }
 }
-/* columns c0 .. c0 + NCOL - 1 of a group's pass with AVX-512 for any table (the search layout, many buckets, many
- * codes): the codes by gathers from the guide, offset and bound tables, the values by gathers from the decoder:
- * the same numbers as column_portable */
-static void columns_gather(const pass_t* ps, int32_t c0) {
-    const geom_t* g = ps->g;
-    const tile_t* t = ps->t;
-    const table_t* tb = ps->tb;
-    const int32_t P = g->planes, C = t->C, W = t->W, SB = g->slice_bits, CB = g->cell_bits;
-    const __m512i lanes = _mm512_mullo_epi64(_mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0),
-                                             _mm512_set1_epi64((long long)GAMMA));
-    const __m512i lowmask = _mm512_set1_epi32((int32_t)((1u << tb->shift) - 1u));
-    const __m512i top = _mm512_set1_epi32((int32_t)0x80000000u);
-    const __m512i one = _mm512_set1_epi32(1);
-    __m512i ia[NCOL];
-    __m512d da0[NCOL], da1[NCOL];
-    for (int32_t j = 0; j < NCOL; j++) {
-        ia[j] = _mm512_setzero_si512();
-        da0[j] = _mm512_setzero_pd();
-        da1[j] = _mm512_setzero_pd();
-    }
-    for (int32_t p = 0; p < P; p++) {
-        __m512i lev[NCOL], z[NCOL];
-        for (int32_t j = 0; j < NCOL; j++) lev[j] = _mm512_setzero_si512();
-        for (int32_t ib = 0; ib < SB; ib++)
-            for (int32_t w = 0; w < W; w++) {
-                const __m512i a = _mm512_loadu_si512((const void*)(ps->blk->xm + ((size_t)(p * SB + ib) * W + w) * LANES));
-                for (int32_t jb = 0; jb < CB; jb++) {
-                    const uint32_t* d = t->dbits + (((size_t)ps->grp * CB + jb) * W + w) * C + c0;
-                    for (int32_t j = 0; j < NCOL; j++) {
-                        const __m512i pc = _mm512_popcnt_epi32(_mm512_and_si512(a, _mm512_set1_epi32((int32_t)d[j])));
-                        lev[j] = _mm512_add_epi32(lev[j], _mm512_slli_epi32(pc, (unsigned)(ib + jb)));
-                    }
-                }
-            }
-        const uint64_t k0 = ((uint64_t)(ps->grp * P + p) * C + c0) * (uint64_t)ps->Ne + (uint64_t)ps->i0;
-        for (int32_t j = 0; j < NCOL; j++) {
-            const uint64_t kj = k0 + (uint64_t)j * (uint64_t)ps->Ne;
-            z[j] = _mm512_add_epi64(_mm512_set1_epi64((long long)(ps->seed + ((kj >> 1) + 1u) * GAMMA)), lanes);
-        }
-        for (int32_t j = 0; j < NCOL; j++) z[j] = mullo64(_mm512_xor_si512(z[j], _mm512_srli_epi64(z[j], 30)), 0xBF58476D1CE4E5B9ull);
-        for (int32_t j = 0; j < NCOL; j++) z[j] = mullo64(_mm512_xor_si512(z[j], _mm512_srli_epi64(z[j], 27)), 0x94D049BB133111EBull);
-        for (int32_t j = 0; j < NCOL; j++) {
-            const int32_t c = c0 + j;
-            const __m512i u = _mm512_xor_si512(z[j], _mm512_srli_epi64(z[j], 31));  /* 16 uniforms, low halves first */
-            const __m512i row = _mm512_add_epi32(_mm512_mullo_epi32(lev[j], _mm512_set1_epi32(tb->n_tables)),
-                                                 _mm512_set1_epi32(t->tabs[c]));
-            const __m512i e = _mm512_add_epi32(_mm512_mullo_epi32(row, _mm512_set1_epi32(tb->buckets)),
-                                               _mm512_srli_epi32(u, (unsigned)tb->shift));
-            __m512i k = _mm512_i32gather_epi32(e, (const void*)tb->guide, 4);
-            if (tb->packed) {
-                const __m512i o = _mm512_i32gather_epi32(e, (const void*)tb->off, 4);
-                k = _mm512_mask_add_epi32(k, _mm512_cmpge_epu32_mask(_mm512_and_si512(u, lowmask), o), k, one);
-            } else {
-                const __m512i su = _mm512_xor_si512(u, top);
-                const __m512i base = _mm512_mullo_epi32(row, _mm512_set1_epi32(tb->n_codes));
-                for (int32_t st = 0; st < tb->steps; st++) {
-                    const __m512i b = _mm512_i32gather_epi32(_mm512_add_epi32(base, k), (const void*)tb->cum, 4);
-                    k = _mm512_mask_add_epi32(k, _mm512_cmpgt_epi32_mask(su, b), k, one);
-                }
-            }
-            if (ps->dec) {
-                const __m512 v = _mm512_i32gather_ps(_mm512_add_epi32(k, _mm512_set1_epi32(t->dtabs[c])),
-                                                     (const void*)ps->dec, 4);
-                const __m512d w = _mm512_set1_pd((double)ps->pw[p]);
-                da0[j] = _mm512_fmadd_pd(w, _mm512_cvtps_pd(_mm512_castps512_ps256(v)), da0[j]);
-                da1[j] = _mm512_fmadd_pd(w, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))),
-                                         da1[j]);
-            } else {
-                ia[j] = _mm512_add_epi32(ia[j], _mm512_mullo_epi32(k, _mm512_set1_epi32(ps->pw[p])));
-            }
-        }
-    }
-    for (int32_t j = 0; j < NCOL; j++) {
-        if (ps->dec) {
-            double* d = ps->dacc + (size_t)(c0 + j) * LANES;
-            _mm512_storeu_pd(d, _mm512_add_pd(_mm512_loadu_pd(d), da0[j]));
-            _mm512_storeu_pd(d + 8, _mm512_add_pd(_mm512_loadu_pd(d + 8), da1[j]));
-        } else {
-            int32_t* d = ps->iacc + (size_t)(c0 + j) * LANES;
-            _mm512_storeu_si512((void*)d, _mm512_add_epi32(_mm512_loadu_si512((const void*)d), ia[j]));
-        }
-    }
-}
-
 /* the slope sums of columns c0 .. c0 + NCOL - 1 of a block in one group (sa [C][LANES], sb [P][M][LANES], added
  * into): the backward pass's share of columns_avx512 */
 static void slopes_avx512(const geom_t* g, const tile_t* t, const block_t* blk, int32_t grp, const int32_t* pw,
@@ -601,10 +547,7 @@ int cim_forward(const geom_t* g, const float* x, const int32_t* digits, const in
             ps.grp = grp;
             int32_t c = 0;
 #if defined(HAVE_COLUMN_AVX512)
-            if (t.fast)
-                for (; c + NCOL <= C; c += NCOL) columns_avx512(&ps, c);
-            else
-                for (; c + NCOL <= C; c += NCOL) columns_gather(&ps, c);
+            for (; c + NCOL <= C; c += NCOL) columns_avx512(&ps, c);
 #endif
             for (; c < C; c++) column_portable(&ps, c);
         }
