@@ -144,3 +144,22 @@ def test_on_the_die_the_placed_network_computes_the_ideal_macs(narrow_ckpt: Path
     assert results["placed"]["prediction"]["std"] == 0.0
     assert results["placed"]["prediction"]["mean"] == results["placed"]["accuracy_ideal"]
     assert results["plain"]["prediction"]["std"] > 0.0
+
+
+def test_the_decoded_chip_path_reads_the_placed_columns(narrow_ckpt: Path, die: Path) -> None:
+    """With the die's table decoder (``bench --decode``) the chip returns raw codes and the host decodes each chip
+    column with its own row: on the perfect columns every code decodes to its level, so the placed network's logits
+    are the ideal ones (to float rounding: decoded sums are not rounded); unplaced, the noisy columns show."""
+    from cimlab.training.transfer import ColumnDecoder
+
+    data = digits(60)
+    url = f"sim://?profile=default&error_model={die}&seed=1"
+    decoder = ColumnDecoder.load(die)
+    results = {}
+    for name, place in (("plain", None), ("placed", die)):
+        pkg = compile_checkpoint(narrow_ckpt, place_on=place)
+        with Chip.open(url) as chip:
+            results[name] = bench_package(pkg, chip, data.x_test, data.y_test, draws=0, trim=decoder)
+    for name, close in (("placed", True), ("plain", False)):
+        r = results[name]
+        assert np.allclose(r["_chip_logits"].numpy(), r["_ideal_logits"].numpy(), rtol=0, atol=1e-4) == close, name
