@@ -54,6 +54,9 @@ def resume_command() -> str:
                 words.append(max(param.opts, key=len))
             elif param.secondary_opts:
                 words.append(param.secondary_opts[0])
+        elif param.multiple:
+            for v in value:
+                words += [max(param.opts, key=len), str(v)]
         else:
             words += [max(param.opts, key=len), str(value)]
     return shlex.join([*words, "--resume"])
@@ -69,8 +72,18 @@ def _pct(v: Any) -> str:
               help="float: plain model; quant: ideal quantized macro (upper bound); dnat: through the error "
                    "model.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write.")
-@click.option("--error-model", type=click.Path(exists=True, dir_okay=False),
-              help="Measured error model (dmacem.npz); gives the MacroSpec; needed for dnat.")
+@click.option("--error-model", "error_models", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Measured error model (dmacem.npz); gives the MacroSpec; needed for dnat. Repeat it for several "
+                   "chips of one design (a population): each batch trains through one of them.")
+@click.option("--decode", "decode", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A short characterization of each --error-model's chip, in the same order: its table decoder "
+                   "(the deploy step's, bench --decode) in training. dnat only.")
+@click.option("--calibrate", type=click.IntRange(min=1), default=None,
+              help="Fit the deploy step's per-output corrections of every chip on N training images at the start "
+                   "of each epoch, and before each chip's reported accuracy. dnat only.")
+@click.option("--shuffle-columns", is_flag=True,
+              help="Give every chip of a population a fresh placement of its columns each epoch: a network for the "
+                   "design, to deploy with `cimlab compile --place-on` the target die.")
 @click.option("--link", "link_url", help="Take the MacroSpec from the chip at this link. " + LINK_HELP)
 @click.option("--profile", help="Take the MacroSpec from this twin profile (name or TOML file).")
 @click.option("--model", "model_name", type=click.Choice(MODEL_CHOICES), help="Model (default: the task's).")
@@ -116,7 +129,8 @@ def _pct(v: Any) -> str:
                    "Under torchrun, leave it out: each process is one rank.")
 @json_option
 @cim_errors
-def train(task: str, mode: str, out: str, error_model: str | None, link_url: str | None, profile: str | None,
+def train(task: str, mode: str, out: str, error_models: tuple[str, ...], decode: tuple[str, ...],
+          calibrate: int | None, shuffle_columns: bool, link_url: str | None, profile: str | None,
           model_name: str | None, init: str | None, data_dir: str | None, epochs: int, batch_size: int, lr: float,
           weight_decay: float, optimizer: str, seed: int, learn: str, quant: str | None, polarity: str | None,
           pooled: bool, draws: int, injection: str,
@@ -138,7 +152,8 @@ def train(task: str, mode: str, out: str, error_model: str | None, link_url: str
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                       seed=seed, max_steps=max_steps)
     try:
-        res = train_run(task, mode, out, model_name=model_name, error_model=error_model, link=link_url,
+        res = train_run(task, mode, out, model_name=model_name, error_model=list(error_models), decode=decode,
+                        calibrate=calibrate or 0, shuffle_columns=shuffle_columns, link=link_url,
                         profile=profile, init=init, data_dir=data_dir, cfg=cfg, learn=learn, pooled=pooled,
                         draws=draws, limit=limit, transfer_kind=injection,
                         progress=progress and sys.stderr.isatty(), timeout=timeout, resume=resume, quant=quant,
@@ -173,7 +188,11 @@ def train(task: str, mode: str, out: str, error_model: str | None, link_url: str
         t.add_row("test accuracy (float)", _pct(res["accuracy_float"]))
     if "accuracy_ideal" in res:
         t.add_row("test accuracy (ideal MACs)", _pct(res["accuracy_ideal"]))
-    if "accuracy_errors_mean" in res:
+    if "accuracy_chips" in res:
+        for chip in res["accuracy_chips"]:
+            t.add_row(f"test accuracy ({chip['error_model']}, {res['draws']} draws)",
+                      f"{_pct(chip['mean'])} +- {100 * chip['std']:.2f}")
+    elif "accuracy_errors_mean" in res:
         t.add_row(f"test accuracy (error model, {res['draws']} draws)",
                   f"{_pct(res['accuracy_errors_mean'])} +- {100 * res['accuracy_errors_std']:.2f}")
     console.print(t)

@@ -18,10 +18,12 @@ candidate. Both go into the checkpoint's manifest, which compile reads to place 
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import statistics
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,7 +34,9 @@ from cimlab.firmware_bridge.spec import MacroSpec
 from cimlab.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cimlab.training.layers import (
     calibrate,
+    calibrate_columns,
     cim_layers,
+    clear_columns,
     convert,
     model_polarity,
     model_quant,
@@ -45,7 +49,7 @@ from cimlab.training.models import DEFAULT_MODEL, build_model
 from cimlab.training.quant import LEARN, QUANT_SCHEMES
 from cimlab.training.resume import EpochCheckpoint, resume_path
 from cimlab.training.tasks import TaskData, load_task
-from cimlab.training.transfer import Transfer, check_spec
+from cimlab.training.transfer import ColumnDecoder, Transfer, check_spec
 
 if TYPE_CHECKING:
     from cimlab.training.distributed import Replicas
@@ -257,7 +261,9 @@ def evaluate_model(model: nn.Module, data: TaskData, *, transfer: Transfer | Non
 
 
 def train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str | None = None,
-              error_model: str | os.PathLike | None = None, link: str | None = None, profile: str | None = None,
+              error_model: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+              decode: Sequence[str | os.PathLike] = (), calibrate: int = 0, shuffle_columns: bool = False,
+              link: str | None = None, profile: str | None = None,
               init: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
               cfg: TrainConfig | None = None, learn: str = "epact", pooled: bool = False, draws: int = 3,
               limit: int | None = None, transfer_kind: str = "measured", progress: bool = False,
@@ -267,6 +273,15 @@ def train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str |
 
     ``quant``: ``per-layer`` (default) or ``uniform`` ranges; ``polarity``: one of ``POLARITY_CHOICES`` (default
     ``bipolar``); ``search`` overrides ``search_polarity``'s options (generations, offspring, steps, cost_weight).
+
+    ``error_model``: one file, or several: the error models of several chips of one design (a population; each
+    batch trains through one of them, ``fit(population=...)``), reported on each. ``decode``: a short
+    characterization of each of those chips, in the same order: their table decoders (``ColumnDecoder``), the
+    deploy step's, in training. ``calibrate``: that many training images fit the deploy step's per-output
+    corrections of every chip at the start of each epoch (``fit(calibration=...)``), and again before each chip's
+    reported accuracy (with its batch norm measured there; the checkpoint keeps training's). ``shuffle_columns``:
+    every chip's columns in a fresh placement each epoch (a population, for a network deployed with ``cimlab
+    compile --place-on``).
 
     The training state is saved at the start of every epoch beside ``out`` (``resume_path(out)``); ``resume``
     continues a run from it bit-identically. The state is removed once the checkpoint is written.
@@ -281,7 +296,8 @@ def train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str |
         from cimlab.training.distributed import launch
 
         run = {"task": task, "mode": mode, "out": str(out), "model_name": model_name,
-               "error_model": None if error_model is None else str(error_model), "link": link, "profile": profile,
+               "error_model": [str(m) for m in _paths(error_model)], "decode": [str(d) for d in decode],
+               "calibrate": calibrate, "shuffle_columns": shuffle_columns, "link": link, "profile": profile,
                "init": None if init is None else str(init), "data_dir": None if data_dir is None else str(data_dir),
                "cfg": cfg.as_dict(), "learn": learn, "pooled": pooled, "draws": draws, "limit": limit,
                "transfer_kind": transfer_kind, "progress": progress, "timeout": timeout, "resume": resume,
@@ -290,14 +306,66 @@ def train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str |
     from cimlab.training.distributed import replicas_from_env
 
     with replicas_from_env(device) as replicas:
-        return _train_run(task, mode, out, model_name=model_name, error_model=error_model, link=link,
+        return _train_run(task, mode, out, model_name=model_name, error_models=_paths(error_model),
+                          decode=[str(d) for d in decode], calibrate=calibrate, shuffle_columns=shuffle_columns,
+                          link=link,
                           profile=profile, init=init, data_dir=data_dir, cfg=cfg, learn=learn, pooled=pooled,
                           draws=draws, limit=limit, transfer_kind=transfer_kind, progress=progress, timeout=timeout,
                           resume=resume, quant=quant, polarity=polarity, search=search, replicas=replicas)
 
 
+def _paths(error_model: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[str]:
+    """``train_run``'s error model argument as a list of paths."""
+    if error_model is None:
+        return []
+    if isinstance(error_model, str | os.PathLike):
+        return [str(error_model)]
+    return [str(m) for m in error_model]
+
+
+def training_chips(error_models: Sequence[str], decode: Sequence[str], *, pooled: bool,
+                   kind: str) -> list[Transfer]:
+    """The chips a D-NAT run trains through: each error model's transfer, decoded by the matching short
+    characterization's table when ``decode`` is given (one per error model).
+
+    Raises:
+        ConfigError: ``decode`` of another length, or files for different MacroSpecs.
+        ArtifactError: an unreadable file.
+    """
+    if decode and len(decode) != len(error_models):
+        raise ConfigError(f"--decode takes one short characterization per --error-model, in the same order: got "
+                          f"{len(decode)} for {len(error_models)}")
+    chips = [Transfer.load(m, pooled=pooled, kind=kind) for m in error_models]  # type: ignore[arg-type]
+    for path, chip in zip(error_models[1:], chips[1:], strict=True):
+        check_spec(chips[0].spec, chip.spec, f"error model {path!r} (vs {error_models[0]!r})")
+    for i, path in enumerate(decode):
+        decoder = ColumnDecoder.load(path)
+        if decoder.table.shape != (chips[i].spec.physical_cols, chips[i].spec.n_codes):
+            raise ConfigError(f"decoder {path!r} is for another macro than error model {error_models[i]!r}")
+        chips[i] = chips[i].decoded(decoder)
+    return chips
+
+
+def evaluate_chips(model: nn.Module, data: TaskData, chips: Sequence[Transfer], *, draws: int, seed: int,
+                   calibration: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
+    """Accuracy under each chip (mean and std over ``draws``), each on a copy of ``model`` with the deploy step
+    fitted on that chip first when ``calibration`` is given."""
+    out = []
+    for chip in chips:
+        m = copy.deepcopy(model)
+        if calibration:
+            clear_columns(m)
+            set_transfer(m, chip)
+            calibrate_columns(m, calibration)
+        r = evaluate_model(m, data, transfer=chip, draws=draws, seed=seed)
+        out.append({"error_model": chip.info.source, "mean": r["accuracy_errors_mean"],
+                    "std": r["accuracy_errors_std"]})
+    return out
+
+
 def _train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str | None,
-               error_model: str | os.PathLike | None, link: str | None, profile: str | None,
+               error_models: list[str], decode: list[str], calibrate: int, shuffle_columns: bool,
+               link: str | None, profile: str | None,
                init: str | os.PathLike | None, data_dir: str | os.PathLike | None, cfg: TrainConfig, learn: str,
                pooled: bool, draws: int, limit: int | None, transfer_kind: str, progress: bool, timeout: float,
                resume: bool, quant: str | None, polarity: str | None, search: dict[str, Any] | None,
@@ -308,17 +376,29 @@ def _train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str 
         raise ConfigError(f"polarity {polarity!r} is not one of {', '.join(POLARITY_CHOICES)}")
     if draws < 1:
         raise ConfigError(f"draws must be >= 1, got {draws}")
+    if calibrate < 0:
+        raise ConfigError(f"calibrate must be >= 0 images, got {calibrate}")
+    if mode != "dnat" and (len(error_models) > 1 or decode or calibrate or shuffle_columns):
+        raise ConfigError("several --error-model, --decode, --calibrate and --shuffle-columns train through chips: "
+                          "they need --mode dnat")
+    if shuffle_columns and len(error_models) < 2:
+        raise ConfigError("--shuffle-columns places a population's columns afresh each epoch: give several "
+                          "--error-model")
     init_ck = load_checkpoint(init) if init is not None else None
-    src = resolve_spec(error_model=error_model, link=link, profile=profile, init=init_ck, timeout=timeout)
+    src = resolve_spec(error_model=error_models[0] if error_models else None, link=link, profile=profile,
+                       init=init_ck, timeout=timeout)
     spec = src.spec if src is not None else None
-    if mode == "float" and (error_model or link or profile):
+    if mode == "float" and (error_models or link or profile):
         raise ConfigError("mode 'float' takes no --error-model, --link or --profile")
-    transfer = None
+    chips: list[Transfer] = []
     if mode == "dnat":
-        if error_model is None:
+        if not error_models:
             raise ConfigError("mode 'dnat' needs --error-model FILE (the measured D-MAC-EM)")
-        transfer = Transfer.load(error_model, pooled=pooled, kind=transfer_kind)  # type: ignore[arg-type]
+        chips = training_chips(error_models, decode, pooled=pooled, kind=transfer_kind)
+    transfer = chips[0] if chips else None
     data = load_task(task, data_dir, limit=limit)
+    calibration = [data.x_train[i : min(i + 128, calibrate)] for i in range(0, min(calibrate, data.x_train.shape[0]),
+                                                                            128)]
     searched = None
     if polarity == "search":
         searched = _search(init_ck, mode, data, search or {}, cfg.seed)
@@ -332,20 +412,32 @@ def _train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str 
                 "polarity": model_polarity(model) if on_macro else None,
                 "pooled": pooled, "limit": limit, "injection": transfer_kind, "spec": spec.to_dict() if spec else None,
                 "init": init_ck.manifest.get("tensors_sha256") if init_ck else None,
-                "error_model": error_model_info(transfer)}
+                "error_model": error_model_info(transfer),
+                "population": [error_model_info(c) for c in chips] if len(chips) > 1 else None,
+                "decode": decode or None, "calibrate": calibrate, "shuffle_columns": shuffle_columns}
     if replicas is not None:
         identity["replicas"] = replicas.describe()
     writer = replicas is None or replicas.is_writer
     state = EpochCheckpoint(resume_path(out), identity, resume=resume)
     result = fit(model, data, cfg, progress=progress and writer, description=f"{mode} {task}", checkpoint=state,
-                 replicas=replicas)
+                 replicas=replicas, population=chips if len(chips) > 1 else (), calibration=calibration,
+                 shuffle_columns=shuffle_columns)
     if not writer:
         assert replicas is not None
         return {"rank": replicas.rank, "world_size": replicas.world_size}
-    metrics = evaluate_model(model, data, transfer=transfer, draws=draws, seed=cfg.seed)
+    if len(chips) > 1 or calibration:
+        clear_columns(model)
+        set_transfer(model, chips[0])
+    metrics = evaluate_model(model, data, transfer=None if calibration else transfer, draws=draws, seed=cfg.seed)
+    if chips and (len(chips) > 1 or calibration):
+        metrics["accuracy_chips"] = evaluate_chips(model, data, chips, draws=draws, seed=cfg.seed,
+                                                   calibration=calibration)
+        first = metrics["accuracy_chips"][0]
+        metrics.update(accuracy_errors_mean=first["mean"], accuracy_errors_std=first["std"], draws=draws)
     manifest = {
         "task": task, "model": info, "mode": mode, "spec": spec.to_dict() if spec else None,
         "quantizer": learn if mode != "float" else None, "error_model": error_model_info(transfer),
+        "population": identity["population"],
         "quant": identity["quant"], "polarity": identity["polarity"],
         "polarity_search": searched.summary() if searched else None,
         "train": {**cfg.as_dict(), "init": str(init) if init else None, "limit": limit, "steps": result.steps,
@@ -413,6 +505,5 @@ def recovery(naive: float, dnat: float, quant: float) -> float | None:
     return (dnat - naive) / gap
 
 
-__all__ = ["MODES", "POLARITY_CHOICES", "SpecSource", "evaluate_model", "evaluate_run", "model_from_checkpoint",
-           "prepare_model",
-           "recovery", "resolve_spec", "train_run"]
+__all__ = ["MODES", "POLARITY_CHOICES", "SpecSource", "evaluate_chips", "evaluate_model", "evaluate_run",
+           "model_from_checkpoint", "prepare_model", "recovery", "resolve_spec", "train_run", "training_chips"]

@@ -84,3 +84,41 @@ def test_cli_info_and_help_never_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_dnat_through_a_population_of_chips_with_their_deploy_step(tmp_path: Path, error_model: Path) -> None:
+    """Several --error-model: one chip per batch, each decoded by its short characterization (--decode) and fitted
+    per epoch (--calibrate), its columns shuffled; the accuracy is reported on every chip, and without the deploy
+    step those figures are what ``cimlab evaluate`` gives on each chip."""
+    second = tmp_path / "chip2.npz"
+    noisy_model(MacroSpec(), seed=5, draws=40, noise=0.6).save(second)
+    short = [tmp_path / "s1.npz", tmp_path / "s2.npz"]
+    noisy_model(MacroSpec(), seed=0, draws=8).save(short[0])
+    noisy_model(MacroSpec(), seed=5, draws=8, noise=0.6).save(short[1])
+    chips = ["--error-model", str(error_model), "--error-model", str(second)]
+    d = run(["train", "--task", "digits", "--mode", "dnat", *chips, "--decode", str(short[0]), "--decode",
+             str(short[1]), "--calibrate", "32", "--shuffle-columns", "--out", str(tmp_path / "p.ckpt"), "--draws",
+             "2", *QUICK, "--json"])
+    assert [c["error_model"] for c in d["accuracy_chips"]] == [str(error_model), str(second)]
+    assert d["accuracy_errors_mean"] == d["accuracy_chips"][0]["mean"]
+    plain = run(["train", "--task", "digits", "--mode", "dnat", *chips, "--out", str(tmp_path / "q.ckpt"),
+                 "--draws", "2", *QUICK, "--json"])
+    for chip in plain["accuracy_chips"]:
+        e = run(["evaluate", plain["checkpoint"], "--error-model", chip["error_model"], "--draws", "2", "--limit",
+                 "48", "--json"])
+        assert e["accuracy_errors_mean"] == pytest.approx(chip["mean"])
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--shuffle-columns"], "several --error-model"),
+    (["--decode", "{em}", "--decode", "{em}"], "one short characterization per --error-model"),
+])
+def test_population_options_that_do_not_fit_are_usage_errors(tmp_path: Path, error_model: Path, extra: list[str],
+                                                              message: str) -> None:
+    args = ["train", "--task", "digits", "--mode", "dnat", "--error-model", str(error_model),
+            *[a.format(em=error_model) for a in extra], "--out", str(tmp_path / "x.ckpt"), *QUICK]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code != 0 and message in res.output, res.output
+    q = CliRunner().invoke(cli, ["train", "--task", "digits", "--mode", "quant", "--profile", "default",
+                                 "--calibrate", "8", "--out", str(tmp_path / "y.ckpt"), *QUICK])
+    assert q.exit_code != 0 and "--mode dnat" in q.output
