@@ -358,7 +358,7 @@ def evaluate_chips(model: nn.Module, data: TaskData, chips: Sequence[Transfer], 
             set_transfer(m, chip)
             calibrate_columns(m, calibration)
         r = evaluate_model(m, data, transfer=chip, draws=draws, seed=seed)
-        out.append({"error_model": chip.info.source, "mean": r["accuracy_errors_mean"],
+        out.append({"error_model": chip.info.source, "draws": r["accuracy_errors"], "mean": r["accuracy_errors_mean"],
                     "std": r["accuracy_errors_std"]})
     return out
 
@@ -397,8 +397,8 @@ def _train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str 
         chips = training_chips(error_models, decode, pooled=pooled, kind=transfer_kind)
     transfer = chips[0] if chips else None
     data = load_task(task, data_dir, limit=limit)
-    calibration = [data.x_train[i : min(i + 128, calibrate)] for i in range(0, min(calibrate, data.x_train.shape[0]),
-                                                                            128)]
+    images = data.x_train[:calibrate]
+    calibration = [images[i : i + 128] for i in range(0, images.shape[0], 128)]
     searched = None
     if polarity == "search":
         searched = _search(init_ck, mode, data, search or {}, cfg.seed)
@@ -425,15 +425,16 @@ def _train_run(task: str, mode: str, out: str | os.PathLike, *, model_name: str 
     if not writer:
         assert replicas is not None
         return {"rank": replicas.rank, "world_size": replicas.world_size}
-    if len(chips) > 1 or calibration:
-        clear_columns(model)
-        set_transfer(model, chips[0])
-    metrics = evaluate_model(model, data, transfer=None if calibration else transfer, draws=draws, seed=cfg.seed)
-    if chips and (len(chips) > 1 or calibration):
+    per_chip = len(chips) > 1 or bool(calibration)
+    if per_chip:
+        clear_columns(model)  # the corrections training left are the last chip's
+    metrics = evaluate_model(model, data, transfer=None if per_chip else transfer, draws=draws, seed=cfg.seed)
+    if per_chip:
         metrics["accuracy_chips"] = evaluate_chips(model, data, chips, draws=draws, seed=cfg.seed,
                                                    calibration=calibration)
         first = metrics["accuracy_chips"][0]
-        metrics.update(accuracy_errors_mean=first["mean"], accuracy_errors_std=first["std"], draws=draws)
+        metrics.update(accuracy_errors=first["draws"], accuracy_errors_mean=first["mean"],
+                       accuracy_errors_std=first["std"], draws=draws)
     manifest = {
         "task": task, "model": info, "mode": mode, "spec": spec.to_dict() if spec else None,
         "quantizer": learn if mode != "float" else None, "error_model": error_model_info(transfer),

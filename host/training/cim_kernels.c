@@ -181,7 +181,7 @@ typedef struct {
     int32_t* v;       /* [R][LANES] */
     uint32_t* xm;     /* [bits][W][LANES]: bit b of the codes of the rows of word w */
     const int64_t* col_at;  /* [n_rows]: offset in x of the tile's row pos, beyond the vector's own */
-    int64_t at[LANES];      /* offset in x of each lane's vector (its first matrix column) */
+    int64_t at[LANES];      /* offset in x of each lane's vector (its first matrix column): lane_offsets */
 } block_t;
 
 /* where x holds (vector i, matrix column k) = at(i) + col_at(k): the tile's rows' part, [n_rows]; NULL: memory */
@@ -212,14 +212,13 @@ static void lane_offsets(const geom_t* g, int32_t i0, int32_t nb, int64_t* at) {
     }
 }
 
-/* the group's input codes of vectors i0 .. i0 + nb - 1 by row, and (where blk->xm is given) their bit masks (bit ib
- * of slice p is bit p * slice_bits + ib of the code); rows outside the tile and lanes past nb hold 0 */
-static void block_inputs(const geom_t* g, const tile_t* t, const float* x, int32_t i0, int32_t nb, int32_t grp,
+/* the group's input codes of the block's nb vectors (at blk->at) by row, and (where blk->xm is given) their bit
+ * masks (bit ib of slice p is bit p * slice_bits + ib of the code); rows outside the tile and lanes past nb hold 0 */
+static void block_inputs(const geom_t* g, const tile_t* t, const float* x, int32_t nb, int32_t grp,
                          block_t* blk) {
     const int32_t R = g->rows, B = g->planes * g->slice_bits, W = t->W;
     int32_t* v = blk->v;
     memset(v, 0, sizeof(int32_t) * (size_t)R * LANES);
-    lane_offsets(g, i0, nb, blk->at);
     for (int32_t r = 0; r < R; r++) {
         const int32_t pos = grp * R + r - g->offset;
         if (pos < 0 || pos >= g->n_rows) continue;
@@ -541,8 +540,9 @@ int cim_forward(const geom_t* g, const float* x, const int32_t* digits, const in
         const int32_t nb = (g->n - i0 < LANES) ? g->n - i0 : LANES;
         memset(dacc, 0, sizeof(double) * (size_t)C * LANES);
         memset(iacc, 0, sizeof(int32_t) * (size_t)C * LANES);
+        lane_offsets(g, i0, nb, blk.at);
         for (int32_t grp = 0; grp < G; grp++) {
-            block_inputs(g, &t, x, i0, nb, grp, &blk);
+            block_inputs(g, &t, x, nb, grp, &blk);
             ps.i0 = i0;
             ps.grp = grp;
             int32_t c = 0;
@@ -735,8 +735,9 @@ int cim_backward(const geom_t* g, const float* x, const int32_t* digits, const i
         goto done;
     for (int32_t i0 = 0; i0 < g->n; i0 += LANES) {
         const int32_t nb = (g->n - i0 < LANES) ? g->n - i0 : LANES;
+        lane_offsets(g, i0, nb, blk.at);
         for (int32_t grp = 0; grp < G; grp++) {
-            block_inputs(g, &t, x, i0, nb, grp, &blk);
+            block_inputs(g, &t, x, nb, grp, &blk);
             const float* gtb = gt + (size_t)(i0 / LANES) * M * LANES;
             memset(sab, 0, sizeof(float) * (size_t)C * LANES);
             memset(sbb, 0, sizeof(float) * (size_t)P * M * LANES);

@@ -284,14 +284,10 @@ class _CIMConv(CIMLayer):
                              f"{self.kernel_size}")
         return x2
 
-    def _unfold(self, codes: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        cols = F.unfold(codes, self._k2(), dilation=self._d2(), stride=self._s2())  # [B, K, L]
-        kh, kw = self._k2()
-        dh, dw = self._d2()
-        sh, sw = self._s2()
-        ho = (codes.shape[2] - dh * (kh - 1) - 1) // sh + 1
-        wo = (codes.shape[3] - dw * (kw - 1) - 1) // sw + 1
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1]), (ho, wo)
+    def _image_rows(self, codes: torch.Tensor) -> ImageRows:
+        """The padded input codes [B, C, H, W] as the macro's input matrix (im2col)."""
+        return ImageRows(codes.shape[0], self.in_channels, codes.shape[2], codes.shape[3], self._k2(), self._s2(),
+                         self._d2())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = self._as2d(x)
@@ -305,13 +301,12 @@ class _CIMConv(CIMLayer):
                 acc = acc + (torch.round(acc) - acc).detach()
         else:
             B = codes.shape[0]
+            images = self._image_rows(codes)
             if self.macro.reads_images(codes):  # the C kernels read the im2col matrix in place
-                images = ImageRows(B, self.in_channels, codes.shape[2], codes.shape[3], self._k2(), self._s2(),
-                                   self._d2())
-                acc, (ho, wo) = macro_matmul(codes, q.T, self.macro, images), images.out
+                acc = macro_matmul(codes, q.T, self.macro, images)
             else:
-                mat, (ho, wo) = self._unfold(codes)
-                acc = self._mac(mat, q)
+                acc = self._mac(images.unfold(codes), q)
+            ho, wo = images.out
             acc = acc.reshape(B, ho * wo, M).transpose(1, 2).reshape(B, M, ho, wo)
         y = self._finish(acc, q, scale, delta, lo, 1)
         return y.squeeze(2) if self.dims == 1 else y
@@ -324,7 +319,7 @@ class _CIMConv(CIMLayer):
     @torch.no_grad()
     def macro_matrix_inputs(self, x: torch.Tensor) -> torch.Tensor:
         codes, _, _ = self.act(self._as2d(x))
-        return torch.round(self._unfold(codes)[0])
+        return torch.round(self._image_rows(codes).unfold(codes))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
