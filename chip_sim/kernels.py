@@ -352,72 +352,50 @@ def _convert_analytic(acc, sc, sh, items, noise, noise_ends, bin_shift, lut,  # 
 
 
 @njit(cache=True, inline="always")
-def _convert_sampled(acc, j0, J, items, mode, interval, nearby, guide, guide_bits, bounds, width, ibuf, kbuf,  # noqa: ANN001
-                     pairs, search_i32, search_i64, codes, tn):
+def _convert_sampled(acc, j0, J, items, sampled, ibuf, lane, found, pairs, codes, tn):  # noqa: ANN001
     """Codes of one tile of levels ``acc[:tn]`` of columns ``j0 ..`` (of ``J``) drawn with 32-bit uniforms
-    ``items``: the row's most likely code where the uniform falls in its interval, else the code next to it when
-    the uniform falls in that one's, else a binary search. Per row (``level * J + column``): ``mode``; ``interval``
-    = the mode's first uniform | its last << 32; ``nearby`` = the bound two codes below the mode | the bound one
-    code above it, less one, << 32."""
-    low32 = np.uint64(0xFFFFFFFF)
-    for jj in range(tn):
-        ibuf[jj] = np.int32(acc[jj]) * np.int32(J) + np.int32(j0 + jj)
-    _gather(mode, ibuf, tn, codes)
-    _gather(interval, ibuf, tn, pairs)
-    miss = False
-    for jj in range(tn):
-        u = np.uint64(items[jj])
-        miss |= (u < (pairs[jj] & low32)) | (u > (pairs[jj] >> np.uint64(32)))
-    if not miss:
-        return
-    for jj in range(tn):
-        u = np.uint64(items[jj])
-        below = u < (pairs[jj] & low32)
-        above = u > (pairs[jj] >> np.uint64(32))
-        kbuf[jj] = np.int32(below) - np.int32(above)  # +1: below the interval, -1: above
-    _gather(nearby, ibuf, tn, pairs)
-    for jj in range(tn):
-        u = np.uint64(items[jj])
-        m = codes[jj]
-        side = kbuf[jj]
-        far = ((side > 0) & (m >= 2) & ((pairs[jj] & low32) > u)) | ((side < 0) & ((pairs[jj] >> np.uint64(32)) < u))
-        codes[jj] = m - side
-        kbuf[jj] = np.int32(far)
-    # the rest: the guide table of the uniform's bucket bounds the code to [low, high]; most such spans hold one
-    # bound, read with one gather over the far lanes gathered together; wider spans are scanned
-    lane, cand = search_i32[0], search_i32[1]
-    span, got = search_i64[0], search_i64[1]
-    nf = 0
-    for jj in range(tn):
-        lane[nf] = jj
-        nf += kbuf[jj]
-    if nf == 0:
-        return
-    buckets = np.int32(1 << guide_bits)
-    for i in range(nf, (nf + LANES - 1) // LANES * LANES):
-        cand[i] = 0  # lanes past the far ones gather from index 0
-    for i in range(nf):
-        jj = lane[i]
-        cand[i] = ibuf[jj] * buckets + np.int32(np.uint64(items[jj]) >> np.uint64(32 - guide_bits))
-    _gather(guide, cand, nf, pairs)
-    w32 = np.int32(width)
-    for i in range(nf):
-        jj = lane[i]
-        low = np.int32(pairs[i] & np.uint64(0xFFFF))
-        span[i] = np.int64(pairs[i] >> np.uint64(16)) - low
-        codes[jj] = low
-        cand[i] = ibuf[jj] * w32 + low
-    _gather(bounds, cand, nf, got)
-    for i in range(nf):
-        jj = lane[i]
-        u = np.int64(items[jj])
-        if span[i] > 0:
-            codes[jj] += np.int32(got[i] <= u)
-            if span[i] > 1 and got[i] <= u:
-                base = np.int64(ibuf[jj]) * width
-                high = codes[jj] - 1 + span[i]
-                while codes[jj] < high and bounds[base + codes[jj]] <= u:
-                    codes[jj] += 1
+    ``items`` by an indexed search (``sampled``: see ``fused_mac``). The guide entry of the uniform's bucket (its
+    top ``guide_bits`` bits) in the row (``level * J + column``) holds the codes of the bucket's first and last
+    uniform, low | high << 16; most buckets hold one code, and the others are finished by counting the row's
+    bounds from the low code on, read from its window (the bound of code ``c`` at ``window[rowbase[row] + c]``;
+    see ``cimlab.chip_sim.fastpath.sampler_tables``). With ``mode_first``, each row's most likely code and its
+    interval of uniforms (first | last << 32) are read first, and only the uniforms outside it are searched."""
+    mode_first, mode, interval, guide, guide_bits, window, rowbase = sampled
+    shift = np.uint64(32 - guide_bits)  # 64-bit: one bucket (no bits) shifts by all 32
+    nm = 0
+    if mode_first:
+        low32 = np.uint64(0xFFFFFFFF)
+        for jj in range(tn):
+            ibuf[jj] = np.int32(acc[jj]) * np.int32(J) + np.int32(j0 + jj)
+        _gather(mode, ibuf, tn, codes)
+        _gather(interval, ibuf, tn, pairs)
+        for jj in range(tn):
+            u = np.uint64(items[jj])
+            lane[nm] = jj
+            nm += np.int32((u < (pairs[jj] & low32)) | (u > (pairs[jj] >> np.uint64(32))))
+        for i in range(nm):
+            jj = np.uint64(lane[i])
+            ibuf[jj] = (ibuf[jj] << np.int32(guide_bits)) + np.int32(np.uint64(items[jj]) >> shift)
+            found[jj] = guide[np.uint64(ibuf[jj])]
+    else:
+        for jj in range(tn):
+            row = np.int32(acc[jj]) * np.int32(J) + np.int32(j0 + jj)
+            ibuf[jj] = (row << np.int32(guide_bits)) + np.int32(np.uint64(items[jj]) >> shift)
+        _gather(guide, ibuf, tn, found)
+        for jj in range(tn):
+            low = found[jj] & np.uint32(0xFFFF)
+            codes[jj] = np.int32(low)
+            lane[nm] = jj
+            nm += np.int32((found[jj] >> np.uint32(16)) != low)
+    for i in range(nm):
+        jj = np.uint64(lane[i])
+        u = np.uint32(items[jj])
+        base = np.uint64(rowbase[np.uint64(ibuf[jj] >> np.int32(guide_bits))])
+        c = np.uint64(found[jj] & np.uint32(0xFFFF))
+        high = np.uint64(found[jj] >> np.uint32(16))
+        while c < high and window[base + c] <= u:
+            c += np.uint64(1)
+        codes[jj] = np.int32(c)
 
 
 @njit(cache=True, nogil=True)
@@ -439,9 +417,9 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
             last value of each bin of ``2**bin_shift`` items as one uint64 (float32 pair), ``bin_shift``, ADC
             look-up table packed with its
             distance to the next code (``cimlab.chip_sim.fastpath.packed_lut``), uint32).
-        sampled: (mode [L*J] int32, its interval [L*J] uint64, nearby bounds [L*J] uint64, guide table
-            [L*J * 2**guide_bits] uint64, guide_bits (see ``_convert_sampled``;
-            ``cimlab.chip_sim.fastpath.sampler_tables``), bounds [L*J*width] int64, width).
+        sampled: (mode first, mode [L*J] int32, its interval [L*J] uint64, guide table [L*J * 2**guide_bits]
+            uint32, guide_bits, windows uint32, each row's window start less its first code [L*J] int64; see
+            ``_convert_sampled`` and ``cimlab.chip_sim.fastpath.sampler_tables``).
         rng: (PCG64 state at word 0 as uint64[4], first vector, words per vector, item bytes: 0, 2 or 4).
         raw: write codes to ``out`` [n, P, g1-g0, J]; otherwise add ``code << (p * slice_bits)`` into
             ``col_sums`` [n, J] (int64, zeroed by the caller).
@@ -450,7 +428,6 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
     n_planes, slice_bits, n_groups, rpg, J, g0, g1, chunk, tile, block_rows, stages, first_chunk, chunk_step = geometry
     table, level_table, pulse_table, use_table, rowsum = sums_from
     scale, shift, noise, noise_ends, bin_shift, lut = analytic
-    mode, interval, nearby, guide, guide_bits, bounds, width = sampled
     state, first_vector, words, item_bytes = rng
     n = x.shape[0]
     gs = g1 - g0
@@ -493,8 +470,6 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
         codes = np.zeros(tile_pad, dtype=np.int32)
         packed = np.zeros(tile_pad, dtype=np.uint32)
         pairs = np.zeros(tile_pad, dtype=np.uint64)
-        search_i32 = np.zeros((2, tile_pad), dtype=np.int32)
-        search_i64 = np.zeros((2, tile_pad), dtype=np.int64)
         for gi in range(gs):
             g = g0 + gi
             for t0 in range(0, J, tile):
@@ -531,8 +506,7 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
                             _convert_analytic(acc, sc, sh, items, noise, noise_ends, bin_shift, lut,
                                               fbuf, ends, ibuf, kbuf, packed, codes, tn, stages)
                         elif stages >= STAGE_LOOKUP:
-                            _convert_sampled(acc, t0, J, items32[i0 : i0 + tn], mode, interval, nearby, guide,
-                                             guide_bits, bounds, width, ibuf, kbuf, pairs, search_i32, search_i64,
+                            _convert_sampled(acc, t0, J, items32[i0 : i0 + tn], sampled, ibuf, kbuf, packed, pairs,
                                              codes, tn)
                         # 3. out
                         if stages < STAGE_OUT:

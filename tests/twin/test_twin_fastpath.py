@@ -165,12 +165,14 @@ def _spread_model(spec, seed: int) -> ErrorModel:  # noqa: ANN001
     return ErrorModel(spec, counts, chip_id="spread")
 
 
-@pytest.mark.parametrize(("profile", "guide_bytes"), [("default", None), ("nvm-2bit", None), ("nvm-4bit", None),
-                                                     ("nvm-4bit", 1)])
-def test_data_driven_fast_path_equals_the_sampler(profile: str, guide_bytes: int | None, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    if guide_bytes is not None:  # one bucket a row: far draws scan the whole row
+@pytest.mark.parametrize(("profile", "guide_bytes", "mode_first"),
+                         [("default", None, True), ("nvm-2bit", None, True), ("nvm-4bit", None, True),
+                          ("nvm-4bit", None, False), ("nvm-4bit", 1, True), ("nvm-4bit", 1, False)])
+def test_data_driven_fast_path_equals_the_sampler(profile: str, guide_bytes: int | None, mode_first: bool,
+                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if guide_bytes is not None:  # one bucket a row: a search counts the row's window from its first code
         monkeypatch.setattr(fastpath, "GUIDE_BYTES", guide_bytes)
+    monkeypatch.setattr(fastpath, "MODE_FIRST_SHARE", 0.0 if mode_first else 2.0)
     spec = chip_sim.load_profile(profile).spec
     path = _spread_model(spec, 3).save(tmp_path / "spread.npz")
     twin = chip_sim.make_twin(profile, 5, {"error_model": str(path)})
@@ -179,6 +181,7 @@ def test_data_driven_fast_path_equals_the_sampler(profile: str, guide_bytes: int
     first = twin.vector_counter
     codes, _ = twin.mac_raw(0, x)
     np.testing.assert_array_equal(codes, numpy_mac_raw(twin, 0, x, first))
+    assert twin._engine._sampler_tables[1][0] is mode_first  # the search the parameters asked for ran
     twin._engine._plans[4] = fastpath.Plan(block_rows=2, use_table=True, tile=32, chunk=1)
     first = twin.vector_counter
     codes, _ = twin.mac_raw(0, x)
