@@ -11,9 +11,10 @@ chunk into row groups and tiles of columns (``cimlab.chip_sim.fastpath.plan_for`
 3. per row group and tile of columns, and per (vector, plane) of the chunk, sums the compute weights of the
    pattern of every block from the pattern tables (``build_tables``: the sum of the weights each pattern selects,
    one row per pattern, exact integers in float32); where a pattern would be too wide it sums the rows one by one;
-4. converts the tile's sums at once, 16 lanes at a time with vector gathers for the table look-ups: the analytic
-   converter's three float32 operations, noise-table and ADC look-ups, or the data-driven converter's
-   inverse-CDF draw (most conversions read their row's most likely code; the others run a binary search).
+4. converts the sums of a block of (vector, plane) pairs' tiles at once (``BLOCK_LANES``), 16 lanes at a time with
+   vector gathers for the table look-ups: the analytic converter's three float32 operations, noise-table and ADC
+   look-ups, or the data-driven converter's inverse-CDF draw (an indexed search: a guide table settles most
+   draws, the row's bounds the rest; narrow models read the row's most likely code first).
    The analytic code is a nondecreasing function of the noise item (the noise table is sorted), so both ends of
    the item's bin (small tables that stay in L1) decide it, with one look-up that gives the code and the
    distance to the next code; only where a threshold lies between them (about 0.1 % of conversions) is the
@@ -46,6 +47,9 @@ patterns; the benchmark times it with fewer to see where the time goes."""
 ALL_STAGES = STAGE_OUT
 LANES = 16
 """Lanes of one vector gather (a 512-bit register of 32-bit values; narrower machines split it)."""
+BLOCK_LANES = 1024
+"""Lanes converted per call: the tiles of as many (vector, input slice) pairs as fit, so that a call's set-up (it
+takes a reference to each of its arrays) is shared by many conversions."""
 STREAMS = 4
 """PCG64 streams (vectors) stepped side by side when drawing a chunk's items."""
 
@@ -277,37 +281,43 @@ def _vector_patterns(xrow, n_planes, slice_bits, rpg, block_rows, g0, use_table,
 
 
 @njit(cache=True, inline="always")
-def _sum_table_rows(acc, table, pats, pat0, base, n_blocks, block_stride, row_stride, tn):  # noqa: ANN001
-    """``acc[:tn]`` = the sum over blocks ``k`` of table row ``base + k * block_stride + pats[pat0 + k] *
-    row_stride``, four rows per pass over ``acc`` (a row of pattern 0 is zeros, so none is skipped)."""
+def _sum_table_pairs(acc, stride, table, pats, q0, nq, gs, gi, base, n_blocks, block_stride, row_stride, tn):  # noqa: ANN001
+    """For pairs ``q`` = 0 .. ``nq``-1 (vector, input slice) ``q0 + q`` of the chunk: ``acc[q * stride :][:tn]`` =
+    the sum over blocks ``k`` of table row ``base + k * block_stride + pats[pat0 + k] * row_stride`` (``pat0``: the
+    pair's patterns of group ``gi``), four rows per pass over the lanes (a row of pattern 0 is zeros, so none is
+    skipped). Offsets are unsigned: numba then reads the lanes as one contiguous run."""
     tu = np.uint64(tn)
-    k = 0
-    o0 = np.uint64(base + k * block_stride + pats[pat0 + k] * row_stride)
-    for jj in range(tu):
-        acc[jj] = table[o0 + jj]
-    k = 1
-    while k + 4 <= n_blocks:
-        o0 = np.uint64(base + k * block_stride + pats[pat0 + k] * row_stride)
-        o1 = np.uint64(base + (k + 1) * block_stride + pats[pat0 + k + 1] * row_stride)
-        o2 = np.uint64(base + (k + 2) * block_stride + pats[pat0 + k + 2] * row_stride)
-        o3 = np.uint64(base + (k + 3) * block_stride + pats[pat0 + k + 3] * row_stride)
+    for q in range(np.uint64(nq)):
+        a0 = q * np.uint64(stride)
+        pat0 = ((np.uint64(q0) + q) * np.uint64(gs) + np.uint64(gi)) * np.uint64(n_blocks)
+        o0 = np.uint64(base + pats[pat0] * row_stride)
         for jj in range(tu):
-            acc[jj] += (table[o0 + jj] + table[o1 + jj]) + (table[o2 + jj] + table[o3 + jj])
-        k += 4
-    while k < n_blocks:
-        o0 = np.uint64(base + k * block_stride + pats[pat0 + k] * row_stride)
-        for jj in range(tu):
-            acc[jj] += table[o0 + jj]
-        k += 1
+            acc[a0 + jj] = table[o0 + jj]
+        k = 1
+        while k + 4 <= n_blocks:
+            ku = np.uint64(k)
+            o0 = np.uint64(base + k * block_stride + pats[pat0 + ku] * row_stride)
+            o1 = np.uint64(base + (k + 1) * block_stride + pats[pat0 + ku + np.uint64(1)] * row_stride)
+            o2 = np.uint64(base + (k + 2) * block_stride + pats[pat0 + ku + np.uint64(2)] * row_stride)
+            o3 = np.uint64(base + (k + 3) * block_stride + pats[pat0 + ku + np.uint64(3)] * row_stride)
+            for jj in range(tu):
+                acc[a0 + jj] += (table[o0 + jj] + table[o1 + jj]) + (table[o2 + jj] + table[o3 + jj])
+            k += 4
+        while k < n_blocks:
+            o0 = np.uint64(base + k * block_stride + pats[pat0 + np.uint64(k)] * row_stride)
+            for jj in range(tu):
+                acc[a0 + jj] += table[o0 + jj]
+            k += 1
 
 
 # ---- the fused MAC ---------------------------------------------------------------------------------------------
-# Inner loops index 1-D arrays at an offset: numba's multi-dimensional indexing keeps LLVM from vectorizing them,
-# and a slice made in a hot loop costs two atomic reference-count updates.
+# Inner loops index 1-D arrays at an unsigned offset: numba's multi-dimensional indexing, and its wraparound of
+# negative signed indices, keep LLVM from reading the lanes as one contiguous run (it gathers them one by one
+# instead); a slice made in a hot loop costs two atomic reference-count updates.
 @njit(cache=True, inline="always")
 def _convert_analytic(acc, sc, sh, items, noise, noise_ends, bin_shift, lut,  # noqa: ANN001
                       fbuf, ends, ibuf, kbuf, packed, codes, tn, stages):
-    """Codes of one tile of partial sums ``acc[:tn]`` with its columns' scale and shift and its noise items
+    """Codes of partial sums ``acc[:tn]`` with their columns' scale and shift and their noise items
     (``items`` empty: no noise). ``lut`` packs each bin's code (low 16 bits) with the number of bins from it to
     the next bin of another code (high 16 bits, at most 65535)."""
     if stages < STAGE_SCALE:
@@ -352,8 +362,8 @@ def _convert_analytic(acc, sc, sh, items, noise, noise_ends, bin_shift, lut,  # 
 
 
 @njit(cache=True, inline="always")
-def _convert_sampled(acc, j0, J, items, sampled, ibuf, lane, found, pairs, codes, tn):  # noqa: ANN001
-    """Codes of one tile of levels ``acc[:tn]`` of columns ``j0 ..`` (of ``J``) drawn with 32-bit uniforms
+def _convert_sampled(acc, cols, J, items, sampled, ibuf, lane, found, pairs, codes, tn):  # noqa: ANN001
+    """Codes of levels ``acc[:tn]`` of columns ``cols[:tn]`` (of ``J``) drawn with 32-bit uniforms
     ``items`` by an indexed search (``sampled``: see ``fused_mac``). The guide entry of the uniform's bucket (its
     top ``guide_bits`` bits) in the row (``level * J + column``) holds the codes of the bucket's first and last
     uniform, low | high << 16; most buckets hold one code, and the others are finished by counting the row's
@@ -366,7 +376,7 @@ def _convert_sampled(acc, j0, J, items, sampled, ibuf, lane, found, pairs, codes
     if mode_first:
         low32 = np.uint64(0xFFFFFFFF)
         for jj in range(tn):
-            ibuf[jj] = np.int32(acc[jj]) * np.int32(J) + np.int32(j0 + jj)
+            ibuf[jj] = np.int32(acc[jj]) * np.int32(J) + cols[jj]
         _gather(mode, ibuf, tn, codes)
         _gather(interval, ibuf, tn, pairs)
         for jj in range(tn):
@@ -379,7 +389,7 @@ def _convert_sampled(acc, j0, J, items, sampled, ibuf, lane, found, pairs, codes
             found[jj] = guide[np.uint64(ibuf[jj])]
     else:
         for jj in range(tn):
-            row = np.int32(acc[jj]) * np.int32(J) + np.int32(j0 + jj)
+            row = np.int32(acc[jj]) * np.int32(J) + cols[jj]
             ibuf[jj] = (row << np.int32(guide_bits)) + np.int32(np.uint64(items[jj]) >> shift)
         _gather(guide, ibuf, tn, found)
         for jj in range(tn):
@@ -462,63 +472,88 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
                                                  pats1[bb * n_planes * gs * n_blocks : (bb + 1) * n_planes * gs * n_blocks])
             tally[b0 + bb, 0] = level_sum
             tally[b0 + bb, 1] = pulses
-        acc = np.zeros(tile_pad, dtype=np.float32)
-        fbuf = np.zeros(tile_pad, dtype=np.float32)
-        ends = np.zeros(tile_pad, dtype=np.uint64)
-        ibuf = np.zeros(tile_pad, dtype=np.int32)
-        kbuf = np.zeros(tile_pad, dtype=np.int32)
-        codes = np.zeros(tile_pad, dtype=np.int32)
-        packed = np.zeros(tile_pad, dtype=np.uint32)
-        pairs = np.zeros(tile_pad, dtype=np.uint64)
+        pair_count = nb * n_planes
+        block = max(1, min(pair_count, BLOCK_LANES // tile_pad))
+        m_pad = block * tile_pad
+        acc = np.zeros(m_pad, dtype=np.float32)
+        fbuf = np.zeros(m_pad, dtype=np.float32)
+        ends = np.zeros(m_pad, dtype=np.uint64)
+        ibuf = np.zeros(m_pad, dtype=np.int32)
+        kbuf = np.zeros(m_pad, dtype=np.int32)
+        codes = np.zeros(m_pad, dtype=np.int32)
+        packed = np.zeros(m_pad, dtype=np.uint32)
+        pairs = np.zeros(m_pad, dtype=np.uint64)
+        sc = np.zeros(m_pad, dtype=np.float32)
+        sh = np.zeros(m_pad, dtype=np.float32)
+        cols = np.zeros(m_pad, dtype=np.int32)
+        items_a = np.zeros(m_pad if noisy else 0, dtype=np.uint16)
+        items_s = np.zeros(m_pad if kind == KIND_SAMPLED else 0, dtype=np.uint32)
         for gi in range(gs):
             g = g0 + gi
             for t0 in range(0, J, tile):
                 tn = min(tile, J - t0)
-                for jj in range(tn, tile_pad):  # lanes past the tile gather from index 0
-                    ibuf[jj] = 0
-                    kbuf[jj] = 0
-                sc = scale[t0 : t0 + tn]
-                sh = shift[t0 : t0 + tn]
-                for bb in range(nb):
-                    for p in range(n_planes):
-                        # 1. the tile's partial sums (exact integers)
-                        pat0 = ((bb * n_planes + p) * gs + gi) * n_blocks
-                        if stages < STAGE_SUMS:
-                            pass
-                        elif use_table:
-                            _sum_table_rows(acc, table1, pats1, pat0,
-                                            ((g * n_tiles + t0 // tile) * n_blocks) * n_patterns * tile,
-                                            n_blocks, n_patterns * tile, tile, tn)
-                        else:
+                # each pair of the block reads its tile at lanes q * tile_pad ..; lanes past the tile stay zero
+                for q in range(block):
+                    for jj in range(tn):
+                        cols[q * tile_pad + jj] = t0 + jj
+                        if kind == KIND_ANALYTIC:
+                            sc[q * tile_pad + jj] = scale[t0 + jj]
+                            sh[q * tile_pad + jj] = shift[t0 + jj]
+                for q0 in range(0, pair_count, block):
+                    nq = min(block, pair_count - q0)
+                    m = nq * tile_pad
+                    # 1. the tile's partial sums (exact integers)
+                    if stages < STAGE_SUMS:
+                        pass
+                    elif use_table:
+                        _sum_table_pairs(acc, tile_pad, table1, pats1, q0, nq, gs, gi,
+                                         ((g * n_tiles + t0 // tile) * n_blocks) * n_patterns * tile,
+                                         n_blocks, n_patterns * tile, tile, tn)
+                    else:
+                        for q in range(nq):
+                            pat0 = ((q0 + q) * gs + gi) * n_blocks
+                            a0 = q * tile_pad
                             for jj in range(tn):
-                                acc[jj] = 0.0
+                                acc[a0 + jj] = 0.0
                             for k in range(n_blocks):
                                 pat = pats1[pat0 + k]
                                 if pat != 0:
                                     v = np.float32(pat)
-                                    row = w1[(g * rpg + k) * J + t0 : (g * rpg + k) * J + t0 + tn]
+                                    r0 = (g * rpg + k) * J + t0
                                     for jj in range(tn):
-                                        acc[jj] += v * row[jj]
-                        # 2. their codes
-                        i0 = bb * items_per_vector + (p * n_groups + g) * J + t0
-                        if kind == KIND_ANALYTIC:
-                            items = items16[i0 : i0 + tn] if noisy else items16[:0]
-                            _convert_analytic(acc, sc, sh, items, noise, noise_ends, bin_shift, lut,
-                                              fbuf, ends, ibuf, kbuf, packed, codes, tn, stages)
-                        elif stages >= STAGE_LOOKUP:
-                            _convert_sampled(acc, t0, J, items32[i0 : i0 + tn], sampled, ibuf, kbuf, packed, pairs,
-                                             codes, tn)
-                        # 3. out
-                        if stages < STAGE_OUT:
-                            continue
+                                        acc[a0 + jj] += v * w1[r0 + jj]
+                    # 2. their codes
+                    if kind == KIND_ANALYTIC:
+                        if noisy:
+                            for q in range(nq):
+                                bb, p = divmod(q0 + q, n_planes)
+                                i0 = np.uint64(bb * items_per_vector + (p * n_groups + g) * J + t0)
+                                c0 = np.uint64(q * tile_pad)
+                                for jj in range(np.uint64(tn)):
+                                    items_a[c0 + jj] = items16[i0 + jj]
+                        _convert_analytic(acc, sc, sh, items_a, noise, noise_ends, bin_shift, lut,
+                                          fbuf, ends, ibuf, kbuf, packed, codes, m, stages)
+                    elif stages >= STAGE_LOOKUP:
+                        for q in range(nq):
+                            bb, p = divmod(q0 + q, n_planes)
+                            i0 = np.uint64(bb * items_per_vector + (p * n_groups + g) * J + t0)
+                            c0 = np.uint64(q * tile_pad)
+                            for jj in range(np.uint64(tn)):
+                                items_s[c0 + jj] = items32[i0 + jj]
+                        _convert_sampled(acc, cols, J, items_s, sampled, ibuf, kbuf, packed, pairs, codes, m)
+                    # 3. out
+                    if stages < STAGE_OUT:
+                        continue
+                    tu = np.uint64(tn)
+                    for q in range(nq):
+                        bb, p = divmod(q0 + q, n_planes)
+                        c0 = np.uint64(q * tile_pad)
                         if raw:
-                            o0 = (((b0 + bb) * n_planes + p) * gs + gi) * J + t0
-                            dst = out1[o0 : o0 + tn]
-                            for jj in range(tn):
-                                dst[jj] = codes[jj]
+                            o0 = np.uint64((((b0 + bb) * n_planes + p) * gs + gi) * J + t0)
+                            for jj in range(tu):
+                                out1[o0 + jj] = codes[c0 + jj]
                         else:
-                            o0 = (b0 + bb) * J + t0
-                            dst64 = sums1[o0 : o0 + tn]
+                            o0 = np.uint64((b0 + bb) * J + t0)
                             shift_p = p * slice_bits
-                            for jj in range(tn):
-                                dst64[jj] += np.int64(codes[jj]) << shift_p
+                            for jj in range(tu):
+                                sums1[o0 + jj] += np.int64(codes[c0 + jj]) << shift_p
