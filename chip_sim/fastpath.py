@@ -43,12 +43,11 @@ GUIDE_BITS_MAX = 8
 MODE_FIRST_SHARE = 0.75
 """The data-driven draw reads each row's most likely code first (two small tables) when that code takes at least
 this share of the uniforms, on average over the rows; otherwise every draw starts from the guide table (one read
-of a larger one). Measured on the bundled profiles: the mode first is faster at 0.88-1.0, the guide at 0.61."""
+of a larger one). Measured on the bundled profiles: the mode first is as fast or faster at shares of 0.88-1.0, the
+guide 1.3x faster at 0.61 (``nvm-4bit``)."""
 MIN_PAIRS = 64
 """Fewest (vector, input slice) pairs per chunk: each tile of the pattern table is used by all of them while it sits
 in cache."""
-NOISE_BIN_SHIFT = 6
-"""Noise items per bin of the analytic shortcut: 2**6 (1024 bins of a 65536-entry table, 4 KiB per end)."""
 
 
 @lru_cache(maxsize=None)
@@ -133,17 +132,6 @@ def plan_for(spec: MacroSpec, item_bytes: int, *, l1: int | None = None, l2: int
     return Plan(block_rows=block_rows, use_table=use_table, tile=tile, chunk=chunk)
 
 
-def packed_lut(lut: np.ndarray) -> np.ndarray:
-    """An ADC look-up table (nondecreasing codes below 2**16) as uint32: each entry's code in the low 16 bits and,
-    in the high 16, how many entries on from it the code first changes (at most 65535; past the end counts as a
-    change)."""
-    n = lut.size
-    change = np.flatnonzero(np.diff(lut.astype(np.int64)) != 0) + 1  # first index of each new code
-    next_change = np.append(change, n)[np.searchsorted(change, np.arange(n), side="right")]
-    distance = np.minimum(next_change - np.arange(n), 0xFFFF).astype(np.uint32)
-    return lut.astype(np.uint32) | (distance << np.uint32(16))
-
-
 def sampler_tables(sampler: CodeSampler) -> tuple[np.ndarray, ...]:
     """Per row of a ``CodeSampler`` (``level * J + column``): its most likely code (int32); that code's interval of
     uniforms, first | last << 32 (uint64); the bounds next to it, the one two codes below | the one a code above
@@ -183,16 +171,6 @@ def _pack(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return lo.astype(np.uint64) | (hi.astype(np.uint64) << np.uint64(32))
 
 
-def noise_bins(noise: np.ndarray) -> tuple[np.ndarray, int]:
-    """The first and last value of each bin of ``2**NOISE_BIN_SHIFT`` consecutive entries of a noise table (float32
-    pairs in one uint64 per bin), and the shift that maps an item to its bin. A table that is not sorted gets bins
-    of one entry (no shortcut)."""
-    shift = NOISE_BIN_SHIFT if noise.size % (1 << NOISE_BIN_SHIFT) == 0 and bool(np.all(np.diff(noise) >= 0)) else 0
-    bins = noise.reshape(-1, 1 << shift)
-    ends = np.ascontiguousarray(np.stack([bins[:, 0], bins[:, -1]], axis=1), dtype=np.float32)
-    return ends.view(np.uint64).reshape(-1), shift
-
-
 class Engine(Protocol):
     """Computes a MAC request's conversions (see the module docstring)."""
 
@@ -230,7 +208,6 @@ class CpuEngine:
         self._pulse_table: np.ndarray | None = None
         self._sampler_tables: tuple[CodeSampler, tuple[object, ...]] | None = None
         self._lut: tuple[np.ndarray, np.ndarray] | None = None
-        self._noise_bins: tuple[np.ndarray, np.ndarray, int] | None = None
 
     def plan(self, item_bytes: int) -> Plan:
         """The plan for MACs that read ``item_bytes`` per conversion."""
@@ -266,13 +243,9 @@ class CpuEngine:
 
     def _analytic(self, op: FusedConversion) -> tuple[object, ...]:
         if self._lut is None or self._lut[0] is not op.lut:
-            self._lut = (op.lut, packed_lut(op.lut))  # type: ignore[arg-type]
-        if op.noise is None or not op.item_bytes:
-            return op.scale, op.shift, np.zeros(0, np.float32), np.zeros(0, np.uint64), 0, self._lut[1]
-        if self._noise_bins is None or self._noise_bins[0] is not op.noise:
-            self._noise_bins = (op.noise, *noise_bins(op.noise))
-        _, ends, shift = self._noise_bins
-        return op.scale, op.shift, op.noise, ends, shift, self._lut[1]
+            self._lut = (op.lut, np.asarray(op.lut, dtype=np.int32))  # type: ignore[arg-type]
+        noisy = op.noise is not None and op.item_bytes
+        return op.scale, op.shift, op.noise if noisy else np.zeros(0, np.float32), self._lut[1]
 
     def _sampled(self, op: FusedConversion) -> tuple[object, ...]:
         s = op.sampler
@@ -319,7 +292,7 @@ class CpuEngine:
                        np.zeros(1, np.uint32), np.zeros(1, np.int64))
         else:
             kind = k.KIND_SAMPLED
-            analytic = (f32, f32, f32, np.zeros(0, np.uint64), 0, np.zeros(1, dtype=np.uint32))
+            analytic = (f32, f32, f32, np.zeros(1, dtype=np.int32))
             sampled = self._sampled(op)
         state = rng_state if rng_state is not None else np.zeros(4, dtype=np.uint64)
         rng = (state, first_vector, words, item_bytes)

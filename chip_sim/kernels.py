@@ -12,13 +12,9 @@ chunk into row groups and tiles of columns (``cimlab.chip_sim.fastpath.plan_for`
    pattern of every block from the pattern tables (``build_tables``: the sum of the weights each pattern selects,
    one row per pattern, exact integers in float32); where a pattern would be too wide it sums the rows one by one;
 4. converts the sums of a block of (vector, plane) pairs' tiles at once (``BLOCK_LANES``), 16 lanes at a time with
-   vector gathers for the table look-ups: the analytic converter's three float32 operations, noise-table and ADC
-   look-ups, or the data-driven converter's inverse-CDF draw (an indexed search: a guide table settles most
-   draws, the row's bounds the rest; narrow models read the row's most likely code first).
-   The analytic code is a nondecreasing function of the noise item (the noise table is sorted), so both ends of
-   the item's bin (small tables that stay in L1) decide it, with one look-up that gives the code and the
-   distance to the next code; only where a threshold lies between them (about 0.1 % of conversions) is the
-   item's own entry of the 256 KiB noise table read;
+   vector gathers for the table look-ups: the analytic converter's three float32 operations with its noise-table
+   and ADC look-ups, or the data-driven converter's inverse-CDF draw (an indexed search: a guide table settles
+   most draws, the row's bounds the rest; narrow models read the row's most likely code first);
 5. writes the codes (MAC_RAW) or adds them, weighted by their input slice, to the vector's column sums (MAC).
 
 Partial sums are sums of integers below 2**24, exact in float32 in any order; after them every step is the one
@@ -315,50 +311,27 @@ def _sum_table_pairs(acc, stride, table, pats, q0, nq, gs, gi, base, n_blocks, b
 # negative signed indices, keep LLVM from reading the lanes as one contiguous run (it gathers them one by one
 # instead); a slice made in a hot loop costs two atomic reference-count updates.
 @njit(cache=True, inline="always")
-def _convert_analytic(acc, sc, sh, items, noise, noise_ends, bin_shift, lut,  # noqa: ANN001
-                      fbuf, ends, ibuf, kbuf, packed, codes, tn, stages):
-    """Codes of partial sums ``acc[:tn]`` with their columns' scale and shift and their noise items
-    (``items`` empty: no noise). ``lut`` packs each bin's code (low 16 bits) with the number of bins from it to
-    the next bin of another code (high 16 bits, at most 65535)."""
+def _convert_analytic(acc, sc, sh, items, noise, lut, fbuf, drawn, ibuf, codes, tn, stages):  # noqa: ANN001
+    """Codes of partial sums ``acc[:tn]`` with their columns' scale and shift and their noise items (``items``
+    empty: no noise): the ADC look-up table ``lut`` at ``acc * scale + shift + noise[item]``, truncated and
+    clamped to the table."""
     if stages < STAGE_SCALE:
         return
     lut_top = np.int32(lut.size - 1)
     for jj in range(tn):
         t = acc[jj] * sc[jj]
         fbuf[jj] = t + sh[jj]
-    if items.size == 0:
+    if items.size > 0:
         for jj in range(tn):
-            ibuf[jj] = min(max(np.int32(fbuf[jj]), np.int32(0)), lut_top)
-        if stages < STAGE_LOOKUP:
-            return
-        _gather(lut, ibuf, tn, packed)
+            ibuf[jj] = np.int32(items[jj])
+        _gather(noise, ibuf, tn, drawn)
         for jj in range(tn):
-            codes[jj] = np.int32(packed[jj] & np.uint32(0xFFFF))
-        return
-    # the code is nondecreasing in the item (sorted noise table): the two ends of the item's bin decide it unless
-    # a code threshold lies between them; then the item's own noise does
+            fbuf[jj] += drawn[jj]
     for jj in range(tn):
-        ibuf[jj] = np.int32(items[jj] >> bin_shift)
-    _gather(noise_ends, ibuf, tn, ends)  # one 64-bit load per lane: the bin's first and last noise value
-    pair = ends.view(np.float32)
-    for jj in range(tn):
-        ibuf[jj] = min(max(np.int32(fbuf[jj] + pair[2 * jj]), np.int32(0)), lut_top)
-        kbuf[jj] = min(max(np.int32(fbuf[jj] + pair[2 * jj + 1]), np.int32(0)), lut_top)
+        ibuf[jj] = min(max(np.int32(fbuf[jj]), np.int32(0)), lut_top)
     if stages < STAGE_LOOKUP:
         return
-    _gather(lut, ibuf, tn, packed)
-    for jj in range(tn):
-        codes[jj] = np.int32(packed[jj] & np.uint32(0xFFFF))
-        kbuf[jj] = np.int32(kbuf[jj] - ibuf[jj] >= np.int32(packed[jj] >> np.uint32(16)))
-    for q0 in range(0, tn, LANES):
-        open_ = np.int32(0)
-        for q in range(LANES):
-            open_ |= kbuf[q0 + q]
-        if open_ != 0:
-            for jj in range(q0, min(q0 + LANES, tn)):
-                if kbuf[jj]:
-                    c = np.int32(fbuf[jj] + noise[items[jj]])
-                    codes[jj] = np.int32(lut[min(max(c, np.int32(0)), lut_top)] & np.uint32(0xFFFF))
+    _gather(lut, ibuf, tn, codes)
 
 
 @njit(cache=True, inline="always")
@@ -423,10 +396,7 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
             patterns] int64, pulses per pattern [patterns] int64, use the table (else sum rows one by one),
             rowsum [n_groups * rows per group] int64).
         kind: ``KIND_ANALYTIC`` or ``KIND_SAMPLED``.
-        analytic: (scale [J] f32, shift [J] f32, noise table [65536] f32 (nondecreasing) or empty, the first and
-            last value of each bin of ``2**bin_shift`` items as one uint64 (float32 pair), ``bin_shift``, ADC
-            look-up table packed with its
-            distance to the next code (``cimlab.chip_sim.fastpath.packed_lut``), uint32).
+        analytic: (scale [J] f32, shift [J] f32, noise table [65536] f32 or empty, ADC look-up table int32).
         sampled: (mode first, mode [L*J] int32, its interval [L*J] uint64, guide table [L*J * 2**guide_bits]
             uint32, guide_bits, windows uint32, each row's window start less its first code [L*J] int64; see
             ``_convert_sampled`` and ``cimlab.chip_sim.fastpath.sampler_tables``).
@@ -437,7 +407,7 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
     """
     n_planes, slice_bits, n_groups, rpg, J, g0, g1, chunk, tile, block_rows, stages, first_chunk, chunk_step = geometry
     table, level_table, pulse_table, use_table, rowsum = sums_from
-    scale, shift, noise, noise_ends, bin_shift, lut = analytic
+    scale, shift, noise, lut = analytic
     state, first_vector, words, item_bytes = rng
     n = x.shape[0]
     gs = g1 - g0
@@ -477,11 +447,11 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
         m_pad = block * tile_pad
         acc = np.zeros(m_pad, dtype=np.float32)
         fbuf = np.zeros(m_pad, dtype=np.float32)
-        ends = np.zeros(m_pad, dtype=np.uint64)
+        noise_buf = np.zeros(m_pad, dtype=np.float32)
         ibuf = np.zeros(m_pad, dtype=np.int32)
-        kbuf = np.zeros(m_pad, dtype=np.int32)
+        lanes = np.zeros(m_pad, dtype=np.int32)
         codes = np.zeros(m_pad, dtype=np.int32)
-        packed = np.zeros(m_pad, dtype=np.uint32)
+        found = np.zeros(m_pad, dtype=np.uint32)
         pairs = np.zeros(m_pad, dtype=np.uint64)
         sc = np.zeros(m_pad, dtype=np.float32)
         sh = np.zeros(m_pad, dtype=np.float32)
@@ -531,8 +501,7 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
                                 c0 = np.uint64(q * tile_pad)
                                 for jj in range(np.uint64(tn)):
                                     items_a[c0 + jj] = items16[i0 + jj]
-                        _convert_analytic(acc, sc, sh, items_a, noise, noise_ends, bin_shift, lut,
-                                          fbuf, ends, ibuf, kbuf, packed, codes, m, stages)
+                        _convert_analytic(acc, sc, sh, items_a, noise, lut, fbuf, noise_buf, ibuf, codes, m, stages)
                     elif stages >= STAGE_LOOKUP:
                         for q in range(nq):
                             bb, p = divmod(q0 + q, n_planes)
@@ -540,7 +509,7 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
                             c0 = np.uint64(q * tile_pad)
                             for jj in range(np.uint64(tn)):
                                 items_s[c0 + jj] = items32[i0 + jj]
-                        _convert_sampled(acc, cols, J, items_s, sampled, ibuf, kbuf, packed, pairs, codes, m)
+                        _convert_sampled(acc, cols, J, items_s, sampled, ibuf, lanes, found, pairs, codes, m)
                     # 3. out
                     if stages < STAGE_OUT:
                         continue

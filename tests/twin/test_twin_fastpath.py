@@ -62,29 +62,6 @@ def test_pcg_words_equal_numpy() -> None:
     np.testing.assert_array_equal(per_vector.view(np.uint16)[:, : stream.per_vector], stream.draw(77, 9))
 
 
-def test_packed_lut_gives_codes_and_distances() -> None:
-    lut = np.array([0, 0, 0, 1, 2, 2, 5, 5, 5, 5, 7], dtype=np.uint8)
-    packed = fastpath.packed_lut(lut)
-    np.testing.assert_array_equal(packed & 0xFFFF, lut)
-    for k in range(lut.size):
-        same = np.flatnonzero(lut[k:] != lut[k])
-        assert packed[k] >> 16 == (same[0] if same.size else lut.size - k)
-
-
-def test_noise_bins_shortcut_only_for_a_sorted_table() -> None:
-    table = np.sort(np.random.default_rng(0).normal(size=65536)).astype(np.float32)
-    ends, shift = fastpath.noise_bins(table)
-    pairs = ends.view(np.float32).reshape(-1, 2)
-    assert shift == fastpath.NOISE_BIN_SHIFT
-    np.testing.assert_array_equal(pairs[:, 0], table[:: 1 << shift])
-    np.testing.assert_array_equal(pairs[:, 1], table[(1 << shift) - 1 :: 1 << shift])
-    shuffled = table.copy()
-    shuffled[[10, 20]] = shuffled[[20, 10]]
-    ends, shift = fastpath.noise_bins(shuffled)
-    assert shift == 0
-    np.testing.assert_array_equal(ends.view(np.float32).reshape(-1, 2)[:, 0], shuffled)
-
-
 CASES = {
     "default": ("default", {}),
     "default-very-noisy-lsb-not-one": ("default", {"noise_sigma_lsb": "1.5", "adc_full_scale": "20",
