@@ -381,6 +381,19 @@ def _convert_sampled(acc, cols, J, items, sampled, ibuf, lane, found, pairs, cod
         codes[jj] = np.int32(c)
 
 
+@njit(cache=True, inline="always")
+def _block_items(dst, items, q0, nq, n_planes, items_per_vector, at, stride, tn):  # noqa: ANN001
+    """``dst[q * stride :][:tn]`` = the random items of pair ``q0 + q`` (vector, input slice) of the chunk on the
+    tile ``at`` = (groups, group, J, first column), for the ``nq`` pairs of a block."""
+    n_groups, g, J, t0 = at
+    for q in range(nq):
+        bb, p = divmod(q0 + q, n_planes)
+        i0 = np.uint64(bb * items_per_vector + (p * n_groups + g) * J + t0)
+        c0 = np.uint64(q * stride)
+        for jj in range(np.uint64(tn)):
+            dst[c0 + jj] = items[i0 + jj]
+
+
 @njit(cache=True, nogil=True)
 def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng, raw, out, col_sums, tally):  # noqa: ANN001, C901, PLR0912, PLR0915
     """Codes (``raw``) or slice-weighted column sums of a batch; see the module docstring.
@@ -495,20 +508,12 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
                     # 2. their codes
                     if kind == KIND_ANALYTIC:
                         if noisy:
-                            for q in range(nq):
-                                bb, p = divmod(q0 + q, n_planes)
-                                i0 = np.uint64(bb * items_per_vector + (p * n_groups + g) * J + t0)
-                                c0 = np.uint64(q * tile_pad)
-                                for jj in range(np.uint64(tn)):
-                                    items_a[c0 + jj] = items16[i0 + jj]
+                            _block_items(items_a, items16, q0, nq, n_planes, items_per_vector,
+                                         (n_groups, g, J, t0), tile_pad, tn)
                         _convert_analytic(acc, sc, sh, items_a, noise, lut, fbuf, noise_buf, ibuf, codes, m, stages)
                     elif stages >= STAGE_LOOKUP:
-                        for q in range(nq):
-                            bb, p = divmod(q0 + q, n_planes)
-                            i0 = np.uint64(bb * items_per_vector + (p * n_groups + g) * J + t0)
-                            c0 = np.uint64(q * tile_pad)
-                            for jj in range(np.uint64(tn)):
-                                items_s[c0 + jj] = items32[i0 + jj]
+                        _block_items(items_s, items32, q0, nq, n_planes, items_per_vector,
+                                     (n_groups, g, J, t0), tile_pad, tn)
                         _convert_sampled(acc, cols, J, items_s, sampled, ibuf, lanes, found, pairs, codes, m)
                     # 3. out
                     if stages < STAGE_OUT:
