@@ -335,7 +335,23 @@ def _convert_analytic(acc, sc, sh, items, noise, lut, fbuf, drawn, ibuf, codes, 
 
 
 @njit(cache=True, inline="always")
-def _convert_sampled(acc, cols, J, items, sampled, ibuf, lane, found, pairs, codes, tn):  # noqa: ANN001
+def _flagged(flags, lane, tn):  # noqa: ANN001
+    """``lane[:n]`` = the lanes ``jj < tn`` whose ``flags[jj]`` is 1, in order; returns ``n``. A run of ``LANES``
+    lanes without a flag costs one vector test (flags past ``tn`` in the last run must be 0)."""
+    n = 0
+    for q0 in range(0, tn, LANES):
+        any_ = np.int32(0)
+        for q in range(LANES):
+            any_ |= flags[q0 + q]
+        if any_ != 0:
+            for jj in range(q0, min(q0 + LANES, tn)):
+                lane[n] = jj
+                n += flags[jj]
+    return n
+
+
+@njit(cache=True, inline="always")
+def _convert_sampled(acc, cols, J, items, sampled, ibuf, flags, lane, found, pairs, codes, tn):  # noqa: ANN001
     """Codes of levels ``acc[:tn]`` of columns ``cols[:tn]`` (of ``J``) drawn with 32-bit uniforms
     ``items`` by an indexed search (``sampled``: see ``fused_mac``). The guide entry of the uniform's bucket (its
     top ``guide_bits`` bits) in the row (``level * J + column``) holds the codes of the bucket's first and last
@@ -345,7 +361,6 @@ def _convert_sampled(acc, cols, J, items, sampled, ibuf, lane, found, pairs, cod
     interval of uniforms (first | last << 32) are read first, and only the uniforms outside it are searched."""
     mode_first, mode, interval, guide, guide_bits, window, rowbase = sampled
     shift = np.uint64(32 - guide_bits)  # 64-bit: one bucket (no bits) shifts by all 32
-    nm = 0
     if mode_first:
         low32 = np.uint64(0xFFFFFFFF)
         for jj in range(tn):
@@ -354,8 +369,8 @@ def _convert_sampled(acc, cols, J, items, sampled, ibuf, lane, found, pairs, cod
         _gather(interval, ibuf, tn, pairs)
         for jj in range(tn):
             u = np.uint64(items[jj])
-            lane[nm] = jj
-            nm += np.int32((u < (pairs[jj] & low32)) | (u > (pairs[jj] >> np.uint64(32))))
+            flags[jj] = np.int32((u < (pairs[jj] & low32)) | (u > (pairs[jj] >> np.uint64(32))))
+        nm = _flagged(flags, lane, tn)
         for i in range(nm):
             jj = np.uint64(lane[i])
             ibuf[jj] = (ibuf[jj] << np.int32(guide_bits)) + np.int32(np.uint64(items[jj]) >> shift)
@@ -365,6 +380,7 @@ def _convert_sampled(acc, cols, J, items, sampled, ibuf, lane, found, pairs, cod
             row = np.int32(acc[jj]) * np.int32(J) + cols[jj]
             ibuf[jj] = (row << np.int32(guide_bits)) + np.int32(np.uint64(items[jj]) >> shift)
         _gather(guide, ibuf, tn, found)
+        nm = 0  # most rows are wide here: many runs of lanes hold a bucket still to search
         for jj in range(tn):
             low = found[jj] & np.uint32(0xFFFF)
             codes[jj] = np.int32(low)
@@ -463,6 +479,7 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
         noise_buf = np.zeros(m_pad, dtype=np.float32)
         ibuf = np.zeros(m_pad, dtype=np.int32)
         lanes = np.zeros(m_pad, dtype=np.int32)
+        flags = np.zeros(m_pad, dtype=np.int32)
         codes = np.zeros(m_pad, dtype=np.int32)
         found = np.zeros(m_pad, dtype=np.uint32)
         pairs = np.zeros(m_pad, dtype=np.uint64)
@@ -514,7 +531,7 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
                     elif stages >= STAGE_LOOKUP:
                         _block_items(items_s, items32, q0, nq, n_planes, items_per_vector,
                                      (n_groups, g, J, t0), tile_pad, tn)
-                        _convert_sampled(acc, cols, J, items_s, sampled, ibuf, lanes, found, pairs, codes, m)
+                        _convert_sampled(acc, cols, J, items_s, sampled, ibuf, flags, lanes, found, pairs, codes, m)
                     # 3. out
                     if stages < STAGE_OUT:
                         continue
