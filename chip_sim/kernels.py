@@ -474,18 +474,12 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
         pair_count = nb * n_planes
         block = max(1, min(pair_count, BLOCK_LANES // tile_pad))
         m_pad = block * tile_pad
-        acc = np.zeros(m_pad, dtype=np.float32)
-        fbuf = np.zeros(m_pad, dtype=np.float32)
-        noise_buf = np.zeros(m_pad, dtype=np.float32)
-        ibuf = np.zeros(m_pad, dtype=np.int32)
-        lanes = np.zeros(m_pad, dtype=np.int32)
-        flags = np.zeros(m_pad, dtype=np.int32)
-        codes = np.zeros(m_pad, dtype=np.int32)
+        f32 = np.zeros((5, m_pad), dtype=np.float32)  # a block's lanes: one row per quantity
+        acc, fbuf, noise_buf, sc, sh = f32[0], f32[1], f32[2], f32[3], f32[4]
+        i32 = np.zeros((5, m_pad), dtype=np.int32)
+        ibuf, lanes, flags, codes, cols = i32[0], i32[1], i32[2], i32[3], i32[4]
         found = np.zeros(m_pad, dtype=np.uint32)
         pairs = np.zeros(m_pad, dtype=np.uint64)
-        sc = np.zeros(m_pad, dtype=np.float32)
-        sh = np.zeros(m_pad, dtype=np.float32)
-        cols = np.zeros(m_pad, dtype=np.int32)
         items_a = np.zeros(m_pad if noisy else 0, dtype=np.uint16)
         items_s = np.zeros(m_pad if kind == KIND_SAMPLED else 0, dtype=np.uint32)
         for gi in range(gs):
