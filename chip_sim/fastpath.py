@@ -137,17 +137,25 @@ def sampler_tables(sampler: CodeSampler) -> tuple[np.ndarray, ...]:
     """Per row of a ``CodeSampler`` (``level * J + column``): its most likely code (int32); that code's interval of
     uniforms, first | last << 32 (uint64); the bounds next to it, the one two codes below | the one a code above
     less one << 32 (uint64): a uniform below the interval but not below the first reads the code under the mode,
-    one above it but not above the second the code over it. Then the CPU engine's indexed search: a guide table
-    (uint32, ``2**bits`` buckets of uniforms per row, ``bits`` as large as ``GUIDE_BYTES`` allows, at most
-    ``GUIDE_BITS_MAX``) of the codes of each bucket's first and last uniform, low | high << 16; the rows' windows,
-    each row's bounds strictly between 0 and ``2**32`` side by side (uint32, rows end to end); and per row where its
-    window starts less its first code in it (int64), so that the bound of code ``c`` is ``window[rowbase + c]``."""
+    one above it but not above the second the code over it."""
     rows, width = sampler.mode.size, sampler.width
     bounds = sampler.bounds.reshape(rows, width)
     mode = sampler.mode.astype(np.int64)
     r = np.arange(rows)
     below = np.where(mode >= 2, bounds[r, np.maximum(mode - 2, 0)], 0)
     above = np.where(mode + 1 < width, bounds[r, np.minimum(mode + 1, width - 1)], 1 << 32) - 1
+    return mode.astype(np.int32), _pack(sampler.mode_lo, sampler.mode_hi - 1), _pack(below, above)
+
+
+def guide_tables(sampler: CodeSampler) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+    """The CPU engine's indexed search of a ``CodeSampler``: a guide table (uint32, ``2**bits`` buckets of uniforms
+    per row, ``bits`` as large as ``GUIDE_BYTES`` allows, at most ``GUIDE_BITS_MAX``) of the codes of each bucket's
+    first and last uniform, low | high << 16; ``bits``; the rows' windows, each row's bounds strictly between 0 and
+    ``2**32`` side by side (uint32, rows end to end); and per row where its window starts less its first code in it
+    (int64), so that the bound of code ``c`` is ``window[rowbase + c]``."""
+    rows, width = sampler.mode.size, sampler.width
+    bounds = sampler.bounds.reshape(rows, width)
+    r = np.arange(rows)
     bits = 0
     while bits < GUIDE_BITS_MAX and rows * 4 << (bits + 1) <= GUIDE_BYTES:
         bits += 1
@@ -164,8 +172,7 @@ def sampler_tables(sampler: CodeSampler) -> tuple[np.ndarray, ...]:
     inside = (bounds > 0) & (bounds < 1 << 32)
     start = np.concatenate([[0], np.cumsum(np.count_nonzero(inside, axis=1))[:-1]])
     rowbase = start - np.count_nonzero(bounds == 0, axis=1)
-    return (mode.astype(np.int32), _pack(sampler.mode_lo, sampler.mode_hi - 1), _pack(below, above), guide, bits,
-            bounds[inside].astype(np.uint32), rowbase.astype(np.int64))
+    return guide, bits, bounds[inside].astype(np.uint32), rowbase.astype(np.int64)
 
 
 def _pack(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -251,9 +258,9 @@ class CpuEngine:
     def _sampled(self, op: FusedConversion) -> tuple[object, ...]:
         s = op.sampler
         if self._sampler_tables is None or self._sampler_tables[0] is not s:
-            mode, interval, _, guide, bits, window, rowbase = sampler_tables(s)
+            mode, interval, _ = sampler_tables(s)
             mode_first = float(np.mean(s.mode_hi - s.mode_lo)) >= MODE_FIRST_SHARE * 2**32
-            self._sampler_tables = (s, (mode_first, mode, interval, guide, bits, window, rowbase))
+            self._sampler_tables = (s, (mode_first, mode, interval, *guide_tables(s)))
         return self._sampler_tables[1]
 
     @property

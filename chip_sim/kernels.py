@@ -357,7 +357,7 @@ def _convert_sampled(acc, cols, J, items, sampled, ibuf, flags, lane, found, pai
     top ``guide_bits`` bits) in the row (``level * J + column``) holds the codes of the bucket's first and last
     uniform, low | high << 16; most buckets hold one code, and the others are finished by counting the row's
     bounds from the low code on, read from its window (the bound of code ``c`` at ``window[rowbase[row] + c]``;
-    see ``cimlab.chip_sim.fastpath.sampler_tables``). With ``mode_first``, each row's most likely code and its
+    see ``cimlab.chip_sim.fastpath.guide_tables``). With ``mode_first``, each row's most likely code and its
     interval of uniforms (first | last << 32) are read first, and only the uniforms outside it are searched."""
     mode_first, mode, interval, guide, guide_bits, window, rowbase = sampled
     shift = np.uint64(32 - guide_bits)  # 64-bit: one bucket (no bits) shifts by all 32
@@ -428,7 +428,7 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
         analytic: (scale [J] f32, shift [J] f32, noise table [65536] f32 or empty, ADC look-up table int32).
         sampled: (mode first, mode [L*J] int32, its interval [L*J] uint64, guide table [L*J * 2**guide_bits]
             uint32, guide_bits, windows uint32, each row's window start less its first code [L*J] int64; see
-            ``_convert_sampled`` and ``cimlab.chip_sim.fastpath.sampler_tables``).
+            ``_convert_sampled`` and ``cimlab.chip_sim.fastpath.guide_tables``).
         rng: (PCG64 state at word 0 as uint64[4], first vector, words per vector, item bytes: 0, 2 or 4).
         raw: write codes to ``out`` [n, P, g1-g0, J]; otherwise add ``code << (p * slice_bits)`` into
             ``col_sums`` [n, J] (int64, zeroed by the caller).
@@ -486,7 +486,8 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
             g = g0 + gi
             for t0 in range(0, J, tile):
                 tn = min(tile, J - t0)
-                # each pair of the block reads its tile at lanes q * tile_pad ..; lanes past the tile stay zero
+                # each pair of the block reads its tile at lanes q * tile_pad ..; lanes past a narrower last tile
+                # keep the previous tile's values, which index the tables in range
                 for q in range(block):
                     for jj in range(tn):
                         cols[q * tile_pad + jj] = t0 + jj

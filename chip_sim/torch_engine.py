@@ -145,7 +145,7 @@ class TorchEngine:
     def _sampled(self, sums: torch.Tensor, items: torch.Tensor | None, op: FusedConversion) -> torch.Tensor:
         sampler = op.sampler
         if self._sampler is None or self._sampler[0] is not sampler:
-            mode, interval, nearby = sampler_tables(sampler)[:3]
+            mode, interval, nearby = sampler_tables(sampler)
             self._sampler = (sampler, self._put(mode), self._put(interval.view(np.int64)),
                              self._put(nearby.view(np.int64)), self._put(sampler.bounds))
         _, mode, interval, nearby, bounds = self._sampler
