@@ -3,8 +3,9 @@
 
 For every profile and both converters (the analytic model, and a data-driven twin drawing from an error model
 measured on that profile's twin): program random weights, then time ``TwinController.mac`` on a batch of random
-inputs (wall clock, best of ``--repeat``, interleaved with the baselines so a change of machine load hits all
-alike). Baselines, each the best over chunk sizes and over the BLAS on one thread and on all:
+inputs (wall clock; once after every timed run of the baselines, so a change of machine load hits all alike and
+the twin gets as many tries as they do; the best kept). Baselines, each the best over chunk sizes, over the BLAS on
+one thread and on all, and over ``--repeat`` tries:
 
 - **limit**: the partial sums by float32 BLAS (every input slice x row group x weight slice x column, as a batched
   matmul over row groups into a reused buffer, inputs prepared outside the timing) plus one pass over the
@@ -15,8 +16,9 @@ alike). Baselines, each the best over chunk sizes and over the BLAS on one threa
 
 Where the time goes is measured by ablation: the fused kernel (``cimlab.chip_sim.kernels``) run on the same batch
 with its stages switched off from the last one back (input patterns and loop, random items, partial sums,
-scale/offset/noise, look-up, codes out), single-threaded CPU time per conversion; "recombination" also holds
-what ``mac`` does after the kernel (slice weights, full-scale ratio).
+scale/offset/noise, look-up, codes out), single-threaded CPU time per conversion, the stages run in turn and each
+the best of ``3 x --repeat``; "recombination" also holds what ``mac`` does after the kernel (slice weights,
+full-scale ratio).
 
 Last, the same layer as issue 15 (the ``default`` profile: 256 inputs x 64 outputs, 4-bit weights and inputs, 16
 rows per conversion, 5-bit ADC, read noise; batch 4096, best of 3) as conversions/s and MAC/s next to the published
@@ -118,10 +120,11 @@ class Baselines:
         self.normal = np.random.default_rng(seed + 1)
         self.scale = np.float32(1.0001)
 
-    def time(self, repeat: int) -> tuple[float, float]:
-        """(limit, old bound) seconds, each the best over chunk sizes, BLAS threads and ``repeat`` tries."""
+    def time(self, repeat: int, twin: Callable[[], object]) -> tuple[float, float, float]:
+        """(twin, limit, old bound) seconds, the baselines each the best over chunk sizes, BLAS threads and
+        ``repeat`` tries; ``twin`` is timed after each of their runs, as many times, and its best kept."""
         G, _, J = self.w.shape
-        limit = old = float("inf")
+        best_twin = limit = old = float("inf")
         for blocks in self.runs:
             out = {n: np.empty((G, n, J), dtype=np.float32) for n in {b.shape[1] for b in blocks}}
             noise = {n: np.empty(G * n * J, dtype=np.float32) for n in out}
@@ -144,7 +147,8 @@ class Baselines:
                     for _ in range(repeat):
                         limit = min(limit, _wall(with_pass))
                         old = min(old, _wall(with_normal))
-        return limit, old
+                        best_twin = min(best_twin, _wall(twin))
+        return best_twin, limit, old
 
 
 def stage_breakdown(twin: TwinController, x: np.ndarray, repeat: int) -> dict[str, float]:
@@ -154,26 +158,23 @@ def stage_breakdown(twin: TwinController, x: np.ndarray, repeat: int) -> dict[st
     op = twin.converter.fused()
     state = twin._stream.pcg_state() if twin._stream is not None else None  # noqa: SLF001
     args = (x, 0, 0, spec.n_groups, twin._w32, twin._rowsum, op, state, 0)  # noqa: SLF001
+    runs = [lambda s=s: engine.mac(*args, raw=False, stages=s) for s in range(kernels.ALL_STAGES + 1)]
+    runs.append(lambda: twin.mac(0, x))
     threads = engine.threads
     engine.threads = 1
     try:
-        cumulative = []
-        for stages in range(kernels.ALL_STAGES + 1):
-            engine.mac(*args, raw=False, stages=stages)
-            best = float("inf")
-            for _ in range(repeat):
-                t0 = time.thread_time()
-                engine.mac(*args, raw=False, stages=stages)
-                best = min(best, time.thread_time() - t0)
-            cumulative.append(best)
-        best = float("inf")
+        for run in runs:  # compile, tables
+            run()
+        best = [float("inf")] * len(runs)
         for _ in range(repeat):
-            t0 = time.thread_time()
-            twin.mac(0, x)
-            best = min(best, time.thread_time() - t0)
-        cumulative[-1] = max(best, cumulative[-1])
+            for i, run in enumerate(runs):  # interleaved, so that a change of machine load hits every stage alike
+                t0 = time.thread_time()
+                run()
+                best[i] = min(best[i], time.thread_time() - t0)
     finally:
         engine.threads = threads
+    cumulative = best[:-1]
+    cumulative[-1] = max(best[-1], cumulative[-1])
     conversions = x.shape[0] * spec.conversions_per_vector
     steps = [cumulative[0]] + [b - a for a, b in zip(cumulative, cumulative[1:], strict=False)]
     return {name: max(0.0, s) / conversions for name, s in zip(STAGE_NAMES, steps, strict=True)}
@@ -192,11 +193,7 @@ def bench(profile: str, batch: int, repeat: int, seed: int, model: str | None, b
     per_vector = spec.conversions_per_vector
     chunks = sorted({max(1, c // per_vector) for c in (1 << 17, 1 << 19, 1 << 21)})
     baselines = Baselines(spec, w, x, chunks, seed)
-    twin_s = limit_s = old_s = float("inf")
-    for _ in range(repeat):
-        twin_s = min(twin_s, _wall(lambda: twin.mac(0, x)))
-        limit, old = baselines.time(1)
-        limit_s, old_s = min(limit_s, limit), min(old_s, old)
+    twin_s, limit_s, old_s = baselines.time(repeat, lambda: twin.mac(0, x))
     conversions = batch * per_vector
     row: dict[str, object] = {
         "profile": profile, "converter": "data-driven" if model else "analytic", "batch": batch,
@@ -206,7 +203,7 @@ def bench(profile: str, batch: int, repeat: int, seed: int, model: str | None, b
     }
     if breakdown:
         row["ns_per_conversion"] = {k: v * 1e9 for k, v in stage_breakdown(twin, x[: max(1, batch // 4)],
-                                                                         repeat).items()}
+                                                                         3 * repeat).items()}
     return row
 
 
