@@ -245,16 +245,18 @@ def _vector_patterns(xrow, n_planes, slice_bits, rpg, block_rows, g0, use_table,
         # gathered into a pattern by one multiplication
         ones = np.uint64(0x0101010101010101)
         spread = np.uint64(0x0102040810204080)
+        plane_stride = np.uint64(gs * n_blocks)
         for gi in range(gs):
             for k in range(n_blocks):
-                r0 = gi * rpg + k * block_rows
+                r0 = np.uint64(gi * rpg + k * block_rows)
                 word = np.uint64(0)
-                for i in range(min(block_rows, rpg - k * block_rows)):
-                    word |= np.uint64(xrow[r0 + i]) << np.uint64(8 * i)
-                level_row = ((g0 + gi) * n_blocks + k) * n_patterns
-                for p in range(n_planes):
-                    pat = np.int64((((word >> np.uint64(p)) & ones) * spread) >> np.uint64(56))
-                    pats[(p * gs + gi) * n_blocks + k] = pat
+                for i in range(np.uint64(min(block_rows, rpg - k * block_rows))):
+                    word |= np.uint64(xrow[r0 + i]) << (np.uint64(8) * i)
+                level_row = np.uint64(((g0 + gi) * n_blocks + k) * n_patterns)
+                at = np.uint64(gi * n_blocks + k)
+                for p in range(np.uint64(n_planes)):
+                    pat = (((word >> p) & ones) * spread) >> np.uint64(56)
+                    pats[at + p * plane_stride] = np.int32(pat)
                     level_sum += levels[level_row + pat]
                     pulses += pulse_table[pat]
         return level_sum, pulses
@@ -410,8 +412,14 @@ def _block_items(dst, items, q0, nq, n_planes, items_per_vector, at, stride, tn)
             dst[c0 + jj] = items[i0 + jj]
 
 
+@njit(cache=True, inline="always")
+def _noisy(kind, noise, item_bytes):  # noqa: ANN001, ANN202
+    """Whether the analytic converter adds read noise (a noise table, and random items to index it)."""
+    return kind == KIND_ANALYTIC and noise.size > 0 and item_bytes > 0
+
+
 @njit(cache=True, nogil=True)
-def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng, raw, out, col_sums, tally):  # noqa: ANN001, C901, PLR0912, PLR0915
+def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng, raw, out, col_sums, tally):  # noqa: ANN001
     """Codes (``raw``) or slice-weighted column sums of a batch; see the module docstring.
 
     Args:
@@ -433,7 +441,40 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
         raw: write codes to ``out`` [n, P, g1-g0, J]; otherwise add ``code << (p * slice_bits)`` into
             ``col_sums`` [n, J] (int64, zeroed by the caller).
         tally: [n, 2] int64 out: per vector, level sum and word-line pulses.
+
+    The call's buffers are allocated here (``_buffers``); the work is done by ``_fused_chunks``.
     """
+    _fused_chunks(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng, raw, out, col_sums, tally,
+                  _buffers(geometry, kind, analytic[2], rng[2], rng[3]))
+
+
+@njit(cache=True)
+def _buffers(geometry, kind, noise, words, item_bytes):  # noqa: ANN001, ANN202
+    """The buffers ``_fused_chunks`` works in, sized for its largest chunk: the chunk's random words, its input
+    patterns, one vector's inputs on the spanned groups' rows (zeros outside the request), each tile's lanes'
+    columns, scale and shift, and a block's lanes (float32 and int32 quantities, guide entries, intervals, items)."""
+    n_planes, _, _, rpg, J, g0, g1, chunk, tile, block_rows = geometry[:10]
+    n_blocks = (rpg + block_rows - 1) // block_rows
+    tile_pad = (tile + LANES - 1) // LANES * LANES
+    lanes = max(1, min(chunk * n_planes, BLOCK_LANES // tile_pad)) * tile_pad
+    tiles = (J + tile - 1) // tile
+    return (np.empty(chunk * max(words, 1), dtype=np.uint64),
+            np.empty(chunk * n_planes * (g1 - g0) * n_blocks, dtype=np.int32),
+            np.zeros((g1 - g0) * rpg, dtype=np.int64),
+            np.zeros((tiles, lanes), dtype=np.int32), np.zeros((2, tiles, lanes), dtype=np.float32),
+            np.zeros((3, lanes), dtype=np.float32), np.zeros((4, lanes), dtype=np.int32),
+            np.zeros(lanes, dtype=np.uint32), np.zeros(lanes, dtype=np.uint64),
+            np.zeros(lanes if _noisy(kind, noise, item_bytes) else 0, dtype=np.uint16),
+            np.zeros(lanes if kind == KIND_SAMPLED else 0, dtype=np.uint32))
+
+
+# Compiled without reference counting: numba takes a reference (an atomic update) to every array each inlined step
+# is given, some twenty per block of lanes, 4-12 % of the time on the smaller profiles. Nothing here allocates, and
+# ``fused_mac`` holds every array for the whole call.
+@njit(cache=True, nogil=True, _nrt=False)
+def _fused_chunks(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng, raw, out, col_sums, tally,  # noqa: ANN001, C901, PLR0912, PLR0915
+                  buffers):
+    """``fused_mac``'s work, in the buffers ``_buffers`` made."""
     n_planes, slice_bits, n_groups, rpg, J, g0, g1, chunk, tile, block_rows, stages, first_chunk, chunk_step = geometry
     table, level_table, pulse_table, use_table, rowsum = sums_from
     scale, shift, noise, lut = analytic
@@ -442,7 +483,7 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
     gs = g1 - g0
     n_blocks = (rpg + block_rows - 1) // block_rows
     n_tiles, n_patterns = table.shape[1], table.shape[3]
-    noisy = kind == KIND_ANALYTIC and noise.size > 0 and item_bytes > 0
+    noisy = _noisy(kind, noise, item_bytes)
     items_per_vector = words * 8 // item_bytes if item_bytes else 0
     tile_pad = (tile + LANES - 1) // LANES * LANES
     table1 = table.reshape(-1)
@@ -450,22 +491,35 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
     out1 = out.reshape(-1)
     sums1 = col_sums.reshape(-1)
     n_chunks = (n + chunk - 1) // chunk
+    x1 = x.reshape(-1)
+    first = max(row_start, g0 * rpg)  # the request's rows on the spanned groups: xrow[dst ..] = x[b, first - row_start ..]
+    n_copy = np.uint64(max(0, min(row_start + x.shape[1], g1 * rpg) - first))
+    dst = np.uint64(first - g0 * rpg)
+    words_all, pats_all, xrow, lane_cols, lane_f32, f32, i32, found, pairs, items_a, items_s = buffers
+    acc, fbuf, noise_buf = f32[0], f32[1], f32[2]
+    ibuf, lanes, flags, codes = i32[0], i32[1], i32[2], i32[3]
+    # each pair of a block reads its tile at lanes q * tile_pad ..: the lanes' columns (and scale and shift) per tile;
+    # lanes past a narrower last tile hold column 0, which indexes the tables in range
+    for t in range(lane_cols.shape[0]):
+        for c0 in range(0, lane_cols.shape[1], tile_pad):
+            for jj in range(min(tile, J - t * tile)):
+                lane_cols[t, c0 + jj] = t * tile + jj
+                if kind == KIND_ANALYTIC:
+                    lane_f32[0, t, c0 + jj] = scale[t * tile + jj]
+                    lane_f32[1, t, c0 + jj] = shift[t * tile + jj]
     for ci in range(first_chunk, n_chunks, chunk_step):
         b0 = ci * chunk
         nb = min(n, b0 + chunk) - b0
-        words_buf = np.empty((nb, max(words, 1)), dtype=np.uint64)
+        words_buf = words_all[: nb * max(words, 1)].reshape((nb, max(words, 1)))
         if item_bytes > 0 and stages >= STAGE_ITEMS:
             pcg_fill_vectors(words_buf, state, first_vector + b0)
         items16 = words_buf.reshape(-1).view(np.uint16)
         items32 = words_buf.reshape(-1).view(np.uint32)
-        pats1 = np.empty(nb * n_planes * gs * n_blocks, dtype=np.int32)
-        xrow = np.zeros(gs * rpg, dtype=np.int64)
-        first = max(row_start, g0 * rpg)
-        end = min(row_start + x.shape[1], g1 * rpg)
+        pats1 = pats_all[: nb * n_planes * gs * n_blocks]
         for bb in range(nb):
-            xb = x[b0 + bb]
-            for r in range(first, end):
-                xrow[r - g0 * rpg] = xb[r - row_start]
+            src = np.uint64((b0 + bb) * x.shape[1] + first - row_start)
+            for r in range(n_copy):
+                xrow[dst + r] = x1[src + r]
             level_sum, pulses = _vector_patterns(xrow, n_planes, slice_bits, rpg, block_rows, g0, use_table,
                                                  level_table, pulse_table, rowsum,
                                                  pats1[bb * n_planes * gs * n_blocks : (bb + 1) * n_planes * gs * n_blocks])
@@ -473,27 +527,11 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
             tally[b0 + bb, 1] = pulses
         pair_count = nb * n_planes
         block = max(1, min(pair_count, BLOCK_LANES // tile_pad))
-        m_pad = block * tile_pad
-        f32 = np.zeros((5, m_pad), dtype=np.float32)  # a block's lanes: one row per quantity
-        acc, fbuf, noise_buf, sc, sh = f32[0], f32[1], f32[2], f32[3], f32[4]
-        i32 = np.zeros((5, m_pad), dtype=np.int32)
-        ibuf, lanes, flags, codes, cols = i32[0], i32[1], i32[2], i32[3], i32[4]
-        found = np.zeros(m_pad, dtype=np.uint32)
-        pairs = np.zeros(m_pad, dtype=np.uint64)
-        items_a = np.zeros(m_pad if noisy else 0, dtype=np.uint16)
-        items_s = np.zeros(m_pad if kind == KIND_SAMPLED else 0, dtype=np.uint32)
         for gi in range(gs):
             g = g0 + gi
             for t0 in range(0, J, tile):
                 tn = min(tile, J - t0)
-                # each pair of the block reads its tile at lanes q * tile_pad ..; lanes past a narrower last tile
-                # keep the previous tile's values, which index the tables in range
-                for q in range(block):
-                    for jj in range(tn):
-                        cols[q * tile_pad + jj] = t0 + jj
-                        if kind == KIND_ANALYTIC:
-                            sc[q * tile_pad + jj] = scale[t0 + jj]
-                            sh[q * tile_pad + jj] = shift[t0 + jj]
+                cols, sc, sh = lane_cols[t0 // tile], lane_f32[0, t0 // tile], lane_f32[1, t0 // tile]
                 for q0 in range(0, pair_count, block):
                     nq = min(block, pair_count - q0)
                     m = nq * tile_pad
@@ -519,7 +557,7 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
                                         acc[a0 + jj] += v * w1[r0 + jj]
                     # 2. their codes
                     if kind == KIND_ANALYTIC:
-                        if noisy:
+                        if noisy and stages >= STAGE_SCALE:
                             _block_items(items_a, items16, q0, nq, n_planes, items_per_vector,
                                          (n_groups, g, J, t0), tile_pad, tn)
                         _convert_analytic(acc, sc, sh, items_a, noise, lut, fbuf, noise_buf, ibuf, codes, m, stages)
