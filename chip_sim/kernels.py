@@ -311,21 +311,19 @@ def _sum_table_pairs(acc, stride, table, pats, q0, nq, gs, gi, base, n_blocks, b
 # ---- the fused MAC ---------------------------------------------------------------------------------------------
 # Inner loops index 1-D arrays at an unsigned offset: numba's multi-dimensional indexing, and its wraparound of
 # negative signed indices, keep LLVM from reading the lanes as one contiguous run (it gathers them one by one
-# instead); a slice made in a hot loop costs two atomic reference-count updates.
+# instead).
 @njit(cache=True, inline="always")
-def _convert_analytic(acc, sc, sh, items, noise, lut, fbuf, drawn, ibuf, codes, tn, stages):  # noqa: ANN001
-    """Codes of partial sums ``acc[:tn]`` with their columns' scale and shift and their noise items (``items``
-    empty: no noise): the ADC look-up table ``lut`` at ``acc * scale + shift + noise[item]``, truncated and
-    clamped to the table."""
+def _convert_analytic(acc, sc, sh, noisy, noise, lut, fbuf, drawn, ibuf, codes, tn, stages):  # noqa: ANN001
+    """Codes of partial sums ``acc[:tn]`` with their columns' scale and shift and, if ``noisy``, their noise items
+    (in ``ibuf``): the ADC look-up table ``lut`` at ``acc * scale + shift + noise[item]``, truncated and clamped to
+    the table."""
     if stages < STAGE_SCALE:
         return
     lut_top = np.int32(lut.size - 1)
     for jj in range(tn):
         t = acc[jj] * sc[jj]
         fbuf[jj] = t + sh[jj]
-    if items.size > 0:
-        for jj in range(tn):
-            ibuf[jj] = np.int32(items[jj])
+    if noisy:
         _gather(noise, ibuf, tn, drawn)
         for jj in range(tn):
             fbuf[jj] += drawn[jj]
@@ -412,12 +410,6 @@ def _block_items(dst, items, q0, nq, n_planes, items_per_vector, at, stride, tn)
             dst[c0 + jj] = items[i0 + jj]
 
 
-@njit(cache=True, inline="always")
-def _noisy(kind, noise, item_bytes):  # noqa: ANN001, ANN202
-    """Whether the analytic converter adds read noise (a noise table, and random items to index it)."""
-    return kind == KIND_ANALYTIC and noise.size > 0 and item_bytes > 0
-
-
 @njit(cache=True, nogil=True)
 def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng, raw, out, col_sums, tally):  # noqa: ANN001
     """Codes (``raw``) or slice-weighted column sums of a batch; see the module docstring.
@@ -445,14 +437,15 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
     The call's buffers are allocated here (``_buffers``); the work is done by ``_fused_chunks``.
     """
     _fused_chunks(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng, raw, out, col_sums, tally,
-                  _buffers(geometry, kind, analytic[2], rng[2], rng[3]))
+                  _buffers(geometry, kind, rng[2]))
 
 
 @njit(cache=True)
-def _buffers(geometry, kind, noise, words, item_bytes):  # noqa: ANN001, ANN202
+def _buffers(geometry, kind, words):  # noqa: ANN001, ANN202
     """The buffers ``_fused_chunks`` works in, sized for its largest chunk: the chunk's random words, its input
     patterns, one vector's inputs on the spanned groups' rows (zeros outside the request), each tile's lanes'
-    columns, scale and shift, and a block's lanes (float32 and int32 quantities, guide entries, intervals, items)."""
+    columns, scale and shift, and a block's lanes (float32 and int32 quantities, guide entries, intervals, 32-bit
+    items)."""
     n_planes, _, _, rpg, J, g0, g1, chunk, tile, block_rows = geometry[:10]
     n_blocks = (rpg + block_rows - 1) // block_rows
     tile_pad = (tile + LANES - 1) // LANES * LANES
@@ -464,7 +457,6 @@ def _buffers(geometry, kind, noise, words, item_bytes):  # noqa: ANN001, ANN202
             np.zeros((tiles, lanes), dtype=np.int32), np.zeros((2, tiles, lanes), dtype=np.float32),
             np.zeros((3, lanes), dtype=np.float32), np.zeros((4, lanes), dtype=np.int32),
             np.zeros(lanes, dtype=np.uint32), np.zeros(lanes, dtype=np.uint64),
-            np.zeros(lanes if _noisy(kind, noise, item_bytes) else 0, dtype=np.uint16),
             np.zeros(lanes if kind == KIND_SAMPLED else 0, dtype=np.uint32))
 
 
@@ -483,7 +475,7 @@ def _fused_chunks(x, row_start, geometry, w, sums_from, kind, analytic, sampled,
     gs = g1 - g0
     n_blocks = (rpg + block_rows - 1) // block_rows
     n_tiles, n_patterns = table.shape[1], table.shape[3]
-    noisy = _noisy(kind, noise, item_bytes)
+    noisy = kind == KIND_ANALYTIC and noise.size > 0 and item_bytes > 0
     items_per_vector = words * 8 // item_bytes if item_bytes else 0
     tile_pad = (tile + LANES - 1) // LANES * LANES
     table1 = table.reshape(-1)
@@ -495,7 +487,7 @@ def _fused_chunks(x, row_start, geometry, w, sums_from, kind, analytic, sampled,
     first = max(row_start, g0 * rpg)  # the request's rows on the spanned groups: xrow[dst ..] = x[b, first - row_start ..]
     n_copy = np.uint64(max(0, min(row_start + x.shape[1], g1 * rpg) - first))
     dst = np.uint64(first - g0 * rpg)
-    words_all, pats_all, xrow, lane_cols, lane_f32, f32, i32, found, pairs, items_a, items_s = buffers
+    words_all, pats_all, xrow, lane_cols, lane_f32, f32, i32, found, pairs, items_s = buffers
     acc, fbuf, noise_buf = f32[0], f32[1], f32[2]
     ibuf, lanes, flags, codes = i32[0], i32[1], i32[2], i32[3]
     # each pair of a block reads its tile at lanes q * tile_pad ..: the lanes' columns (and scale and shift) per tile;
@@ -558,9 +550,9 @@ def _fused_chunks(x, row_start, geometry, w, sums_from, kind, analytic, sampled,
                     # 2. their codes
                     if kind == KIND_ANALYTIC:
                         if noisy and stages >= STAGE_SCALE:
-                            _block_items(items_a, items16, q0, nq, n_planes, items_per_vector,
+                            _block_items(ibuf, items16, q0, nq, n_planes, items_per_vector,
                                          (n_groups, g, J, t0), tile_pad, tn)
-                        _convert_analytic(acc, sc, sh, items_a, noise, lut, fbuf, noise_buf, ibuf, codes, m, stages)
+                        _convert_analytic(acc, sc, sh, noisy, noise, lut, fbuf, noise_buf, ibuf, codes, m, stages)
                     elif stages >= STAGE_LOOKUP:
                         _block_items(items_s, items32, q0, nq, n_planes, items_per_vector,
                                      (n_groups, g, J, t0), tile_pad, tn)
