@@ -4,8 +4,8 @@ A batch is cut into chunks of vectors (shared out among threads, each running th
 chunk into row groups and tiles of columns (``cimlab.chip_sim.fastpath.plan_for`` sizes both to the caches). Per chunk the kernel
 
 1. draws the chunk's random items straight from the PCG64 stream of ``cimlab.chip_sim.rng.VectorStream``: the same
-   128-bit LCG and XSL-RR output as numpy's ``PCG64.random_raw``, each vector's words jumped to at once
-   (``pcg_advance``) and four vectors' streams stepped side by side (independent multiply chains);
+   128-bit LCG and XSL-RR output as numpy's ``PCG64.random_raw``; the chunk's words are one run of the stream, which
+   32 LCG states, each jumped to its first word at once (``pcg_jump``), step 32 words at a time in vector registers;
 2. turns each vector's input slices into row patterns: ``block_rows`` rows' slices of one plane packed into one
    small integer per (plane, row group, block);
 3. per row group and tile of columns, and per (vector, plane) of the chunk, sums the compute weights of the
@@ -46,8 +46,10 @@ LANES = 16
 BLOCK_LANES = 1024
 """Lanes converted per call: the tiles of as many (vector, input slice) pairs as fit, so that a call's set-up (it
 takes a reference to each of its arrays) is shared by many conversions."""
-STREAMS = 4
-"""PCG64 streams (vectors) stepped side by side when drawing a chunk's items."""
+PCG_VECTOR = 8
+PCG_LANES = 32
+"""PCG64 states stepped side by side when drawing words: ``PCG_LANES`` in vector registers of ``PCG_VECTOR`` 64-bit
+lanes (several registers, so that their multiply chains overlap)."""
 
 _I1 = ir.IntType(1)
 _I32 = ir.IntType(32)
@@ -94,14 +96,14 @@ def _xsl_rr(typingctx, hi, lo):  # noqa: ANN001, ANN202, ARG001
 
 
 @njit(cache=True)
-def pcg_advance(state: np.ndarray, delta: int) -> tuple[np.uint64, np.uint64]:
-    """The LCG state ``delta`` steps after ``state`` = [state hi, state lo, inc hi, inc lo] (numpy's
-    ``PCG64.advance``, Brown's jump-ahead); returns (hi, lo)."""
+def pcg_jump(inc_hi: np.uint64, inc_lo: np.uint64, delta: int) -> tuple[np.uint64, np.uint64, np.uint64, np.uint64]:
+    """The affine map of ``delta`` LCG steps with increment (inc hi, inc lo): state ``s`` goes to ``a * s + c`` mod
+    2**128 (Brown's jump-ahead, as numpy's ``PCG64.advance``); returns (a hi, a lo, c hi, c lo)."""
     zero = np.uint64(0)
     m_hi, m_lo = zero, np.uint64(1)  # accumulated multiplier
     p_hi, p_lo = zero, zero  # accumulated increment
     c_hi, c_lo = PCG_MULT_HI, PCG_MULT_LO
-    d_hi, d_lo = state[2], state[3]
+    d_hi, d_lo = inc_hi, inc_lo
     while delta > 0:
         if delta & 1:
             m_hi, m_lo = _mul_add_128(m_hi, m_lo, c_hi, c_lo, zero, zero)
@@ -109,45 +111,95 @@ def pcg_advance(state: np.ndarray, delta: int) -> tuple[np.uint64, np.uint64]:
         d_hi, d_lo = _mul_add_128(c_hi, c_lo, d_hi, d_lo, d_hi, d_lo)  # (mult + 1) * inc
         c_hi, c_lo = _mul_add_128(c_hi, c_lo, c_hi, c_lo, zero, zero)
         delta >>= 1
-    return _mul_add_128(m_hi, m_lo, state[0], state[1], p_hi, p_lo)
+    return m_hi, m_lo, p_hi, p_lo
 
 
 @njit(cache=True)
+def pcg_advance(state: np.ndarray, delta: int) -> tuple[np.uint64, np.uint64]:
+    """The LCG state ``delta`` steps after ``state`` = [state hi, state lo, inc hi, inc lo]; returns (hi, lo)."""
+    a_hi, a_lo, c_hi, c_lo = pcg_jump(state[2], state[3], delta)
+    return _mul_add_128(a_hi, a_lo, state[0], state[1], c_hi, c_lo)
+
+
+def _splat(builder: ir.IRBuilder, value: ir.Value, lanes: int) -> ir.Value:
+    vec = ir.VectorType(value.type, lanes)
+    one = builder.insert_element(ir.Constant(vec, None), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes))
+
+
+@intrinsic
+def _pcg_round(typingctx, hi, lo, out, at, jump):  # noqa: ANN001, ANN202, ARG001
+    """One round of ``PCG_LANES`` LCG states (``hi``, ``lo``: uint64 arrays of their halves), ``PCG_VECTOR`` in
+    each vector register: ``out[at + l]`` = the XSL-RR output of state ``l``, then every state takes the jump
+    (a hi, a lo, c hi, c lo) of ``pcg_jump``: ``s = a * s + c`` mod 2**128, the 64 x 64-bit product of the low
+    halves from 32-bit halves (vector registers multiply 32 x 32 -> 64 bits)."""
+    sig = types.void(hi, lo, out, at, jump)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        hi_, lo_, out_ = (context.make_array(signature.args[i])(context, builder, value=args[i]) for i in range(3))
+        vec = ir.VectorType(_I64, PCG_VECTOR)
+        a_hi, a_lo, c_hi, c_lo = (_splat(builder, builder.extract_value(args[4], i), PCG_VECTOR) for i in range(4))
+        low32, by32 = ir.Constant(vec, [0xFFFFFFFF] * PCG_VECTOR), ir.Constant(vec, [32] * PCG_VECTOR)
+        a0, a1 = builder.and_(a_lo, low32), builder.lshr(a_lo, by32)
+        rotr = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
+                                              f"llvm.fshr.v{PCG_VECTOR}i64")
+        for v in range(0, PCG_LANES, PCG_VECTOR):
+            off = ir.Constant(_I64, v)
+            p_hi = builder.bitcast(builder.gep(hi_.data, [off]), vec.as_pointer())
+            p_lo = builder.bitcast(builder.gep(lo_.data, [off]), vec.as_pointer())
+            p_out = builder.bitcast(builder.gep(out_.data, [builder.add(args[3], off)]), vec.as_pointer())
+            h, lo = builder.load(p_hi, align=8), builder.load(p_lo, align=8)
+            x = builder.xor(h, lo)
+            builder.store(builder.call(rotr, [x, x, builder.lshr(h, ir.Constant(vec, [58] * PCG_VECTOR))]), p_out,
+                          align=8)
+            l0, l1 = builder.and_(lo, low32), builder.lshr(lo, by32)
+            p00, p01, p10, p11 = (builder.mul(u, w) for u, w in ((l0, a0), (l0, a1), (l1, a0), (l1, a1)))
+            mid = builder.add(builder.add(builder.lshr(p00, by32), builder.and_(p01, low32)), builder.and_(p10, low32))
+            prod_lo = builder.or_(builder.shl(mid, by32), builder.and_(p00, low32))
+            prod_hi = builder.add(builder.add(p11, builder.lshr(p01, by32)),
+                                  builder.add(builder.lshr(p10, by32), builder.lshr(mid, by32)))
+            prod_hi = builder.add(prod_hi, builder.add(builder.mul(h, a_lo), builder.mul(lo, a_hi)))
+            new_lo = builder.add(prod_lo, c_lo)
+            carry = builder.zext(builder.icmp_unsigned("<", new_lo, prod_lo), vec)
+            builder.store(builder.add(builder.add(prod_hi, c_hi), carry), p_hi, align=8)
+            builder.store(new_lo, p_lo, align=8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
 def pcg_fill(out: np.ndarray, state: np.ndarray, first_word: int) -> None:
     """``out[k]`` = raw word ``first_word + k`` of the PCG64 stream whose state (at word 0) is ``state``:
     what ``PCG64.advance(first_word)`` then ``random_raw(out.size)`` give."""
-    hi, lo = pcg_advance(state, first_word)
-    inc_hi, inc_lo = state[2], state[3]
-    for k in range(out.size):
-        hi, lo = _mul_add_128(hi, lo, PCG_MULT_HI, PCG_MULT_LO, inc_hi, inc_lo)
-        out[k] = _xsl_rr(hi, lo)
+    _pcg_fill_lanes(out, state, first_word, np.empty((2, PCG_LANES), dtype=np.uint64))
+
+
+@njit(cache=True, nogil=True)
+def _pcg_fill_lanes(out, state, first_word, lanes):  # noqa: ANN001
+    """``pcg_fill`` in ``lanes`` [2, ``PCG_LANES``] (uint64, the states' halves): each state at its own word of a
+    run of ``PCG_LANES``, they jump a run at a time in vector registers; the words left over are stepped one by
+    one. Allocates nothing (the fused kernel runs without reference counting)."""
+    n = out.size
+    runs = n // PCG_LANES
+    if runs > 0:
+        jump = pcg_jump(state[2], state[3], PCG_LANES)
+        hi, lo = lanes[0], lanes[1]
+        for lane in range(PCG_LANES):
+            hi[lane], lo[lane] = pcg_advance(state, first_word + lane + 1)  # word w is the output of state w + 1
+        for r in range(runs):
+            _pcg_round(hi, lo, out, r * PCG_LANES, jump)
+    h, low = pcg_advance(state, first_word + runs * PCG_LANES)
+    for k in range(runs * PCG_LANES, n):
+        h, low = _mul_add_128(h, low, PCG_MULT_HI, PCG_MULT_LO, state[2], state[3])
+        out[k] = _xsl_rr(h, low)
 
 
 @njit(cache=True, nogil=True)
 def pcg_fill_vectors(out: np.ndarray, state: np.ndarray, first_vector: int) -> None:
-    """``out[b]`` [n, words] = the words of vector ``first_vector + b`` (words ``(first_vector + b) * words ..``),
-    ``STREAMS`` vectors' streams stepped side by side."""
-    n, words = out.shape
-    inc_hi, inc_lo = state[2], state[3]
-    mh, ml = PCG_MULT_HI, PCG_MULT_LO
-    b = 0
-    while b + STREAMS <= n:
-        h0, l0 = pcg_advance(state, (first_vector + b) * words)
-        h1, l1 = pcg_advance(state, (first_vector + b + 1) * words)
-        h2, l2 = pcg_advance(state, (first_vector + b + 2) * words)
-        h3, l3 = pcg_advance(state, (first_vector + b + 3) * words)
-        for k in range(words):
-            h0, l0 = _mul_add_128(h0, l0, mh, ml, inc_hi, inc_lo)
-            h1, l1 = _mul_add_128(h1, l1, mh, ml, inc_hi, inc_lo)
-            h2, l2 = _mul_add_128(h2, l2, mh, ml, inc_hi, inc_lo)
-            h3, l3 = _mul_add_128(h3, l3, mh, ml, inc_hi, inc_lo)
-            out[b, k] = _xsl_rr(h0, l0)
-            out[b + 1, k] = _xsl_rr(h1, l1)
-            out[b + 2, k] = _xsl_rr(h2, l2)
-            out[b + 3, k] = _xsl_rr(h3, l3)
-        b += STREAMS
-    for r in range(b, n):
-        pcg_fill(out[r], state, (first_vector + r) * words)
+    """``out[b]`` [n, words] (C-contiguous) = the words of vector ``first_vector + b`` (words ``(first_vector + b)
+    * words ..``): one run of the stream, as the vectors' words follow each other."""
+    pcg_fill(out.reshape(-1), state, first_vector * out.shape[1])
 
 
 # ---- vector gathers --------------------------------------------------------------------------------------------
@@ -442,16 +494,16 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
 
 @njit(cache=True)
 def _buffers(geometry, kind, words):  # noqa: ANN001, ANN202
-    """The buffers ``_fused_chunks`` works in, sized for its largest chunk: the chunk's random words, its input
-    patterns, one vector's inputs on the spanned groups' rows (zeros outside the request), each tile's lanes'
-    columns, scale and shift, and a block's lanes (float32 and int32 quantities, guide entries, intervals, 32-bit
-    items)."""
+    """The buffers ``_fused_chunks`` works in, sized for its largest chunk: the chunk's random words and the LCG
+    states that draw them, its input patterns, one vector's inputs on the spanned groups' rows (zeros outside the
+    request), each tile's lanes' columns, scale and shift, and a block's lanes (float32 and int32 quantities, guide
+    entries, intervals, 32-bit items)."""
     n_planes, _, _, rpg, J, g0, g1, chunk, tile, block_rows = geometry[:10]
     n_blocks = (rpg + block_rows - 1) // block_rows
     tile_pad = (tile + LANES - 1) // LANES * LANES
     lanes = max(1, min(chunk * n_planes, BLOCK_LANES // tile_pad)) * tile_pad
     tiles = (J + tile - 1) // tile
-    return (np.empty(chunk * max(words, 1), dtype=np.uint64),
+    return (np.empty(chunk * max(words, 1), dtype=np.uint64), np.empty((2, PCG_LANES), dtype=np.uint64),
             np.empty(chunk * n_planes * (g1 - g0) * n_blocks, dtype=np.int32),
             np.zeros((g1 - g0) * rpg, dtype=np.int64),
             np.zeros((tiles, lanes), dtype=np.int32), np.zeros((2, tiles, lanes), dtype=np.float32),
@@ -487,7 +539,7 @@ def _fused_chunks(x, row_start, geometry, w, sums_from, kind, analytic, sampled,
     first = max(row_start, g0 * rpg)  # the request's rows on the spanned groups: xrow[dst ..] = x[b, first - row_start ..]
     n_copy = np.uint64(max(0, min(row_start + x.shape[1], g1 * rpg) - first))
     dst = np.uint64(first - g0 * rpg)
-    words_all, pats_all, xrow, lane_cols, lane_f32, f32, i32, found, pairs, items_s = buffers
+    words_all, pcg_lanes, pats_all, xrow, lane_cols, lane_f32, f32, i32, found, pairs, items_s = buffers
     acc, fbuf, noise_buf = f32[0], f32[1], f32[2]
     ibuf, lanes, flags, codes = i32[0], i32[1], i32[2], i32[3]
     # each pair of a block reads its tile at lanes q * tile_pad ..: the lanes' columns (and scale and shift) per tile;
@@ -504,7 +556,7 @@ def _fused_chunks(x, row_start, geometry, w, sums_from, kind, analytic, sampled,
         nb = min(n, b0 + chunk) - b0
         words_buf = words_all[: nb * max(words, 1)].reshape((nb, max(words, 1)))
         if item_bytes > 0 and stages >= STAGE_ITEMS:
-            pcg_fill_vectors(words_buf, state, first_vector + b0)
+            _pcg_fill_lanes(words_buf.reshape(-1), state, (first_vector + b0) * words, pcg_lanes)
         items16 = words_buf.reshape(-1).view(np.uint16)
         items32 = words_buf.reshape(-1).view(np.uint32)
         pats1 = pats_all[: nb * n_planes * gs * n_blocks]

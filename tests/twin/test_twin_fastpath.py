@@ -52,11 +52,12 @@ def test_pcg_words_equal_numpy() -> None:
     stream = VectorStream(2**64 - 5, 37, np.uint16)  # 10 words a vector, the last one only partly used
     stream.rekey(12345)
     state = stream.pcg_state()
-    out = np.empty(50, dtype=np.uint64)
-    kernels.pcg_fill(out, state, 1_000_003)
-    bg = np.random.PCG64(stream._seed_seq)
-    bg.advance(1_000_003)
-    np.testing.assert_array_equal(out, bg.random_raw(50))
+    for n in (5, kernels.PCG_LANES, 3 * kernels.PCG_LANES + 7):  # fewer words than lanes, whole runs, a tail
+        out = np.empty(n, dtype=np.uint64)
+        kernels.pcg_fill(out, state, 1_000_003)
+        bg = np.random.PCG64(stream._seed_seq)
+        bg.advance(1_000_003)
+        np.testing.assert_array_equal(out, bg.random_raw(n))
     per_vector = np.empty((9, stream.words), dtype=np.uint64)  # more vectors than streams stepped side by side
     kernels.pcg_fill_vectors(per_vector, state, 77)
     np.testing.assert_array_equal(per_vector.view(np.uint16)[:, : stream.per_vector], stream.draw(77, 9))
