@@ -492,6 +492,18 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
                   _buffers(geometry, kind, rng[2]))
 
 
+@njit(cache=True, inline="always")
+def _padded(tile):  # noqa: ANN001, ANN202
+    """Lanes a tile of ``tile`` columns takes: a whole number of ``LANES``."""
+    return (tile + LANES - 1) // LANES * LANES
+
+
+@njit(cache=True, inline="always")
+def _block_pairs(pairs, tile_pad):  # noqa: ANN001, ANN202
+    """(vector, input slice) pairs converted per step, of ``pairs``: as many tiles as ``BLOCK_LANES`` holds."""
+    return max(1, min(pairs, BLOCK_LANES // tile_pad))
+
+
 @njit(cache=True)
 def _buffers(geometry, kind, words):  # noqa: ANN001, ANN202
     """The buffers ``_fused_chunks`` works in, sized for its largest chunk: the chunk's random words and the LCG
@@ -500,8 +512,8 @@ def _buffers(geometry, kind, words):  # noqa: ANN001, ANN202
     entries, intervals, 32-bit items)."""
     n_planes, _, _, rpg, J, g0, g1, chunk, tile, block_rows = geometry[:10]
     n_blocks = (rpg + block_rows - 1) // block_rows
-    tile_pad = (tile + LANES - 1) // LANES * LANES
-    lanes = max(1, min(chunk * n_planes, BLOCK_LANES // tile_pad)) * tile_pad
+    tile_pad = _padded(tile)
+    lanes = _block_pairs(chunk * n_planes, tile_pad) * tile_pad
     tiles = (J + tile - 1) // tile
     return (np.empty(chunk * max(words, 1), dtype=np.uint64), np.empty((2, PCG_LANES), dtype=np.uint64),
             np.empty(chunk * n_planes * (g1 - g0) * n_blocks, dtype=np.int32),
@@ -529,7 +541,7 @@ def _fused_chunks(x, row_start, geometry, w, sums_from, kind, analytic, sampled,
     n_tiles, n_patterns = table.shape[1], table.shape[3]
     noisy = kind == KIND_ANALYTIC and noise.size > 0 and item_bytes > 0
     items_per_vector = words * 8 // item_bytes if item_bytes else 0
-    tile_pad = (tile + LANES - 1) // LANES * LANES
+    tile_pad = _padded(tile)
     table1 = table.reshape(-1)
     w1 = w.reshape(-1)
     out1 = out.reshape(-1)
@@ -570,7 +582,7 @@ def _fused_chunks(x, row_start, geometry, w, sums_from, kind, analytic, sampled,
             tally[b0 + bb, 0] = level_sum
             tally[b0 + bb, 1] = pulses
         pair_count = nb * n_planes
-        block = max(1, min(pair_count, BLOCK_LANES // tile_pad))
+        block = _block_pairs(pair_count, tile_pad)
         for gi in range(gs):
             g = g0 + gi
             for t0 in range(0, J, tile):

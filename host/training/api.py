@@ -22,8 +22,8 @@ import copy
 import math
 import os
 import statistics
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch

@@ -50,7 +50,6 @@ typedef struct {
     int32_t cols;      /* conversions per group and plane: slices x tile columns (C) */
     int32_t cell_bits;
     int32_t out_cols;  /* tile columns M (column c is slice c / M, tile column c % M) */
-    int32_t gx_stride; /* unused: gx has x's layout */
     int32_t gq_stride; /* backward: elements between two rows of gq (gq points at the tile's first row and column) */
     /* conv != 0: x (and gx) is a batch of padded images [B][img_c][img_h][img_w] and its matrix is their im2col, read
      * in place: vector i is output pixel (i / (out_h * out_w), its row, its column), matrix column k is (channel,

@@ -386,7 +386,7 @@ class LayerMacro:
         # a paired tile's gradient of its macro columns' weights goes to a buffer of its own (see _c_backward)
         g = native.GeomT(x.shape[0], x.shape[1], t.row0, t.n_rows, plan.offset, plan.groups,
                          spec.rows_per_conversion, spec.n_planes, spec.input_slice_bits,
-                         spec.n_slices * t.macro_cols, spec.cell_bits, t.macro_cols, lm.n_rows,
+                         spec.n_slices * t.macro_cols, spec.cell_bits, t.macro_cols,
                          t.macro_cols if t.paired else lm.n_cols)
         if images is not None:
             g.n, g.x_stride, g.conv = images.n_vectors, 0, 1
@@ -438,6 +438,10 @@ class LayerMacro:
         kernels (on the CPU), through the conversions (not an exact shortcut), without a weight offset."""
         return not self.fast_exact and not self.spec.weight_offset and self._kernels(x) is not None
 
+    def _check_images(self, x: torch.Tensor, images: ImageRows | None) -> None:
+        if images is not None and not self.reads_images(x):
+            raise ConfigError("a convolution's images are read in place by the C kernels only (see reads_images)")
+
     def mac_values(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """MAC outputs [N, M] (float64, in ``adc_lsb`` level units; integer valued unless decoded) for input
         codes x [N, K] and logical weights q [K, M]; no autograd."""
@@ -448,8 +452,7 @@ class LayerMacro:
         lm = self.layer_map
         N = x.shape[0] if images is None else images.n_vectors
         self.stats = MacroStats()
-        if images is not None and not self.reads_images(x):
-            raise ConfigError("a convolution's images are read in place by the C kernels only (see reads_images)")
+        self._check_images(x, images)
         if self.fast_exact:
             dtype = self._matmul_dtype()
             if dtype is not None:
@@ -536,8 +539,7 @@ class LayerMacro:
         N = x.shape[0] if images is None else images.n_vectors
         if self.correction is not None:
             grad = grad / self.correction.gain
-        if images is not None and not self.reads_images(x):
-            raise ConfigError("a convolution's images are read in place by the C kernels only (see reads_images)")
+        self._check_images(x, images)
         if self.fast_exact:
             g = grad.to(torch.float32)
             return g @ q.to(torch.float32).T, x.to(torch.float32).T @ g

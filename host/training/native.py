@@ -37,7 +37,7 @@ class GeomT(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_int32) for name in (
         "n", "x_stride", "row0", "n_rows", "offset", "groups", "rows", "planes", "slice_bits", "cols",
-        "cell_bits", "out_cols", "gx_stride", "gq_stride", "conv", "img_c", "img_h", "img_w", "k_h", "k_w", "s_h",
+        "cell_bits", "out_cols", "gq_stride", "conv", "img_c", "img_h", "img_w", "k_h", "k_w", "s_h",
         "s_w", "d_h", "d_w", "out_h", "out_w")]
 
 
