@@ -1,6 +1,8 @@
 """Malformed files get typed errors, and no bombs: every loader (error model, checkpoint, package, profile, store)
 is fed FILES_PER_FORMAT mutated copies of a valid file. Every load must either succeed or raise a cimlab error
-(``CimError``), take under a second, and allocate (tracemalloc peak) under PEAK_BYTES.
+(``CimError``), take under a second, and allocate (tracemalloc peak) under PEAK_BYTES. A load that takes longer
+is timed again, up to SLOW_RETRIES times, and its fastest time counts: the suite shares its cores, and a single
+1.08 s load among 1,000 that each take 0.1 s alone failed a CI run.
 
 Mutations are seeded and of two kinds: bytes (flips, truncation, insertion, zeroed runs, a repeated chunk) and
 structure (a manifest field deleted or given another type, its hash recomputed so the load gets past the hash
@@ -30,6 +32,7 @@ from cimlab.firmware_bridge.files import text_sha256
 FILES_PER_FORMAT = 1000
 PEAK_BYTES = 64 << 20
 MAX_LOAD_S = 1.0
+SLOW_RETRIES = 2  # a load over MAX_LOAD_S is timed again: a bomb is slow every time, a busy machine only sometimes
 WEIRD_VALUES: list[Any] = [None, True, -1, 0, 2**63, 1e308, float("nan"), "", "x" * 300, [], [1, "a"], {}, {"a": 1}]
 
 pytestmark = pytest.mark.soak
@@ -127,6 +130,19 @@ def mutate_npz(data: bytes, rng: random.Random, manifest: str, hash_name: str) -
 
 
 # ---- the harness ----------------------------------------------------------------------------------------------------
+def timed_load(load: Callable[[Path], Any], path: Path) -> tuple[str, float]:
+    """("loaded" | "refused" | the untyped error, seconds the load took)."""
+    t0 = time.perf_counter()
+    try:
+        load(path)
+        outcome = "loaded"
+    except CimError:
+        outcome = "refused"
+    except Exception as err:  # noqa: BLE001 - the point of the test
+        outcome = f"{type(err).__name__}: {str(err)[:160]}"
+    return outcome, time.perf_counter() - t0
+
+
 def fuzz(tmp_path: Path, name: str, good: bytes, mutate: Callable[[bytes, random.Random], bytes],
          load: Callable[[Path], Any], suffix: str) -> None:
     rng = random.Random(f"cimlab-fuzz-{name}")
@@ -141,16 +157,16 @@ def fuzz(tmp_path: Path, name: str, good: bytes, mutate: Callable[[bytes, random
             path = tmp_path / f"{name}-{i}{suffix}"
             path.write_bytes(data)
             tracemalloc.reset_peak()
-            t0 = time.perf_counter()
-            try:
-                load(path)
-                outcomes["loaded"] += 1
-            except CimError:
-                outcomes["refused"] += 1
-            except Exception as err:  # noqa: BLE001 - the point of the test
-                untyped.append(f"#{i}: {type(err).__name__}: {str(err)[:160]}")
-            dt = time.perf_counter() - t0
+            outcome, dt = timed_load(load, path)
             peak = tracemalloc.get_traced_memory()[1]
+            for _ in range(SLOW_RETRIES):
+                if dt <= MAX_LOAD_S:
+                    break
+                dt = min(dt, timed_load(load, path)[1])
+            if outcome in outcomes:
+                outcomes[outcome] += 1
+            else:
+                untyped.append(f"#{i}: {outcome}")
             if dt > MAX_LOAD_S:
                 slow.append(f"#{i}: {dt:.2f} s")
             if peak > PEAK_BYTES:
