@@ -40,11 +40,13 @@ GUIDE_BYTES = 8 * 1024 * 1024
 """Largest guide table of the data-driven draw (bytes); its buckets per row follow from it."""
 GUIDE_BITS_MAX = 8
 """At most 2**8 buckets of uniforms per row in the guide table."""
-MODE_FIRST_SHARE = 0.75
-"""The data-driven draw reads each row's most likely code first (two small tables) when that code takes at least
-this share of the uniforms, on average over the rows; otherwise every draw starts from the guide table (one read
-of a larger one). Measured on the bundled profiles: the mode first is as fast or faster at shares of 0.88-1.0, the
-guide 1.3x faster at 0.61 (``nvm-4bit``)."""
+NEAR_FIRST_SHARE = 0.9
+"""The data-driven draw reads each row's near codes first (``near_tables``: two small tables) when they take at
+least this share of the uniforms, on average over the rows; otherwise every draw starts from the guide table (one
+read of a larger one). Measured on the bundled profiles' characterized models in A/B runs: the near codes first
+are 1.04-1.4x faster at shares of 0.99-1.0, the guide 1.04x faster at 0.83 (``nvm-4bit``)."""
+NEAR_BITS = 12
+"""Bits of each bound in the near-codes table: a uniform's top ``NEAR_BITS`` bits are compared with them."""
 MIN_PAIRS = 64
 """Fewest (vector, input slice) pairs per chunk: each tile of the pattern table is used by all of them while it sits
 in cache."""
@@ -175,6 +177,33 @@ def guide_tables(sampler: CodeSampler) -> tuple[np.ndarray, int, np.ndarray, np.
     return guide, bits, bounds[inside].astype(np.uint32), rowbase.astype(np.int64)
 
 
+def near_tables(sampler: CodeSampler) -> tuple[np.ndarray, np.ndarray, float]:
+    """The CPU engine's first read of a ``CodeSampler``: per row (``level * J + column``), the three codes around its
+    most likely one, ``c0 .. c0 + 2``, and the four bounds that part them, ``B(c0 - 1) .. B(c0 + 2)`` (``B(c)``: the
+    first uniform above code ``c``; ``B(-1) = 0``), each cut to its top ``NEAR_BITS`` bits. Two uint32 tables, a =
+    ``Q0 | Q1 << NEAR_BITS | (c0 & 0xFF) << 2 * NEAR_BITS`` and b = ``Q2 | Q3 << NEAR_BITS | (c0 >> 8) << 2 *
+    NEAR_BITS``.
+
+    A uniform whose top bits ``q`` lie strictly between ``Q0`` and ``Q3`` and equal neither ``Q1`` nor ``Q2`` reads
+    code ``c0 + (q > Q1) + (q > Q2)``, exactly: ``q > Q`` means ``u > B`` and ``q < Q`` means ``u < B`` for every
+    uniform ``u`` of those top bits. Any other uniform (``2**-NEAR_BITS`` of the uniforms per bound, more outside
+    the three codes) is left to the guide table. The third value is the three codes' share of the uniforms, the
+    mean over rows."""
+    rows, width = sampler.mode.size, sampler.width
+    n_codes = sampler.spec.n_codes
+    if n_codes > 1 << 16:
+        raise ValueError(f"near tables hold codes below 2**16, not {n_codes}")
+    bounds = np.concatenate([np.zeros((rows, 1), np.int64), sampler.bounds.reshape(rows, width)[:, : n_codes - 1],
+                             np.full((rows, 3), 1 << 32, np.int64)], axis=1)  # bounds[:, c + 1] = B(c)
+    c0 = np.clip(sampler.mode.astype(np.int64) - 1, 0, max(n_codes - 3, 0))
+    r = np.arange(rows)
+    q = [np.minimum(bounds[r, c0 + i] >> (32 - NEAR_BITS), (1 << NEAR_BITS) - 1) for i in range(4)]
+    a = q[0] | q[1] << NEAR_BITS | (c0 & 0xFF) << 2 * NEAR_BITS
+    b = q[2] | q[3] << NEAR_BITS | (c0 >> 8) << 2 * NEAR_BITS
+    share = float(np.mean(bounds[r, c0 + 3] - bounds[r, c0])) / 2**32
+    return a.astype(np.uint32), b.astype(np.uint32), share
+
+
 def _pack(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return lo.astype(np.uint64) | (hi.astype(np.uint64) << np.uint64(32))
 
@@ -258,9 +287,8 @@ class CpuEngine:
     def _sampled(self, op: FusedConversion) -> tuple[object, ...]:
         s = op.sampler
         if self._sampler_tables is None or self._sampler_tables[0] is not s:
-            mode, interval, _ = sampler_tables(s)
-            mode_first = float(np.mean(s.mode_hi - s.mode_lo)) >= MODE_FIRST_SHARE * 2**32
-            self._sampler_tables = (s, (mode_first, mode, interval, *guide_tables(s)))
+            near_a, near_b, share = near_tables(s)
+            self._sampler_tables = (s, (share >= NEAR_FIRST_SHARE, near_a, near_b, *guide_tables(s)))
         return self._sampler_tables[1]
 
     @property
@@ -296,7 +324,7 @@ class CpuEngine:
         if op.kind == "analytic":
             kind = k.KIND_ANALYTIC
             analytic = self._analytic(op)
-            sampled = (False, np.zeros(1, np.int32), np.zeros(1, np.uint64), np.zeros(1, np.uint32), 0,
+            sampled = (False, np.zeros(1, np.uint32), np.zeros(1, np.uint32), np.zeros(1, np.uint32), 0,
                        np.zeros(1, np.uint32), np.zeros(1, np.int64))
         else:
             kind = k.KIND_SAMPLED

@@ -14,7 +14,8 @@ chunk into row groups and tiles of columns (``cimlab.chip_sim.fastpath.plan_for`
 4. converts the sums of a block of (vector, plane) pairs' tiles at once (``BLOCK_LANES``), 16 lanes at a time with
    vector gathers for the table look-ups: the analytic converter's three float32 operations with its noise-table
    and ADC look-ups, or the data-driven converter's inverse-CDF draw (an indexed search: a guide table settles
-   most draws, the row's bounds the rest; narrow models read the row's most likely code first);
+   most draws, the row's bounds the rest; narrow models read the three codes around the row's most likely
+   one first);
 5. writes the codes (MAC_RAW) or adds them, weighted by their input slice, to the vector's column sums (MAC).
 
 Partial sums are sums of integers below 2**24, exact in float32 in any order; after them every step is the one
@@ -29,6 +30,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from cimlab.chip_sim.fastpath import NEAR_BITS
 
 PCG_MULT_HI = np.uint64(0x2360ED051FC65DA4)
 PCG_MULT_LO = np.uint64(0x4385DF649FCCF645)
@@ -203,10 +206,36 @@ def pcg_fill_vectors(out: np.ndarray, state: np.ndarray, first_vector: int) -> N
 
 
 # ---- vector gathers --------------------------------------------------------------------------------------------
+def _vector_at(builder: ir.IRBuilder, context, ty, value, start):  # noqa: ANN001, ANN202
+    """A pointer to ``LANES`` elements of array ``value`` (numba type ``ty``) from element ``start``, as a vector."""
+    arr = context.make_array(ty)(context, builder, value=value)
+    return builder.bitcast(builder.gep(arr.data, [start]),
+                           ir.VectorType(context.get_data_type(ty.dtype), LANES).as_pointer())
+
+
+def _gather_values(builder: ir.IRBuilder, context, ty, value, index):  # noqa: ANN001, ANN202
+    """``value[index]``, a vector, for a vector ``index`` of ``LANES`` int32: one ``llvm.masked.gather`` (vector
+    gathers where the machine has them, scalar loads elsewhere) from array ``value`` (numba type ``ty``, 32- or
+    64-bit elements)."""
+    table = context.make_array(ty)(context, builder, value=value)
+    elt = context.get_data_type(ty.dtype)
+    size = ty.dtype.bitwidth // 8
+    vec = ir.VectorType(elt, LANES)
+    v_i64 = ir.VectorType(_I64, LANES)
+    base = builder.insert_element(ir.Constant(v_i64, None), builder.ptrtoint(table.data, _I64), ir.Constant(_I32, 0))
+    base = builder.shuffle_vector(base, base, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+    offset = builder.mul(builder.sext(index, v_i64), ir.Constant(v_i64, [size] * LANES))
+    ptrs = builder.inttoptr(builder.add(base, offset), ir.VectorType(elt.as_pointer(), LANES))
+    kind = ("f" if isinstance(elt, (ir.FloatType, ir.DoubleType)) else "i") + str(size * 8)
+    fnty = ir.FunctionType(vec, [ptrs.type, _I32, ir.VectorType(_I1, LANES), vec])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.masked.gather.v{LANES}{kind}.v{LANES}p0")
+    return builder.call(fn, [ptrs, ir.Constant(_I32, size), ir.Constant(ir.VectorType(_I1, LANES), [1] * LANES),
+                             ir.Constant(vec, None)])
+
+
 @intrinsic
 def _gather16(typingctx, table, index, start, out):  # noqa: ANN001, ANN202, ARG001
-    """``out[start : start + 16] = table[index[start : start + 16]]``: 32- or 64-bit elements, int32 indices, one
-    ``llvm.masked.gather`` (vector gathers where the machine has them, scalar loads elsewhere)."""
+    """``out[start : start + 16] = table[index[start : start + 16]]``: 32- or 64-bit elements, int32 indices."""
     bits = table.dtype.bitwidth
     if not (bits in (32, 64) and out.dtype == table.dtype and index.dtype == types.int32):
         return None
@@ -214,24 +243,54 @@ def _gather16(typingctx, table, index, start, out):  # noqa: ANN001, ANN202, ARG
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
         t_ty, i_ty, _, o_ty = signature.args
-        tab = context.make_array(t_ty)(context, builder, value=args[0])
-        ind = context.make_array(i_ty)(context, builder, value=args[1])
-        dst = context.make_array(o_ty)(context, builder, value=args[3])
-        elt = context.get_data_type(t_ty.dtype)
-        vec = ir.VectorType(elt, LANES)
-        v_i32 = ir.VectorType(_I32, LANES)
-        v_i64 = ir.VectorType(_I64, LANES)
-        idx = builder.load(builder.bitcast(builder.gep(ind.data, [args[2]]), v_i32.as_pointer()), align=4)
-        base = builder.insert_element(ir.Constant(v_i64, None), builder.ptrtoint(tab.data, _I64), ir.Constant(_I32, 0))
-        base = builder.shuffle_vector(base, base, ir.Constant(v_i32, [0] * LANES))
-        offset = builder.mul(builder.sext(idx, v_i64), ir.Constant(v_i64, [bits // 8] * LANES))
-        ptrs = builder.inttoptr(builder.add(base, offset), ir.VectorType(elt.as_pointer(), LANES))
-        kind = ("f" if isinstance(elt, (ir.FloatType, ir.DoubleType)) else "i") + str(bits)
-        fnty = ir.FunctionType(vec, [ptrs.type, _I32, ir.VectorType(_I1, LANES), vec])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.masked.gather.v{LANES}{kind}.v{LANES}p0")
-        got = builder.call(fn, [ptrs, ir.Constant(_I32, bits // 8), ir.Constant(ir.VectorType(_I1, LANES), [1] * LANES),
-                                ir.Constant(vec, None)])
-        builder.store(got, builder.bitcast(builder.gep(dst.data, [args[2]]), vec.as_pointer()), align=bits // 8)
+        idx = builder.load(_vector_at(builder, context, i_ty, args[1], args[2]), align=4)
+        got = _gather_values(builder, context, t_ty, args[0], idx)
+        builder.store(got, _vector_at(builder, context, o_ty, args[3], args[2]), align=bits // 8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _near16(typingctx, acc, cols, J, near_a, near_b, items, start, rows, codes, flags):  # noqa: ANN001, ANN202, ARG001
+    """For lanes ``start .. start + 16``: ``rows`` = level * J + column of partial sums ``acc`` (float32) and columns
+    ``cols`` (int32); ``codes`` = the codes the near-codes tables ``near_a``, ``near_b`` give their uniforms ``items``
+    (uint32), and ``flags`` 1 where they give none (see ``cimlab.chip_sim.fastpath.near_tables``). 32-bit lanes
+    throughout: numba would widen the same arithmetic to 64 bits, half as many lanes a register."""
+    i32, u32 = types.int32, types.uint32
+    if not (acc.dtype == types.float32 and cols.dtype == rows.dtype == codes.dtype == flags.dtype == i32
+            and near_a.dtype == near_b.dtype == items.dtype == u32):
+        return None
+    sig = types.void(acc, cols, J, near_a, near_b, items, start, rows, codes, flags)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        t_acc, t_cols, _, t_a, t_b, t_items, _, t_rows, t_codes, t_flags = signature.args
+        at = args[6]
+        vec = ir.VectorType(_I32, LANES)
+
+        def splat(v: int) -> ir.Constant:
+            return ir.Constant(vec, [v] * LANES)
+
+        level = builder.fptosi(builder.load(_vector_at(builder, context, t_acc, args[0], at), align=4), vec)
+        jv = _splat(builder, context.cast(builder, args[2], signature.args[2], types.int32), LANES)
+        row = builder.add(builder.mul(level, jv), builder.load(_vector_at(builder, context, t_cols, args[1], at),
+                                                               align=4))
+        builder.store(row, _vector_at(builder, context, t_rows, args[7], at), align=4)
+        a = _gather_values(builder, context, t_a, args[3], row)
+        b = _gather_values(builder, context, t_b, args[4], row)
+        q = builder.lshr(builder.load(_vector_at(builder, context, t_items, args[5], at), align=4),
+                         splat(32 - NEAR_BITS))
+        mask = splat((1 << NEAR_BITS) - 1)
+        q0, q1 = builder.and_(a, mask), builder.and_(builder.lshr(a, splat(NEAR_BITS)), mask)
+        q2, q3 = builder.and_(b, mask), builder.and_(builder.lshr(b, splat(NEAR_BITS)), mask)
+        c0 = builder.or_(builder.lshr(a, splat(2 * NEAR_BITS)),
+                         builder.shl(builder.lshr(b, splat(2 * NEAR_BITS)), splat(32 - 2 * NEAR_BITS)))
+        code = builder.add(c0, builder.add(builder.zext(builder.icmp_unsigned(">", q, q1), vec),
+                                           builder.zext(builder.icmp_unsigned(">", q, q2), vec)))
+        off = builder.or_(builder.or_(builder.icmp_unsigned("<=", q, q0), builder.icmp_unsigned(">=", q, q3)),
+                          builder.or_(builder.icmp_unsigned("==", q, q1), builder.icmp_unsigned("==", q, q2)))
+        builder.store(code, _vector_at(builder, context, t_codes, args[8], at), align=4)
+        builder.store(builder.zext(off, vec), _vector_at(builder, context, t_flags, args[9], at), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -403,25 +462,25 @@ def _flagged(flags, lane, tn):  # noqa: ANN001
 
 
 @njit(cache=True, inline="always")
-def _convert_sampled(acc, cols, J, items, sampled, ibuf, flags, lane, found, pairs, codes, tn):  # noqa: ANN001
+def near_codes(acc, cols, J, near_a, near_b, items, rows, codes, flags, tn):  # noqa: ANN001
+    """``_near16`` over lanes ``0 .. tn`` (the buffers hold whole runs of ``LANES``)."""
+    for start in range(0, tn, LANES):
+        _near16(acc, cols, J, near_a, near_b, items, start, rows, codes, flags)
+
+
+@njit(cache=True, inline="always")
+def _convert_sampled(acc, cols, J, items, sampled, ibuf, flags, lane, found, codes, tn):  # noqa: ANN001
     """Codes of levels ``acc[:tn]`` of columns ``cols[:tn]`` (of ``J``) drawn with 32-bit uniforms
     ``items`` by an indexed search (``sampled``: see ``fused_mac``). The guide entry of the uniform's bucket (its
     top ``guide_bits`` bits) in the row (``level * J + column``) holds the codes of the bucket's first and last
     uniform, low | high << 16; most buckets hold one code, and the others are finished by counting the row's
     bounds from the low code on, read from its window (the bound of code ``c`` at ``window[rowbase[row] + c]``;
-    see ``cimlab.chip_sim.fastpath.guide_tables``). With ``mode_first``, each row's most likely code and its
-    interval of uniforms (first | last << 32) are read first, and only the uniforms outside it are searched."""
-    mode_first, mode, interval, guide, guide_bits, window, rowbase = sampled
+    see ``cimlab.chip_sim.fastpath.guide_tables``). With ``near_first``, the row's three codes around its most
+    likely one are read first (``near_codes``), and only the uniforms they leave are searched."""
+    near_first, near_a, near_b, guide, guide_bits, window, rowbase = sampled
     shift = np.uint64(32 - guide_bits)  # 64-bit: one bucket (no bits) shifts by all 32
-    if mode_first:
-        low32 = np.uint64(0xFFFFFFFF)
-        for jj in range(tn):
-            ibuf[jj] = np.int32(acc[jj]) * np.int32(J) + cols[jj]
-        _gather(mode, ibuf, tn, codes)
-        _gather(interval, ibuf, tn, pairs)
-        for jj in range(tn):
-            u = np.uint64(items[jj])
-            flags[jj] = np.int32((u < (pairs[jj] & low32)) | (u > (pairs[jj] >> np.uint64(32))))
+    if near_first:
+        near_codes(acc, cols, J, near_a, near_b, items, ibuf, codes, flags, tn)
         nm = _flagged(flags, lane, tn)
         for i in range(nm):
             jj = np.uint64(lane[i])
@@ -478,9 +537,9 @@ def fused_mac(x, row_start, geometry, w, sums_from, kind, analytic, sampled, rng
             rowsum [n_groups * rows per group] int64).
         kind: ``KIND_ANALYTIC`` or ``KIND_SAMPLED``.
         analytic: (scale [J] f32, shift [J] f32, noise table [65536] f32 or empty, ADC look-up table int32).
-        sampled: (mode first, mode [L*J] int32, its interval [L*J] uint64, guide table [L*J * 2**guide_bits]
+        sampled: (near codes first, near-codes tables a and b [L*J] uint32, guide table [L*J * 2**guide_bits]
             uint32, guide_bits, windows uint32, each row's window start less its first code [L*J] int64; see
-            ``_convert_sampled`` and ``cimlab.chip_sim.fastpath.guide_tables``).
+            ``_convert_sampled`` and ``cimlab.chip_sim.fastpath.near_tables`` and ``guide_tables``).
         rng: (PCG64 state at word 0 as uint64[4], first vector, words per vector, item bytes: 0, 2 or 4).
         raw: write codes to ``out`` [n, P, g1-g0, J]; otherwise add ``code << (p * slice_bits)`` into
             ``col_sums`` [n, J] (int64, zeroed by the caller).
@@ -509,7 +568,7 @@ def _buffers(geometry, kind, words):  # noqa: ANN001, ANN202
     """The buffers ``_fused_chunks`` works in, sized for its largest chunk: the chunk's random words and the LCG
     states that draw them, its input patterns, one vector's inputs on the spanned groups' rows (zeros outside the
     request), each tile's lanes' columns, scale and shift, and a block's lanes (float32 and int32 quantities, guide
-    entries, intervals, 32-bit items)."""
+    entries, 32-bit items)."""
     n_planes, _, _, rpg, J, g0, g1, chunk, tile, block_rows = geometry[:10]
     n_blocks = (rpg + block_rows - 1) // block_rows
     tile_pad = _padded(tile)
@@ -520,8 +579,7 @@ def _buffers(geometry, kind, words):  # noqa: ANN001, ANN202
             np.zeros((g1 - g0) * rpg, dtype=np.int64),
             np.zeros((tiles, lanes), dtype=np.int32), np.zeros((2, tiles, lanes), dtype=np.float32),
             np.zeros((3, lanes), dtype=np.float32), np.zeros((4, lanes), dtype=np.int32),
-            np.zeros(lanes, dtype=np.uint32), np.zeros(lanes, dtype=np.uint64),
-            np.zeros(lanes if kind == KIND_SAMPLED else 0, dtype=np.uint32))
+            np.zeros(lanes, dtype=np.uint32), np.zeros(lanes if kind == KIND_SAMPLED else 0, dtype=np.uint32))
 
 
 # Compiled without reference counting: numba takes a reference (an atomic update) to every array each inlined step
@@ -551,7 +609,7 @@ def _fused_chunks(x, row_start, geometry, w, sums_from, kind, analytic, sampled,
     first = max(row_start, g0 * rpg)  # the request's rows on the spanned groups: xrow[dst ..] = x[b, first - row_start ..]
     n_copy = np.uint64(max(0, min(row_start + x.shape[1], g1 * rpg) - first))
     dst = np.uint64(first - g0 * rpg)
-    words_all, pcg_lanes, pats_all, xrow, lane_cols, lane_f32, f32, i32, found, pairs, items_s = buffers
+    words_all, pcg_lanes, pats_all, xrow, lane_cols, lane_f32, f32, i32, found, items_s = buffers
     acc, fbuf, noise_buf = f32[0], f32[1], f32[2]
     ibuf, lanes, flags, codes = i32[0], i32[1], i32[2], i32[3]
     # each pair of a block reads its tile at lanes q * tile_pad ..: the lanes' columns (and scale and shift) per tile;
@@ -620,7 +678,7 @@ def _fused_chunks(x, row_start, geometry, w, sums_from, kind, analytic, sampled,
                     elif stages >= STAGE_LOOKUP:
                         _block_items(items_s, items32, q0, nq, n_planes, items_per_vector,
                                      (n_groups, g, J, t0), tile_pad, tn)
-                        _convert_sampled(acc, cols, J, items_s, sampled, ibuf, flags, lanes, found, pairs, codes, m)
+                        _convert_sampled(acc, cols, J, items_s, sampled, ibuf, flags, lanes, found, codes, m)
                     # 3. out
                     if stages < STAGE_OUT:
                         continue

@@ -143,14 +143,14 @@ def _spread_model(spec, seed: int) -> ErrorModel:  # noqa: ANN001
     return ErrorModel(spec, counts, chip_id="spread")
 
 
-@pytest.mark.parametrize(("profile", "guide_bytes", "mode_first"),
+@pytest.mark.parametrize(("profile", "guide_bytes", "near_first"),
                          [("default", None, True), ("nvm-2bit", None, True), ("nvm-4bit", None, True),
                           ("nvm-4bit", None, False), ("nvm-4bit", 1, True), ("nvm-4bit", 1, False)])
-def test_data_driven_fast_path_equals_the_sampler(profile: str, guide_bytes: int | None, mode_first: bool,
+def test_data_driven_fast_path_equals_the_sampler(profile: str, guide_bytes: int | None, near_first: bool,
                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if guide_bytes is not None:  # one bucket a row: a search counts the row's window from its first code
         monkeypatch.setattr(fastpath, "GUIDE_BYTES", guide_bytes)
-    monkeypatch.setattr(fastpath, "MODE_FIRST_SHARE", 0.0 if mode_first else 2.0)
+    monkeypatch.setattr(fastpath, "NEAR_FIRST_SHARE", 0.0 if near_first else 2.0)
     spec = chip_sim.load_profile(profile).spec
     path = _spread_model(spec, 3).save(tmp_path / "spread.npz")
     twin = chip_sim.make_twin(profile, 5, {"error_model": str(path)})
@@ -159,11 +159,50 @@ def test_data_driven_fast_path_equals_the_sampler(profile: str, guide_bytes: int
     first = twin.vector_counter
     codes, _ = twin.mac_raw(0, x)
     np.testing.assert_array_equal(codes, numpy_mac_raw(twin, 0, x, first))
-    assert twin._engine._sampler_tables[1][0] is mode_first  # the search the parameters asked for ran
+    assert twin._engine._sampler_tables[1][0] is near_first  # the search the parameters asked for ran
     twin._engine._plans[4] = fastpath.Plan(block_rows=2, use_table=True, tile=32, chunk=1)
     first = twin.vector_counter
     codes, _ = twin.mac_raw(0, x)
     np.testing.assert_array_equal(codes, numpy_mac_raw(twin, 0, x, first))
+
+
+@pytest.mark.parametrize("profile", ["default", "nvm-4bit"])
+def test_near_codes_read_the_sampler_exactly(profile: str) -> None:
+    """Uniforms at, next to and in the same top bits as every bound around each row's most likely code get that
+    code from the near-codes tables, or are left to the search; never another code."""
+    spec = chip_sim.load_profile(profile).spec
+    sampler = _spread_model(spec, 4).sampler()
+    near_a, near_b, _ = fastpath.near_tables(sampler)
+    rng = np.random.default_rng(9)
+    J, width, low = spec.physical_cols, sampler.width, (1 << (32 - fastpath.NEAR_BITS)) - 1
+    levels, cols, items, drawn = [], [], [], []
+    for row in rng.choice(sampler.mode.size, 64, replace=False):
+        mode = int(sampler.mode[row])
+        bounds = sampler.bounds[row * width : (row + 1) * width]
+        edges = [int(bounds[c]) for c in range(max(mode - 2, 0), min(mode + 3, width)) if bounds[c] < 1 << 32]
+        us = [u for b in edges for u in (b - 1, b, b + 1, b & ~low, b | low)]
+        drawn += [False] * len(us) + [True] * 64
+        us += [int(u) for u in rng.integers(0, 1 << 32, 64)]
+        us = [min(max(u, 0), (1 << 32) - 1) for u in us]
+        levels += [row // J] * len(us)
+        cols += [row % J] * len(us)
+        items += us
+    n = -(-len(items) // kernels.LANES) * kernels.LANES
+    pad = n - len(items)
+    acc = np.array(levels + [0] * pad, np.float32)
+    lane_cols = np.array(cols + [0] * pad, np.int32)
+    bits = np.array(items + [0] * pad, np.uint32)
+    rows, codes, flags = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32)
+    kernels.near_codes(acc, lane_cols, J, near_a, near_b, bits, rows, codes, flags, n)
+    np.testing.assert_array_equal(rows, acc.astype(np.int64) * J + lane_cols)
+    want = [sampler.sample_one(s, j, u) for s, j, u in zip(levels, cols, items, strict=True)]
+    read = flags[: len(items)] == 0
+    np.testing.assert_array_equal(codes[: len(items)][read], np.array(want)[read])
+    # and the tables leave to the search little more than the draws outside the three codes
+    drawn_ = np.array(drawn)
+    modes = sampler.mode[np.array(levels) * J + np.array(cols)]
+    near = np.abs(np.array(want) - modes) <= 1
+    assert read[drawn_].mean() > near[drawn_].mean() - 0.01, (read[drawn_].mean(), near[drawn_].mean())
 
 
 def test_plans_fit_the_caches() -> None:
