@@ -296,6 +296,53 @@ def _near16(typingctx, acc, cols, J, near_a, near_b, items, start, rows, codes, 
     return sig, codegen
 
 
+@intrinsic
+def _analytic16(typingctx, acc, sc, sh, noise, lut, items, start, item_at, noisy, lookup, codes):  # noqa: ANN001, ANN202, ARG001
+    """For lanes ``start .. start + 16``: ``codes`` = the ADC look-up table ``lut`` at ``acc * sc + sh`` (float32)
+    plus, if ``noisy``, ``noise[items[item_at ..]]``, truncated and clamped to the table; without ``lookup``, the
+    clamped index itself. One pass in vector registers."""
+    f32, i32 = types.float32, types.int32
+    if not (acc.dtype == sc.dtype == sh.dtype == noise.dtype == f32 and lut.dtype == codes.dtype == i32
+            and items.dtype == types.uint16):
+        return None
+    sig = types.void(acc, sc, sh, noise, lut, items, start, item_at, noisy, lookup, codes)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        t_acc, t_sc, t_sh, t_noise, t_lut, t_items, _, _, _, _, t_codes = signature.args
+        at = args[6]
+        vf = ir.VectorType(ir.FloatType(), LANES)
+        vi = ir.VectorType(_I32, LANES)
+        f = builder.fmul(builder.load(_vector_at(builder, context, t_acc, args[0], at), align=4),
+                         builder.load(_vector_at(builder, context, t_sc, args[1], at), align=4))
+        f = builder.fadd(f, builder.load(_vector_at(builder, context, t_sh, args[2], at), align=4))
+        before = builder.block
+        with builder.if_then(context.cast(builder, args[8], signature.args[8], types.boolean)):
+            idx = builder.zext(builder.load(_vector_at(builder, context, t_items, args[5], args[7]), align=2), vi)
+            noisy_f = builder.fadd(f, _gather_values(builder, context, t_noise, args[3], idx))
+            noisy_block = builder.block
+        phi = builder.phi(vf)
+        phi.add_incoming(f, before)
+        phi.add_incoming(noisy_f, noisy_block)
+        i = builder.fptosi(phi, vi)
+        zero = ir.Constant(vi, [0] * LANES)
+        lut_arr = context.make_array(t_lut)(context, builder, value=args[4])
+        top = _splat(builder, builder.trunc(builder.sub(builder.extract_value(lut_arr.shape, 0),
+                                                        ir.Constant(_I64, 1)), _I32), LANES)
+        i = builder.select(builder.icmp_signed(">", i, zero), i, zero)
+        i = builder.select(builder.icmp_signed("<", i, top), i, top)
+        before = builder.block
+        with builder.if_then(context.cast(builder, args[9], signature.args[9], types.boolean)):
+            looked = _gather_values(builder, context, t_lut, args[4], i)
+            looked_block = builder.block
+        code = builder.phi(vi)
+        code.add_incoming(i, before)
+        code.add_incoming(looked, looked_block)
+        builder.store(code, _vector_at(builder, context, t_codes, args[10], at), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(cache=True, inline="always")
 def _gather(table, index, n, out):  # noqa: ANN001
     """``out[:n] = table[index[:n]]`` in blocks of ``LANES`` (the buffers are padded; extra lanes hold valid
@@ -424,25 +471,28 @@ def _sum_table_pairs(acc, stride, table, pats, q0, nq, gs, gi, base, n_blocks, b
 # negative signed indices, keep LLVM from reading the lanes as one contiguous run (it gathers them one by one
 # instead).
 @njit(cache=True, inline="always")
-def _convert_analytic(acc, sc, sh, noisy, noise, lut, fbuf, drawn, ibuf, codes, tn, stages):  # noqa: ANN001
-    """Codes of partial sums ``acc[:tn]`` with their columns' scale and shift and, if ``noisy``, their noise items
-    (in ``ibuf``): the ADC look-up table ``lut`` at ``acc * scale + shift + noise[item]``, truncated and clamped to
-    the table."""
+def _pair_items(q, n_planes, items_per_vector, at):  # noqa: ANN001, ANN202
+    """Where the random items of pair ``q`` (vector, input slice) of the chunk on the tile ``at`` = (groups, group,
+    J, first column) start among the chunk's items."""
+    n_groups, g, J, t0 = at
+    bb, p = divmod(q, n_planes)
+    return np.uint64(bb * items_per_vector + (p * n_groups + g) * J + t0)
+
+
+@njit(cache=True, inline="always")
+def _convert_analytic(acc, sc, sh, noisy, noise, lut, items, q0, nq, n_planes, items_per_vector, at, stride, codes,  # noqa: ANN001
+                      stages):
+    """Codes of the partial sums of pairs ``q0 .. q0 + nq`` (``acc[q * stride ..]``, see ``_block_items``) with
+    their columns' scale and shift and, if ``noisy``, their noise items: ``_analytic16`` over each pair's lanes."""
     if stages < STAGE_SCALE:
         return
-    lut_top = np.int32(lut.size - 1)
-    for jj in range(tn):
-        t = acc[jj] * sc[jj]
-        fbuf[jj] = t + sh[jj]
-    if noisy:
-        _gather(noise, ibuf, tn, drawn)
-        for jj in range(tn):
-            fbuf[jj] += drawn[jj]
-    for jj in range(tn):
-        ibuf[jj] = min(max(np.int32(fbuf[jj]), np.int32(0)), lut_top)
-    if stages < STAGE_LOOKUP:
-        return
-    _gather(lut, ibuf, tn, codes)
+    lookup = stages >= STAGE_LOOKUP
+    i0 = np.uint64(0)
+    for q in range(nq):
+        if noisy:
+            i0 = _pair_items(q0 + q, n_planes, items_per_vector, at)
+        for s in range(0, stride, LANES):
+            _analytic16(acc, sc, sh, noise, lut, items, q * stride + s, i0 + np.uint64(s), noisy, lookup, codes)
 
 
 @njit(cache=True, inline="always")
@@ -512,10 +562,8 @@ def _convert_sampled(acc, cols, J, items, sampled, ibuf, flags, lane, found, cod
 def _block_items(dst, items, q0, nq, n_planes, items_per_vector, at, stride, tn):  # noqa: ANN001
     """``dst[q * stride :][:tn]`` = the random items of pair ``q0 + q`` (vector, input slice) of the chunk on the
     tile ``at`` = (groups, group, J, first column), for the ``nq`` pairs of a block."""
-    n_groups, g, J, t0 = at
     for q in range(nq):
-        bb, p = divmod(q0 + q, n_planes)
-        i0 = np.uint64(bb * items_per_vector + (p * n_groups + g) * J + t0)
+        i0 = _pair_items(q0 + q, n_planes, items_per_vector, at)
         c0 = np.uint64(q * stride)
         for jj in range(np.uint64(tn)):
             dst[c0 + jj] = items[i0 + jj]
@@ -567,18 +615,19 @@ def _block_pairs(pairs, tile_pad):  # noqa: ANN001, ANN202
 def _buffers(geometry, kind, words):  # noqa: ANN001, ANN202
     """The buffers ``_fused_chunks`` works in, sized for its largest chunk: the chunk's random words and the LCG
     states that draw them, its input patterns, one vector's inputs on the spanned groups' rows (zeros outside the
-    request), each tile's lanes' columns, scale and shift, and a block's lanes (float32 and int32 quantities, guide
+    request), each tile's lanes' columns, scale and shift, and a block's lanes (partial sums, int32 quantities, guide
     entries, 32-bit items)."""
     n_planes, _, _, rpg, J, g0, g1, chunk, tile, block_rows = geometry[:10]
     n_blocks = (rpg + block_rows - 1) // block_rows
     tile_pad = _padded(tile)
     lanes = _block_pairs(chunk * n_planes, tile_pad) * tile_pad
     tiles = (J + tile - 1) // tile
-    return (np.empty(chunk * max(words, 1), dtype=np.uint64), np.empty((2, PCG_LANES), dtype=np.uint64),
+    # the chunk's words, and 4 more: a tile's padding lanes read the 2-byte items after its last column's
+    return (np.zeros(chunk * max(words, 1) + 4, dtype=np.uint64), np.empty((2, PCG_LANES), dtype=np.uint64),
             np.empty(chunk * n_planes * (g1 - g0) * n_blocks, dtype=np.int32),
             np.zeros((g1 - g0) * rpg, dtype=np.int64),
             np.zeros((tiles, lanes), dtype=np.int32), np.zeros((2, tiles, lanes), dtype=np.float32),
-            np.zeros((3, lanes), dtype=np.float32), np.zeros((4, lanes), dtype=np.int32),
+            np.zeros(lanes, dtype=np.float32), np.zeros((4, lanes), dtype=np.int32),
             np.zeros(lanes, dtype=np.uint32), np.zeros(lanes if kind == KIND_SAMPLED else 0, dtype=np.uint32))
 
 
@@ -609,8 +658,7 @@ def _fused_chunks(x, row_start, geometry, w, sums_from, kind, analytic, sampled,
     first = max(row_start, g0 * rpg)  # the request's rows on the spanned groups: xrow[dst ..] = x[b, first - row_start ..]
     n_copy = np.uint64(max(0, min(row_start + x.shape[1], g1 * rpg) - first))
     dst = np.uint64(first - g0 * rpg)
-    words_all, pcg_lanes, pats_all, xrow, lane_cols, lane_f32, f32, i32, found, items_s = buffers
-    acc, fbuf, noise_buf = f32[0], f32[1], f32[2]
+    words_all, pcg_lanes, pats_all, xrow, lane_cols, lane_f32, acc, i32, found, items_s = buffers
     ibuf, lanes, flags, codes = i32[0], i32[1], i32[2], i32[3]
     # each pair of a block reads its tile at lanes q * tile_pad ..: the lanes' columns (and scale and shift) per tile;
     # lanes past a narrower last tile hold column 0, which indexes the tables in range
@@ -627,7 +675,7 @@ def _fused_chunks(x, row_start, geometry, w, sums_from, kind, analytic, sampled,
         words_buf = words_all[: nb * max(words, 1)].reshape((nb, max(words, 1)))
         if item_bytes > 0 and stages >= STAGE_ITEMS:
             _pcg_fill_lanes(words_buf.reshape(-1), state, (first_vector + b0) * words, pcg_lanes)
-        items16 = words_buf.reshape(-1).view(np.uint16)
+        items16 = words_all.view(np.uint16)  # with the padding past the chunk's words (see _buffers)
         items32 = words_buf.reshape(-1).view(np.uint32)
         pats1 = pats_all[: nb * n_planes * gs * n_blocks]
         for bb in range(nb):
@@ -671,10 +719,8 @@ def _fused_chunks(x, row_start, geometry, w, sums_from, kind, analytic, sampled,
                                         acc[a0 + jj] += v * w1[r0 + jj]
                     # 2. their codes
                     if kind == KIND_ANALYTIC:
-                        if noisy and stages >= STAGE_SCALE:
-                            _block_items(ibuf, items16, q0, nq, n_planes, items_per_vector,
-                                         (n_groups, g, J, t0), tile_pad, tn)
-                        _convert_analytic(acc, sc, sh, noisy, noise, lut, fbuf, noise_buf, ibuf, codes, m, stages)
+                        _convert_analytic(acc, sc, sh, noisy, noise, lut, items16, q0, nq, n_planes, items_per_vector,
+                                          (n_groups, g, J, t0), tile_pad, codes, stages)
                     elif stages >= STAGE_LOOKUP:
                         _block_items(items_s, items32, q0, nq, n_planes, items_per_vector,
                                      (n_groups, g, J, t0), tile_pad, tn)
