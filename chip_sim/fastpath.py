@@ -43,8 +43,8 @@ GUIDE_BITS_MAX = 8
 NEAR_FIRST_SHARE = 0.9
 """The data-driven draw reads each row's near codes first (``near_tables``: two small tables) when they take at
 least this share of the uniforms, on average over the rows; otherwise every draw starts from the guide table (one
-read of a larger one). Measured on the bundled profiles' characterized models in A/B runs: the near codes first
-are 1.04-1.4x faster at shares of 0.99-1.0, the guide 1.04x faster at 0.83 (``nvm-4bit``)."""
+read of a larger one). Measured on the bundled profiles' characterized models, in one process: the near codes
+first are 1.4-1.6x faster at shares of 0.99-1.0, the guide 1.1x faster at 0.83 (``nvm-4bit``)."""
 NEAR_BITS = 12
 """Bits of each bound in the near-codes table: a uniform's top ``NEAR_BITS`` bits are compared with them."""
 MIN_PAIRS = 64
@@ -179,10 +179,10 @@ def guide_tables(sampler: CodeSampler) -> tuple[np.ndarray, int, np.ndarray, np.
 
 def near_tables(sampler: CodeSampler) -> tuple[np.ndarray, np.ndarray, float]:
     """The CPU engine's first read of a ``CodeSampler``: per row (``level * J + column``), the three codes around its
-    most likely one, ``c0 .. c0 + 2``, and the four bounds that part them, ``B(c0 - 1) .. B(c0 + 2)`` (``B(c)``: the
-    first uniform above code ``c``; ``B(-1) = 0``), each cut to its top ``NEAR_BITS`` bits. Two uint32 tables, a =
-    ``Q0 | Q1 << NEAR_BITS | (c0 & 0xFF) << 2 * NEAR_BITS`` and b = ``Q2 | Q3 << NEAR_BITS | (c0 >> 8) << 2 *
-    NEAR_BITS``.
+    most likely one, ``c0 .. c0 + 2``, and the four bounds around them, ``B(c0 - 1) .. B(c0 + 2)`` (``B(c)``: the
+    first uniform that reads a code above ``c``; ``B(-1) = 0``), each cut to its top ``NEAR_BITS`` bits. Two uint32
+    tables, a = ``Q0 | Q1 << NEAR_BITS | (c0 & 0xFF) << 2 * NEAR_BITS`` and b = ``Q2 | Q3 << NEAR_BITS | (c0 >> 8)
+    << 2 * NEAR_BITS`` (codes have at most 16 bits, as ADCs do).
 
     A uniform whose top bits ``q`` lie strictly between ``Q0`` and ``Q3`` and equal neither ``Q1`` nor ``Q2`` reads
     code ``c0 + (q > Q1) + (q > Q2)``, exactly: ``q > Q`` means ``u > B`` and ``q < Q`` means ``u < B`` for every
@@ -191,8 +191,6 @@ def near_tables(sampler: CodeSampler) -> tuple[np.ndarray, np.ndarray, float]:
     mean over rows."""
     rows, width = sampler.mode.size, sampler.width
     n_codes = sampler.spec.n_codes
-    if n_codes > 1 << 16:
-        raise ValueError(f"near tables hold codes below 2**16, not {n_codes}")
     bounds = np.concatenate([np.zeros((rows, 1), np.int64), sampler.bounds.reshape(rows, width)[:, : n_codes - 1],
                              np.full((rows, 3), 1 << 32, np.int64)], axis=1)  # bounds[:, c + 1] = B(c)
     c0 = np.clip(sampler.mode.astype(np.int64) - 1, 0, max(n_codes - 3, 0))

@@ -623,7 +623,9 @@ def _buffers(geometry, kind, words):  # noqa: ANN001, ANN202
     lanes = _block_pairs(chunk * n_planes, tile_pad) * tile_pad
     tiles = (J + tile - 1) // tile
     # the chunk's words, and 4 more: a tile's padding lanes read the 2-byte items after its last column's
-    return (np.zeros(chunk * max(words, 1) + 4, dtype=np.uint64), np.empty((2, PCG_LANES), dtype=np.uint64),
+    words_all = np.empty(chunk * max(words, 1) + 4, dtype=np.uint64)
+    words_all[-4:] = 0
+    return (words_all, np.empty((2, PCG_LANES), dtype=np.uint64),
             np.empty(chunk * n_planes * (g1 - g0) * n_blocks, dtype=np.int32),
             np.zeros((g1 - g0) * rpg, dtype=np.int64),
             np.zeros((tiles, lanes), dtype=np.int32), np.zeros((2, tiles, lanes), dtype=np.float32),
