@@ -124,6 +124,13 @@ def pcg_advance(state: np.ndarray, delta: int) -> tuple[np.uint64, np.uint64]:
     return _mul_add_128(a_hi, a_lo, state[0], state[1], c_hi, c_lo)
 
 
+def _vector_at(builder: ir.IRBuilder, context, ty, value, start, lanes: int = LANES):  # noqa: ANN001, ANN202
+    """A pointer to ``lanes`` elements of array ``value`` (numba type ``ty``) from element ``start``, as a vector."""
+    arr = context.make_array(ty)(context, builder, value=value)
+    return builder.bitcast(builder.gep(arr.data, [start]),
+                           ir.VectorType(context.get_data_type(ty.dtype), lanes).as_pointer())
+
+
 def _splat(builder: ir.IRBuilder, value: ir.Value, lanes: int) -> ir.Value:
     vec = ir.VectorType(value.type, lanes)
     one = builder.insert_element(ir.Constant(vec, None), value, ir.Constant(_I32, 0))
@@ -139,7 +146,7 @@ def _pcg_round(typingctx, hi, lo, out, at, jump):  # noqa: ANN001, ANN202, ARG00
     sig = types.void(hi, lo, out, at, jump)
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
-        hi_, lo_, out_ = (context.make_array(signature.args[i])(context, builder, value=args[i]) for i in range(3))
+        t_hi, t_lo, t_out = signature.args[:3]
         vec = ir.VectorType(_I64, PCG_VECTOR)
         a_hi, a_lo, c_hi, c_lo = (_splat(builder, builder.extract_value(args[4], i), PCG_VECTOR) for i in range(4))
         low32, by32 = ir.Constant(vec, [0xFFFFFFFF] * PCG_VECTOR), ir.Constant(vec, [32] * PCG_VECTOR)
@@ -148,9 +155,9 @@ def _pcg_round(typingctx, hi, lo, out, at, jump):  # noqa: ANN001, ANN202, ARG00
                                               f"llvm.fshr.v{PCG_VECTOR}i64")
         for v in range(0, PCG_LANES, PCG_VECTOR):
             off = ir.Constant(_I64, v)
-            p_hi = builder.bitcast(builder.gep(hi_.data, [off]), vec.as_pointer())
-            p_lo = builder.bitcast(builder.gep(lo_.data, [off]), vec.as_pointer())
-            p_out = builder.bitcast(builder.gep(out_.data, [builder.add(args[3], off)]), vec.as_pointer())
+            p_hi = _vector_at(builder, context, t_hi, args[0], off, PCG_VECTOR)
+            p_lo = _vector_at(builder, context, t_lo, args[1], off, PCG_VECTOR)
+            p_out = _vector_at(builder, context, t_out, args[2], builder.add(args[3], off), PCG_VECTOR)
             h, lo = builder.load(p_hi, align=8), builder.load(p_lo, align=8)
             x = builder.xor(h, lo)
             builder.store(builder.call(rotr, [x, x, builder.lshr(h, ir.Constant(vec, [58] * PCG_VECTOR))]), p_out,
@@ -206,11 +213,7 @@ def pcg_fill_vectors(out: np.ndarray, state: np.ndarray, first_vector: int) -> N
 
 
 # ---- vector gathers --------------------------------------------------------------------------------------------
-def _vector_at(builder: ir.IRBuilder, context, ty, value, start):  # noqa: ANN001, ANN202
-    """A pointer to ``LANES`` elements of array ``value`` (numba type ``ty``) from element ``start``, as a vector."""
-    arr = context.make_array(ty)(context, builder, value=value)
-    return builder.bitcast(builder.gep(arr.data, [start]),
-                           ir.VectorType(context.get_data_type(ty.dtype), LANES).as_pointer())
+
 
 
 def _gather_values(builder: ir.IRBuilder, context, ty, value, index):  # noqa: ANN001, ANN202
@@ -671,14 +674,14 @@ def _fused_chunks(x, row_start, geometry, w, sums_from, kind, analytic, sampled,
                 if kind == KIND_ANALYTIC:
                     lane_f32[0, t, c0 + jj] = scale[t * tile + jj]
                     lane_f32[1, t, c0 + jj] = shift[t * tile + jj]
+    items16 = words_all.view(np.uint16)  # with the padding past the chunk's words (see _buffers)
+    items32 = words_all.view(np.uint32)
     for ci in range(first_chunk, n_chunks, chunk_step):
         b0 = ci * chunk
         nb = min(n, b0 + chunk) - b0
         words_buf = words_all[: nb * max(words, 1)].reshape((nb, max(words, 1)))
         if item_bytes > 0 and stages >= STAGE_ITEMS:
             _pcg_fill_lanes(words_buf.reshape(-1), state, (first_vector + b0) * words, pcg_lanes)
-        items16 = words_all.view(np.uint16)  # with the padding past the chunk's words (see _buffers)
-        items32 = words_buf.reshape(-1).view(np.uint32)
         pats1 = pats_all[: nb * n_planes * gs * n_blocks]
         for bb in range(nb):
             src = np.uint64((b0 + bb) * x.shape[1] + first - row_start)
